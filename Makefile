@@ -1,0 +1,33 @@
+# Two commands do everything: `make demo` and `make test` (each creates .venv when needed).
+# TORCH picks the PyTorch build; the default is the CPU wheel these machines carry on disk.
+# Use e.g. `make demo TORCH="torch --index-url https://download.pytorch.org/whl/cu124"` for a GPU build.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.msakit-installed
+DEMO_DIR ?= runs/demo
+
+.PHONY: demo test install lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/msakit train tfn --dataset synthetic --seeds 1111 --output $(DEMO_DIR)
+
+test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/throughput.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,132 @@
+"""Training and evaluation throughput (samples/s) and peak memory per model, at MOSI and MOSEI shapes.
+
+    python benchmarks/throughput.py                       # every model, both shapes
+    python benchmarks/throughput.py --models tfn mult --samples 256
+
+Each (model, shape) runs in its own process so that its peak memory is its own: resident set size on
+the CPU, `torch.cuda.max_memory_allocated` on a GPU. The data are synthetic samples with the real
+datasets' sequence lengths and feature widths (MOSI: audio 375x5, vision 500x20; MOSEI: audio 500x74,
+vision 500x35; text 50 tokens); throughput is per sample, so `--samples` of them stand in for the
+full split. Each model runs with its published configuration for that dataset (batch size, text
+encoder). Writes benchmarks/results/throughput.json and throughput.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SHAPES = {
+    "mosi": {"audio_len": 375, "audio_dim": 5, "vision_len": 500, "vision_dim": 20},
+    "mosei": {"audio_len": 500, "audio_dim": 74, "vision_len": 500, "vision_dim": 35},
+}
+
+
+def measure(model_name: str, shape: str, samples: int, device: str) -> dict:
+    from msakit.config import resolve_config, training_config
+    from msakit.data.synthetic import synthetic_dataset
+    from msakit.models import create_model
+    from msakit.training.trainer import Trainer, build_optimizer, build_scheduler, seed_everything
+
+    data = synthetic_dataset(n_train=samples, n_valid=8, n_test=samples, seed=0, **SHAPES[shape])
+    config = resolve_config(model_name, shape, [f"training.device={device}"])
+    settings = training_config(config["training"])
+    seed_everything(0)
+    model = create_model(model_name, config["model"], data.dims)
+    trainer = Trainer(model, settings, data.metric_family, progress=False)
+    optimizer = build_optimizer(trainer.model, settings)
+    scheduler = build_scheduler(optimizer, settings, total_steps=10**6)
+    generator = torch.Generator().manual_seed(0)
+    warm = data.train.subset(np.arange(min(samples, 2 * settings.batch_size)))
+    trainer.train_epoch(warm, optimizer, scheduler, generator, epoch=1)  # allocator, kernels warm
+    trainer.predict(warm)
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    trainer.train_epoch(data.train, optimizer, scheduler, generator, epoch=2)
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize()
+    train_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    trainer.predict(data.test)
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize()
+    eval_seconds = time.perf_counter() - start
+    if trainer.device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "model": model_name, "shape": shape, "device": str(trainer.device),
+        "text_source": config["model"].get("text_source", "encoder"),
+        "batch_size": settings.batch_size, "samples": samples,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_samples_per_s": samples / train_seconds,
+        "eval_samples_per_s": samples / eval_seconds,
+        "peak_memory_mb": peak_mb,
+        "peak_memory_kind": "cuda max allocated" if trainer.device.type == "cuda" else "process RSS",
+    }
+
+
+def main() -> None:
+    from msakit.models import list_models
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=None, help="default: every registered model")
+    parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--output", default="benchmarks/results")
+    parser.add_argument("--one", nargs=2, metavar=("MODEL", "SHAPE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one[0], args.one[1], args.samples, args.device)))
+        return
+    rows = []
+    for model in args.models or list_models():
+        for shape in args.shapes:
+            cmd = [sys.executable, __file__, "--one", model, shape, "--samples", str(args.samples),
+                   "--device", args.device]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f"{model}/{shape} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+                continue
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            r = rows[-1]
+            print(f"{model:10s} {shape:6s} train {r['train_samples_per_s']:8.1f}/s  "
+                  f"eval {r['eval_samples_per_s']:8.1f}/s  peak {r['peak_memory_mb']:8.0f} MB")
+    command = shlex.join(["python", "benchmarks/throughput.py", *sys.argv[1:]])
+    machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+               f"torch {torch.__version__}")
+    if torch.cuda.is_available():
+        machine += f", {torch.cuda.get_device_name()}"
+    from msakit.fileio import atomic_write_text
+
+    out = Path(args.output)
+    stem = "throughput" if not torch.cuda.is_available() else "throughput-gpu"
+    atomic_write_text(out / f"{stem}.json", json.dumps(
+        {"command": command, "machine": machine, "results": rows}, indent=2) + "\n")
+    lines = [f"# Throughput ({machine})", "", f"Command: `{command}`", "",
+             "| model | shape | text | batch | params | train samples/s | eval samples/s | peak MB |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['shape']} | {r['text_source']} | {r['batch_size']} | "
+              f"{r['parameters'] / 1e6:.2f}M | {r['train_samples_per_s']:.1f} | "
+              f"{r['eval_samples_per_s']:.1f} | {r['peak_memory_mb']:.0f} ({r['peak_memory_kind']}) |"
+              for r in rows]
+    atomic_write_text(out / f"{stem}.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""The Python API behind every CLI command: train, evaluate, list models and datasets.
+
+    >>> from msakit import api
+    >>> run = api.train("tfn", "synthetic", seeds=[1111], epochs=3, output="runs/tfn")
+    >>> run["mean"]["test"]["mae"]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from msakit import __version__
+from msakit.config import resolve_config, training_config
+from msakit.data.catalog import list_datasets as _list_datasets
+from msakit.data.catalog import load_dataset as _load_dataset
+from msakit.data.schema import MultimodalDataset
+from msakit.errors import MsakitError
+from msakit.evaluation.metrics import LOWER_IS_BETTER, METRIC_KEYS
+from msakit.evaluation.protocols import plot_curves, run_protocol, write_robustness
+from msakit.evaluation.report import csv_text, format_value, mean_std
+from msakit.missing.noise import build_noise
+from msakit.models.registry import create_model, get_model_class
+from msakit.models.registry import list_models as _list_models
+from msakit.fileio import atomic_write_text
+from msakit.training.checkpoint import check_dims_match, load_checkpoint, save_checkpoint
+from msakit.training.trainer import Trainer, seed_everything
+
+log = logging.getLogger(__name__)
+
+
+def list_models() -> list[dict[str, str]]:
+    """Every registered model with the first line of its docstring."""
+    out = []
+    for name in _list_models():
+        doc = (get_model_class(name).__doc__ or "").strip().splitlines()
+        out.append({"name": name, "description": doc[0] if doc else ""})
+    return out
+
+
+def list_datasets() -> list[dict[str, str]]:
+    return _list_datasets()
+
+
+def load_dataset(
+    dataset: str | MultimodalDataset, data_dir: str | None = None, **options: Any
+) -> MultimodalDataset:
+    """A dataset by name or path (see `msakit datasets`), or the given one unchanged."""
+    if isinstance(dataset, MultimodalDataset):
+        return dataset
+    data = _load_dataset(dataset, data_dir=data_dir, **options)
+    if data.replaced_nonfinite:
+        log.warning("%s: replaced %d non-finite feature values by 0",
+                    data.source or data.name, data.replaced_nonfinite)
+    return data
+
+
+def _dataset_info(data: MultimodalDataset) -> dict[str, Any]:
+    return {
+        "name": data.name, "family": data.family, "source": data.source,
+        "sizes": {s: len(data.split(s)) for s in ("train", "valid", "test")},
+        "replaced_nonfinite": data.replaced_nonfinite,
+    }
+
+
+def train(
+    model: str,
+    dataset: str | MultimodalDataset,
+    *,
+    data_dir: str | None = None,
+    aligned: bool = False,
+    seeds: Sequence[int] = (1111,),
+    epochs: int | None = None,
+    overrides: Sequence[str] = (),
+    output: str | Path | None = None,
+    progress: bool = True,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Train `model` once per seed, select each on validation, score valid and test.
+
+    Writes, when `output` is given: `results.json` (per-seed and mean/std metrics, resolved config,
+    command), `results.csv` (one row per seed plus mean and std) and `seed-<seed>.pt` checkpoints.
+    Returns the content of results.json.
+    """
+    get_model_class(model)
+    data = load_dataset(dataset, data_dir, aligned=aligned)
+    overrides = list(overrides) + ([f"training.epochs={epochs}"] if epochs is not None else [])
+    config = resolve_config(model, data.family, overrides)
+    train_cfg = training_config(config["training"])
+    out_dir = Path(output) if output is not None else None
+    runs = []
+    for seed in seeds:
+        seed_everything(seed)
+        net = create_model(model, config["model"], data.dims)
+        noise = build_noise(train_cfg.noise, train_cfg.noise_rate, seed)
+        trainer = Trainer(net, train_cfg, data.metric_family, train_transform=noise,
+                          progress=progress)
+        fit = trainer.fit(data.train, data.valid, seed)
+        run = {
+            "seed": seed,
+            "best_epoch": fit.best_epoch,
+            "epochs_run": fit.epochs_run,
+            "valid": trainer.evaluate(data.valid),
+            "test": trainer.evaluate(data.test),
+            "history": [dataclasses.asdict(r) for r in fit.history],
+        }
+        if out_dir is not None:
+            checkpoint = out_dir / f"seed-{seed}.pt"
+            save_checkpoint(
+                checkpoint, trainer.model.cpu(), training=dataclasses.asdict(train_cfg),
+                dataset=_dataset_info(data),
+                extra={"seed": seed, "metrics": {"valid": run["valid"], "test": run["test"]}},
+            )
+            run["checkpoint"] = checkpoint.name
+        runs.append(run)
+    results = _summarise(model, data, config, runs, command)
+    if out_dir is not None:
+        write_results(out_dir, results)
+    return results
+
+
+def _summarise(
+    model: str, data: MultimodalDataset, config: dict[str, Any], runs: list[dict[str, Any]],
+    command: str | None,
+) -> dict[str, Any]:
+    metric = config["training"].get("select_metric", "mae")
+    direction = "lower" if metric in LOWER_IS_BETTER else "higher"
+    mean, std = {}, {}
+    for split in ("valid", "test"):
+        mean[split], std[split] = mean_std([r[split] for r in runs])
+    return {
+        "msakit_version": __version__,
+        "command": command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "model": model,
+        "dataset": _dataset_info(data),
+        "selection": f"best validation {metric} ({direction} is better); test never used to select",
+        "config": config,
+        "seeds": runs,
+        "mean": mean,
+        "std": std,
+    }
+
+
+def write_results(out_dir: Path, results: dict[str, Any]) -> None:
+    rows = []
+    for label, metrics in [(str(r["seed"]), r) for r in results["seeds"]] + [
+        ("mean", results["mean"]), ("std", results["std"])
+    ]:
+        row: dict[str, object] = {"model": results["model"], "dataset": results["dataset"]["name"],
+                                  "seed": label}
+        for split in ("valid", "test"):
+            row.update({f"{split}_{k}": v for k, v in metrics[split].items()})
+        rows.append(row)
+    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out_dir / "results.csv", csv_text(rows))
+
+
+def _checkpoint_trainer(
+    checkpoint: str | Path, data: MultimodalDataset, device: str
+) -> tuple[Trainer, dict[str, Any]]:
+    net, meta = load_checkpoint(checkpoint)
+    check_dims_match(checkpoint, net, data.dims)
+    settings = training_config({**meta["training_config"], "device": device, "stages": []})
+    return Trainer(net, settings, data.metric_family, progress=False), meta
+
+
+def evaluate(
+    checkpoint: str | Path,
+    dataset: str | MultimodalDataset,
+    *,
+    data_dir: str | None = None,
+    aligned: bool = False,
+    split: str = "test",
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Metrics of a saved checkpoint on one split of a dataset."""
+    data = load_dataset(dataset, data_dir, aligned=aligned)
+    trainer, meta = _checkpoint_trainer(checkpoint, data, device)
+    return {
+        "checkpoint": str(checkpoint),
+        "model": meta["model_name"],
+        "dataset": _dataset_info(data),
+        "split": split,
+        "metrics": trainer.evaluate(data.split(split)),
+    }
+
+
+def robustness(
+    checkpoint: str | Path,
+    dataset: str | MultimodalDataset,
+    *,
+    protocol: str,
+    data_dir: str | None = None,
+    aligned: bool = False,
+    rates: Sequence[float] | None = None,
+    subsets: Sequence[str] | None = None,
+    seeds: Sequence[int] = (0,),
+    output: str | Path | None = None,
+    device: str = "auto",
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Test metrics of a checkpoint under a missing-data protocol, per rate (or subset) and mean.
+
+    Writes robustness.json, robustness.csv and robustness.png into `output` when given.
+    """
+    data = load_dataset(dataset, data_dir, aligned=aligned)
+    trainer, meta = _checkpoint_trainer(checkpoint, data, device)
+    result = {
+        "msakit_version": __version__,
+        "command": command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "checkpoint": str(checkpoint),
+        "model": meta["model_name"],
+        "dataset": _dataset_info(data),
+        "family": data.metric_family,
+        **run_protocol(trainer, data, protocol, rates=rates, subsets=subsets, seeds=seeds),
+    }
+    if output is not None:
+        write_robustness(Path(output), result, f"{result['model']} on {data.name}")
+    return result
+
+
+def compare(run_dirs: Sequence[str | Path], output: str | Path) -> dict[str, Any]:
+    """Overlay the robustness curves of several runs; a markdown table of their means.
+
+    Writes compare.png and compare.md into `output`.
+    """
+    results = {}
+    for run_dir in run_dirs:
+        path = Path(run_dir) / "robustness.json"
+        if not path.is_file():
+            raise MsakitError(f"{path} not found: run `msakit robustness ... --output {run_dir}` first")
+        result = json.loads(path.read_text())
+        results[f"{result['model']} ({Path(run_dir).name})"] = result
+    kinds = {(r["protocol"], r["family"]) for r in results.values()}
+    if len(kinds) > 1:
+        raise MsakitError(
+            "these runs used different protocols or metric families: "
+            + ", ".join(f"{p}/{f}" for p, f in sorted(kinds))
+        )
+    protocol, family = kinds.pop()
+    keys = METRIC_KEYS[family]
+    lines = [f"Mean over conditions, {protocol}-modal missing", "",
+             "| run | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name, result in results.items():
+        lines.append(f"| {name} | " + " | ".join(format_value(k, result["mean"][k]) for k in keys)
+                     + " |")
+    out = Path(output)
+    atomic_write_text(out / "compare.md", "\n".join(lines) + "\n")
+    plot_curves(out / "compare.png", results, family)
+    return {"protocol": protocol, "family": family,
+            "means": {name: r["mean"] for name, r in results.items()}, "table": "\n".join(lines)}

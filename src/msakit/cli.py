@@ -1,0 +1,203 @@
+"""The `msakit` command: parses arguments, calls `msakit.api`, prints tables."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from msakit import __version__, api
+from msakit.errors import MsakitError
+from msakit.evaluation.report import metrics_table
+from msakit.missing import parse_rates
+
+console = Console()
+errors = Console(stderr=True)
+
+
+def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Bad input ends with one line on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except MsakitError as exc:
+            click.echo(f"msakit: error: {exc}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def _parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.replace(",", " ").split()]
+    except ValueError:
+        raise MsakitError(f"--seeds {text!r}: expected integers like '1111 1112 1113'") from None
+    if not seeds:
+        raise MsakitError("--seeds is empty")
+    return seeds
+
+
+class _RecordingGroup(click.Group):
+    """Keeps the arguments as given, so results can name the command that made them."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["msakit.argv"] = list(args)
+        return super().parse_args(ctx, args)
+
+
+def _command_line() -> str:
+    return shlex.join(["msakit", *click.get_current_context().meta["msakit.argv"]])
+
+
+dataset_options = [
+    click.option("--dataset", "-d", required=True,
+                 help="synthetic, mosi, mosei, sims, simsv2, mosi-text, or a .pkl/.csv path"),
+    click.option("--data-dir", default=None, help="folder (or file) holding the dataset"),
+    click.option("--aligned", is_flag=True, help="read the word-aligned pickle (MMSA aligned_*.pkl)"),
+]
+
+
+def with_dataset_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(dataset_options):
+        func = option(func)
+    return func
+
+
+@click.group(cls=_RecordingGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="msakit")
+@click.option("--quiet", "-q", is_flag=True, help="only warnings and results")
+def cli(quiet: bool) -> None:
+    """Multimodal sentiment analysis that holds up when modalities are missing."""
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO, format="%(message)s",
+        handlers=[RichHandler(console=errors, show_path=False, show_time=False)],
+    )
+
+
+@cli.command()
+@click.argument("model")
+@with_dataset_options
+@click.option("--seeds", default="1111", show_default=True, help="one run per seed, e.g. '1111 1112 1113'")
+@click.option("--epochs", type=int, default=None, help="override training.epochs")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="override a setting, e.g. --set training.lr=1e-3 --set model.hidden=64")
+@click.option("--output", "-o", default=None, help="folder for results.json, results.csv, checkpoints")
+@click.option("--no-progress", is_flag=True, help="no progress bars")
+@_user_errors
+def train(model: str, dataset: str, data_dir: str | None, aligned: bool, seeds: str,
+          epochs: int | None, overrides: tuple[str, ...], output: str | None,
+          no_progress: bool) -> None:
+    """Train MODEL, select on validation, report valid and test metrics (mean ± std over seeds)."""
+    output = output or f"runs/{model}-{Path(dataset).stem}"
+    results = api.train(
+        model, dataset, data_dir=data_dir, aligned=aligned, seeds=_parse_seeds(seeds), epochs=epochs,
+        overrides=list(overrides), output=output, progress=not no_progress, command=_command_line(),
+    )
+    family = "sims" if results["dataset"]["family"] in ("sims", "simsv2") else "mosi"
+    rows = {f"seed {r['seed']} (epoch {r['best_epoch']})": r["test"] for r in results["seeds"]}
+    console.print(metrics_table(f"{model} on {results['dataset']['name']}: test", rows, family,
+                                first_column="run"))
+    means = {"valid": results["mean"]["valid"], "test": results["mean"]["test"]}
+    console.print(metrics_table(f"mean ± std over {len(results['seeds'])} seed(s); "
+                                f"{results['selection']}", means, family,
+                                stds=results["std"], first_column="split"))
+    console.print(f"results: {Path(output) / 'results.json'}")
+
+
+@cli.command()
+@click.argument("checkpoint")
+@with_dataset_options
+@click.option("--split", type=click.Choice(["train", "valid", "test"]), default="test",
+              show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+@_user_errors
+def evaluate(checkpoint: str, dataset: str, data_dir: str | None, aligned: bool, split: str,
+             device: str, as_json: bool) -> None:
+    """Score a saved CHECKPOINT on one split of a dataset."""
+    result = api.evaluate(checkpoint, dataset, data_dir=data_dir, aligned=aligned, split=split,
+                          device=device)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    family = "sims" if result["dataset"]["family"] in ("sims", "simsv2") else "mosi"
+    console.print(metrics_table(f"{result['model']} on {result['dataset']['name']}", {
+        split: result["metrics"]}, family, first_column="split"))
+
+
+@cli.command()
+@click.argument("checkpoint")
+@with_dataset_options
+@click.option("--protocol", type=click.Choice(["intra", "inter", "fixed"]), required=True,
+              help="intra: tokens/frames dropped (LNLN); inter: whole modalities (HME/CyIN); "
+                   "fixed: a set of available modalities")
+@click.option("--rates", default=None,
+              help="start:stop:step or a comma list; default intra 0:0.9:0.1, inter 0.1:0.7:0.1")
+@click.option("--subsets", default=None, help="fixed protocol: e.g. 't,ta,tav'; default all seven")
+@click.option("--seeds", default="0", show_default=True, help="mask seeds; rows are their mean")
+@click.option("--output", "-o", default=None, help="folder for robustness.json/.csv/.png")
+@click.option("--device", default="auto", show_default=True)
+@_user_errors
+def robustness(checkpoint: str, dataset: str, data_dir: str | None, aligned: bool, protocol: str,
+               rates: str | None, subsets: str | None, seeds: str, output: str | None,
+               device: str) -> None:
+    """Score CHECKPOINT on the test split under a missing-modality protocol."""
+    output = output or str(Path(checkpoint).parent / f"robustness-{protocol}")
+    result = api.robustness(
+        checkpoint, dataset, protocol=protocol, data_dir=data_dir, aligned=aligned,
+        rates=parse_rates(rates) if rates else None,
+        subsets=[s.strip() for s in subsets.split(",")] if subsets else None,
+        seeds=_parse_seeds(seeds), output=output, device=device, command=_command_line(),
+    )
+    rows = {r["condition"]: r["metrics"] for r in result["rows"]}
+    rows["mean"] = result["mean"]
+    first = "modalities" if protocol == "fixed" else "rate"
+    console.print(metrics_table(
+        f"{result['model']} on {result['dataset']['name']}: {protocol}-modal missing, test split",
+        rows, result["family"], first_column=first))
+    console.print(f"written: {Path(output) / 'robustness.json'}, robustness.csv, robustness.png")
+
+
+@cli.command()
+@click.argument("run_dirs", nargs=-1, required=True)
+@click.option("--output", "-o", default="runs/compare", show_default=True)
+@_user_errors
+def compare(run_dirs: tuple[str, ...], output: str) -> None:
+    """Overlay the robustness curves of several RUN_DIRS (each with a robustness.json)."""
+    result = api.compare(list(run_dirs), output)
+    click.echo(result["table"])
+    console.print(f"written: {Path(output) / 'compare.md'}, compare.png")
+
+
+@cli.command()
+def models() -> None:
+    """List the registered models."""
+    table = Table("model", "description")
+    for entry in api.list_models():
+        table.add_row(entry["name"], entry["description"])
+    console.print(table)
+
+
+@cli.command()
+def datasets() -> None:
+    """List the datasets msakit can read and what each needs."""
+    table = Table("dataset", "description", "needs")
+    for entry in api.list_datasets():
+        table.add_row(entry["name"], entry["description"], entry.get("needs", ""))
+    console.print(table)
+
+
+def main() -> None:
+    cli(prog_name="msakit")

@@ -1,0 +1,69 @@
+"""Turn a `Split` into `Batch`es by indexing its shared arrays: one gather per key and batch.
+
+Valid and test splits are iterated in file order (MMSA shuffles them; we never do), the train split
+in an order drawn from the caller's generator so that a run is reproducible for a fixed seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from msakit.data.schema import Batch, Split
+
+
+def _frame_mask(lengths: np.ndarray | None, n: int, max_len: int) -> torch.Tensor:
+    if lengths is None:
+        return torch.ones(n, max_len, dtype=torch.bool)
+    positions = torch.arange(max_len).unsqueeze(0)
+    return positions < torch.as_tensor(lengths, dtype=torch.long).clamp(min=1).unsqueeze(1)
+
+
+def make_batch(split: Split, index: np.ndarray) -> Batch:
+    """Gather the samples at `index` (positions in `split`) into one `Batch`."""
+    index = np.ascontiguousarray(index, dtype=np.int64)
+    n = len(index)
+    present = [split.text is not None or split.text_bert is not None,
+               split.audio is not None, split.vision is not None]
+    batch = Batch(
+        labels=torch.from_numpy(split.labels[index].astype(np.float32)),
+        index=torch.from_numpy(index),
+        ids=[str(i) for i in split.ids[index]],
+        presence=torch.tensor(present, dtype=torch.bool).expand(n, 3).clone(),
+        unimodal_labels={
+            k: torch.from_numpy(v[index].astype(np.float32)) for k, v in split.unimodal_labels.items()
+        },
+    )
+    if split.text_bert is not None:
+        ids = torch.from_numpy(split.text_bert[index].astype(np.int64))
+        batch.text_ids = ids
+        batch.text_mask = ids[:, 1] > 0
+    if split.text is not None:
+        batch.text = torch.from_numpy(split.text[index])
+        if batch.text_mask is None:
+            # without token ids the only evidence of padding is an all-zero feature vector
+            batch.text_mask = batch.text.abs().sum(-1) > 0
+    if split.audio is not None:
+        batch.audio = torch.from_numpy(split.audio[index])
+        lengths = None if split.audio_lengths is None else split.audio_lengths[index]
+        batch.audio_mask = _frame_mask(lengths, n, split.audio.shape[1])
+    if split.vision is not None:
+        batch.vision = torch.from_numpy(split.vision[index])
+        lengths = None if split.vision_lengths is None else split.vision_lengths[index]
+        batch.vision_mask = _frame_mask(lengths, n, split.vision.shape[1])
+    return batch
+
+
+def iterate_batches(
+    split: Split,
+    batch_size: int,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+) -> Iterator[Batch]:
+    """Yield batches covering `split` once; shuffled only when asked (training)."""
+    n = len(split)
+    order = torch.randperm(n, generator=generator).numpy() if shuffle else np.arange(n)
+    for start in range(0, n, batch_size):
+        yield make_batch(split, order[start:start + batch_size])

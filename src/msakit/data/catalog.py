@@ -1,0 +1,136 @@
+"""Which datasets msakit knows and where it looks for their files: one name -> one loader.
+
+`load_dataset` accepts a catalog name ("synthetic", "mosi", "mosei", "sims", "simsv2",
+"mosi-text") or a path to a `.pkl` (MMSA layout) or `.csv` (label.csv layout). For the
+benchmarks, `data_dir` may be the pickle itself, the folder holding it, or a root in MMSA's own
+layout (`<data_dir>/MOSI/Processed/unaligned_50.pkl`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+from msakit.data.labelcsv import load_label_csv
+from msakit.data.mmsa import load_mmsa
+from msakit.data.schema import MultimodalDataset
+from msakit.data.synthetic import synthetic_dataset
+from msakit.errors import MsakitError
+
+DATASETS: dict[str, dict[str, Any]] = {
+    "synthetic": {
+        "description": "MOSI-sized synthetic data with planted text/audio/vision signal, "
+                       "generated in memory (the default and demo dataset)",
+        "needs": "nothing (sizes and seed optional)",
+    },
+    "mosi": {
+        "description": "CMU-MOSI, MMSA pickle: 1284/229/686 clips, English, labels in [-3, 3]",
+        "needs": "data_dir: the pickle, its folder, or an MMSA root with MOSI/Processed/",
+        "folders": ("MOSI", "mosi", "CMU-MOSI"),
+        "files": {False: ("unaligned_50.pkl",), True: ("aligned_50.pkl",)},
+    },
+    "mosei": {
+        "description": "CMU-MOSEI, MMSA pickle: 16326/1871/4659 clips, English, labels in [-3, 3]",
+        "needs": "data_dir: the pickle, its folder, or an MMSA root with MOSEI/Processed/",
+        "folders": ("MOSEI", "mosei", "CMU-MOSEI"),
+        "files": {False: ("unaligned_50.pkl",), True: ("aligned_50.pkl",)},
+    },
+    "sims": {
+        "description": "CH-SIMS, MMSA pickle: 1368/456/457 clips, Chinese, labels in [-1, 1] "
+                       "with unimodal labels",
+        "needs": "data_dir: the pickle, its folder, or an MMSA root with SIMS/Processed/",
+        "folders": ("SIMS", "sims", "CH-SIMS"),
+        "files": {False: ("unaligned_39.pkl",), True: ("aligned_39.pkl",)},
+    },
+    "simsv2": {
+        "description": "CH-SIMS v2, MMSA pickle: Chinese, labels in [-1, 1] with unimodal labels",
+        "needs": "data_dir: the pickle, its folder, or an MMSA root with SIMSv2/Processed/",
+        "folders": ("SIMSv2", "SIMSV2", "simsv2", "CH-SIMS-v2", "CH-SIMSv2"),
+        "files": {False: ("unaligned.pkl", "sims_unaligned.pkl"), True: ("aligned.pkl",)},
+    },
+    "mosi-text": {
+        "description": "CMU-MOSI transcripts and labels only (label.csv: id,text,label,mode); "
+                       "text-only",
+        "needs": "data_dir: label.csv or the folder holding it",
+    },
+}
+
+
+def list_datasets() -> list[dict[str, str]]:
+    """Name, description and what must be given, for each catalog dataset."""
+    return [
+        {"name": name, "description": entry["description"], "needs": entry["needs"]}
+        for name, entry in DATASETS.items()
+    ]
+
+
+def _candidates(name: str, data_dir: Path, aligned: bool) -> list[Path]:
+    entry = DATASETS[name]
+    folders = [data_dir, data_dir / "Processed"]
+    for folder in entry["folders"]:
+        folders += [data_dir / folder, data_dir / folder / "Processed"]
+    return [folder / file for folder in folders for file in entry["files"][aligned]]
+
+
+def _first_existing(candidates: list[Path], what: str) -> Path:
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise MsakitError(f"{what} not found; tried: {', '.join(map(str, candidates))}")
+
+
+def load_dataset(
+    name_or_path: str,
+    data_dir: str | None = None,
+    aligned: bool = False,
+    seed: int = 0,
+    **synthetic_sizes: int,
+) -> MultimodalDataset:
+    """Load a catalog dataset by name, or a `.pkl` / `.csv` file by path.
+
+    `synthetic_sizes` (n_train, text_len, audio_dim, ...) apply to "synthetic" only; `seed`
+    seeds its generator.
+    """
+    key = str(name_or_path).strip().lower()
+    if synthetic_sizes and key != "synthetic":
+        raise MsakitError(
+            f"size options ({', '.join(sorted(synthetic_sizes))}) apply only to the synthetic "
+            f"dataset, not {name_or_path!r}"
+        )
+    if key == "synthetic":
+        allowed = set(inspect.signature(synthetic_dataset).parameters) - {"aligned", "seed"}
+        unknown = sorted(set(synthetic_sizes) - allowed)
+        if unknown:
+            raise MsakitError(
+                f"unknown synthetic size option(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(allowed))}"
+            )
+        return synthetic_dataset(aligned=aligned, seed=seed, **synthetic_sizes)
+    if key == "mosi-text":
+        if data_dir is None:
+            raise MsakitError(f"dataset 'mosi-text' needs data_dir ({DATASETS[key]['needs']})")
+        root = Path(data_dir).expanduser()
+        if root.is_file():
+            return load_label_csv(root)
+        tried = [root / "label.csv", root / "mosi-text" / "label.csv"]
+        return load_label_csv(_first_existing(tried, "label.csv for 'mosi-text'"))
+    if key in DATASETS:
+        if data_dir is None:
+            raise MsakitError(f"dataset {key!r} needs data_dir ({DATASETS[key]['needs']})")
+        root = Path(data_dir).expanduser()
+        if root.is_file():
+            return load_mmsa(root, family=key, name=key)
+        kind = "aligned" if aligned else "unaligned"
+        path = _first_existing(_candidates(key, root, aligned), f"{kind} {key!r} pickle")
+        return load_mmsa(path, family=key, name=key)
+
+    path = Path(str(name_or_path)).expanduser()
+    if path.suffix.lower() == ".pkl":
+        return load_mmsa(path)
+    if path.suffix.lower() == ".csv":
+        return load_label_csv(path)
+    raise MsakitError(
+        f"unknown dataset {name_or_path!r}; known: {', '.join(DATASETS)}, "
+        "or a path to a .pkl (MMSA layout) or .csv (label.csv layout) file"
+    )

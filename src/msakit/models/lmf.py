@@ -1,0 +1,96 @@
+"""LMF: Low-rank Multimodal Fusion (Liu et al., "Efficient Low-rank Multimodal Fusion with
+Modality-Specific Factors", ACL 2018), as trained by the MMSA framework (thuiar/MMSA,
+models/singleTask/LMF.py).
+
+LMF keeps TFN's unimodal subnetworks (see `msakit.models.tfn`): z_t from an LSTM over the text,
+z_a and z_v from MLPs over time-averaged audio and vision. TFN's fusion, a weight tensor W applied
+to z = [1; z_t] (x) [1; z_a] (x) [1; z_v], is never formed: W is constrained to rank r,
+W = sum_i w^(i)_t (x) w^(i)_a (x) w^(i)_v, so that
+
+    W . z = sum_{i=1..r} prod_{m in t,a,v} (w^(i)_m . [1; z_m])
+
+costs O(r sum_m d_m) instead of O(prod_m d_m). As in MMSA the fused output is one number per rank
+factor, and the prediction is a learned weighting of the r products:
+
+    y = sum_i lambda_i prod_m (w^(i)_m . [1; z_m]) + b
+
+Deviations from MMSA:
+- The same as TFN's: masked time averages and packed LSTM (MMSA includes padding), BatchNorm on
+  running statistics for a one-sample training batch, sizes read from the data.
+- MMSA lists a fourth, post-fusion dropout that its LMF never applies; there is no such setting.
+- `features["fused"]` is the (B, rank) vector of per-factor products.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from msakit.data.schema import Batch, FeatureDims
+from msakit.models.base import ModelConfig, MSAModel, Output
+from msakit.models.layers.pooling import masked_mean
+from msakit.models.layers.text import TextEncoder
+from msakit.models.registry import register_model
+from msakit.models.tfn import FrameSubNet, TextSubNet, check_settings, with_one
+
+
+@dataclass
+class LMFConfig(ModelConfig):
+    """LMF's settings; the defaults are MMSA's MOSI values."""
+
+    text_hidden: int = 128  # LSTM width
+    audio_hidden: int = 16
+    vision_hidden: int = 128
+    text_out: int = 64  # MMSA: text_hidden // 2
+    rank: int = 3
+    audio_dropout: float = 0.3
+    vision_dropout: float = 0.3
+    text_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_settings(
+            "lmf", self,
+            ("text_hidden", "audio_hidden", "vision_hidden", "text_out", "rank"),
+            ("audio_dropout", "vision_dropout", "text_dropout"),
+        )
+
+
+@register_model("lmf")
+class LMF(MSAModel):
+    """Low-rank Multimodal Fusion: TFN's fusion with a rank-r factorised weight tensor."""
+
+    config_class = LMFConfig
+
+    def __init__(self, config: LMFConfig, dims: FeatureDims) -> None:
+        super().__init__(config, dims)
+        self.text_encoder = TextEncoder(config, dims)
+        self.text_subnet = TextSubNet(
+            self.text_encoder.out_dim, config.text_hidden, config.text_out, config.text_dropout
+        )
+        self.audio_subnet = FrameSubNet(dims.audio, config.audio_hidden, config.audio_dropout)
+        self.vision_subnet = FrameSubNet(dims.vision, config.vision_hidden, config.vision_dropout)
+        # one (d_m + 1) x rank factor per modality: column i is w^(i)_m
+        self.text_factor = nn.Parameter(torch.empty(config.text_out + 1, config.rank))
+        self.audio_factor = nn.Parameter(torch.empty(config.audio_hidden + 1, config.rank))
+        self.vision_factor = nn.Parameter(torch.empty(config.vision_hidden + 1, config.rank))
+        self.rank_weights = nn.Parameter(torch.empty(config.rank, 1))
+        self.bias = nn.Parameter(torch.zeros(1))
+        for factor in (self.text_factor, self.audio_factor, self.vision_factor, self.rank_weights):
+            nn.init.xavier_normal_(factor)
+
+    def forward(self, batch: Batch) -> Output:
+        text, text_mask = self.text_encoder(batch)
+        z_t = self.text_subnet(text, text_mask)
+        z_a = self.audio_subnet(masked_mean(batch.audio, batch.audio_mask))
+        z_v = self.vision_subnet(masked_mean(batch.vision, batch.vision_mask))
+        products = (
+            (with_one(z_t) @ self.text_factor)
+            * (with_one(z_a) @ self.audio_factor)
+            * (with_one(z_v) @ self.vision_factor)
+        )  # (B, rank)
+        pred = (products @ self.rank_weights).squeeze(-1) + self.bias
+        return Output(
+            pred=pred, features={"fused": products, "text": z_t, "audio": z_a, "vision": z_v}
+        )

@@ -1,0 +1,163 @@
+"""MulT: Multimodal Transformer (Tsai et al., "Multimodal Transformer for Unaligned Multimodal
+Language Sequences", ACL 2019), as trained by the MMSA framework (thuiar/MMSA,
+models/singleTask/MULT.py; original code yaohungt/Multimodal-Transformer).
+
+1. Temporal convolution to a common width d, per modality m in {t, a, v}:
+       X_m = Conv1D(X_m, kernel k_m)                           (B, L_m, d), no bias
+2. Crossmodal transformers: each target modality b reads each other modality a through a stack of
+   `layers` crossmodal blocks (`msakit.models.layers.transformer`):
+       Z_{a->b} = CM_{a->b}(X_b, X_a)                          (B, L_b, d)
+   e.g. the text stream: Z_t = [Z_{a->t}; Z_{v->t}]            (B, L_t, 2d)
+3. Memory: a self-attention transformer per target (`memory_layers` blocks) over Z_b; its state at
+   the last valid step is the modality's summary h_b (2d).
+4. Prediction from h = [h_t; h_a; h_v] (6d) through a residual block:
+       y = W_o (h + W_2 Dropout(ReLU(W_1 h)))
+
+The attention dropout of a crossmodal stack is chosen by its SOURCE modality (`attn_dropout` for
+text, `attn_dropout_audio`, `attn_dropout_vision`), and `attn_dropout` serves the memory stacks, as
+in MMSA. `causal_mask` is MulT's future mask (MMSA's `attn_mask: true`).
+
+Deviations from MMSA:
+- Padding is masked: padded frames are zeroed before the convolutions, masked out of every
+  attention, and the summary is taken at each sample's last VALID step (MMSA reads the last padded
+  step and lets attention see padding).
+- Convolutions keep the sequence length ("same" padding) so masks stay aligned (MMSA uses no
+  padding, which shortens each sequence by k - 1); they run even when a width already equals d.
+- The causal mask's offset |L_k - L_q| is taken on each sample's valid lengths, not on the padded
+  lengths, so the amount of padding in a batch cannot change a prediction.
+- Sinusoidal positions are added, as in the paper and the original code (MMSA turns them off).
+- MMSA's `nlevels` applies to the memory stacks as max(nlevels, 3); here `memory_layers` is its
+  own setting (the YAML holds MMSA's effective values).
+- Feature sizes come from the data and the text encoder, never from the config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from msakit.data.schema import MODALITIES, Batch, FeatureDims
+from msakit.errors import MsakitError
+from msakit.models.base import ModelConfig, MSAModel, Output
+from msakit.models.layers.pooling import last_valid
+from msakit.models.layers.text import TextEncoder
+from msakit.models.layers.transformer import CrossModalEncoder
+from msakit.models.registry import register_model
+from msakit.models.tfn import check_settings
+
+
+@dataclass
+class MulTConfig(ModelConfig):
+    """MulT's settings; the defaults are MMSA's MOSI values."""
+
+    embed_dim: int = 50  # d, the common width (MMSA: dst_feature_dim_nheads[0])
+    num_heads: int = 10
+    layers: int = 4  # crossmodal blocks per stack (MMSA: nlevels)
+    memory_layers: int = 4  # self-attention blocks per memory stack
+    attn_dropout: float = 0.3  # text as the source, and the memory stacks
+    attn_dropout_audio: float = 0.2
+    attn_dropout_vision: float = 0.0
+    relu_dropout: float = 0.0
+    res_dropout: float = 0.0
+    embed_dropout: float = 0.2
+    output_dropout: float = 0.5
+    text_dropout: float = 0.5  # on the text states before the convolution
+    conv_kernel_text: int = 5
+    conv_kernel_audio: int = 5
+    conv_kernel_vision: int = 5
+    causal_mask: bool = True
+
+    def __post_init__(self) -> None:
+        check_settings(
+            "mult", self,
+            ("embed_dim", "num_heads", "layers", "memory_layers",
+             "conv_kernel_text", "conv_kernel_audio", "conv_kernel_vision"),
+            ("attn_dropout", "attn_dropout_audio", "attn_dropout_vision", "relu_dropout",
+             "res_dropout", "embed_dropout", "output_dropout", "text_dropout"),
+        )
+        if self.embed_dim % self.num_heads:
+            raise MsakitError(
+                f"mult: model.embed_dim ({self.embed_dim}) must be divisible by "
+                f"model.num_heads ({self.num_heads})"
+            )
+
+
+@register_model("mult")
+class MulT(MSAModel):
+    """Multimodal Transformer: every modality attends to the other two, then to itself."""
+
+    config_class = MulTConfig
+
+    def __init__(self, config: MulTConfig, dims: FeatureDims) -> None:
+        super().__init__(config, dims)
+        self.text_encoder = TextEncoder(config, dims)
+        d = config.embed_dim
+        widths = {"text": self.text_encoder.out_dim, "audio": dims.audio, "vision": dims.vision}
+        kernels = {
+            "text": config.conv_kernel_text,
+            "audio": config.conv_kernel_audio,
+            "vision": config.conv_kernel_vision,
+        }
+        self.proj = nn.ModuleDict({
+            m: nn.Conv1d(widths[m], d, kernels[m], padding="same", bias=False) for m in MODALITIES
+        })
+        attn_dropout = {
+            "text": config.attn_dropout,
+            "audio": config.attn_dropout_audio,
+            "vision": config.attn_dropout_vision,
+        }
+        shared = dict(
+            relu_dropout=config.relu_dropout, res_dropout=config.res_dropout,
+            embed_dropout=config.embed_dropout, causal=config.causal_mask,
+        )
+        self.cross = nn.ModuleDict({
+            f"{source}_to_{target}": CrossModalEncoder(
+                d, config.num_heads, config.layers, attn_dropout=attn_dropout[source], **shared
+            )
+            for target in MODALITIES for source in MODALITIES if source != target
+        })
+        self.memory = nn.ModuleDict({
+            m: CrossModalEncoder(
+                2 * d, config.num_heads, config.memory_layers, attn_dropout=config.attn_dropout,
+                **shared,
+            )
+            for m in MODALITIES
+        })
+        combined = 6 * d
+        self.proj1 = nn.Linear(combined, combined)
+        self.proj2 = nn.Linear(combined, combined)
+        self.out = nn.Linear(combined, 1)
+
+    def _project(self, name: str, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, L, D_m) -> (B, L, d); padded frames are zeroed so the kernel never reads them."""
+        x = x.masked_fill(~mask.unsqueeze(-1), 0.0)
+        return self.proj[name](x.transpose(1, 2)).transpose(1, 2)
+
+    def forward(self, batch: Batch) -> Output:
+        text, text_mask = self.text_encoder(batch)
+        text = F.dropout(text, self.config.text_dropout, self.training)
+        inputs = {
+            "text": (text, text_mask),
+            "audio": (batch.audio, batch.audio_mask),
+            "vision": (batch.vision, batch.vision_mask),
+        }
+        seqs = {m: (self._project(m, x, mask), mask) for m, (x, mask) in inputs.items()}
+        summaries = {}
+        for target in MODALITIES:
+            x, mask = seqs[target]
+            crossed = [
+                self.cross[f"{source}_to_{target}"](x, mask, *seqs[source])
+                for source in MODALITIES if source != target
+            ]
+            memory = self.memory[target](torch.cat(crossed, dim=-1), mask)
+            summaries[target] = last_valid(memory, mask)
+        fused = torch.cat([summaries[m] for m in MODALITIES], dim=-1)
+        hidden = F.dropout(F.relu(self.proj1(fused)), self.config.output_dropout, self.training)
+        hidden = fused + self.proj2(hidden)
+        return Output(
+            pred=self.out(hidden).squeeze(-1),
+            features={"fused": fused, **summaries},
+        )

@@ -1,0 +1,167 @@
+"""TFN: Tensor Fusion Network (Zadeh et al., "Tensor Fusion Network for Multimodal Sentiment
+Analysis", EMNLP 2017), as trained by the MMSA framework (thuiar/MMSA, models/singleTask/TFN.py).
+
+Unimodal embeddings:
+    z_t = W_t Dropout(LSTM(text)_final)                                      (text subnetwork)
+    z_a = MLP_a(Dropout(BatchNorm(mean_time(audio))))    3 x (Linear, ReLU)  (audio subnetwork)
+    z_v = MLP_v(Dropout(BatchNorm(mean_time(vision))))                       (vision subnetwork)
+Tensor fusion: the outer product of the embeddings, each extended by a constant 1 so that the
+unimodal and bimodal terms survive next to the trimodal ones:
+    z_m = [1; z_t] (x) [1; z_a] (x) [1; z_v]      flattened, (d_t + 1)(d_a + 1)(d_v + 1) values
+Inference: y = B tanh(W_3 ReLU(W_2 ReLU(W_1 Dropout(z_m))) / 2), i.e. 2B sigmoid(.) - B: the
+output is squashed into (-B, B) with B = `output_bound` (3: MMSA's 6 sigmoid(.) - 3).
+
+Deviations from MMSA:
+- Audio and vision are averaged over their valid frames only (MMSA averages over the padded
+  length, zeros included), and the LSTM runs over the valid tokens only (packed sequences).
+- The text dropout acts on the LSTM's final state, where the original code meant it to; MMSA's
+  one-layer LSTM subnetwork silently sets it to 0, which is why our YAML sets `text_dropout: 0`.
+- A training batch of one sample is normalised with the running BatchNorm statistics (batch
+  statistics of one sample are undefined; MMSA crashes there).
+- Feature sizes come from the data and the text encoder, never from the config.
+- `features["fused"]` is the last post-fusion hidden layer, not the (large) fusion tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from msakit.data.schema import Batch, FeatureDims
+from msakit.errors import MsakitError
+from msakit.models.base import ModelConfig, MSAModel, Output
+from msakit.models.layers.pooling import masked_mean, valid_lengths
+from msakit.models.layers.text import TextEncoder
+from msakit.models.registry import register_model
+
+
+def check_settings(
+    model: str, config: ModelConfig, sizes: tuple[str, ...], dropouts: tuple[str, ...]
+) -> None:
+    """Raise MsakitError naming the key when a size is not a positive int or a rate not in [0, 1)."""
+    for key in sizes:
+        value = getattr(config, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise MsakitError(f"{model}: model.{key} must be a positive integer, not {value!r}")
+    for key in dropouts:
+        value = getattr(config, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise MsakitError(f"{model}: model.{key} must be a rate in [0, 1), not {value!r}")
+
+
+@dataclass
+class TFNConfig(ModelConfig):
+    """TFN's settings; the defaults are MMSA's MOSI values."""
+
+    text_hidden: int = 128  # LSTM width
+    audio_hidden: int = 32
+    vision_hidden: int = 128
+    text_out: int = 32  # text embedding size after the LSTM's linear layer
+    post_fusion_dim: int = 64
+    audio_dropout: float = 0.3
+    vision_dropout: float = 0.3
+    text_dropout: float = 0.0
+    post_fusion_dropout: float = 0.5
+    output_bound: float | None = 3.0  # predictions lie in (-bound, bound); None = unbounded
+
+    def __post_init__(self) -> None:
+        check_settings(
+            "tfn", self,
+            ("text_hidden", "audio_hidden", "vision_hidden", "text_out", "post_fusion_dim"),
+            ("audio_dropout", "vision_dropout", "text_dropout", "post_fusion_dropout"),
+        )
+        if self.output_bound is not None and not self.output_bound > 0:
+            raise MsakitError(
+                f"tfn: model.output_bound must be positive or null, not {self.output_bound!r}"
+            )
+
+
+class FrameSubNet(nn.Module):
+    """Audio/vision subnetwork of TFN and LMF: BatchNorm, dropout, three ReLU layers."""
+
+    def __init__(self, in_dim: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(in_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden), nn.ReLU(),
+            nn.Linear(hidden, hidden), nn.ReLU(),
+            nn.Linear(hidden, hidden), nn.ReLU(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, in_dim) pooled features -> (B, hidden)."""
+        if self.training and x.shape[0] == 1:
+            norm = self.norm
+            normed = F.batch_norm(
+                x, norm.running_mean, norm.running_var, norm.weight, norm.bias,
+                training=False, eps=norm.eps,
+            )
+        else:
+            normed = self.norm(x)
+        return self.mlp(self.dropout(normed))
+
+
+class TextSubNet(nn.Module):
+    """Text subnetwork of TFN and LMF: an LSTM over the valid tokens, its final state projected."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(in_dim, hidden, batch_first=True)
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(hidden, out_dim)
+
+    def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """states: (B, L, D), mask: (B, L) bool -> (B, out_dim)."""
+        # a sample without any valid token runs one zeroed step: finite, and blind to padding
+        lengths = valid_lengths(mask).clamp(min=1).cpu()
+        states = states.masked_fill(~mask.unsqueeze(-1), 0.0)
+        packed = pack_padded_sequence(states, lengths, batch_first=True, enforce_sorted=False)
+        _, (final, _) = self.rnn(packed)
+        return self.linear(self.dropout(final[-1]))
+
+
+def with_one(x: torch.Tensor) -> torch.Tensor:
+    """[1; x]: append a constant 1 so products of embeddings keep their lower-order terms."""
+    return torch.cat([x.new_ones(x.shape[0], 1), x], dim=1)
+
+
+@register_model("tfn")
+class TFN(MSAModel):
+    """Tensor Fusion Network: the 3-way outer product of unimodal embeddings, then an MLP."""
+
+    config_class = TFNConfig
+
+    def __init__(self, config: TFNConfig, dims: FeatureDims) -> None:
+        super().__init__(config, dims)
+        self.text_encoder = TextEncoder(config, dims)
+        self.text_subnet = TextSubNet(
+            self.text_encoder.out_dim, config.text_hidden, config.text_out, config.text_dropout
+        )
+        self.audio_subnet = FrameSubNet(dims.audio, config.audio_hidden, config.audio_dropout)
+        self.vision_subnet = FrameSubNet(dims.vision, config.vision_hidden, config.vision_dropout)
+        fusion_dim = (config.text_out + 1) * (config.audio_hidden + 1) * (config.vision_hidden + 1)
+        self.post_fusion = nn.Sequential(
+            nn.Dropout(config.post_fusion_dropout),
+            nn.Linear(fusion_dim, config.post_fusion_dim), nn.ReLU(),
+            nn.Linear(config.post_fusion_dim, config.post_fusion_dim), nn.ReLU(),
+        )
+        self.out = nn.Linear(config.post_fusion_dim, 1)
+
+    def forward(self, batch: Batch) -> Output:
+        text, text_mask = self.text_encoder(batch)
+        z_t = self.text_subnet(text, text_mask)
+        z_a = self.audio_subnet(masked_mean(batch.audio, batch.audio_mask))
+        z_v = self.vision_subnet(masked_mean(batch.vision, batch.vision_mask))
+        fusion = torch.einsum("bi,bj,bk->bijk", with_one(z_t), with_one(z_a), with_one(z_v))
+        hidden = self.post_fusion(fusion.flatten(1))
+        pred = self.out(hidden).squeeze(-1)
+        if self.config.output_bound is not None:
+            pred = self.config.output_bound * torch.tanh(pred / 2)
+        return Output(
+            pred=pred, features={"fused": hidden, "text": z_t, "audio": z_a, "vision": z_v}
+        )

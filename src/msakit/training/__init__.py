@@ -1,0 +1,1 @@
+"""Training: the one loop (`trainer.py`), its settings, schedules and checkpoints."""

@@ -1,0 +1,86 @@
+"""Checkpoints that rebuild their model alone: weights plus registry name, config, dims and version.
+
+Written atomically (temp file in the same folder, then rename) so an interrupted save never leaves a
+half-written file where a good one was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from msakit import __version__
+from msakit.data.schema import FeatureDims
+from msakit.errors import MsakitError
+from msakit.fileio import atomic_write_bytes
+from msakit.models.base import MSAModel
+from msakit.models.registry import create_model, list_models
+
+FORMAT = "msakit-checkpoint-v1"
+
+
+def save_checkpoint(
+    path: Path, model: MSAModel, training: dict[str, Any], dataset: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> None:
+    payload = {
+        "format": FORMAT,
+        "msakit_version": __version__,
+        "model_name": model.registry_name,
+        "model_config": dataclasses.asdict(model.config),
+        "dims": model.dims.to_dict(),
+        "training_config": training,
+        "dataset": dataset,
+        "state_dict": model.state_dict(),
+        **(extra or {}),
+    }
+    atomic_write_bytes(Path(path), lambda handle: torch.save(payload, handle))
+
+
+def load_checkpoint(path: str | Path) -> tuple[MSAModel, dict[str, Any]]:
+    """The rebuilt model (in eval mode, on the CPU) and the checkpoint's metadata."""
+    path = Path(path)
+    if not path.is_file():
+        raise MsakitError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for a corrupt or foreign file
+        raise MsakitError(f"{path} is not a readable checkpoint ({type(exc).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise MsakitError(f"{path} is not an msakit checkpoint (no '{FORMAT}' format tag)")
+    name = payload["model_name"]
+    if name not in list_models():
+        raise MsakitError(
+            f"{path} holds model {name!r}, which this msakit does not have; "
+            f"available: {', '.join(list_models())}"
+        )
+    dims = FeatureDims.from_dict(payload["dims"])
+    model = create_model(name, payload["model_config"], dims)
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise MsakitError(f"{path}: weights do not fit model {name!r}: {first}") from None
+    model.eval()
+    meta = {k: v for k, v in payload.items() if k != "state_dict"}
+    return model, meta
+
+
+def check_dims_match(path: str | Path, model: MSAModel, data: FeatureDims) -> None:
+    """One-line error when a dataset lacks, or has other widths of, the features a model was trained on."""
+    wrong = []
+    for modality in model.modalities:
+        if modality == "text" and model.config.text_source == "encoder":
+            if not data.has_text_ids:
+                wrong.append("text: the model reads `text_bert` token ids, the data has none")
+            continue
+        trained, given = getattr(model.dims, modality), getattr(data, modality)
+        if trained != given:
+            wrong.append(f"{modality} width {trained} in the checkpoint, {given} in the data")
+    if wrong:
+        raise MsakitError(
+            f"checkpoint {path} ({model.registry_name}) does not fit this dataset: {'; '.join(wrong)}"
+        )

@@ -1,0 +1,272 @@
+"""The one training loop every model uses.
+
+AdamW (pretrained text-encoder weights get their own learning rate), linear warm-up then a constant,
+linear or cosine schedule, optional gradient clipping, early stopping and checkpoint selection on the
+VALIDATION split, best weights restored at the end of each stage. A multi-stage method declares its
+stages as data (`TrainConfig.stages`); each stage is this same loop, after `model.set_stage(name)`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
+from msakit.data.batching import iterate_batches
+from msakit.data.schema import Batch, Split
+from msakit.errors import MsakitError
+from msakit.evaluation.metrics import METRIC_KEYS, compute_metrics, is_better
+from msakit.models.base import MSAModel
+from msakit.models.layers.text import TextEncoder
+from msakit.training.settings import Stage, TrainConfig
+
+log = logging.getLogger(__name__)
+
+BatchTransform = Callable[[Batch, int], Batch]  # (batch, epoch) -> batch, e.g. training noise
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """"auto" takes the GPU when there is one and the CPU otherwise (MMSA crashes without CUDA)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MsakitError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MsakitError(f"device {name!r} asked for, but no CUDA GPU is available")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _is_no_decay(name: str, param: nn.Parameter) -> bool:
+    # biases and normalisation gains are not weight-decayed (the usual practice for transformers)
+    return param.ndim < 2 or name.endswith(".bias") or "norm" in name.lower()
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig, lr: float | None = None) -> torch.optim.AdamW:
+    """AdamW with four groups: (pretrained encoder | rest) x (decayed | not decayed)."""
+    pretrained = {
+        id(p)
+        for module in model.modules()
+        if isinstance(module, TextEncoder) and module.model is not None
+        for p in module.model.parameters()
+    }
+    base_lr = config.lr if lr is None else lr
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            groups.setdefault((id(param) in pretrained, _is_no_decay(name, param)), []).append(param)
+    param_groups = []
+    for (is_pretrained, no_decay), params in groups.items():
+        decay = config.encoder_weight_decay if is_pretrained else config.weight_decay
+        param_groups.append({
+            "params": params,
+            "lr": config.encoder_lr if is_pretrained else base_lr,
+            "weight_decay": 0.0 if no_decay else decay,
+        })
+    if not param_groups:
+        raise MsakitError("the model has no trainable parameters")
+    return torch.optim.AdamW(param_groups)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = int(round(config.warmup_ratio * total_steps))
+    if config.schedule not in ("constant", "linear", "cosine"):
+        raise MsakitError(
+            f"unknown schedule {config.schedule!r}; use constant, linear or cosine"
+        )
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if config.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if config.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def task_loss(name: str) -> nn.Module:
+    losses = {"l1": nn.L1Loss(), "mse": nn.MSELoss()}
+    if name not in losses:
+        raise MsakitError(f"unknown loss {name!r}; use {' or '.join(losses)}")
+    return losses[name]
+
+
+@dataclass
+class EpochRecord:
+    stage: str
+    epoch: int
+    train_loss: float
+    valid: dict[str, float]
+    improved: bool
+
+
+@dataclass
+class FitResult:
+    best_valid: dict[str, float]
+    best_epoch: int
+    epochs_run: int
+    history: list[EpochRecord] = field(default_factory=list)
+
+
+class Trainer:
+    """Trains one model on one dataset; `fit` then `evaluate` or `predict` any split."""
+
+    def __init__(
+        self,
+        model: MSAModel,
+        config: TrainConfig,
+        metric_family: str,
+        train_transform: BatchTransform | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.config = config
+        self.device = select_device(config.device)
+        self.model = model.to(self.device)
+        self.metric_family = metric_family
+        self.train_transform = train_transform
+        self.progress = progress
+        self.loss_fn = task_loss(config.loss)
+        if config.select_metric not in METRIC_KEYS[metric_family]:
+            raise MsakitError(
+                f"select_metric {config.select_metric!r} is not a {metric_family} metric; "
+                f"use one of {', '.join(METRIC_KEYS[metric_family])}"
+            )
+
+    def stages(self) -> list[Stage]:
+        return self.config.stages or [Stage(name="main", epochs=self.config.epochs)]
+
+    def fit(self, train: Split, valid: Split, seed: int) -> FitResult:
+        """Train every stage; keep, per stage, the weights with the best validation metric."""
+        generator = torch.Generator().manual_seed(seed)
+        history: list[EpochRecord] = []  # its length also numbers epochs across stages for noise
+        result = FitResult(best_valid={}, best_epoch=0, epochs_run=0)
+        for stage in self.stages():
+            if hasattr(self.model, "set_stage"):
+                self.model.set_stage(stage.name)
+            result = self._fit_stage(stage, train, valid, generator, history)
+        result.history = history
+        return result
+
+    def _fit_stage(
+        self, stage: Stage, train: Split, valid: Split, generator: torch.Generator,
+        history: list[EpochRecord],
+    ) -> FitResult:
+        cfg = self.config
+        steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+        optimizer = build_optimizer(self.model, cfg, stage.lr)
+        scheduler = build_scheduler(optimizer, cfg, steps_per_epoch * stage.epochs)
+        metric = cfg.select_metric
+        best_value: float | None = None
+        best = FitResult(best_valid={}, best_epoch=0, epochs_run=0)
+        best_state = copy.deepcopy(self.model.state_dict())
+        stale = 0
+        with self._progress() as bar:
+            task = bar.add_task(f"{stage.name}", total=steps_per_epoch * stage.epochs)
+            for epoch in range(1, stage.epochs + 1):
+                train_loss = self.train_epoch(
+                    train, optimizer, scheduler, generator, epoch=len(history) + 1,
+                    on_step=lambda: bar.advance(task),
+                )
+                valid_metrics = self.evaluate(valid)
+                improved = is_better(metric, valid_metrics[metric], best_value)
+                history.append(EpochRecord(stage.name, epoch, train_loss, valid_metrics, improved))
+                log.info(
+                    "%s epoch %d/%d  train loss %.4f  valid %s %.4f%s", stage.name, epoch,
+                    stage.epochs, train_loss, metric, valid_metrics[metric],
+                    "  (best)" if improved else "",
+                )
+                bar.update(task, description=(
+                    f"{stage.name} {epoch}/{stage.epochs} valid {metric} {valid_metrics[metric]:.3f}"
+                ))
+                best.epochs_run = epoch
+                if improved:
+                    best_value, stale = valid_metrics[metric], 0
+                    best.best_valid, best.best_epoch = valid_metrics, epoch
+                    best_state = copy.deepcopy(self.model.state_dict())
+                else:
+                    stale += 1
+                    if cfg.patience is not None and stale >= cfg.patience:
+                        log.info("early stop after %d epochs without improvement", stale)
+                        break
+        self.model.load_state_dict(best_state)
+        return best
+
+    def train_epoch(
+        self, split: Split, optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator,
+        epoch: int, on_step: Callable[[], None] | None = None,
+    ) -> float:
+        """One pass over `split` in a shuffled order; returns the mean training loss."""
+        self.model.train()
+        total, count = 0.0, 0
+        for batch in iterate_batches(split, self.config.batch_size, shuffle=True, generator=generator):
+            if self.train_transform is not None:
+                batch = self.train_transform(batch, epoch)
+            batch = batch.to(self.device)
+            output = self.model(batch)
+            loss = self.loss_fn(output.pred, batch.labels)
+            for aux in output.losses.values():
+                loss = loss + aux
+            if not torch.isfinite(loss):
+                raise MsakitError(
+                    f"training diverged at epoch {epoch} (loss {loss.item()}); lower training.lr"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.config.grad_clip is not None:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            total += loss.item() * len(batch)
+            count += len(batch)
+            if on_step is not None:
+                on_step()
+        return total / max(1, count)
+
+    @torch.no_grad()
+    def predict(
+        self, split: Split, transform: Callable[[Batch], Batch] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Predictions and labels for a split, in file order; `transform` e.g. drops modalities."""
+        self.model.eval()
+        preds, labels = [], []
+        for batch in iterate_batches(split, self.config.eval_batch_size):
+            if transform is not None:
+                batch = transform(batch)
+            output = self.model(batch.to(self.device))
+            preds.append(output.pred.float().cpu().numpy())
+            labels.append(batch.labels.numpy())
+        return np.concatenate(preds), np.concatenate(labels)
+
+    def evaluate(
+        self, split: Split, transform: Callable[[Batch], Batch] | None = None
+    ) -> dict[str, float]:
+        preds, labels = self.predict(split, transform)
+        return compute_metrics(preds, labels, self.metric_family)
+
+    def _progress(self) -> Progress:
+        return Progress(
+            TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+            TimeRemainingColumn(), disable=not self.progress, transient=True,
+        )

@@ -1,0 +1,131 @@
+"""The command line end to end on tiny data: train, evaluate, robustness, compare, and bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from msakit.cli import cli
+from msakit.data import generate_synthetic, save_mmsa
+
+TINY = {"n_train": 40, "n_valid": 12, "n_test": 20, "text_len": 12, "audio_len": 20,
+        "vision_len": 16, "text_dim": 24}
+FAST = ["--set", "model.text_source=features", "--set", "model.hidden=8", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def tiny_pickle(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "tiny.pkl"
+    save_mmsa(generate_synthetic(seed=3, **TINY), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_pickle, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    result = CliRunner().invoke(cli, ["train", "text_only", "--dataset", str(tiny_pickle),
+                                      "--epochs", "2", "--seeds", "7 8", "--output", str(out),
+                                      *FAST])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, list(args))
+    return result.exit_code, result.output
+
+
+def test_lists_models_and_datasets():
+    code, out = run("models")
+    assert code == 0 and all(m in out for m in ("tfn", "lmf", "mult", "text_only"))
+    code, out = run("datasets")
+    assert code == 0 and all(d in out for d in ("synthetic", "mosi", "sims", "mosi-text"))
+
+
+def test_train_writes_results_csv_and_checkpoints(trained: Path):
+    results = json.loads((trained / "results.json").read_text())
+    assert [r["seed"] for r in results["seeds"]] == [7, 8]
+    assert set(results["mean"]) == {"valid", "test"} and "mae" in results["mean"]["test"]
+    mean_mae = sum(r["test"]["mae"] for r in results["seeds"]) / 2
+    assert results["mean"]["test"]["mae"] == pytest.approx(mean_mae)
+    assert results["config"]["training"]["epochs"] == 2
+    assert results["command"].startswith("msakit train text_only")
+    assert "validation" in results["selection"]
+    rows = list(csv.DictReader((trained / "results.csv").open()))
+    assert [r["seed"] for r in rows] == ["7", "8", "mean", "std"]
+    assert {p.name for p in trained.glob("*.pt")} == {"seed-7.pt", "seed-8.pt"}
+
+
+def test_evaluate_reproduces_the_test_metrics(trained: Path, tiny_pickle: Path):
+    code, out = run("evaluate", str(trained / "seed-7.pt"), "--dataset", str(tiny_pickle), "--json")
+    assert code == 0, out
+    metrics = json.loads(out)["metrics"]
+    saved = json.loads((trained / "results.json").read_text())["seeds"][0]["test"]
+    assert metrics["mae"] == pytest.approx(saved["mae"], rel=1e-5)
+
+
+def test_robustness_writes_table_json_csv_and_plot(trained: Path, tiny_pickle: Path, tmp_path):
+    code, out = run("robustness", str(trained / "seed-7.pt"), "--dataset", str(tiny_pickle),
+                    "--protocol", "intra", "--rates", "0:0.9:0.3", "--output", str(tmp_path))
+    assert code == 0, out
+    assert "mean" in out and "0.60" in out
+    result = json.loads((tmp_path / "robustness.json").read_text())
+    assert [r["condition"] for r in result["rows"]] == ["0.00", "0.30", "0.60", "0.90"]
+    assert len(list(csv.DictReader((tmp_path / "robustness.csv").open()))) == 5
+    assert (tmp_path / "robustness.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_overlays_runs(trained: Path, tiny_pickle: Path, tmp_path):
+    for seed in ("7", "8"):
+        code, out = run("robustness", str(trained / f"seed-{seed}.pt"), "--dataset",
+                        str(tiny_pickle), "--protocol", "fixed", "--subsets", "t,tav",
+                        "--output", str(tmp_path / f"s{seed}"))
+        assert code == 0, out
+    code, out = run("compare", str(tmp_path / "s7"), str(tmp_path / "s8"),
+                    "--output", str(tmp_path / "cmp"))
+    assert code == 0, out
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "text_only (s7)" in table and "text_only (s8)" in table
+    assert (tmp_path / "cmp" / "compare.png").is_file()
+
+
+def _one_line_error(code: int, out: str, *needles: str) -> None:
+    assert code == 2, out
+    lines = [line for line in out.strip().splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("msakit: error:"), out
+    for needle in needles:
+        assert needle in lines[0], out
+
+
+def test_unknown_model_lists_the_real_ones(tiny_pickle):
+    _one_line_error(*run("train", "nope", "--dataset", str(tiny_pickle)), "'nope'", "tfn", "mult")
+
+
+def test_unknown_setting_is_named(tiny_pickle):
+    _one_line_error(*run("train", "tfn", "--dataset", str(tiny_pickle), "--set", "model.wings=2"),
+                    "wings")
+
+
+def test_missing_dataset_file_is_named(tmp_path):
+    _one_line_error(*run("train", "tfn", "--dataset", str(tmp_path / "absent.pkl")), "absent.pkl")
+
+
+def test_checkpoint_on_other_features_is_refused(trained: Path, tmp_path):
+    other = tmp_path / "other.pkl"
+    save_mmsa(generate_synthetic(seed=3, **{**TINY, "text_dim": 10}), other)
+    _one_line_error(*run("evaluate", str(trained / "seed-7.pt"), "--dataset", str(other)),
+                    "text width")
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--protocol", "intra", "--rates", "0.5,1.0"], "1.0"),
+    (["--protocol", "fixed", "--subsets", "tx"], "tx"),
+])
+def test_bad_protocol_arguments(trained: Path, tiny_pickle: Path, args, needle, tmp_path):
+    _one_line_error(*run("robustness", str(trained / "seed-7.pt"), "--dataset", str(tiny_pickle),
+                         *args, "--output", str(tmp_path)), needle)
+    assert not (tmp_path / "robustness.json").exists()

@@ -1,0 +1,373 @@
+"""The classic baselines (TFN, LMF, MulT) against the model contract, plus their shared layers.
+
+Every model is built tiny, on a hand-made split with variable-length audio/vision, and checked for:
+shape and finiteness, gradients, both text sources, padding invariance, robustness to a modality
+whose mask is all False, and YAML configs that resolve for every dataset family.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from tiny_bert import make_tiny_bert
+
+from msakit.config import resolve_config
+from msakit.data.batching import make_batch
+from msakit.data.schema import Batch, FeatureDims, MultimodalDataset, Split
+from msakit.errors import MsakitError
+from msakit.models import create_model, get_model_class, list_models
+from msakit.models.layers.pooling import last_valid, masked_mean, valid_lengths
+from msakit.models.layers.transformer import (
+    CrossModalEncoder,
+    attention_masks,
+    sinusoidal_positions,
+)
+from msakit.models.lmf import LMFConfig
+from msakit.models.mult import MulTConfig
+from msakit.models.registry import build_config
+from msakit.models.tfn import TFNConfig
+
+N, TEXT_LEN, AUDIO_LEN, VISION_LEN = 6, 8, 10, 7
+TEXT_DIM, AUDIO_DIM, VISION_DIM = 12, 5, 4
+
+TINY = {
+    "tfn": {"text_hidden": 8, "audio_hidden": 4, "vision_hidden": 3, "text_out": 4,
+            "post_fusion_dim": 8},
+    "lmf": {"text_hidden": 8, "audio_hidden": 4, "vision_hidden": 3, "text_out": 4, "rank": 2},
+    "mult": {"embed_dim": 8, "num_heads": 2, "layers": 1, "memory_layers": 1},
+}
+MODELS = sorted(TINY)
+FAMILIES = ["mosi", "mosei", "sims", "simsv2", "synthetic"]
+
+
+def _split(seed: int = 0) -> Split:
+    rng = np.random.default_rng(seed)
+    text_lengths = np.array([8, 5, 3, 6, 8, 2])
+    text = rng.normal(size=(N, TEXT_LEN, TEXT_DIM)).astype(np.float32)
+    text_bert = np.zeros((N, 3, TEXT_LEN), dtype=np.int64)
+    for i, length in enumerate(text_lengths):
+        text[i, length:] = 0.0
+        text_bert[i, 0, :length] = rng.integers(1000, 5000, size=length)
+        text_bert[i, 0, 0], text_bert[i, 0, length - 1] = 101, 102  # [CLS] ... [SEP]
+        text_bert[i, 1, :length] = 1
+    return Split(
+        ids=np.array([f"video{i}$_${i}" for i in range(N)]),
+        labels=rng.uniform(-3, 3, size=N).astype(np.float32),
+        text=text,
+        text_bert=text_bert,
+        audio=rng.normal(size=(N, AUDIO_LEN, AUDIO_DIM)).astype(np.float32),
+        vision=rng.normal(size=(N, VISION_LEN, VISION_DIM)).astype(np.float32),
+        audio_lengths=np.array([10, 4, 1, 7, 10, 2]),
+        vision_lengths=np.array([7, 3, 5, 1, 2, 7]),
+    )
+
+
+@pytest.fixture(scope="module")
+def split() -> Split:
+    return _split()
+
+
+@pytest.fixture(scope="module")
+def dims(split: Split) -> FeatureDims:
+    return MultimodalDataset("tiny", "synthetic", split, split, split).dims
+
+
+@pytest.fixture(scope="module")
+def batch(split: Split) -> Batch:
+    return make_batch(split, np.arange(N))
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(make_tiny_bert(tmp_path_factory.mktemp("tiny_bert")))
+
+
+def _model(name: str, dims: FeatureDims, seed: int = 0, **settings):
+    torch.manual_seed(seed)
+    return create_model(name, {"text_source": "features", **TINY[name], **settings}, dims)
+
+
+def _pad_noise(batch: Batch, seed: int = 1) -> Batch:
+    """The same batch with large random values (and infinities) in every padded frame."""
+    generator = torch.Generator().manual_seed(seed)
+    changes = {}
+    for name in ("audio", "vision"):
+        x, mask = getattr(batch, name), getattr(batch, f"{name}_mask")
+        noise = 100 * torch.randn(x.shape, generator=generator)
+        noise[..., 0] = float("inf")
+        changes[name] = torch.where(mask.unsqueeze(-1), x, noise)
+    return batch.with_updates(**changes)
+
+
+def _without(batch: Batch, modality: str, rows: list[int]) -> Batch:
+    """`batch` with the mask of `modality` all False for the given samples."""
+    mask = getattr(batch, f"{modality}_mask").clone()
+    mask[rows] = False
+    return batch.with_updates(**{f"{modality}_mask": mask})
+
+
+def _assert_grads(model, skip: tuple[str, ...] = ()) -> None:
+    for name, param in model.named_parameters():
+        if not param.requires_grad or name.startswith(skip):
+            continue
+        assert param.grad is not None, f"no gradient for {name}"
+        assert torch.isfinite(param.grad).all(), f"non-finite gradient for {name}"
+
+
+def test_the_three_baselines_are_registered():
+    assert {"tfn", "lmf", "mult"} <= set(list_models())
+    assert get_model_class("tfn").config_class is TFNConfig
+    assert get_model_class("lmf").config_class is LMFConfig
+    assert get_model_class("mult").config_class is MulTConfig
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_forward_and_backward_on_text_features(name, dims, batch):
+    model = _model(name, dims)
+    model.train()
+    out = model(batch)
+    assert out.pred.shape == (N,)
+    assert torch.isfinite(out.pred).all()
+    assert out.losses == {}
+    assert out.features["fused"].shape[0] == N
+    torch.nn.functional.l1_loss(out.pred, batch.labels).backward()
+    _assert_grads(model)
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("finetune", [True, False])
+def test_forward_and_backward_with_a_text_encoder(name, finetune, dims, batch, tiny_bert):
+    model = _model(name, dims, text_source="encoder", text_encoder=tiny_bert,
+                   finetune_text=finetune)
+    assert model.text_encoder.out_dim == 32  # read from the encoder, not from the data
+    model.train()
+    out = model(batch)
+    assert out.pred.shape == (N,)
+    assert torch.isfinite(out.pred).all()
+    out.pred.sum().backward()
+    encoder = model.text_encoder.model
+    assert all(p.requires_grad == finetune for p in encoder.parameters())
+    # the pooler sits after last_hidden_state, which is all a model reads
+    _assert_grads(model, skip=("text_encoder.model.pooler",))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_padded_token_ids_do_not_change_the_prediction(name, dims, batch, tiny_bert):
+    model = _model(name, dims, text_source="encoder", text_encoder=tiny_bert).eval()
+    ids = batch.text_ids.clone()
+    padded = ids[:, 1] == 0
+    ids[:, 0][padded] = 2000  # any real token where attention_mask is 0
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(batch.with_updates(text_ids=ids)).pred, model(batch).pred
+        )
+
+
+@pytest.mark.parametrize(
+    ("name", "settings"),
+    [("tfn", {}), ("lmf", {}), ("mult", {}), ("mult", {"causal_mask": False})],
+)
+def test_padded_frames_do_not_change_the_prediction(name, settings, dims, batch):
+    model = _model(name, dims, **settings).eval()
+    with torch.no_grad():
+        clean = model(batch).pred
+        noisy = model(_pad_noise(batch)).pred
+    torch.testing.assert_close(noisy, clean)
+
+
+@pytest.mark.parametrize(
+    ("name", "settings"),
+    [("tfn", {}), ("lmf", {}), ("mult", {}), ("mult", {"causal_mask": False})],
+)
+def test_extra_padding_does_not_change_the_prediction(name, settings, dims, batch):
+    """Padding a batch to a longer length (as a longer dataset would) changes nothing."""
+    model = _model(name, dims, **settings).eval()
+    longer = {}
+    for modality, extra in (("text", 3), ("audio", 5), ("vision", 4)):
+        x, mask = getattr(batch, modality), getattr(batch, f"{modality}_mask")
+        longer[modality] = torch.cat([x, torch.randn(N, extra, x.shape[-1])], dim=1)
+        longer[f"{modality}_mask"] = torch.cat([mask, torch.zeros(N, extra, dtype=torch.bool)], 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch.with_updates(**longer)).pred, model(batch).pred)
+
+
+@pytest.mark.parametrize(
+    ("name", "settings"),
+    [("tfn", {}), ("lmf", {}), ("mult", {}), ("mult", {"causal_mask": False})],
+)
+def test_an_all_false_mask_gives_finite_output_and_gradients(name, settings, dims, batch):
+    model = _model(name, dims, **settings)
+    missing = _without(_without(_without(batch, "audio", [0, 2]), "vision", [1, 2]), "text", [3])
+    model.train()
+    out = model(missing)
+    assert torch.isfinite(out.pred).all()
+    out.pred.sum().backward()
+    _assert_grads(model)
+    model.eval()
+    with torch.no_grad():
+        clean = model(missing).pred
+        # a modality with no valid frame is ignored whatever its values
+        noisy = model(_pad_noise(missing)).pred
+    assert torch.isfinite(clean).all()
+    torch.testing.assert_close(noisy, clean)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_a_one_sample_training_batch_works(name, dims, split):
+    model = _model(name, dims).train()
+    out = model(make_batch(split, np.array([2])))
+    assert out.pred.shape == (1,)
+    assert torch.isfinite(out.pred).all()
+
+
+def test_lmf_equals_a_full_rank_r_weight_tensor(dims, batch):
+    """LMF's factorised sum is W . ([1;z_t] (x) [1;z_a] (x) [1;z_v]) for the rank-r tensor W."""
+    model = _model("lmf", dims).eval()
+    with torch.no_grad():
+        out = model(batch)
+        one = torch.ones(N, 1)
+        z = [torch.cat([one, out.features[m]], dim=1) for m in ("text", "audio", "vision")]
+        weights = torch.einsum(
+            "ir,jr,kr,r->ijk", model.text_factor, model.audio_factor, model.vision_factor,
+            model.rank_weights.squeeze(-1),
+        )
+        expected = torch.einsum("ijk,bi,bj,bk->b", weights, *z) + model.bias
+    torch.testing.assert_close(out.pred, expected)
+
+
+def test_tfn_keeps_predictions_inside_its_bound(dims, batch):
+    model = _model("tfn", dims, output_bound=0.5).eval()
+    with torch.no_grad():
+        model.out.bias.fill_(100.0)  # a huge logit saturates at the bound, never beyond
+        pred = model(batch).pred
+    assert (pred.abs() <= 0.5).all()
+    assert pred.min() > 0.49
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_yaml_resolves_for_every_family(name, family):
+    resolved = resolve_config(name, family)
+    config = build_config(name, resolved["model"])
+    assert config.text_source == "features"
+    assert resolved["training"]["loss"] == "l1"
+    assert resolved["training"]["batch_size"] > 0
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_the_synthetic_settings_build_and_run(name, dims, batch):
+    resolved = resolve_config(name, "synthetic")
+    model = create_model(name, resolved["model"], dims).eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(batch).pred).all()
+
+
+def test_yaml_holds_mmsa_values():
+    """Spot checks against MMSA's config_regression.json."""
+    tfn = resolve_config("tfn", "mosei")
+    assert (tfn["model"]["text_out"], tfn["model"]["post_fusion_dim"]) == (128, 16)
+    assert (tfn["training"]["batch_size"], tfn["training"]["lr"]) == (128, 5e-3)
+    lmf = resolve_config("lmf", "sims")
+    assert (lmf["model"]["rank"], lmf["model"]["text_hidden"], lmf["model"]["text_out"]) == (4, 64, 32)
+    mult = resolve_config("mult", "mosi")
+    assert (mult["model"]["embed_dim"], mult["model"]["num_heads"]) == (50, 10)
+    assert mult["training"]["grad_clip"] == 0.6
+    assert resolve_config("mult", "sims")["model"]["memory_layers"] == 3
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_unknown_config_keys_are_user_errors(name):
+    with pytest.raises(MsakitError, match="not_a_setting"):
+        resolve_config(name, "mosi", ["model.not_a_setting=1"])
+    with pytest.raises(MsakitError, match="not_a_setting"):
+        build_config(name, {"not_a_setting": 1})
+
+
+@pytest.mark.parametrize(
+    ("name", "settings", "key"),
+    [
+        ("tfn", {"text_hidden": 0}, "text_hidden"),
+        ("tfn", {"post_fusion_dropout": 1.5}, "post_fusion_dropout"),
+        ("tfn", {"output_bound": -1.0}, "output_bound"),
+        ("lmf", {"rank": "3"}, "rank"),
+        ("mult", {"embed_dim": 10, "num_heads": 3}, "num_heads"),
+        ("mult", {"conv_kernel_audio": 0}, "conv_kernel_audio"),
+    ],
+)
+def test_bad_config_values_are_user_errors(name, settings, key):
+    with pytest.raises(MsakitError, match=key):
+        build_config(name, settings)
+
+
+def test_models_need_audio_and_vision(split):
+    text_only = dataclasses.replace(split, audio=None, audio_lengths=None)
+    dims = MultimodalDataset("t", "synthetic", text_only, text_only, text_only).dims
+    for name in MODELS:
+        with pytest.raises(MsakitError, match="audio"):
+            _model(name, dims)
+
+
+# --- shared layers ----------------------------------------------------------------------------
+
+
+def test_masked_pooling_reads_only_valid_steps():
+    x = torch.arange(24, dtype=torch.float32).view(2, 4, 3)
+    mask = torch.tensor([[True, True, False, False], [False, False, False, False]])
+    torch.testing.assert_close(masked_mean(x, mask), torch.stack([x[0, :2].mean(0), torch.zeros(3)]))
+    gap = torch.tensor([[True, False, True, False], [False, False, False, False]])
+    assert valid_lengths(gap).tolist() == [3, 0]
+    torch.testing.assert_close(last_valid(x, gap), torch.stack([x[0, 2], torch.zeros(3)]))
+
+
+def test_sinusoidal_positions():
+    table = sinusoidal_positions(5, 7)
+    assert table.shape == (5, 7)
+    torch.testing.assert_close(table[0, :3], torch.zeros(3))  # sin(0)
+    torch.testing.assert_close(table[0, 3:6], torch.ones(3))  # cos(0)
+    assert (table[:, 6] == 0).all()  # odd width: one zero channel
+    torch.testing.assert_close(table[:, 0], torch.sin(torch.arange(5.0)))
+
+
+def test_causal_mask_offsets_and_empty_rows():
+    query_mask = torch.tensor([[True, True, False], [True, True, True]])
+    key_mask = torch.tensor([[True, True, True, True], [False, False, False, False]])
+    attn_mask, padding, empty = attention_masks(query_mask, key_mask, causal=True, num_heads=3)
+    assert padding is None and attn_mask.shape == (6, 3, 4)
+    # sample 0 has 2 valid queries and 4 valid keys: query t may see keys 0 .. t + 2
+    assert attn_mask[0].tolist() == [
+        [False, False, False, True], [False, False, False, False], [False, False, False, False]
+    ]
+    assert empty[:, :, 0].tolist() == [[False, False, False], [True, True, True]]
+    assert not attn_mask.all(-1).any(), "no row may be fully masked (softmax would give NaN)"
+
+
+def test_causal_encoder_does_not_look_ahead():
+    torch.manual_seed(0)
+    encoder = CrossModalEncoder(8, 2, layers=2, causal=True).eval()
+    x = torch.randn(1, 5, 8)
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    later = x.clone()
+    later[:, 3:] = torch.randn(1, 2, 8)
+    with torch.no_grad():
+        a, b = encoder(x, mask), encoder(later, mask)
+    torch.testing.assert_close(a[:, :3], b[:, :3])
+    assert not torch.allclose(a[:, 3:], b[:, 3:])
+
+
+def test_cross_encoder_ignores_padded_source_and_zeroes_padded_target():
+    torch.manual_seed(0)
+    encoder = CrossModalEncoder(8, 2, layers=1).eval()
+    target, source = torch.randn(2, 4, 8), torch.randn(2, 6, 8)
+    target_mask = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    source_mask = torch.tensor([[True, True, False, False, False, False], [False] * 6])
+    noisy = source.clone()
+    noisy[~source_mask] = 1e4
+    with torch.no_grad():
+        a = encoder(target, target_mask, source, source_mask)
+        b = encoder(target, target_mask, noisy, source_mask)
+    torch.testing.assert_close(a, b)
+    assert torch.isfinite(a).all()
+    assert (a[0, 3] == 0).all()

@@ -1,0 +1,155 @@
+"""The training loop: schedules, optimiser groups, validation selection, determinism, checkpoints."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from msakit.config import resolve_config, training_config
+from msakit.errors import MsakitError
+from msakit.models import create_model
+from msakit.training.checkpoint import check_dims_match, load_checkpoint, save_checkpoint
+from msakit.training.settings import Stage, TrainConfig
+from msakit.training.trainer import Trainer, build_optimizer, build_scheduler, seed_everything
+
+FEATURES = {"text_source": "features", "hidden": 16}
+
+
+def _trainer(dataset, seed: int = 0, **settings) -> Trainer:
+    seed_everything(seed)
+    model = create_model("text_only", FEATURES, dataset.dims)
+    config = TrainConfig(**{"epochs": 3, "batch_size": 16, "lr": 1e-2, "device": "cpu", **settings})
+    return Trainer(model, config, dataset.metric_family, progress=False)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_schedule_warms_up_then_follows_its_shape(schedule):
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([param], lr=1.0)
+    config = TrainConfig(warmup_ratio=0.1, schedule=schedule)
+    scheduler = build_scheduler(optimizer, config, total_steps=100)
+    lrs = []
+    for _ in range(100):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(0.1)
+    assert lrs[9] == pytest.approx(1.0)
+    expected_end = {"constant": 1.0, "linear": 1 - 89 / 90, "cosine": 0.5 * (1 + math.cos(math.pi * 89 / 90))}
+    assert lrs[99] == pytest.approx(expected_end[schedule])
+    assert all(a >= b - 1e-12 for a, b in zip(lrs[10:], lrs[11:])), "no increase after warm-up"
+
+
+def test_unknown_schedule_is_a_user_error():
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    with pytest.raises(MsakitError, match="schedule"):
+        build_scheduler(optimizer, TrainConfig(schedule="step"), 10)
+
+
+def test_optimizer_excludes_biases_and_norms_from_weight_decay(tiny_dataset):
+    model = create_model("text_only", FEATURES, tiny_dataset.dims)
+    optimizer = build_optimizer(model, TrainConfig(weight_decay=0.1))
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    for name, param in model.named_parameters():
+        assert (id(param) in decayed) == (param.ndim >= 2), name
+
+
+def test_fit_selects_on_validation_and_restores_the_best_weights(tiny_dataset):
+    trainer = _trainer(tiny_dataset, epochs=4)
+    fit = trainer.fit(tiny_dataset.train, tiny_dataset.valid, seed=1)
+    best = min(r.valid["mae"] for r in fit.history)
+    assert fit.best_valid["mae"] == pytest.approx(best)
+    assert trainer.evaluate(tiny_dataset.valid)["mae"] == pytest.approx(best, abs=1e-6)
+    assert [r.epoch for r in fit.history if r.improved][-1] == fit.best_epoch
+
+
+def test_early_stopping_stops_after_patience(tiny_dataset):
+    trainer = _trainer(tiny_dataset, epochs=10, lr=0.0, patience=2)
+    fit = trainer.fit(tiny_dataset.train, tiny_dataset.valid, seed=1)
+    assert fit.epochs_run == 3  # epoch 1 is the best; nothing can improve with lr 0
+    assert fit.best_epoch == 1
+
+
+def test_training_reduces_validation_error(tiny_dataset):
+    trainer = _trainer(tiny_dataset, epochs=1, lr=0.0)
+    before = trainer.evaluate(tiny_dataset.valid)["mae"]
+    trainer = _trainer(tiny_dataset, epochs=15, lr=3e-3, patience=None)
+    trainer.fit(tiny_dataset.train, tiny_dataset.valid, seed=1)
+    assert trainer.evaluate(tiny_dataset.valid)["mae"] < before
+
+
+def test_same_seed_same_result_other_seed_other_result(tiny_dataset):
+    runs = []
+    for seed in (5, 5, 6):
+        trainer = _trainer(tiny_dataset, seed=seed)
+        trainer.fit(tiny_dataset.train, tiny_dataset.valid, seed=seed)
+        runs.append(trainer.predict(tiny_dataset.test)[0])
+    np.testing.assert_array_equal(runs[0], runs[1])
+    assert not np.array_equal(runs[0], runs[2])
+
+
+def test_stages_run_in_order_with_the_models_hook(tiny_dataset):
+    trainer = _trainer(tiny_dataset, stages=[{"name": "warm", "epochs": 1},
+                                             Stage(name="main", epochs=2, lr=1e-3)])
+    seen = []
+    trainer.model.set_stage = seen.append
+    fit = trainer.fit(tiny_dataset.train, tiny_dataset.valid, seed=1)
+    assert seen == ["warm", "main"]
+    assert [(r.stage, r.epoch) for r in fit.history] == [("warm", 1), ("main", 1), ("main", 2)]
+
+
+def test_bad_select_metric_is_a_user_error(tiny_dataset):
+    with pytest.raises(MsakitError, match="select_metric"):
+        _trainer(tiny_dataset, select_metric="acc3")
+
+
+def test_checkpoint_round_trip_rebuilds_the_same_model(tiny_dataset, tmp_path: Path):
+    trainer = _trainer(tiny_dataset, epochs=1)
+    trainer.fit(tiny_dataset.train, tiny_dataset.valid, seed=1)
+    path = tmp_path / "run" / "model.pt"
+    save_checkpoint(path, trainer.model, training={}, dataset={"name": "tiny"})
+    assert [p.name for p in path.parent.iterdir()] == ["model.pt"], "no temp file left behind"
+    model, meta = load_checkpoint(path)
+    assert meta["model_name"] == "text_only" and meta["msakit_version"]
+    assert meta["model_config"]["hidden"] == 16
+    batch_preds = trainer.predict(tiny_dataset.test)[0]
+    trainer.model = model
+    np.testing.assert_allclose(trainer.predict(tiny_dataset.test)[0], batch_preds, rtol=1e-6)
+
+
+def test_loading_a_file_that_is_no_checkpoint_fails_cleanly(tmp_path: Path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(MsakitError, match="bad.pt"):
+        load_checkpoint(bad)
+    torch.save({"weights": 1}, bad)
+    with pytest.raises(MsakitError, match="not an msakit checkpoint"):
+        load_checkpoint(bad)
+    with pytest.raises(MsakitError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_dims_check_names_the_modality(tiny_dataset):
+    model = create_model("text_only", FEATURES, tiny_dataset.dims)
+    other = type(tiny_dataset.dims)(**{**tiny_dataset.dims.to_dict(), "text": 7})
+    with pytest.raises(MsakitError, match="text width"):
+        check_dims_match("x.pt", model, other)
+    check_dims_match("x.pt", model, tiny_dataset.dims)
+
+
+def test_config_layers_and_overrides():
+    config = resolve_config("text_only", "mosi", ["training.lr=0.5", "model.hidden=8"])
+    assert config["training"]["lr"] == 0.5 and config["model"]["hidden"] == 8
+    assert training_config(config["training"]).lr == 0.5
+    with pytest.raises(MsakitError, match="nonsense"):
+        resolve_config("text_only", "mosi", ["model.nonsense=1"])
+    with pytest.raises(MsakitError, match="lrr"):
+        resolve_config("text_only", "mosi", ["training.lrr=1"])
+    with pytest.raises(MsakitError, match="bad --set"):
+        resolve_config("text_only", "mosi", ["lr=1"])
+    with pytest.raises(MsakitError, match="unknown model 'nope'"):
+        resolve_config("nope", "mosi")
