@@ -119,8 +119,10 @@ def test_real_mosi_transcripts():
     for split in (ds.train, ds.valid, ds.test):
         assert split.labels.min() >= -3 and split.labels.max() <= 3
         assert split.text_bert.shape[1:] == (3, 50)
-    index = list(ds.test.ids).index("Oz06ZWiO20M_6") if "Oz06ZWiO20M_6" in ds.test.ids else None
     every = np.concatenate([ds.train.ids, ds.valid.ids, ds.test.ids])
     assert len(set(every)) == 2195
-    assert index is None or ds.test.labels[index] == pytest.approx(-0.8)
+    # the clip whose video is in shared/data/media
+    index = list(ds.train.ids).index("Oz06ZWiO20M_6")
+    assert ds.train.labels[index] == pytest.approx(-0.8)
+    assert ds.train.raw_text[index].startswith("and sucker punch is a failer")
     assert load_dataset("mosi-text", data_dir=str(SHARED_DATA)).name == "mosi-text"

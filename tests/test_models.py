@@ -12,7 +12,6 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from tiny_bert import make_tiny_bert
 
 from msakit.config import resolve_config
 from msakit.data.batching import make_batch
@@ -29,6 +28,7 @@ from msakit.models.lmf import LMFConfig
 from msakit.models.mult import MulTConfig
 from msakit.models.registry import build_config
 from msakit.models.tfn import TFNConfig
+from tiny_bert import make_tiny_bert
 
 N, TEXT_LEN, AUDIO_LEN, VISION_LEN = 6, 8, 10, 7
 TEXT_DIM, AUDIO_DIM, VISION_DIM = 12, 5, 4
@@ -271,7 +271,7 @@ def test_yaml_holds_mmsa_values():
     assert (tfn["model"]["text_out"], tfn["model"]["post_fusion_dim"]) == (128, 16)
     assert (tfn["training"]["batch_size"], tfn["training"]["lr"]) == (128, 5e-3)
     lmf = resolve_config("lmf", "sims")
-    assert (lmf["model"]["rank"], lmf["model"]["text_hidden"], lmf["model"]["text_out"]) == (4, 64, 32)
+    assert [lmf["model"][k] for k in ("rank", "text_hidden", "text_out")] == [4, 64, 32]
     mult = resolve_config("mult", "mosi")
     assert (mult["model"]["embed_dim"], mult["model"]["num_heads"]) == (50, 10)
     assert mult["training"]["grad_clip"] == 0.6
@@ -316,7 +316,8 @@ def test_models_need_audio_and_vision(split):
 def test_masked_pooling_reads_only_valid_steps():
     x = torch.arange(24, dtype=torch.float32).view(2, 4, 3)
     mask = torch.tensor([[True, True, False, False], [False, False, False, False]])
-    torch.testing.assert_close(masked_mean(x, mask), torch.stack([x[0, :2].mean(0), torch.zeros(3)]))
+    expected = torch.stack([x[0, :2].mean(0), torch.zeros(3)])
+    torch.testing.assert_close(masked_mean(x, mask), expected)
     gap = torch.tensor([[True, False, True, False], [False, False, False, False]])
     assert valid_lengths(gap).tolist() == [3, 0]
     torch.testing.assert_close(last_valid(x, gap), torch.stack([x[0, 2], torch.zeros(3)]))

@@ -42,7 +42,7 @@ from msakit.models.registry import register_model
 def check_settings(
     model: str, config: ModelConfig, sizes: tuple[str, ...], dropouts: tuple[str, ...]
 ) -> None:
-    """Raise MsakitError naming the key when a size is not a positive int or a rate not in [0, 1)."""
+    """Raise MsakitError, naming the key, for a size that is not a positive int or a bad rate."""
     for key in sizes:
         value = getattr(config, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -6,7 +6,7 @@ One block lets a target sequence X_b read a source sequence X_a (pre-LayerNorm, 
     Y = Z + Dropout(W_2 Dropout(ReLU(W_1 LN(Z))))            (W_1: d -> 4d, W_2: 4d -> d)
 
 Without a source the block is ordinary self-attention. Before the first block both sequences are
-scaled by sqrt(d), given sinusoidal positions and embedding dropout; the stack ends with a LayerNorm.
+scaled by sqrt(d), given sinusoidal positions and embedding dropout; a LayerNorm ends the stack.
 As in MulT, every block reads the same (embedded) source: only the target is updated.
 
 Padding: padded keys are masked out of every attention, padded inputs are zeroed before use and
@@ -59,15 +59,19 @@ def attention_masks(
     batch = key_mask.shape[0]
     if not causal:
         empty = ~key_mask.any(dim=1)
-        padding = None
+        padding = ~key_mask & ~empty.unsqueeze(1)
         return None, padding, empty.view(batch, 1, 1)
+    key_len = key_mask.shape[1]
     offset = (valid_lengths(key_mask) - valid_lengths(query_mask)).abs()
     queries = torch.arange(query_mask.shape[1], device=key_mask.device)
-    keys = torch.arange(key_mask.shape[1], device=key_mask.device)
-    future = keys.view(1, 1, -1) > queries.view(1, -1, 1) + offset.view(-1, 1, 1)
-    blocked = future | ~key_mask.unsqueeze(1)  # (B, Lq, Lk)
-    empty = blocked.all(dim=-1, keepdim=True)
-    blocked = blocked & ~empty
+    keys = torch.arange(key_len, device=key_mask.device)
+    horizon = queries.view(1, -1) + offset.view(-1, 1)  # (B, Lq): last key each query may see
+    # a query sees no key when the sample's first valid key lies beyond its horizon
+    first_key = torch.where(key_mask, keys, key_len).amin(dim=1)
+    empty = (first_key.view(-1, 1) > horizon) | ~key_mask.any(dim=1, keepdim=True)
+    empty = empty.unsqueeze(-1)  # (B, Lq, 1)
+    blocked = (keys.view(1, 1, -1) > horizon.unsqueeze(-1)) | ~key_mask.unsqueeze(1)
+    blocked = blocked & ~empty  # (B, Lq, Lk)
     return blocked.repeat_interleave(num_heads, dim=0), None, empty
 
 
