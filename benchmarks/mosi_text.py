@@ -29,9 +29,9 @@ from msakit.data.labelcsv import load_label_csv
 from msakit.data.schema import Split
 from msakit.evaluation.metrics import compute_metrics
 from msakit.evaluation.report import format_value
+from msakit.fileio import atomic_write_text
 from msakit.models.base import ModelConfig
 from msakit.models.layers.text import TextEncoder
-from msakit.fileio import atomic_write_text
 
 KEYS = ("acc2_non0", "f1_non0", "acc2_has0", "acc7", "mae", "corr")
 

@@ -41,7 +41,7 @@ def test_schedule_warms_up_then_follows_its_shape(schedule):
     assert lrs[9] == pytest.approx(1.0)
     expected_end = {"constant": 1.0, "linear": 1 - 89 / 90, "cosine": 0.5 * (1 + math.cos(math.pi * 89 / 90))}
     assert lrs[99] == pytest.approx(expected_end[schedule])
-    assert all(a >= b - 1e-12 for a, b in zip(lrs[10:], lrs[11:])), "no increase after warm-up"
+    assert all(a >= b - 1e-12 for a, b in zip(lrs[10:], lrs[11:], strict=False)), "no increase after warm-up"
 
 
 def test_unknown_schedule_is_a_user_error():

@@ -1,3 +1,3 @@
-"""msakit: multimodal sentiment analysis (text, audio, vision) that stays accurate when modalities are missing."""
+"""msakit: multimodal sentiment analysis (text, audio, vision) that holds up when modalities are missing."""
 
 __version__ = "0.1.0"

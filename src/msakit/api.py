@@ -25,10 +25,10 @@ from msakit.errors import MsakitError
 from msakit.evaluation.metrics import LOWER_IS_BETTER, METRIC_KEYS
 from msakit.evaluation.protocols import plot_curves, run_protocol, write_robustness
 from msakit.evaluation.report import csv_text, format_value, mean_std
+from msakit.fileio import atomic_write_text
 from msakit.missing.noise import build_noise
 from msakit.models.registry import create_model, get_model_class
 from msakit.models.registry import list_models as _list_models
-from msakit.fileio import atomic_write_text
 from msakit.training.checkpoint import check_dims_match, load_checkpoint, save_checkpoint
 from msakit.training.trainer import Trainer, seed_everything
 

@@ -18,10 +18,10 @@ import numpy as np
 from msakit.data.schema import Batch, MultimodalDataset
 from msakit.errors import MsakitError
 from msakit.evaluation.report import csv_text, mean_std
+from msakit.fileio import atomic_write_bytes, atomic_write_text
 from msakit.missing import DEFAULT_RATES, FIXED_SUBSETS, MissingSpec, apply_missing
 from msakit.models.base import MSAModel
 from msakit.models.layers.text import load_tokenizer
-from msakit.fileio import atomic_write_bytes, atomic_write_text
 from msakit.training.trainer import Trainer
 
 PROTOCOLS = ("intra", "inter", "fixed")
@@ -101,7 +101,7 @@ def plot_curves(path: Path, results: dict[str, dict[str, Any]], family: str) -> 
             "acc2", "acc5", "mae", "corr"]
         groups = [(k, [k]) for k in headline]
     fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.2), squeeze=False)
-    for ax, (ylabel, keys) in zip(axes[0], groups):
+    for ax, (ylabel, keys) in zip(axes[0], groups, strict=False):
         for name, result in results.items():
             labels = [r["condition"] for r in result["rows"]]
             x = np.arange(len(labels))

@@ -61,8 +61,10 @@ class TextEncoder(nn.Module):
                     "use text_source=features"
                 )
             from transformers import AutoModel
+            from transformers.utils import logging as hf_logging
 
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            hf_logging.disable_progress_bar()  # one model load is no progress worth a bar
             path = resolve_encoder_path(config.text_encoder)
             self.model = AutoModel.from_pretrained(str(path), local_files_only=True)
             self.out_dim = int(self.model.config.hidden_size)
