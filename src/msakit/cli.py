@@ -21,8 +21,9 @@ from msakit.errors import MsakitError
 from msakit.evaluation.report import metrics_table
 from msakit.missing import parse_rates
 
-console = Console()
-errors = Console(stderr=True)
+# piped or logged output gets wide tables instead of rich's 80-column default
+console = Console(width=None if sys.stdout.isatty() else 150)
+errors = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
 
 
 def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -106,7 +107,7 @@ def train(model: str, dataset: str, data_dir: str | None, aligned: bool, seeds: 
         overrides=list(overrides), output=output, progress=not no_progress, command=_command_line(),
     )
     family = "sims" if results["dataset"]["family"] in ("sims", "simsv2") else "mosi"
-    rows = {f"seed {r['seed']} (epoch {r['best_epoch']})": r["test"] for r in results["seeds"]}
+    rows = {f"seed {r['seed']}, epoch {r['best_epoch']}": r["test"] for r in results["seeds"]}
     console.print(metrics_table(f"{model} on {results['dataset']['name']}: test", rows, family,
                                 first_column="run"))
     means = {"valid": results["mean"]["valid"], "test": results["mean"]["test"]}

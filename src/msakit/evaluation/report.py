@@ -35,7 +35,7 @@ def format_value(key: str, value: float, std: float | None = None) -> str:
     scale, digits = (1, 3) if key in ("mae", "corr") else (100, 2)
     text = f"{value * scale:.{digits}f}"
     if std is not None and not math.isnan(std):
-        text += f" ± {std * scale:.{digits}f}"
+        text += f"±{std * scale:.{digits}f}"
     return text
 
 

@@ -1,0 +1,83 @@
+"""Missing-data protocols across every registered model, and that they really hurt a clean model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from msakit.config import resolve_config, training_config
+from msakit.data import synthetic_dataset
+from msakit.evaluation.protocols import conditions, run_protocol
+from msakit.missing import MissingSpec, apply_missing, build_noise
+from msakit.models import create_model, list_models
+from msakit.training.settings import TrainConfig
+from msakit.training.trainer import Trainer, seed_everything
+
+PROTOCOL_CASES = [
+    MissingSpec("intra", rate=0.5, seed=1),
+    MissingSpec("inter", rate=0.5, seed=1),
+    MissingSpec("fixed", subset="a"),
+    MissingSpec("fixed", subset="tv"),
+]
+
+
+def _small_model(name: str, dims):
+    # each model's CPU-sized synthetic settings, reading the precomputed text features
+    config = resolve_config(name, "synthetic", ["model.text_source=features"])
+    seed_everything(0)
+    return create_model(name, config["model"], dims)
+
+
+@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("spec", PROTOCOL_CASES, ids=lambda s: s.label)
+def test_every_model_runs_under_every_protocol(name, spec, tiny_dataset):
+    model = _small_model(name, tiny_dataset.dims)
+    trainer = Trainer(model, TrainConfig(device="cpu", eval_batch_size=9), "mosi", progress=False)
+    clean, _ = trainer.predict(tiny_dataset.test)
+    missing, _ = trainer.predict(tiny_dataset.test, transform=lambda b: apply_missing(b, spec))
+    assert np.isfinite(missing).all()
+    drops_an_input = spec.protocol != "fixed" or any(m[0] not in spec.subset for m in model.modalities)
+    assert np.allclose(clean, missing) != drops_an_input
+
+
+def test_default_conditions_follow_the_field():
+    assert [c for c, _ in conditions("intra", None, None)] == [f"{r / 10:.2f}" for r in range(10)]
+    assert [c for c, _ in conditions("inter", None, None)] == [f"{r / 10:.2f}" for r in range(1, 8)]
+    assert [c for c, _ in conditions("fixed", None, None)] == ["t", "a", "v", "ta", "tv", "av", "tav"]
+
+
+@pytest.mark.slow
+def test_intra_modal_missing_bites_a_clean_baseline():
+    data = synthetic_dataset(n_train=400, n_valid=100, n_test=200, text_len=20, audio_len=40,
+                             vision_len=40, text_dim=64, seed=5)
+    config = resolve_config("lmf", "synthetic", ["training.epochs=12"])
+    seed_everything(0)
+    model = create_model("lmf", config["model"], data.dims)
+    trainer = Trainer(model, training_config(config["training"]), data.metric_family, progress=False)
+    trainer.fit(data.train, data.valid, seed=0)
+    result = run_protocol(trainer, data, "intra", rates=[0.0, 0.5, 0.9], seeds=[0, 1])
+    mae = [row["metrics"]["mae"] for row in result["rows"]]
+    acc = [row["metrics"]["acc2_non0"] for row in result["rows"]]
+    assert mae[0] < mae[1] < mae[2]
+    assert acc[2] < acc[0] - 0.05
+    assert result["mean"]["mae"] == pytest.approx(np.mean(mae))
+
+
+def test_training_noise_reaches_the_model_and_changes_each_epoch(tiny_dataset):
+    seen: list[tuple[int, float]] = []
+    model = _small_model("lmf", tiny_dataset.dims)
+    forward = model.forward
+
+    def spy(batch):
+        if model.training:
+            zero_frames = (batch.audio.abs().sum(-1) == 0) & batch.audio_mask
+            seen.append((len(seen), float(zero_frames.sum() / batch.audio_mask.sum())))
+        return forward(batch)
+
+    model.forward = spy
+    noise = build_noise("lnln", 0.0, seed=3)
+    trainer = Trainer(model, TrainConfig(epochs=2, batch_size=100, device="cpu"), "mosi",
+                      train_transform=noise, progress=False)
+    trainer.fit(tiny_dataset.train, tiny_dataset.valid, seed=0)
+    assert len(seen) == 2 and seen[0][1] != seen[1][1]
+    assert all(z > 0.05 for _, z in seen), "LNLN noise zeroes frames of about half the samples"
