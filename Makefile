@@ -21,6 +21,8 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/msakit train tfn --dataset synthetic --seeds 1111 --output $(DEMO_DIR)
+	$(BIN)/msakit robustness $(DEMO_DIR)/seed-1111.pt --dataset synthetic --protocol intra \
+		--output $(DEMO_DIR)/robustness-intra
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

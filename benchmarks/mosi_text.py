@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import platform
 import shlex
 import sys
@@ -70,6 +71,7 @@ def main() -> None:
     parser.add_argument("--output", default="benchmarks/results")
     parser.add_argument("--run-dir", default="runs/mosi-text")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     data = load_label_csv(args.data)
     started = time.perf_counter()
     ridge = ridge_baseline(data)

@@ -35,6 +35,7 @@ SHAPES = {
 def measure(model_name: str, shape: str, samples: int, device: str) -> dict:
     from msakit.config import resolve_config, training_config
     from msakit.data.synthetic import synthetic_dataset
+    from msakit.evaluation.protocols import run_protocol
     from msakit.models import create_model
     from msakit.training.trainer import Trainer, build_optimizer, build_scheduler, seed_everything
 
@@ -63,6 +64,9 @@ def measure(model_name: str, shape: str, samples: int, device: str) -> dict:
     if trainer.device.type == "cuda":
         torch.cuda.synchronize()
     eval_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    run_protocol(trainer, data, "intra")  # the 10 default rates, batched like a plain evaluation
+    intra_seconds = time.perf_counter() - start
     if trainer.device.type == "cuda":
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -74,6 +78,7 @@ def measure(model_name: str, shape: str, samples: int, device: str) -> dict:
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_samples_per_s": samples / train_seconds,
         "eval_samples_per_s": samples / eval_seconds,
+        "intra_10_rates_over_one_eval": intra_seconds / eval_seconds,
         "peak_memory_mb": peak_mb,
         "peak_memory_kind": "cuda max allocated" if trainer.device.type == "cuda" else "process RSS",
     }
@@ -118,11 +123,13 @@ def main() -> None:
     atomic_write_text(out / f"{stem}.json", json.dumps(
         {"command": command, "machine": machine, "results": rows}, indent=2) + "\n")
     lines = [f"# Throughput ({machine})", "", f"Command: `{command}`", "",
-             "| model | shape | text | batch | params | train samples/s | eval samples/s | peak MB |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| model | shape | text | batch | params | train samples/s | eval samples/s "
+             "| intra 10 rates / 1 eval | peak MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['shape']} | {r['text_source']} | {r['batch_size']} | "
               f"{r['parameters'] / 1e6:.2f}M | {r['train_samples_per_s']:.1f} | "
-              f"{r['eval_samples_per_s']:.1f} | {r['peak_memory_mb']:.0f} ({r['peak_memory_kind']}) |"
+              f"{r['eval_samples_per_s']:.1f} | {r['intra_10_rates_over_one_eval']:.1f}x | "
+              f"{r['peak_memory_mb']:.0f} ({r['peak_memory_kind']}) |"
               for r in rows]
     atomic_write_text(out / f"{stem}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))

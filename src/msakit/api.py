@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import shlex
 import sys
 from collections.abc import Sequence
@@ -32,8 +31,6 @@ from msakit.models.registry import list_models as _list_models
 from msakit.training.checkpoint import check_dims_match, load_checkpoint, save_checkpoint
 from msakit.training.trainer import Trainer, seed_everything
 
-log = logging.getLogger(__name__)
-
 
 def list_models() -> list[dict[str, str]]:
     """Every registered model with the first line of its docstring."""
@@ -54,11 +51,7 @@ def load_dataset(
     """A dataset by name or path (see `msakit datasets`), or the given one unchanged."""
     if isinstance(dataset, MultimodalDataset):
         return dataset
-    data = _load_dataset(dataset, data_dir=data_dir, **options)
-    if data.replaced_nonfinite:
-        log.warning("%s: replaced %d non-finite feature values by 0",
-                    data.source or data.name, data.replaced_nonfinite)
-    return data
+    return _load_dataset(dataset, data_dir=data_dir, **options)
 
 
 def _dataset_info(data: MultimodalDataset) -> dict[str, Any]:
@@ -221,7 +214,8 @@ def robustness(
         **run_protocol(trainer, data, protocol, rates=rates, subsets=subsets, seeds=seeds),
     }
     if output is not None:
-        write_robustness(Path(output), result, f"{result['model']} on {data.name}")
+        write_robustness(Path(output), result,
+                         f"{result['model']} on {data.name}: {protocol}-modal missing, test split")
     return result
 
 
@@ -252,6 +246,6 @@ def compare(run_dirs: Sequence[str | Path], output: str | Path) -> dict[str, Any
                      + " |")
     out = Path(output)
     atomic_write_text(out / "compare.md", "\n".join(lines) + "\n")
-    plot_curves(out / "compare.png", results, family)
+    plot_curves(out / "compare.png", results, f"{protocol}-modal missing, test split")
     return {"protocol": protocol, "family": family,
             "means": {name: r["mean"] for name, r in results.items()}, "table": "\n".join(lines)}

@@ -113,7 +113,8 @@ def train(model: str, dataset: str, data_dir: str | None, aligned: bool, seeds: 
     means = {"valid": results["mean"]["valid"], "test": results["mean"]["test"]}
     console.print(metrics_table(f"mean ± std over {len(results['seeds'])} seed(s); "
                                 f"{results['selection']}", means, family,
-                                stds=results["std"], first_column="split"))
+                                stds=results["std"] if len(results["seeds"]) > 1 else None,
+                                first_column="split"))
     console.print(f"results: {Path(output) / 'results.json'}")
 
 

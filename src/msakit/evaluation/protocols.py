@@ -17,7 +17,8 @@ import numpy as np
 
 from msakit.data.schema import Batch, MultimodalDataset
 from msakit.errors import MsakitError
-from msakit.evaluation.report import csv_text, mean_std
+from msakit.evaluation.metrics import METRIC_KEYS
+from msakit.evaluation.report import LABELS, csv_text, mean_std
 from msakit.fileio import atomic_write_bytes, atomic_write_text
 from msakit.missing import DEFAULT_RATES, FIXED_SUBSETS, MissingSpec, apply_missing
 from msakit.models.base import MSAModel
@@ -77,47 +78,43 @@ def write_robustness(out_dir: Path, result: dict[str, Any], title: str) -> None:
     rows = [{"condition": r["condition"], **r["metrics"]} for r in result["rows"]]
     rows.append({"condition": "mean", **result["mean"]})
     atomic_write_text(out_dir / "robustness.csv", csv_text(rows))
-    plot_curves(out_dir / "robustness.png", {title: result}, result["family"])
+    plot_curves(out_dir / "robustness.png", {"": result}, title)
 
 
-def _family_groups(family: str) -> list[tuple[str, list[str]]]:
-    if family == "sims":
-        return [("accuracy / F1 (%)", ["acc2", "acc3", "acc5", "f1"]), ("MAE, Corr", ["mae", "corr"])]
-    return [("accuracy / F1 (%)", ["acc2_non0", "f1_non0", "acc2_has0", "acc5", "acc7"]),
-            ("MAE, Corr", ["mae", "corr"])]
+def _panels(family: str, several: bool) -> list[tuple[str, list[str]]]:
+    """(y label, metric keys) per panel: metric families for one run, headline metrics for several."""
+    if several:
+        headline = ["acc2_non0", "acc7"] if family == "mosi" else ["acc2", "acc5"]
+        return [(LABELS[k], [k]) for k in [*headline, "mae", "corr"]]
+    accuracies = [k for k in METRIC_KEYS[family] if k not in ("mae", "corr")]
+    return [("accuracy / F1 (%)", accuracies), ("MAE, Corr", ["mae", "corr"])]
 
 
-def plot_curves(path: Path, results: dict[str, dict[str, Any]], family: str) -> None:
-    """Metric vs condition: one panel per metric family; several results overlay (compare)."""
+def plot_curves(path: Path, results: dict[str, dict[str, Any]], title: str) -> None:
+    """Metric vs condition; with several results (compare), one line per result in each panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = _family_groups(family)
-    several = len(results) > 1
-    if several:  # one panel per headline metric, one line per model
-        headline = ["acc2_non0", "acc7", "mae", "corr"] if family == "mosi" else [
-            "acc2", "acc5", "mae", "corr"]
-        groups = [(k, [k]) for k in headline]
-    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.2), squeeze=False)
-    for ax, (ylabel, keys) in zip(axes[0], groups, strict=False):
+    first = next(iter(results.values()))
+    conditions = [r["condition"] for r in first["rows"]]
+    x = np.arange(len(conditions))
+    panels = _panels(first["family"], several=len(results) > 1)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (ylabel, keys) in zip(axes[0], panels, strict=True):
         for name, result in results.items():
-            labels = [r["condition"] for r in result["rows"]]
-            x = np.arange(len(labels))
             for key in keys:
                 scale = 1 if key in ("mae", "corr") else 100
                 y = [r["metrics"][key] * scale for r in result["rows"]]
-                ax.plot(x, y, marker="o", label=name if several else key)
-            ax.set_xticks(x, labels, rotation=45 if result["protocol"] != "fixed" else 0)
-        ax.set_xlabel("available modalities" if next(iter(results.values()))["protocol"] == "fixed"
-                      else "missing rate")
+                ax.plot(x, y, marker="o", label=name or LABELS[key])
+        fixed = first["protocol"] == "fixed"
+        ax.set_xticks(x, conditions, rotation=0 if fixed else 45)
+        ax.set_xlabel("available modalities" if fixed else "missing rate")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    first = next(iter(results.values()))
-    fig.suptitle(", ".join(results) if not several else
-                 f"{first['protocol']}-modal missing, {first['split']} split")
+    fig.suptitle(title)
     fig.tight_layout()
     atomic_write_bytes(path, lambda handle: fig.savefig(handle, format="png", dpi=110))
     plt.close(fig)
