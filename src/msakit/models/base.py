@@ -35,6 +35,20 @@ class Output:
     features: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def check_settings(
+    model: str, config: ModelConfig, sizes: tuple[str, ...], dropouts: tuple[str, ...]
+) -> None:
+    """Raise MsakitError, naming the key, for a size that is not a positive int or a bad rate."""
+    for key in sizes:
+        value = getattr(config, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise MsakitError(f"{model}: model.{key} must be a positive integer, not {value!r}")
+    for key in dropouts:
+        value = getattr(config, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise MsakitError(f"{model}: model.{key} must be a rate in [0, 1), not {value!r}")
+
+
 class MSAModel(nn.Module):
     """Base class of registered models. Subclasses set `config_class` and `modalities`."""
 

@@ -29,11 +29,11 @@ import torch
 from torch import nn
 
 from msakit.data.schema import Batch, FeatureDims
-from msakit.models.base import ModelConfig, MSAModel, Output
+from msakit.models.base import ModelConfig, MSAModel, Output, check_settings
 from msakit.models.layers.pooling import masked_mean
+from msakit.models.layers.subnets import FrameSubNet, TextSubNet, with_one
 from msakit.models.layers.text import TextEncoder
 from msakit.models.registry import register_model
-from msakit.models.tfn import FrameSubNet, TextSubNet, check_settings, with_one
 
 
 @dataclass

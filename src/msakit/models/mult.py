@@ -41,12 +41,11 @@ from torch import nn
 
 from msakit.data.schema import MODALITIES, Batch, FeatureDims
 from msakit.errors import MsakitError
-from msakit.models.base import ModelConfig, MSAModel, Output
+from msakit.models.base import ModelConfig, MSAModel, Output, check_settings
 from msakit.models.layers.pooling import last_valid
 from msakit.models.layers.text import TextEncoder
 from msakit.models.layers.transformer import CrossModalEncoder
 from msakit.models.registry import register_model
-from msakit.models.tfn import check_settings
 
 
 @dataclass

@@ -27,30 +27,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
 
 from msakit.data.schema import Batch, FeatureDims
 from msakit.errors import MsakitError
-from msakit.models.base import ModelConfig, MSAModel, Output
-from msakit.models.layers.pooling import masked_mean, valid_lengths
+from msakit.models.base import ModelConfig, MSAModel, Output, check_settings
+from msakit.models.layers.pooling import masked_mean
+from msakit.models.layers.subnets import FrameSubNet, TextSubNet, with_one
 from msakit.models.layers.text import TextEncoder
 from msakit.models.registry import register_model
-
-
-def check_settings(
-    model: str, config: ModelConfig, sizes: tuple[str, ...], dropouts: tuple[str, ...]
-) -> None:
-    """Raise MsakitError, naming the key, for a size that is not a positive int or a bad rate."""
-    for key in sizes:
-        value = getattr(config, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise MsakitError(f"{model}: model.{key} must be a positive integer, not {value!r}")
-    for key in dropouts:
-        value = getattr(config, key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-            raise MsakitError(f"{model}: model.{key} must be a rate in [0, 1), not {value!r}")
 
 
 @dataclass
@@ -78,56 +63,6 @@ class TFNConfig(ModelConfig):
             raise MsakitError(
                 f"tfn: model.output_bound must be positive or null, not {self.output_bound!r}"
             )
-
-
-class FrameSubNet(nn.Module):
-    """Audio/vision subnetwork of TFN and LMF: BatchNorm, dropout, three ReLU layers."""
-
-    def __init__(self, in_dim: int, hidden: int, dropout: float) -> None:
-        super().__init__()
-        self.norm = nn.BatchNorm1d(in_dim)
-        self.dropout = nn.Dropout(dropout)
-        self.mlp = nn.Sequential(
-            nn.Linear(in_dim, hidden), nn.ReLU(),
-            nn.Linear(hidden, hidden), nn.ReLU(),
-            nn.Linear(hidden, hidden), nn.ReLU(),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, in_dim) pooled features -> (B, hidden)."""
-        if self.training and x.shape[0] == 1:
-            norm = self.norm
-            normed = F.batch_norm(
-                x, norm.running_mean, norm.running_var, norm.weight, norm.bias,
-                training=False, eps=norm.eps,
-            )
-        else:
-            normed = self.norm(x)
-        return self.mlp(self.dropout(normed))
-
-
-class TextSubNet(nn.Module):
-    """Text subnetwork of TFN and LMF: an LSTM over the valid tokens, its final state projected."""
-
-    def __init__(self, in_dim: int, hidden: int, out_dim: int, dropout: float) -> None:
-        super().__init__()
-        self.rnn = nn.LSTM(in_dim, hidden, batch_first=True)
-        self.dropout = nn.Dropout(dropout)
-        self.linear = nn.Linear(hidden, out_dim)
-
-    def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """states: (B, L, D), mask: (B, L) bool -> (B, out_dim)."""
-        # a sample without any valid token runs one zeroed step: finite, and blind to padding
-        lengths = valid_lengths(mask).clamp(min=1).cpu()
-        states = states.masked_fill(~mask.unsqueeze(-1), 0.0)
-        packed = pack_padded_sequence(states, lengths, batch_first=True, enforce_sorted=False)
-        _, (final, _) = self.rnn(packed)
-        return self.linear(self.dropout(final[-1]))
-
-
-def with_one(x: torch.Tensor) -> torch.Tensor:
-    """[1; x]: append a constant 1 so products of embeddings keep their lower-order terms."""
-    return torch.cat([x.new_ones(x.shape[0], 1), x], dim=1)
 
 
 @register_model("tfn")
