@@ -6,11 +6,17 @@ TORCH ?= torch==2.13.0
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.msakit-installed
+TORCH_SPEC := $(VENV)/.torch-spec
 DEMO_DIR ?= runs/demo
 
-.PHONY: demo test install lint bench clean
+.PHONY: demo test install bench clean FORCE
 
-$(STAMP): pyproject.toml
+# rewritten only when TORCH changes, so `make demo TORCH=...` reinstalls on an existing .venv
+$(TORCH_SPEC): FORCE
+	@mkdir -p $(VENV)
+	@echo '$(TORCH)' | cmp -s - $@ || echo '$(TORCH)' > $@
+
+$(STAMP): pyproject.toml $(TORCH_SPEC)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)

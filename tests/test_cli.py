@@ -89,7 +89,7 @@ def test_compare_overlays_runs(trained: Path, tiny_pickle: Path, tmp_path):
                     "--output", str(tmp_path / "cmp"))
     assert code == 0, out
     table = (tmp_path / "cmp" / "compare.md").read_text()
-    assert "text_only (s7)" in table and "text_only (s8)" in table
+    assert f"text_only ({tmp_path / 's7'})" in table and f"text_only ({tmp_path / 's8'})" in table
     assert (tmp_path / "cmp" / "compare.png").is_file()
 
 
@@ -129,3 +129,24 @@ def test_bad_protocol_arguments(trained: Path, tiny_pickle: Path, args, needle, 
     _one_line_error(*run("robustness", str(trained / "seed-7.pt"), "--dataset", str(tiny_pickle),
                          *args, "--output", str(tmp_path)), needle)
     assert not (tmp_path / "robustness.json").exists()
+
+
+def test_compare_refuses_runs_that_do_not_line_up(trained: Path, tiny_pickle: Path, tmp_path):
+    for name, rates in (("a", "0,0.5"), ("b", "0,0.5,0.9")):
+        code, out = run("robustness", str(trained / "seed-7.pt"), "--dataset", str(tiny_pickle),
+                        "--protocol", "intra", "--rates", rates, "--output", str(tmp_path / name))
+        assert code == 0, out
+    _one_line_error(*run("compare", str(tmp_path / "a"), str(tmp_path / "b")), "conditions")
+    _one_line_error(*run("compare", str(tmp_path / "a"), str(tmp_path / "a")), "twice")
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["train", "lmf", "--seeds", "3 3"], "distinct"),
+    (["train", "lmf", "--set", "training.batch_size=0"], "training.batch_size"),
+    (["evaluate", "CKPT", "--split", "dev"], "dev"),
+    (["robustness", "CKPT", "--protocol", "sideways"], "sideways"),
+    (["robustness", "CKPT", "--protocol", "fixed", "--rates", "0.5"], "subsets"),
+])
+def test_bad_options_give_one_line(args, needle, trained: Path, tiny_pickle: Path):
+    args = [str(trained / "seed-7.pt") if a == "CKPT" else a for a in args]
+    _one_line_error(*run(*args, "--dataset", str(tiny_pickle)), needle)

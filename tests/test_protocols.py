@@ -5,13 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from msakit import api
 from msakit.config import resolve_config, training_config
 from msakit.data import synthetic_dataset
+from msakit.data.batching import make_batch
 from msakit.evaluation.protocols import conditions, run_protocol
 from msakit.missing import MissingSpec, apply_missing, build_noise
 from msakit.models import create_model, list_models
+from msakit.models.layers.text import special_token_ids
+from msakit.models.text_only import TextOnlyConfig
 from msakit.training.settings import TrainConfig
 from msakit.training.trainer import Trainer, seed_everything
+from tiny_bert import make_tiny_bert
 
 PROTOCOL_CASES = [
     MissingSpec("intra", rate=0.5, seed=1),
@@ -81,3 +86,24 @@ def test_training_noise_reaches_the_model_and_changes_each_epoch(tiny_dataset):
     trainer.fit(tiny_dataset.train, tiny_dataset.valid, seed=0)
     assert len(seen) == 2 and seen[0][1] != seen[1][1]
     assert all(z > 0.05 for _, z in seen), "LNLN noise zeroes frames of about half the samples"
+
+
+def test_encoder_models_mask_with_their_tokenizers_ids(tiny_dataset, tmp_path):
+    encoder = str(make_tiny_bert(tmp_path / "bert"))
+    config = TextOnlyConfig(text_encoder=encoder, hidden=8)
+    tokens = special_token_ids(config)
+    assert tokens["unk_id"] == 100 and {0, 101, 102} <= set(tokens["special_ids"])
+    assert special_token_ids(TextOnlyConfig(text_source="features")) == {}
+    batch = make_batch(tiny_dataset.test, np.arange(8))
+    dropped = apply_missing(batch, MissingSpec("intra", rate=0.9, seed=0), **tokens)
+    changed = dropped.text_ids[:, 0] != batch.text_ids[:, 0]
+    assert changed.any() and (dropped.text_ids[:, 0][changed] == tokens["unk_id"]).all()
+
+
+def test_training_noise_set_in_the_config_changes_training(tiny_dataset):
+    common = ["model.text_source=features", "training.batch_size=16"]
+    clean = api.train("lmf", tiny_dataset, seeds=[1], epochs=2, overrides=common, progress=False)
+    noisy = api.train("lmf", tiny_dataset, seeds=[1], epochs=2, progress=False,
+                      overrides=[*common, "training.noise=lnln"])
+    assert noisy["config"]["training"]["noise"] == "lnln"
+    assert clean["seeds"][0]["history"][0]["train_loss"] != noisy["seeds"][0]["history"][0]["train_loss"]

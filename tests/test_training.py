@@ -153,3 +153,17 @@ def test_config_layers_and_overrides():
         resolve_config("text_only", "mosi", ["lr=1"])
     with pytest.raises(MsakitError, match="unknown model 'nope'"):
         resolve_config("nope", "mosi")
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("batch_size", 0), ("epochs", 0), ("epochs", 2.5), ("lr", "abc"), ("lr", -1.0),
+    ("warmup_ratio", 1.5), ("patience", 0), ("grad_clip", True),
+])
+def test_bad_training_values_are_named(key, value):
+    with pytest.raises(MsakitError, match=f"training.{key}"):
+        TrainConfig(**{key: value})
+
+
+def test_stages_need_a_name_and_epochs():
+    with pytest.raises(MsakitError, match="stages"):
+        TrainConfig(stages=[{"epochs": 3}])

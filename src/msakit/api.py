@@ -23,10 +23,11 @@ from msakit.data.schema import MultimodalDataset
 from msakit.errors import MsakitError
 from msakit.evaluation.metrics import LOWER_IS_BETTER, METRIC_KEYS
 from msakit.evaluation.protocols import plot_curves, run_protocol, write_robustness
-from msakit.evaluation.report import csv_text, format_value, mean_std
+from msakit.evaluation.report import LABELS, csv_text, format_value, mean_std
 from msakit.fileio import atomic_write_text
-from msakit.missing.noise import build_noise
-from msakit.models.registry import create_model, get_model_class
+from msakit.missing import build_noise
+from msakit.models.layers.text import special_token_ids
+from msakit.models.registry import build_config, create_model, get_model_class
 from msakit.models.registry import list_models as _list_models
 from msakit.training.checkpoint import check_dims_match, load_checkpoint, save_checkpoint
 from msakit.training.trainer import Trainer, seed_everything
@@ -42,6 +43,7 @@ def list_models() -> list[dict[str, str]]:
 
 
 def list_datasets() -> list[dict[str, str]]:
+    """Every dataset name `--dataset` takes, what it is and what it needs."""
     return _list_datasets()
 
 
@@ -56,7 +58,8 @@ def load_dataset(
 
 def _dataset_info(data: MultimodalDataset) -> dict[str, Any]:
     return {
-        "name": data.name, "family": data.family, "source": data.source,
+        "name": data.name, "family": data.family, "metric_family": data.metric_family,
+        "source": data.source,
         "sizes": {s: len(data.split(s)) for s in ("train", "valid", "test")},
         "replaced_nonfinite": data.replaced_nonfinite,
     }
@@ -82,16 +85,23 @@ def train(
     Returns the content of results.json.
     """
     get_model_class(model)
+    if len(set(seeds)) != len(seeds) or not seeds:
+        raise MsakitError(f"seeds must be distinct and at least one, not {list(seeds)}")
     data = load_dataset(dataset, data_dir, aligned=aligned)
     overrides = list(overrides) + ([f"training.epochs={epochs}"] if epochs is not None else [])
-    config = resolve_config(model, data.family, overrides)
-    train_cfg = training_config(config["training"])
+    layered = resolve_config(model, data.family, overrides)
+    train_cfg = training_config(layered["training"])
+    config = {  # every setting in force, defaults included, as results.json records it
+        "model": dataclasses.asdict(build_config(model, layered["model"])),
+        "training": dataclasses.asdict(train_cfg),
+    }
     out_dir = Path(output) if output is not None else None
     runs = []
     for seed in seeds:
         seed_everything(seed)
         net = create_model(model, config["model"], data.dims)
-        noise = build_noise(train_cfg.noise, train_cfg.noise_rate, seed)
+        noise = build_noise(train_cfg.noise, train_cfg.noise_rate, seed,
+                            **special_token_ids(net.config))
         trainer = Trainer(net, train_cfg, data.metric_family, train_transform=noise,
                           progress=progress)
         fit = trainer.fit(data.train, data.valid, seed)
@@ -122,7 +132,7 @@ def _summarise(
     model: str, data: MultimodalDataset, config: dict[str, Any], runs: list[dict[str, Any]],
     command: str | None,
 ) -> dict[str, Any]:
-    metric = config["training"].get("select_metric", "mae")
+    metric = config["training"]["select_metric"]
     direction = "lower" if metric in LOWER_IS_BETTER else "higher"
     mean, std = {}, {}
     for split in ("valid", "test"):
@@ -141,6 +151,7 @@ def _summarise(
 
 
 def write_results(out_dir: Path, results: dict[str, Any]) -> None:
+    """results.json and results.csv (one row per seed, then mean and std) into `out_dir`."""
     rows = []
     for label, metrics in [(str(r["seed"]), r) for r in results["seeds"]] + [
         ("mean", results["mean"]), ("std", results["std"])
@@ -224,23 +235,27 @@ def compare(run_dirs: Sequence[str | Path], output: str | Path) -> dict[str, Any
 
     Writes compare.png and compare.md into `output`.
     """
-    results = {}
+    results: dict[str, dict[str, Any]] = {}
     for run_dir in run_dirs:
         path = Path(run_dir) / "robustness.json"
         if not path.is_file():
             raise MsakitError(f"{path} not found: run `msakit robustness ... --output {run_dir}` first")
         result = json.loads(path.read_text())
-        results[f"{result['model']} ({Path(run_dir).name})"] = result
-    kinds = {(r["protocol"], r["family"]) for r in results.values()}
+        label = f"{result['model']} ({run_dir})"
+        if label in results:
+            raise MsakitError(f"{run_dir} is given twice")
+        results[label] = result
+    kinds = {(r["protocol"], r["family"], tuple(row["condition"] for row in r["rows"]))
+             for r in results.values()}
     if len(kinds) > 1:
         raise MsakitError(
-            "these runs used different protocols or metric families: "
-            + ", ".join(f"{p}/{f}" for p, f in sorted(kinds))
+            "these runs are not comparable: they differ in protocol, metric family or conditions ("
+            + "; ".join(f"{p}/{f}: {', '.join(c)}" for p, f, c in sorted(kinds)) + ")"
         )
-    protocol, family = kinds.pop()
+    protocol, family, _ = kinds.pop()
     keys = METRIC_KEYS[family]
     lines = [f"Mean over conditions, {protocol}-modal missing", "",
-             "| run | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+             "| run | " + " | ".join(LABELS[k] for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, result in results.items():
         lines.append(f"| {name} | " + " | ".join(format_value(k, result["mean"][k]) for k in keys)
                      + " |")

@@ -106,7 +106,7 @@ def train(model: str, dataset: str, data_dir: str | None, aligned: bool, seeds: 
         model, dataset, data_dir=data_dir, aligned=aligned, seeds=_parse_seeds(seeds), epochs=epochs,
         overrides=list(overrides), output=output, progress=not no_progress, command=_command_line(),
     )
-    family = "sims" if results["dataset"]["family"] in ("sims", "simsv2") else "mosi"
+    family = results["dataset"]["metric_family"]
     rows = {f"seed {r['seed']}, epoch {r['best_epoch']}": r["test"] for r in results["seeds"]}
     console.print(metrics_table(f"{model} on {results['dataset']['name']}: test", rows, family,
                                 first_column="run"))
@@ -121,8 +121,7 @@ def train(model: str, dataset: str, data_dir: str | None, aligned: bool, seeds: 
 @cli.command()
 @click.argument("checkpoint")
 @with_dataset_options
-@click.option("--split", type=click.Choice(["train", "valid", "test"]), default="test",
-              show_default=True)
+@click.option("--split", default="test", show_default=True, help="train, valid or test")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 @_user_errors
@@ -134,7 +133,7 @@ def evaluate(checkpoint: str, dataset: str, data_dir: str | None, aligned: bool,
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    family = "sims" if result["dataset"]["family"] in ("sims", "simsv2") else "mosi"
+    family = result["dataset"]["metric_family"]
     console.print(metrics_table(f"{result['model']} on {result['dataset']['name']}", {
         split: result["metrics"]}, family, first_column="split"))
 
@@ -142,7 +141,7 @@ def evaluate(checkpoint: str, dataset: str, data_dir: str | None, aligned: bool,
 @cli.command()
 @click.argument("checkpoint")
 @with_dataset_options
-@click.option("--protocol", type=click.Choice(["intra", "inter", "fixed"]), required=True,
+@click.option("--protocol", required=True,
               help="intra: tokens/frames dropped (LNLN); inter: whole modalities (HME/CyIN); "
                    "fixed: a set of available modalities")
 @click.option("--rates", default=None,

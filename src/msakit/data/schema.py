@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from msakit.errors import MsakitError
+from msakit.evaluation.metrics import metric_family
 
 MODALITIES = ("text", "audio", "vision")
 SPLITS = ("train", "valid", "test")
@@ -91,7 +92,8 @@ class MultimodalDataset:
 
     @property
     def metric_family(self) -> str:
-        return "sims" if self.family in ("sims", "simsv2") else "mosi"
+        """"mosi" or "sims": which metric rules score this dataset."""
+        return metric_family(self.family)
 
     @property
     def dims(self) -> FeatureDims:

@@ -21,19 +21,11 @@ from msakit.evaluation.metrics import METRIC_KEYS
 from msakit.evaluation.report import LABELS, csv_text, mean_std
 from msakit.fileio import atomic_write_bytes, atomic_write_text
 from msakit.missing import DEFAULT_RATES, FIXED_SUBSETS, MissingSpec, apply_missing
-from msakit.models.base import MSAModel
-from msakit.models.layers.text import load_tokenizer
+from msakit.missing import PROTOCOLS as MASK_PROTOCOLS
+from msakit.models.layers.text import special_token_ids
 from msakit.training.trainer import Trainer
 
-PROTOCOLS = ("intra", "inter", "fixed")
-
-
-def special_token_ids(model: MSAModel) -> dict[str, Any]:
-    """[UNK] and the special ids of the model's tokenizer (bert-base-uncased's when it has none)."""
-    if model.config.text_source != "encoder":
-        return {}
-    tokenizer = load_tokenizer(model.config.text_encoder)
-    return {"unk_id": tokenizer.unk_token_id, "special_ids": tuple(tokenizer.all_special_ids)}
+PROTOCOLS = tuple(p for p in MASK_PROTOCOLS if p != "none")
 
 
 def conditions(protocol: str, rates: Sequence[float] | None,
@@ -42,7 +34,11 @@ def conditions(protocol: str, rates: Sequence[float] | None,
     if protocol not in PROTOCOLS:
         raise MsakitError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
     if protocol == "fixed":
+        if rates is not None:
+            raise MsakitError("the fixed protocol takes subsets (e.g. t,ta,tav), not rates")
         return [(s, {"protocol": "fixed", "subset": s}) for s in (subsets or FIXED_SUBSETS)]
+    if subsets is not None:
+        raise MsakitError(f"the {protocol} protocol takes rates, not subsets")
     chosen = list(rates) if rates is not None else list(DEFAULT_RATES[protocol])
     return [(f"{r:.2f}", {"protocol": protocol, "rate": float(r)}) for r in chosen]
 
@@ -53,7 +49,7 @@ def run_protocol(
     seeds: Sequence[int] = (0,), split: str = "test",
 ) -> dict[str, Any]:
     """Metrics per condition (mean and std over mask seeds) and their mean over conditions."""
-    tokens = special_token_ids(trainer.model)
+    tokens = special_token_ids(trainer.model.config)
     target = data.split(split)
     rows = []
     for label, spec_args in conditions(protocol, rates, subsets):

@@ -54,6 +54,7 @@ class MSAModel(nn.Module):
 
     config_class: type[ModelConfig] = ModelConfig
     modalities: tuple[str, ...] = ("text", "audio", "vision")
+    registry_name: str = ""  # set by @register_model
 
     def __init__(self, config: ModelConfig, dims: FeatureDims) -> None:
         super().__init__()

@@ -12,15 +12,21 @@ from dataclasses import dataclass
 from torch import nn
 
 from msakit.data.schema import Batch, FeatureDims
-from msakit.models.base import ModelConfig, MSAModel, Output
+from msakit.models.base import ModelConfig, MSAModel, Output, check_settings
+from msakit.models.layers.pooling import masked_mean
 from msakit.models.layers.text import TextEncoder
 from msakit.models.registry import register_model
 
 
 @dataclass
 class TextOnlyConfig(ModelConfig):
+    """Width of the head's hidden layer and its dropout."""
+
     hidden: int = 128
     dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        check_settings("text_only", self, sizes=("hidden",), dropouts=("dropout",))
 
 
 @register_model("text_only")
@@ -43,6 +49,5 @@ class TextOnly(MSAModel):
 
     def forward(self, batch: Batch) -> Output:
         states, mask = self.text_encoder(batch)
-        weights = mask.unsqueeze(-1).to(states.dtype)
-        pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        pooled = masked_mean(states, mask)
         return Output(pred=self.head(pooled).squeeze(-1), features={"text": pooled})

@@ -59,7 +59,9 @@ class TFNConfig(ModelConfig):
             ("text_hidden", "audio_hidden", "vision_hidden", "text_out", "post_fusion_dim"),
             ("audio_dropout", "vision_dropout", "text_dropout", "post_fusion_dropout"),
         )
-        if self.output_bound is not None and not self.output_bound > 0:
+        bound = self.output_bound
+        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float))
+                                  or not bound > 0):
             raise MsakitError(
                 f"tfn: model.output_bound must be positive or null, not {self.output_bound!r}"
             )

@@ -46,7 +46,7 @@ def load_checkpoint(path: str | Path) -> tuple[MSAModel, dict[str, Any]]:
     if not path.is_file():
         raise MsakitError(f"checkpoint not found: {path}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt or foreign file
         raise MsakitError(f"{path} is not a readable checkpoint ({type(exc).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from msakit.errors import MsakitError
+
 
 @dataclass
 class Stage:
@@ -39,4 +41,35 @@ class TrainConfig:
     stages: list[Stage] = field(default_factory=list)  # empty = one stage of `epochs`
 
     def __post_init__(self) -> None:
-        self.stages = [s if isinstance(s, Stage) else Stage(**s) for s in self.stages]
+        for key in ("epochs", "batch_size", "eval_batch_size"):
+            _check_number(key, getattr(self, key), integer=True, low=1)
+        if self.patience is not None:
+            _check_number("patience", self.patience, integer=True, low=1)
+        for key in ("lr", "encoder_lr", "weight_decay", "encoder_weight_decay"):
+            _check_number(key, getattr(self, key), low=0)
+        _check_number("warmup_ratio", self.warmup_ratio, low=0, high=1)
+        _check_number("noise_rate", self.noise_rate, low=0, high=1)
+        if self.grad_clip is not None:
+            _check_number("grad_clip", self.grad_clip, low=0)
+        try:
+            self.stages = [s if isinstance(s, Stage) else Stage(**s) for s in self.stages]
+        except TypeError as exc:
+            raise MsakitError(f"training.stages: each stage needs name and epochs ({exc})") from None
+        for stage in self.stages:
+            _check_number(f"stages[{stage.name}].epochs", stage.epochs, integer=True, low=1)
+
+
+def _check_number(
+    key: str, value: object, integer: bool = False, low: float | None = None, high: float | None = None
+) -> None:
+    """One-line error naming `training.<key>` unless value is a number (an int) in [low, high]."""
+    kinds = (int,) if integer else (int, float)
+    ok = isinstance(value, kinds) and not isinstance(value, bool)
+    if ok and low is not None:
+        ok = value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        bounds = f" >= {low}" if high is None else f" in [{low}, {high}]"
+        kind = "an integer" if integer else "a number"
+        raise MsakitError(f"training.{key} must be {kind}{bounds}, not {value!r}")

