@@ -27,11 +27,12 @@ from sklearn.linear_model import Ridge
 from msakit import api
 from msakit.data.batching import iterate_batches
 from msakit.data.labelcsv import load_label_csv
-from msakit.data.schema import Split
+from msakit.data.schema import MultimodalDataset, Split
 from msakit.evaluation.metrics import compute_metrics
 from msakit.evaluation.report import format_value
 from msakit.fileio import atomic_write_text
 from msakit.models.base import ModelConfig
+from msakit.models.layers.pooling import masked_mean
 from msakit.models.layers.text import TextEncoder
 
 KEYS = ("acc2_non0", "f1_non0", "acc2_has0", "acc7", "mae", "corr")
@@ -42,13 +43,11 @@ def sentence_embeddings(encoder: TextEncoder, split: Split) -> np.ndarray:
     encoder.eval()
     out = []
     for batch in iterate_batches(split, 128):
-        states, mask = encoder(batch)
-        weights = mask.unsqueeze(-1).float()
-        out.append(((states * weights).sum(1) / weights.sum(1).clamp(min=1)).numpy())
+        out.append(masked_mean(*encoder(batch)).numpy())
     return np.concatenate(out)
 
 
-def ridge_baseline(data) -> dict:
+def ridge_baseline(data: MultimodalDataset) -> dict:
     encoder = TextEncoder(ModelConfig(finetune_text=False), data.dims)
     x = {s: sentence_embeddings(encoder, data.split(s)) for s in ("train", "valid", "test")}
     scores = {}
