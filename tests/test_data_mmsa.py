@@ -83,6 +83,18 @@ def test_save_is_atomic_and_overwrites(tmp_path):
     assert len(load_mmsa(target).train) == SIZES["n_train"]
 
 
+def test_save_that_fails_midway_keeps_the_old_file(tmp_path):
+    target = tmp_path / "data.pkl"
+    save_mmsa(tiny_raw(), target)
+    before = target.read_bytes()
+    broken = tiny_raw()
+    broken["test"]["id"] = lambda: None  # pickle fails after train and valid are written
+    with pytest.raises((pickle.PicklingError, AttributeError)):
+        save_mmsa(broken, target)
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["data.pkl"]
+
+
 def test_save_refuses_a_dict_without_splits(tmp_path):
     with pytest.raises(MsakitError, match="valid"):
         save_mmsa({"train": {}}, tmp_path / "x.pkl")

@@ -17,9 +17,11 @@ from msakit.missing import (
     MissingSpec,
     apply_missing,
     build_noise,
+    drop_whole_modalities,
     modality_keep,
     parse_rates,
 )
+from msakit.missing.masks import available_modalities
 
 UNK, CLS, SEP, PAD = 100, 101, 102, 0
 SPECIAL = (PAD, CLS, SEP)
@@ -236,6 +238,67 @@ def test_missing_modality_in_data_is_skipped() -> None:
     assert out.vision is None and set(out.dropped) == {"text", "audio"}
 
 
+def text_only_split(n: int = 40) -> Split:
+    """A split with text (token ids and features) only, like the MOSI transcripts."""
+    split = make_split(n=n)
+    split.audio = split.vision = split.audio_lengths = split.vision_lengths = None
+    return split
+
+
+@pytest.mark.parametrize("rate", DEFAULT_RATES["inter"])
+def test_inter_on_text_only_data_keeps_the_text(rate: float) -> None:
+    batch = full_batch(text_only_split())
+    out = apply_missing(batch, MissingSpec("inter", rate, seed=2))
+    assert out.presence[:, 0].all() and not out.presence[:, 1:].any()
+    assert torch.equal(out.text_ids, batch.text_ids) and torch.equal(out.text, batch.text)
+    assert not out.dropped["text"].any()
+
+
+@pytest.mark.parametrize("subset", ["t", "ta", "tv", "tav"])
+def test_fixed_subsets_with_text_keep_text_only_data(subset: str) -> None:
+    batch = full_batch(text_only_split())
+    out = apply_missing(batch, MissingSpec("fixed", subset=subset))
+    assert out.presence[:, 0].all() and not out.presence[:, 1:].any()
+    assert torch.equal(out.text_ids, batch.text_ids) and torch.equal(out.text, batch.text)
+
+
+@pytest.mark.parametrize("subset", ["a", "v", "av"])
+def test_fixed_subset_without_the_datas_modalities_raises(subset: str) -> None:
+    batch = full_batch(text_only_split())
+    with pytest.raises(MsakitError) as info:
+        apply_missing(batch, MissingSpec("fixed", subset=subset))
+    message = str(info.value)
+    assert f"'{subset}'" in message and "(text)" in message and "\n" not in message
+
+
+def test_inter_on_two_modalities_drops_mr_of_what_is_there() -> None:
+    ids = [f"clip{i}" for i in range(6000)]
+    have = np.array([True, True, False])
+    keep = modality_keep(MissingSpec("inter", 0.3, seed=5), ids, available=have)
+    assert not keep[:, 2].any() and keep.any(axis=1).all()
+    assert abs(1 - keep[:, :2].mean() - 0.3) < 0.015
+    assert abs(keep[:, 0].mean() - keep[:, 1].mean()) < 0.03  # no modality favoured
+    at_half = modality_keep(MissingSpec("inter", 0.5, seed=5), ids, available=have)
+    assert (at_half.sum(axis=1) == 1).all()
+
+
+def test_availability_does_not_change_masks_of_complete_data() -> None:
+    ids = [f"clip{i}" for i in range(500)]
+    for spec in (MissingSpec("inter", 0.4, seed=1), MissingSpec("fixed", subset="tv")):
+        plain = modality_keep(spec, ids)
+        assert np.array_equal(modality_keep(spec, ids, available=[True, True, True]), plain)
+        assert np.array_equal(modality_keep(spec, ids, available=np.ones((500, 3), bool)), plain)
+    batch = full_batch(make_split(n=30))
+    assert available_modalities(batch).all()
+
+
+def test_drop_whole_modalities_refuses_to_empty_a_sample() -> None:
+    batch = full_batch(text_only_split(n=6))
+    keep = np.array([[True, True, True]] * 5 + [[False, True, True]])
+    with pytest.raises(MsakitError, match=r"vid1\$_\$1.*\(text\)"):
+        drop_whole_modalities(batch, keep)
+
+
 # ---------- purity ----------
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.label)
@@ -369,3 +432,16 @@ def test_build_noise() -> None:
     for name, rate in (("dropout", 0.0), ("inter", 0.0), ("inter", 1.2), ("lnln", 0.5)):
         with pytest.raises(MsakitError):
             build_noise(name, rate, 0)
+
+
+@pytest.mark.parametrize("name", ["lnln", "inter"])
+def test_build_noise_passes_the_tokenizers_ids(name: str) -> None:
+    noise = build_noise(name, 0.3 if name == "inter" else 0.0, 1, unk_id=3, special_ids=[PAD, CLS])
+    assert (noise.unk_id, noise.special_ids) == (3, (PAD, CLS))
+    default = build_noise(name, 0.3 if name == "inter" else 0.0, 1)
+    assert (default.unk_id, default.special_ids) == (UNK, SPECIAL)
+    batch = full_batch(make_split(n=200))
+    out = noise(batch, 1)
+    drop = out.dropped["text"]
+    assert drop.any() and (out.text_ids[:, 0][drop] == 3).all()
+    assert drop[batch.text_ids[:, 0] == SEP].any()  # [SEP] is not special any more

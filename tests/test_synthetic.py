@@ -92,6 +92,17 @@ def test_cleaned_dataset_counts_the_planted_values():
     assert np.isfinite(ds.train.audio).all()
 
 
+def test_dataset_forwards_to_the_generator_and_reports_its_parameters():
+    raw = generate_synthetic(**SMALL, aligned=True, seed=6)
+    ds = synthetic_dataset(**SMALL, aligned=True, seed=6)
+    np.testing.assert_array_equal(ds.test.text_bert, raw["test"]["text_bert"])
+    np.testing.assert_array_equal(ds.valid.labels, raw["valid"]["regression_labels"])
+    assert ds.source == "synthetic(seed=6, aligned)"
+    assert synthetic_dataset(**SMALL).source == "synthetic(seed=0, unaligned)"
+    with pytest.raises(TypeError, match="n_trian"):
+        synthetic_dataset(n_trian=5)
+
+
 def test_text_bert_is_the_tokenizers_encoding_of_raw_text(raw):
     tokenizer = load_tokenizer("minilm")
     for split in SPLITS:

@@ -15,7 +15,7 @@ from typing import Any
 from msakit.data.labelcsv import load_label_csv
 from msakit.data.mmsa import load_mmsa
 from msakit.data.schema import MultimodalDataset
-from msakit.data.synthetic import synthetic_dataset
+from msakit.data.synthetic import generate_synthetic, synthetic_dataset
 from msakit.errors import MsakitError
 
 DATASETS: dict[str, dict[str, Any]] = {
@@ -99,7 +99,7 @@ def load_dataset(
             f"dataset, not {name_or_path!r}"
         )
     if key == "synthetic":
-        allowed = set(inspect.signature(synthetic_dataset).parameters) - {"aligned", "seed"}
+        allowed = set(inspect.signature(generate_synthetic).parameters) - {"aligned", "seed"}
         unknown = sorted(set(synthetic_sizes) - allowed)
         if unknown:
             raise MsakitError(

@@ -19,7 +19,6 @@ import contextlib
 import logging
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import numpy as np
 
 from msakit.data.schema import SPLITS, MultimodalDataset, Split
 from msakit.errors import MsakitError
+from msakit.fileio import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -291,15 +291,5 @@ def save_mmsa(raw: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     if not isinstance(raw, dict) or any(split not in raw for split in SPLITS):
         raise MsakitError(f"save_mmsa needs a dict with 'train', 'valid' and 'test' (for {path})")
     path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(raw, f, protocol=pickle.HIGHEST_PROTOCOL)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, lambda f: pickle.dump(raw, f, protocol=pickle.HIGHEST_PROTOCOL))
     return path

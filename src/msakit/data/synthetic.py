@@ -28,6 +28,7 @@ Clips are grouped into videos ("syn0007$_$3"); a video never spans two splits.
 
 from __future__ import annotations
 
+import inspect
 import random
 from typing import Any
 
@@ -115,8 +116,6 @@ _NEUTRAL_CLAUSES = (
 
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
-
-
 
 
 def _pick(options: list[tuple[Any, ...]], target: float, r: random.Random) -> tuple[Any, ...]:
@@ -317,11 +316,24 @@ def _check_sizes(sizes: dict[str, int]) -> None:
                               f"not {value}")
 
 
-def _generate(
-    n_train: int, n_valid: int, n_test: int, text_len: int, audio_len: int, audio_dim: int,
-    vision_len: int, vision_dim: int, text_dim: int, aligned: bool, seed: int,
-) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The raw MMSA dict and the latent variables behind it (in file order), for measurements."""
+def generate_synthetic(
+    n_train: int = 1284,
+    n_valid: int = 229,
+    n_test: int = 686,
+    text_len: int = 50,
+    audio_len: int = 375,
+    audio_dim: int = 5,
+    vision_len: int = 500,
+    vision_dim: int = 20,
+    text_dim: int = 768,
+    aligned: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """A MOSI-like dataset in the raw MMSA layout (what `save_mmsa` writes), the same for a seed.
+
+    `aligned=True` puts every modality at `text_len` steps without `*_lengths` keys, like
+    `aligned_50.pkl`. Audio keeps its planted -inf values: loading cleans them.
+    """
     sizes = (n_train, n_valid, n_test)
     _check_sizes({"n_train": n_train, "n_valid": n_valid, "n_test": n_test, "text_len": text_len,
                   "audio_len": audio_len, "audio_dim": audio_dim, "vision_len": vision_len,
@@ -375,49 +387,17 @@ def _generate(
     bounds = np.cumsum((0, *sizes))
     for name, lo, hi in zip(SPLITS, bounds[:-1], bounds[1:], strict=True):
         raw[name] = {key: value[lo:hi] for key, value in columns.items()}
-    latents = {"s": shared, "u_t": u_text, "u_a": u_audio, "u_v": u_vision,
-               **{f"z_{name[0]}": z for name, z in views.items()}}
-    return raw, latents
-
-
-def generate_synthetic(
-    n_train: int = 1284,
-    n_valid: int = 229,
-    n_test: int = 686,
-    text_len: int = 50,
-    audio_len: int = 375,
-    audio_dim: int = 5,
-    vision_len: int = 500,
-    vision_dim: int = 20,
-    text_dim: int = 768,
-    aligned: bool = False,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """A MOSI-like dataset in the raw MMSA layout (what `save_mmsa` writes), the same for a seed.
-
-    `aligned=True` puts every modality at `text_len` steps without `*_lengths` keys, like
-    `aligned_50.pkl`. Audio keeps its planted -inf values: loading cleans them.
-    """
-    raw, _ = _generate(n_train, n_valid, n_test, text_len, audio_len, audio_dim, vision_len,
-                       vision_dim, text_dim, aligned, seed)
     return raw
 
 
-def synthetic_dataset(
-    n_train: int = 1284,
-    n_valid: int = 229,
-    n_test: int = 686,
-    text_len: int = 50,
-    audio_len: int = 375,
-    audio_dim: int = 5,
-    vision_len: int = 500,
-    vision_dim: int = 20,
-    text_dim: int = 768,
-    aligned: bool = False,
-    seed: int = 0,
-) -> MultimodalDataset:
-    """`generate_synthetic` loaded through the same checks and cleaning as an MMSA pickle."""
-    raw = generate_synthetic(n_train, n_valid, n_test, text_len, audio_len, audio_dim,
-                             vision_len, vision_dim, text_dim, aligned, seed)
+def synthetic_dataset(**options: Any) -> MultimodalDataset:
+    """`generate_synthetic(**options)` loaded with the same checks and cleaning as an MMSA pickle.
+
+    `options` are `generate_synthetic`'s keyword arguments (sizes, `aligned`, `seed`).
+    """
+    bound = inspect.signature(generate_synthetic).bind(**options)
+    bound.apply_defaults()
+    raw = generate_synthetic(**bound.arguments)
+    seed, aligned = bound.arguments["seed"], bound.arguments["aligned"]
     source = f"synthetic(seed={seed}, {'aligned' if aligned else 'unaligned'})"
     return dataset_from_raw(raw, source=source, family="synthetic", name="synthetic")

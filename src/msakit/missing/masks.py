@@ -9,6 +9,10 @@ Protocols (REFERENCES.md §3):
   every sample keeps at least one modality.
 - ``fixed``: only the modalities of a named subset ("t", "ta", ...) are kept.
 
+Both whole-modality protocols work on the modalities the data really has (a text-only split has
+one): the modality a sample is forced to keep is chosen among those, and a fixed subset that
+keeps none of them is an error rather than a batch with nothing left in it.
+
 Purity. Every random decision is read from a counter-based stream: a 64-bit key is the BLAKE2b
 hash of (stream name, seed, epoch, modality, sample id), and the value at counter i is the
 SplitMix64 output of ``key + i * golden_gamma``. A mask is therefore a function of the protocol,
@@ -30,6 +34,9 @@ Deviations from the authors' code, on purpose:
   extra ones) without the rejection step, so the realised fraction over a finite split scatters
   around MR (standard deviation about 0.01 on MOSI's 686 test samples). For MR >= 2/3 exactly one
   modality is kept, as in both papers, so the realised fraction is 2/3 whatever MR above that.
+  A sample with k < 3 modalities in the data uses the same draws: the forced one is chosen
+  uniformly among its k and each other one is dropped with p = k MR / (k - 1), capped at 1
+  (a single modality is never dropped). With all three, k = 3 gives back the rule above.
 - A whole dropped modality: HME zeroes BERT's output states and CyIN replaces the modality's
   latent by a translation from the present ones, both inside the model. A data-level protocol
   must hide the text from models that never read ``presence`` too, so token ids have every valid
@@ -272,6 +279,19 @@ def drop_within_modalities(
     return batch.with_updates(dropped=dropped, **changes)
 
 
+def available_modalities(batch: Batch) -> np.ndarray:
+    """(B, 3) bool: the modalities each sample of ``batch`` has, [text, audio, vision].
+
+    A modality counts when its tensors exist and ``presence`` says it is there.
+    """
+    has = np.array([_has(batch, modality) for modality in MODALITIES])
+    return batch.presence.cpu().numpy().astype(bool) & has
+
+
+def _names(row: np.ndarray) -> str:
+    return ", ".join(m for m, there in zip(MODALITIES, row, strict=True) if there) or "none"
+
+
 def drop_whole_modalities(
     batch: Batch,
     keep: np.ndarray | torch.Tensor,
@@ -284,9 +304,20 @@ def drop_whole_modalities(
     Features of a dropped modality are zeroed for that sample, its token ids have every
     droppable token replaced by ``unk_id``, and its ``presence`` becomes False. ``dropped``
     marks the droppable positions (valid frames; valid non-special tokens) of dropped modalities.
+    MsakitError when a sample would be left with none of the modalities it has: build ``keep``
+    with ``modality_keep(..., available=available_modalities(batch))`` to respect that.
     """
     special_ids = tuple(special_ids)
-    keep_t = torch.as_tensor(np.asarray(keep, dtype=bool)).to(batch.presence.device)
+    keep_np = np.asarray(keep.cpu() if isinstance(keep, torch.Tensor) else keep, dtype=bool)
+    have = available_modalities(batch)
+    emptied = have.any(axis=1) & ~(have & keep_np).any(axis=1)
+    if emptied.any():
+        b = int(np.flatnonzero(emptied)[0])
+        raise MsakitError(
+            f"dropping modalities would leave sample {batch.ids[b]!r} with none of the ones it "
+            f"has ({_names(have[b])}); every sample keeps at least one"
+        )
+    keep_t = torch.from_numpy(keep_np.copy()).to(batch.presence.device)
     changes = {"presence": batch.presence & keep_t}
     dropped = dict(batch.dropped)
     for m, modality in enumerate(MODALITIES):
@@ -299,25 +330,49 @@ def drop_whole_modalities(
     return batch.with_updates(dropped=dropped, **changes)
 
 
-def modality_keep(spec: MissingSpec, ids: Sequence[str], *, epoch: int | None = None) -> np.ndarray:
+def modality_keep(
+    spec: MissingSpec,
+    ids: Sequence[str],
+    *,
+    epoch: int | None = None,
+    available: np.ndarray | Sequence[bool] | None = None,
+) -> np.ndarray:
     """(B, 3) bool: which of [text, audio, vision] each sample keeps under ``spec``.
 
-    "inter": one modality, picked uniformly, is always kept; each other one is dropped with
-    probability p = min(1, 3 MR / 2), so the expected dropped fraction is exactly MR up to 2/3.
+    ``available`` ((3,) or (B, 3) bool) says which modalities the data has; None means all
+    three. A modality the data lacks is never kept.
+
+    "inter": one modality, picked uniformly among the k available, is always kept; each other
+    one is dropped with probability p = min(1, k MR / (k - 1)), so the expected dropped fraction
+    of the available entries is exactly MR up to (k - 1) / k. "fixed": the subset's modalities
+    are kept; MsakitError when that leaves a sample that has data with none of it.
     """
     n = len(ids)
+    have = np.ones((n, 3), dtype=bool) if available is None else np.broadcast_to(
+        np.asarray(available, dtype=bool), (n, 3)
+    )
     if spec.protocol == "fixed":
-        row = np.array([c in spec.subset for c in _LETTERS])
-        return np.broadcast_to(row, (n, 3)).copy()
+        keep = np.array([c in spec.subset for c in _LETTERS]) & have
+        emptied = have.any(axis=1) & ~keep.any(axis=1)
+        if emptied.any():
+            raise MsakitError(
+                f"fixed subset {spec.subset!r} keeps none of the modalities the data has "
+                f"({_names(have[np.flatnonzero(emptied)[0]])})"
+            )
+        return keep
     if spec.protocol != "inter":
-        return np.ones((n, 3), dtype=bool)
+        return have.copy()
     u = sample_uniforms("inter", spec.seed, ids, "*", 4, epoch)
-    kept = np.minimum((u[:, 0] * 3).astype(np.int64), 2)
-    # at MR >= 2/3 both others go; the tolerance absorbs 1.5 * (2/3) rounding below 1
-    p = 1.0 if 3 * spec.rate >= 2 - 1e-9 else 1.5 * spec.rate
-    keep = u[:, 1:] >= p
-    keep[np.arange(n), kept] = True
-    return keep
+    count = have.sum(axis=1)
+    # the forced modality is the j-th available one, j uniform in [0, k): with all three
+    # available this is min(int(3 u), 2), the rule for complete data
+    j = np.minimum((u[:, 0] * count).astype(np.int64), np.maximum(count - 1, 0))
+    rank = np.cumsum(have, axis=1) - 1
+    forced = have & (rank == j[:, None])
+    others = np.maximum(count - 1, 1)
+    # at k MR >= k - 1 every other modality goes; the tolerance absorbs rounding (2/3 * 3 < 2)
+    p = np.where(count * spec.rate >= others - 1e-9, 1.0, count * spec.rate / others)
+    return have & ((u[:, 1:] >= p[:, None]) | forced)
 
 
 def apply_missing(
@@ -341,5 +396,5 @@ def apply_missing(
             batch, dict.fromkeys(MODALITIES, spec.rate), stream="intra", seed=spec.seed,
             epoch=epoch, unk_id=unk_id, special_ids=special_ids,
         )
-    keep = modality_keep(spec, batch.ids, epoch=epoch)
+    keep = modality_keep(spec, batch.ids, epoch=epoch, available=available_modalities(batch))
     return drop_whole_modalities(batch, keep, unk_id=unk_id, special_ids=special_ids)

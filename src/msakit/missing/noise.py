@@ -89,19 +89,31 @@ class InterModalNoise:
         )
 
 
-def build_noise(name: str | None, rate: float, seed: int) -> TrainingNoise | None:
-    """The training noise named by ``training.noise`` ("none", "lnln", "inter"), or None."""
+def build_noise(
+    name: str | None,
+    rate: float,
+    seed: int,
+    *,
+    unk_id: int = BERT_UNK_ID,
+    special_ids: Sequence[int] = BERT_SPECIAL_IDS,
+) -> TrainingNoise | None:
+    """The training noise named by ``training.noise`` ("none", "lnln", "inter"), or None.
+
+    ``unk_id`` and ``special_ids`` come from the tokenizer of the text ids (defaults:
+    bert-base-uncased, whose vocabulary MiniLM shares).
+    """
     if name is None or name == "none":
         return None
+    special = tuple(int(i) for i in special_ids)
     if name == "lnln":
         if rate:
             raise MsakitError(
                 f"training.noise_rate {rate!r} is not used by noise 'lnln' "
                 "(it draws r ~ U(0, 1) per sample); leave it at 0"
             )
-        return LNLNNoise(seed=seed)
+        return LNLNNoise(seed=seed, unk_id=unk_id, special_ids=special)
     if name == "inter":
         if not rate:
             raise MsakitError("noise 'inter' needs training.noise_rate in (0, 1), e.g. 0.3")
-        return InterModalNoise(rate=rate, seed=seed)
+        return InterModalNoise(rate=rate, seed=seed, unk_id=unk_id, special_ids=special)
     raise MsakitError(f"unknown training noise {name!r}; expected one of {', '.join(NOISES)}")
