@@ -7,13 +7,12 @@ both. Every key is checked against the model's config dataclass or `TrainConfig`
 
 from __future__ import annotations
 
-import dataclasses
 from importlib import resources
 from typing import Any
 
 import yaml
 
-from msakit.errors import MsakitError
+from msakit.errors import MsakitError, reject_unknown_keys
 from msakit.models.registry import build_config, get_model_class
 from msakit.training.settings import TrainConfig
 
@@ -43,16 +42,6 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _check_training_keys(values: dict[str, Any], origin: str) -> None:
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise MsakitError(
-            f"unknown training setting(s) in {origin}: {', '.join(unknown)}; "
-            f"known: {', '.join(sorted(known))}"
-        )
-
-
 def resolve_config(
     model: str, family: str, overrides: list[str] | None = None
 ) -> dict[str, dict[str, Any]]:
@@ -65,13 +54,11 @@ def resolve_config(
         for section in SECTIONS:
             merged[section].update(layer.get(section) or {})
     build_config(model, merged["model"])  # validates model keys
-    _check_training_keys(merged["training"], f"configs/{model}.yaml or --set")
+    reject_unknown_keys(merged["training"], TrainConfig, f"training setting(s) for {model}")
     return merged
 
 
 def training_config(values: dict[str, Any]) -> TrainConfig:
-    _check_training_keys(values, "training settings")
-    try:
-        return TrainConfig(**values)
-    except TypeError as exc:
-        raise MsakitError(f"bad training settings: {exc}") from None
+    """A validated TrainConfig from a plain dict (unknown keys and bad values: one-line errors)."""
+    reject_unknown_keys(values, TrainConfig, "training setting(s)")
+    return TrainConfig(**values)

@@ -30,9 +30,7 @@ from torch import nn
 
 from msakit.data.schema import Batch, FeatureDims
 from msakit.models.base import ModelConfig, MSAModel, Output, check_settings
-from msakit.models.layers.pooling import masked_mean
-from msakit.models.layers.subnets import FrameSubNet, TextSubNet, with_one
-from msakit.models.layers.text import TextEncoder
+from msakit.models.layers.subnets import UnimodalSubnets, with_one
 from msakit.models.registry import register_model
 
 
@@ -65,12 +63,7 @@ class LMF(MSAModel):
 
     def __init__(self, config: LMFConfig, dims: FeatureDims) -> None:
         super().__init__(config, dims)
-        self.text_encoder = TextEncoder(config, dims)
-        self.text_subnet = TextSubNet(
-            self.text_encoder.out_dim, config.text_hidden, config.text_out, config.text_dropout
-        )
-        self.audio_subnet = FrameSubNet(dims.audio, config.audio_hidden, config.audio_dropout)
-        self.vision_subnet = FrameSubNet(dims.vision, config.vision_hidden, config.vision_dropout)
+        self.subnets = UnimodalSubnets(config, dims)
         # one (d_m + 1) x rank factor per modality: column i is w^(i)_m
         self.text_factor = nn.Parameter(torch.empty(config.text_out + 1, config.rank))
         self.audio_factor = nn.Parameter(torch.empty(config.audio_hidden + 1, config.rank))
@@ -81,10 +74,7 @@ class LMF(MSAModel):
             nn.init.xavier_normal_(factor)
 
     def forward(self, batch: Batch) -> Output:
-        text, text_mask = self.text_encoder(batch)
-        z_t = self.text_subnet(text, text_mask)
-        z_a = self.audio_subnet(masked_mean(batch.audio, batch.audio_mask))
-        z_v = self.vision_subnet(masked_mean(batch.vision, batch.vision_mask))
+        z_t, z_a, z_v = self.subnets(batch)
         products = (
             (with_one(z_t) @ self.text_factor)
             * (with_one(z_a) @ self.audio_factor)

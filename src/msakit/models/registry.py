@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import pkgutil
 from collections.abc import Callable
 from typing import Any
 
 from msakit.data.schema import FeatureDims
-from msakit.errors import MsakitError
+from msakit.errors import MsakitError, reject_unknown_keys
 from msakit.models.base import ModelConfig, MSAModel
 
 _MODELS: dict[str, type[MSAModel]] = {}
@@ -51,13 +50,7 @@ def get_model_class(name: str) -> type[MSAModel]:
 def build_config(name: str, values: dict[str, Any]) -> ModelConfig:
     """The model's config dataclass from a plain dict; unknown keys are an error naming them."""
     cls = get_model_class(name).config_class
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise MsakitError(
-            f"unknown setting(s) for model {name!r}: {', '.join(unknown)}; "
-            f"known: {', '.join(sorted(known))}"
-        )
+    reject_unknown_keys(values, cls, f"setting(s) for model {name!r}")
     return cls(**values)
 
 

@@ -32,9 +32,7 @@ from torch import nn
 from msakit.data.schema import Batch, FeatureDims
 from msakit.errors import MsakitError
 from msakit.models.base import ModelConfig, MSAModel, Output, check_settings
-from msakit.models.layers.pooling import masked_mean
-from msakit.models.layers.subnets import FrameSubNet, TextSubNet, with_one
-from msakit.models.layers.text import TextEncoder
+from msakit.models.layers.subnets import UnimodalSubnets, with_one
 from msakit.models.registry import register_model
 
 
@@ -75,12 +73,7 @@ class TFN(MSAModel):
 
     def __init__(self, config: TFNConfig, dims: FeatureDims) -> None:
         super().__init__(config, dims)
-        self.text_encoder = TextEncoder(config, dims)
-        self.text_subnet = TextSubNet(
-            self.text_encoder.out_dim, config.text_hidden, config.text_out, config.text_dropout
-        )
-        self.audio_subnet = FrameSubNet(dims.audio, config.audio_hidden, config.audio_dropout)
-        self.vision_subnet = FrameSubNet(dims.vision, config.vision_hidden, config.vision_dropout)
+        self.subnets = UnimodalSubnets(config, dims)
         fusion_dim = (config.text_out + 1) * (config.audio_hidden + 1) * (config.vision_hidden + 1)
         self.post_fusion = nn.Sequential(
             nn.Dropout(config.post_fusion_dropout),
@@ -90,10 +83,7 @@ class TFN(MSAModel):
         self.out = nn.Linear(config.post_fusion_dim, 1)
 
     def forward(self, batch: Batch) -> Output:
-        text, text_mask = self.text_encoder(batch)
-        z_t = self.text_subnet(text, text_mask)
-        z_a = self.audio_subnet(masked_mean(batch.audio, batch.audio_mask))
-        z_v = self.vision_subnet(masked_mean(batch.vision, batch.vision_mask))
+        z_t, z_a, z_v = self.subnets(batch)
         fusion = torch.einsum("bi,bj,bk->bijk", with_one(z_t), with_one(z_a), with_one(z_v))
         hidden = self.post_fusion(fusion.flatten(1))
         pred = self.out(hidden).squeeze(-1)

@@ -7,7 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from msakit.models.layers.pooling import valid_lengths
+from msakit.data.schema import Batch, FeatureDims
+from msakit.models.base import ModelConfig
+from msakit.models.layers.pooling import masked_mean, valid_lengths
+from msakit.models.layers.text import TextEncoder
 
 
 class FrameSubNet(nn.Module):
@@ -58,3 +61,25 @@ class TextSubNet(nn.Module):
 def with_one(x: torch.Tensor) -> torch.Tensor:
     """[1; x]: append a constant 1 so products of embeddings keep their lower-order terms."""
     return torch.cat([x.new_ones(x.shape[0], 1), x], dim=1)
+
+
+class UnimodalSubnets(nn.Module):
+    """The three subnetworks TFN and LMF share: z_t from an LSTM over the text, z_a and z_v from
+    the time-averaged audio and vision. The config needs text_hidden, text_out, text_dropout,
+    audio_hidden, audio_dropout, vision_hidden and vision_dropout."""
+
+    def __init__(self, config: ModelConfig, dims: FeatureDims) -> None:
+        super().__init__()
+        self.text_encoder = TextEncoder(config, dims)
+        self.text = TextSubNet(
+            self.text_encoder.out_dim, config.text_hidden, config.text_out, config.text_dropout
+        )
+        self.audio = FrameSubNet(dims.audio, config.audio_hidden, config.audio_dropout)
+        self.vision = FrameSubNet(dims.vision, config.vision_hidden, config.vision_dropout)
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(z_t, z_a, z_v): (B, text_out), (B, audio_hidden), (B, vision_hidden)."""
+        z_t = self.text(*self.text_encoder(batch))
+        z_a = self.audio(masked_mean(batch.audio, batch.audio_mask))
+        z_v = self.vision(masked_mean(batch.vision, batch.vision_mask))
+        return z_t, z_a, z_v
