@@ -150,3 +150,17 @@ def test_compare_refuses_runs_that_do_not_line_up(trained: Path, tiny_pickle: Pa
 def test_bad_options_give_one_line(args, needle, trained: Path, tiny_pickle: Path):
     args = [str(trained / "seed-7.pt") if a == "CKPT" else a for a in args]
     _one_line_error(*run(*args, "--dataset", str(tiny_pickle)), needle)
+
+
+def test_synthetic_writes_a_pickle_that_train_reads(tmp_path):
+    path = tmp_path / "syn.pkl"
+    code, out = run("synthetic", str(path), "--seed", "2", "--size", "n_train=30",
+                    "--size", "n_valid=10", "--size", "n_test=12", "--size", "audio_len=20",
+                    "--size", "vision_len=20", "--size", "text_dim=16")
+    assert code == 0, out
+    assert "30/10/12" in out
+    code, out = run("train", "text_only", "--dataset", str(path), "--epochs", "1",
+                    "--output", str(tmp_path / "run"), *FAST)
+    assert code == 0, out
+    _one_line_error(*run("synthetic", str(path), "--size", "n_trian=3"), "n_trian")
+    _one_line_error(*run("synthetic", str(path), "--size", "n_train=many"), "n_train=many")

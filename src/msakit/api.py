@@ -17,9 +17,12 @@ from typing import Any
 
 from msakit import __version__
 from msakit.config import resolve_config, training_config
+from msakit.data.catalog import check_synthetic_sizes
 from msakit.data.catalog import list_datasets as _list_datasets
 from msakit.data.catalog import load_dataset as _load_dataset
+from msakit.data.mmsa import save_mmsa
 from msakit.data.schema import MultimodalDataset
+from msakit.data.synthetic import generate_synthetic
 from msakit.errors import MsakitError
 from msakit.evaluation.metrics import LOWER_IS_BETTER, METRIC_KEYS
 from msakit.evaluation.protocols import plot_curves, run_protocol, write_robustness
@@ -54,6 +57,16 @@ def load_dataset(
     if isinstance(dataset, MultimodalDataset):
         return dataset
     return _load_dataset(dataset, data_dir=data_dir, **options)
+
+
+def write_synthetic(
+    output: str | Path, *, seed: int = 0, aligned: bool = False, **sizes: int
+) -> dict[str, Any]:
+    """Write the synthetic dataset as an MMSA pickle at `output`; sizes as `generate_synthetic`'s."""
+    check_synthetic_sizes(sizes)
+    raw = generate_synthetic(seed=seed, aligned=aligned, **sizes)
+    path = save_mmsa(raw, output)
+    return {"path": str(path), "sizes": {s: len(raw[s]["id"]) for s in ("train", "valid", "test")}}
 
 
 def _dataset_info(data: MultimodalDataset) -> dict[str, Any]:

@@ -183,6 +183,27 @@ def compare(run_dirs: tuple[str, ...], output: str) -> None:
 
 
 @cli.command()
+@click.argument("output")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--aligned", is_flag=True, help="every modality at the text length, no *_lengths")
+@click.option("--size", "sizes", multiple=True, metavar="KEY=N",
+              help="e.g. --size n_train=200 --size audio_len=100 (see `generate_synthetic`)")
+@_user_errors
+def synthetic(output: str, seed: int, aligned: bool, sizes: tuple[str, ...]) -> None:
+    """Write the synthetic dataset to OUTPUT as an MMSA pickle (any `--dataset PATH` reads it)."""
+    parsed = {}
+    for item in sizes:
+        key, _, value = item.partition("=")
+        try:
+            parsed[key.strip()] = int(value)
+        except ValueError:
+            raise MsakitError(f"--size {item!r}: expected KEY=N with an integer N") from None
+    result = api.write_synthetic(output, seed=seed, aligned=aligned, **parsed)
+    sizes_text = "/".join(str(n) for n in result["sizes"].values())
+    console.print(f"wrote {result['path']} (train/valid/test {sizes_text})")
+
+
+@cli.command()
 def models() -> None:
     """List the registered models."""
     table = Table("model", "description")

@@ -57,6 +57,16 @@ DATASETS: dict[str, dict[str, Any]] = {
 }
 
 
+def check_synthetic_sizes(sizes: dict[str, Any]) -> None:
+    """One-line error for a size option `generate_synthetic` does not have."""
+    allowed = set(inspect.signature(generate_synthetic).parameters) - {"aligned", "seed"}
+    unknown = sorted(set(sizes) - allowed)
+    if unknown:
+        raise MsakitError(
+            f"unknown synthetic size option(s) {', '.join(unknown)}; known: {', '.join(sorted(allowed))}"
+        )
+
+
 def list_datasets() -> list[dict[str, str]]:
     """Name, description and what must be given, for each catalog dataset."""
     return [
@@ -99,13 +109,7 @@ def load_dataset(
             f"dataset, not {name_or_path!r}"
         )
     if key == "synthetic":
-        allowed = set(inspect.signature(generate_synthetic).parameters) - {"aligned", "seed"}
-        unknown = sorted(set(synthetic_sizes) - allowed)
-        if unknown:
-            raise MsakitError(
-                f"unknown synthetic size option(s) {', '.join(unknown)}; "
-                f"known: {', '.join(sorted(allowed))}"
-            )
+        check_synthetic_sizes(synthetic_sizes)
         return synthetic_dataset(aligned=aligned, seed=seed, **synthetic_sizes)
     if key == "mosi-text":
         if data_dir is None:
