@@ -97,8 +97,9 @@ def plot_curves(path: Path, results: dict[str, dict[str, Any]], title: str) -> N
     conditions = [r["condition"] for r in first["rows"]]
     x = np.arange(len(conditions))
     panels = _panels(first["family"], several=len(results) > 1)
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
-    for ax, (ylabel, keys) in zip(axes[0], panels, strict=True):
+    rows = (len(panels) + 1) // 2
+    fig, axes = plt.subplots(rows, 2, figsize=(11, 4.2 * rows), squeeze=False)
+    for ax, (ylabel, keys) in zip(axes.flat, panels, strict=True):
         for name, result in results.items():
             for key in keys:
                 scale = 1 if key in ("mae", "corr") else 100
