@@ -69,6 +69,11 @@ def write_synthetic(
     return {"path": str(path), "sizes": {s: len(raw[s]["id"]) for s in ("train", "valid", "test")}}
 
 
+def _this_command() -> str:
+    """The command line of this process, for results that did not get one from the CLI."""
+    return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
 def _dataset_info(data: MultimodalDataset) -> dict[str, Any]:
     return {
         "name": data.name, "family": data.family, "metric_family": data.metric_family,
@@ -122,14 +127,14 @@ def train(
             "seed": seed,
             "best_epoch": fit.best_epoch,
             "epochs_run": fit.epochs_run,
-            "valid": trainer.evaluate(data.valid),
+            "valid": fit.best_valid,  # the restored weights' own validation score
             "test": trainer.evaluate(data.test),
             "history": [dataclasses.asdict(r) for r in fit.history],
         }
         if out_dir is not None:
             checkpoint = out_dir / f"seed-{seed}.pt"
             save_checkpoint(
-                checkpoint, trainer.model.cpu(), training=dataclasses.asdict(train_cfg),
+                checkpoint, trainer.model.cpu(), training=config["training"],
                 dataset=_dataset_info(data),
                 extra={"seed": seed, "metrics": {"valid": run["valid"], "test": run["test"]}},
             )
@@ -152,7 +157,7 @@ def _summarise(
         mean[split], std[split] = mean_std([r[split] for r in runs])
     return {
         "msakit_version": __version__,
-        "command": command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": command or _this_command(),
         "model": model,
         "dataset": _dataset_info(data),
         "selection": f"best validation {metric} ({direction} is better); test never used to select",
@@ -183,7 +188,7 @@ def _checkpoint_trainer(
 ) -> tuple[Trainer, dict[str, Any]]:
     net, meta = load_checkpoint(checkpoint)
     check_dims_match(checkpoint, net, data.dims)
-    settings = training_config({**meta["training_config"], "device": device, "stages": []})
+    settings = training_config({**meta["training_config"], "device": device})
     return Trainer(net, settings, data.metric_family, progress=False), meta
 
 
@@ -230,11 +235,10 @@ def robustness(
     trainer, meta = _checkpoint_trainer(checkpoint, data, device)
     result = {
         "msakit_version": __version__,
-        "command": command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": command or _this_command(),
         "checkpoint": str(checkpoint),
         "model": meta["model_name"],
         "dataset": _dataset_info(data),
-        "family": data.metric_family,
         **run_protocol(trainer, data, protocol, rates=rates, subsets=subsets, seeds=seeds),
     }
     if output is not None:
@@ -258,7 +262,7 @@ def compare(run_dirs: Sequence[str | Path], output: str | Path) -> dict[str, Any
         if label in results:
             raise MsakitError(f"{run_dir} is given twice")
         results[label] = result
-    kinds = {(r["protocol"], r["family"], tuple(row["condition"] for row in r["rows"]))
+    kinds = {(r["protocol"], r["dataset"]["metric_family"], tuple(row["condition"] for row in r["rows"]))
              for r in results.values()}
     if len(kinds) > 1:
         raise MsakitError(

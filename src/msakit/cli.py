@@ -167,7 +167,7 @@ def robustness(checkpoint: str, dataset: str, data_dir: str | None, aligned: boo
     first = "modalities" if protocol == "fixed" else "rate"
     console.print(metrics_table(
         f"{result['model']} on {result['dataset']['name']}: {protocol}-modal missing, test split",
-        rows, result["family"], first_column=first))
+        rows, result["dataset"]["metric_family"], first_column=first))
     console.print(f"written: {Path(output) / 'robustness.json'}, robustness.csv, robustness.png")
 
 

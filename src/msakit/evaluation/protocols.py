@@ -96,7 +96,7 @@ def plot_curves(path: Path, results: dict[str, dict[str, Any]], title: str) -> N
     first = next(iter(results.values()))
     conditions = [r["condition"] for r in first["rows"]]
     x = np.arange(len(conditions))
-    panels = _panels(first["family"], several=len(results) > 1)
+    panels = _panels(first["dataset"]["metric_family"], several=len(results) > 1)
     rows = (len(panels) + 1) // 2
     fig, axes = plt.subplots(rows, 2, figsize=(11, 4.2 * rows), squeeze=False)
     for ax, (ylabel, keys) in zip(axes.flat, panels, strict=True):

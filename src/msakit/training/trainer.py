@@ -178,7 +178,6 @@ class Trainer:
         optimizer = build_optimizer(self.model, cfg, stage.lr)
         scheduler = build_scheduler(optimizer, cfg, steps_per_epoch * stage.epochs)
         metric = cfg.select_metric
-        best_value: float | None = None
         best = FitResult(best_valid={}, best_epoch=0, epochs_run=0)
         best_state = copy.deepcopy(self.model.state_dict())
         stale = 0
@@ -190,7 +189,7 @@ class Trainer:
                     on_step=lambda: bar.advance(task),
                 )
                 valid_metrics = self.evaluate(valid)
-                improved = is_better(metric, valid_metrics[metric], best_value)
+                improved = is_better(metric, valid_metrics[metric], best.best_valid.get(metric))
                 history.append(EpochRecord(stage.name, epoch, train_loss, valid_metrics, improved))
                 log.info(
                     "%s epoch %d/%d  train loss %.4f  valid %s %.4f%s", stage.name, epoch,
@@ -202,7 +201,7 @@ class Trainer:
                 ))
                 best.epochs_run = epoch
                 if improved:
-                    best_value, stale = valid_metrics[metric], 0
+                    stale = 0
                     best.best_valid, best.best_epoch = valid_metrics, epoch
                     best_state = copy.deepcopy(self.model.state_dict())
                 else:
