@@ -142,6 +142,9 @@ class Batch:
     unimodal_labels: dict[str, torch.Tensor] = field(default_factory=dict)
     # modality -> (B, L) bool, True where a missing-data protocol dropped that token/frame
     dropped: dict[str, torch.Tensor] = field(default_factory=dict)
+    # the same samples before training noise, for models whose losses compare noisy and clean input
+    # (LNLN); set by the trainer from the batch it already holds, so there is no second read
+    clean: Batch | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -156,6 +159,8 @@ class Batch:
             changes[name] = {
                 k: v.to(device, non_blocking=True) for k, v in getattr(self, name).items()
             }
+        if self.clean is not None:
+            changes["clean"] = self.clean.to(device)
         return replace(self, **changes)
 
     def with_updates(self, **changes: Any) -> Batch:

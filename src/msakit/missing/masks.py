@@ -203,7 +203,7 @@ def _valid(batch: Batch, modality: str) -> torch.Tensor:
     return torch.ones(source.shape, dtype=torch.bool, device=source.device)
 
 
-def _droppable(batch: Batch, modality: str, special_ids: Iterable[int]) -> torch.Tensor:
+def droppable_positions(batch: Batch, modality: str, special_ids: Iterable[int]) -> torch.Tensor:
     """(B, L) bool: positions a protocol may drop; for text, valid tokens that are not special.
 
     Without token ids there is no way to tell [CLS]/[SEP] features apart, so every valid
@@ -270,7 +270,7 @@ def drop_within_modalities(
     for modality in MODALITIES:
         if modality not in rates or not _has(batch, modality):
             continue
-        droppable = _droppable(batch, modality, special_ids)
+        droppable = droppable_positions(batch, modality, special_ids)
         rate = np.asarray(rates[modality], dtype=np.float64).reshape(-1, 1)
         u = sample_uniforms(stream, seed, batch.ids, modality, droppable.shape[1], epoch)
         drop = torch.from_numpy(u < rate).to(droppable.device) & droppable
@@ -324,7 +324,7 @@ def drop_whole_modalities(
         if not _has(batch, modality):
             continue
         gone = ~keep_t[:, m]
-        tokens = _droppable(batch, modality, special_ids) & gone.unsqueeze(1)
+        tokens = droppable_positions(batch, modality, special_ids) & gone.unsqueeze(1)
         changes.update(_blanked(batch, modality, tokens, gone.view(-1, 1, 1), unk_id))
         _record(dropped, modality, tokens)
     return batch.with_updates(dropped=dropped, **changes)

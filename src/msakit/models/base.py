@@ -55,6 +55,8 @@ class MSAModel(nn.Module):
     config_class: type[ModelConfig] = ModelConfig
     modalities: tuple[str, ...] = ("text", "audio", "vision")
     registry_name: str = ""  # set by @register_model
+    # True: training batches carry `batch.clean`, the same samples before training noise
+    needs_clean_input: bool = False
 
     def __init__(self, config: ModelConfig, dims: FeatureDims) -> None:
         super().__init__()

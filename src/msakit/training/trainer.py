@@ -221,8 +221,11 @@ class Trainer:
         self.model.train()
         total, count = 0.0, 0
         for batch in iterate_batches(split, self.config.batch_size, shuffle=True, generator=generator):
+            clean = batch
             if self.train_transform is not None:
                 batch = self.train_transform(batch, epoch)
+            if self.model.needs_clean_input:
+                batch = batch.with_updates(clean=clean)
             batch = batch.to(self.device)
             output = self.model(batch)
             loss = self.loss_fn(output.pred, batch.labels)

@@ -1,0 +1,410 @@
+"""LNLN: Language-dominated Noise-resistant Learning Network (Zhang, Wang and Yu, "Towards Robust
+Multimodal Sentiment Analysis with Incomplete Data", NeurIPS 2024; official code Haoyu-ha/LNLN).
+
+Notation of the paper (Sec. 3); every sequence below is (B, 8, d) with d = 128 unless noted.
+
+1. Embedding (Sec. 3.2): per modality m, a linear map to d, then a transformer with 8 learnable
+   extra tokens prepended; the 8 token outputs are kept:  H1_m = E_m([H0_m; W_m X_m])[:8].
+2. Dominant Modality Correction (Sec. 3.3):
+   - completeness check: a transformer with one extra token over H1_l, then 128-64-1 + sigmoid:
+       w = sigmoid(MLP(T_cc([H_cc; H1_l])[0]))        trained by  L_cc = MSE(w, 1 - r_l)
+     where r_l is the fraction of the sample's text tokens that were dropped;
+   - proxy dominant feature generator: a transformer over [H0_p; H1_a; H1_v] (its own 8 extra tokens
+     are its output):  H1_p = T_p([H0_p; H1_a; H1_v])[:8]
+   - corrected language:  H1_d = (1 - w) H1_p + w H1_l
+   - effectiveness discriminator D (128-64-2) tells H1_d from the language tokens of the CLEAN input,
+     token by token: L_adv = CE(D(H1_d), 1) + CE(D(H1_l_clean), 0), with gradient reversal (below).
+3. Dominant-modality-based multimodal learning (Sec. 3.4):
+   - a language transformer keeps its hidden states H1_d, H2_d, H3_d (depth 2);
+   - the hyper-modality learner updates a learned H0_hyper, one layer per language state:
+       H^i_hyper = LN(H^(i-1)_hyper) + W_o (Attn(q=H^i_d, kv=H1_a) + Attn(q=H^i_d, kv=H1_v))
+   - a cross transformer (H3_d queries H_hyper; depth 2 for MOSI, 4 for MOSEI/SIMS), mean of its
+     outputs (its extra token excluded), Linear(d -> 1):  y_hat.
+4. Reconstructor (Sec. 3.5): per modality a transformer (depth 2) maps the noisy H1_m towards the
+   clean H1_m:  L_rec = MSE([R_a(H1_a); R_v(H1_v); R_l(H1_l)], [H1_a; H1_v; H1_l]_clean).
+5. Loss: L = alpha L_cc + beta L_adv + gamma L_rec + L_sp, L_sp = MSE(y_hat, y); the published
+   weights are alpha 0.9, beta 0.8 (SIMS 0.6), gamma 0.1 (`configs/lnln.yaml`).
+
+The clean-input targets (discriminator, reconstructor) need the clean version of each noisy batch:
+the trainer attaches it as `batch.clean` (this class sets `needs_clean_input`), so no second read
+of the data is needed. Without `batch.clean` (evaluation, prediction) only y_hat is computed.
+
+Where the paper and the official code differ, and what is followed here:
+- Gradient reversal. The adversarial game of Sec. 3.3 trains D to separate corrected from clean
+  language tokens and the correction to defeat it. The official code puts the reversal layer on
+  H1_p itself, before the weighted mix, so EVERY loss downstream, the sentiment loss included,
+  reaches the proxy generator with its sign flipped, and D's gradient reaches the language
+  embedding un-reversed. `gradient_reversal: proxy` (the default, so that the published settings
+  mean what they meant) does exactly that; `gradient_reversal: discriminator` puts the reversal
+  where a domain-adversarial objective has it: in front of D, on both of D's inputs.
+- Reconstructor target. The paper speaks of reconstructing the complete data; the official code
+  reconstructs the clean input's embedded tokens H1_m, produced by the same, trainable embedding
+  (no stop-gradient on the target). That is followed.
+- Completeness target. The official code regresses w on the missing rate r it SAMPLED for the
+  sample; here the target is the fraction actually dropped, read from the batch's masks (it is
+  what the checker can observe, and it is also right for evaluation protocols and hand-made
+  masks). The two differ by the binomial noise of the draw.
+- Padding. The official transformers attend to padded frames and padded text states; here padded
+  positions are masked out of every attention, so padding cannot change a prediction. Frames that
+  a protocol DROPPED stay visible (as zeros), as in the paper.
+- The completeness checker's output keeps its batch dimension for a batch of one (the official
+  `.squeeze()` drops it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from msakit.data.schema import Batch, FeatureDims
+from msakit.errors import MsakitError
+from msakit.missing.masks import BERT_SPECIAL_IDS, droppable_positions
+from msakit.models.base import ModelConfig, MSAModel, Output, check_settings
+from msakit.models.layers.text import TextEncoder, special_token_ids
+from msakit.models.registry import register_model
+
+REVERSAL_PLACES = ("proxy", "discriminator")
+
+
+@dataclass
+class LNLNConfig(ModelConfig):
+    """LNLN's settings; the defaults are the official MOSI configuration (configs/train_mosi.yaml)."""
+
+    hidden_dim: int = 128  # d, the width of every token
+    num_tokens: int = 8  # extra tokens kept per modality
+    heads: int = 8
+    dim_head: int = 64  # per-head width of the transformers (inner width heads * dim_head = 512)
+    mlp_dim: int = 128  # feed-forward width of every transformer block
+    embed_depth: int = 2  # embedding transformers (text, audio, vision)
+    checker_depth: int = 2  # completeness checker
+    proxy_depth: int = 2  # proxy dominant feature generator
+    reconstructor_depth: int = 2
+    language_depth: int = 2  # the hyper-modality learner has language_depth + 1 layers
+    fusion_depth: int = 2  # cross transformer: 2 for MOSI, 4 for MOSEI and SIMS
+    discriminator_hidden: int = 64
+    checker_hidden: int = 64
+    completeness_weight: float = 0.9  # alpha
+    adversarial_weight: float = 0.8  # beta (SIMS: 0.6)
+    reconstruction_weight: float = 0.1  # gamma
+    gradient_reversal: str = "proxy"  # "proxy" (official code) or "discriminator"
+    reversal_strength: float = 1.0  # the reversed gradient is scaled by this
+
+    def __post_init__(self) -> None:
+        check_settings(
+            "lnln", self,
+            ("hidden_dim", "num_tokens", "heads", "dim_head", "mlp_dim", "embed_depth",
+             "checker_depth", "proxy_depth", "reconstructor_depth", "language_depth",
+             "fusion_depth", "discriminator_hidden", "checker_hidden"),
+            (),
+        )
+        if self.hidden_dim % self.heads:
+            raise MsakitError(
+                f"lnln: model.hidden_dim ({self.hidden_dim}) must be divisible by "
+                f"model.heads ({self.heads})"
+            )
+        if self.gradient_reversal not in REVERSAL_PLACES:
+            raise MsakitError(
+                f"lnln: model.gradient_reversal must be one of {', '.join(REVERSAL_PLACES)}, "
+                f"not {self.gradient_reversal!r}"
+            )
+        for key in ("completeness_weight", "adversarial_weight", "reconstruction_weight",
+                    "reversal_strength"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise MsakitError(f"lnln: model.{key} must be a number >= 0, not {value!r}")
+
+
+class _ReverseGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, strength: float) -> torch.Tensor:
+        ctx.strength = strength
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return -ctx.strength * grad, None
+
+
+def reverse_gradient(x: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+    """Identity forward; the gradient passes backwards multiplied by -strength."""
+    return _ReverseGradient.apply(x, strength)
+
+
+def multi_head_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, key_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Scaled dot-product attention of projected (B, L, inner) tensors split into `heads` heads.
+
+    `key_mask` (B, Lk) is True where a key may be attended to.
+    """
+    batch, length = q.shape[:2]
+
+    def split(x: torch.Tensor) -> torch.Tensor:
+        return x.view(batch, x.shape[1], heads, -1).transpose(1, 2)
+
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask)
+    return out.transpose(1, 2).reshape(batch, length, -1)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with separate widths: heads x dim_head inside, `dim` outside."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int) -> None:
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(dim, inner, bias=False)
+        self.to_v = nn.Linear(dim, inner, bias=False)
+        self.to_out = nn.Linear(inner, dim)
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        out = multi_head_attention(self.to_q(q), self.to_k(k), self.to_v(v), self.heads, key_mask)
+        return self.to_out(out)
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + Attn(LN_q(x), LN_k(s), LN_v(s)), then x + FF(LN(x)); s = x by default."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, mlp_dim: int) -> None:
+        super().__init__()
+        self.norm_q, self.norm_k, self.norm_v = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, dim_head)
+        self.norm_ff = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, dim))
+
+    def forward(
+        self, x: torch.Tensor, source: torch.Tensor | None = None, key_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        source = x if source is None else source
+        x = x + self.attn(self.norm_q(x), self.norm_k(source), self.norm_v(source), key_mask)
+        return x + self.ff(self.norm_ff(x))
+
+
+class TokenTransformer(nn.Module):
+    """`num_tokens` learned extra tokens prepended (zeros at start), learned positions, `depth` blocks.
+
+    Returns the list of hidden states: the input with positions added, then each block's output.
+    """
+
+    def __init__(self, max_len: int, num_tokens: int, config: LNLNConfig, depth: int) -> None:
+        super().__init__()
+        d = config.hidden_dim
+        self.max_len = max_len
+        self.tokens = nn.Parameter(torch.zeros(1, num_tokens, d)) if num_tokens else None
+        self.positions = nn.Parameter(torch.randn(1, max_len + num_tokens, d))
+        self.blocks = nn.ModuleList(
+            Block(d, config.heads, config.dim_head, config.mlp_dim) for _ in range(depth)
+        )
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, keep: int | None = None
+    ) -> list[torch.Tensor]:
+        """`keep`: only the first `keep` positions of the last block's output are wanted, so only
+        they are computed there (the output is the same; most of the last block's cost is saved)."""
+        batch, length = x.shape[:2]
+        if length > self.max_len:
+            raise MsakitError(
+                f"lnln: a sequence of {length} steps is longer than the {self.max_len} the model "
+                "was built for"
+            )
+        if self.tokens is not None:
+            x = torch.cat([self.tokens.expand(batch, -1, -1), x], dim=1)
+            if mask is not None:
+                mask = F.pad(mask, (self.tokens.shape[1], 0), value=True)
+        x = x + self.positions[:, : x.shape[1]]
+        if mask is not None and bool(mask.all()):
+            mask = None  # nothing to hide: the unmasked attention kernels are faster
+        states = [x]
+        for i, block in enumerate(self.blocks):
+            last = i == len(self.blocks) - 1
+            x = block(x[:, :keep], source=x, key_mask=mask) if last and keep else block(x, key_mask=mask)
+            states.append(x)
+        return states
+
+
+class HyperLayer(nn.Module):
+    """One step of the hyper-modality learner: the language state queries audio and vision.
+
+    As in the official code its attention is heads x (dim / heads) wide inside (the other
+    transformers use heads x dim_head), with separate keys and values per modality.
+    """
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm_language, self.norm_audio = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.norm_vision, self.norm_hyper = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k_audio, self.to_v_audio = nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim, bias=False)
+        self.to_k_vision, self.to_v_vision = nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim, bias=False)
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(
+        self, language: torch.Tensor, audio: torch.Tensor, vision: torch.Tensor, hyper: torch.Tensor
+    ) -> torch.Tensor:
+        q = self.to_q(self.norm_language(language))
+        audio, vision = self.norm_audio(audio), self.norm_vision(vision)
+        from_audio = multi_head_attention(q, self.to_k_audio(audio), self.to_v_audio(audio), self.heads, None)
+        from_vision = multi_head_attention(
+            q, self.to_k_vision(vision), self.to_v_vision(vision), self.heads, None
+        )
+        return self.norm_hyper(hyper) + self.to_out(from_audio + from_vision)
+
+
+class CrossTransformer(nn.Module):
+    """The target reads the source; one shared extra token is prepended to both, positions learned."""
+
+    def __init__(self, num_tokens: int, config: LNLNConfig) -> None:
+        super().__init__()
+        d = config.hidden_dim
+        self.token = nn.Parameter(torch.zeros(1, 1, d))
+        self.source_positions = nn.Parameter(torch.randn(1, num_tokens + 1, d))
+        self.target_positions = nn.Parameter(torch.randn(1, num_tokens + 1, d))
+        self.blocks = nn.ModuleList(
+            Block(d, config.heads, config.dim_head, config.mlp_dim) for _ in range(config.fusion_depth)
+        )
+
+    def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        token = self.token.expand(source.shape[0], -1, -1)
+        source = torch.cat([token, source], dim=1) + self.source_positions
+        target = torch.cat([token, target], dim=1) + self.target_positions
+        for block in self.blocks:
+            target = block(target, source)
+        return target
+
+
+def _mlp(dim: int, hidden: int, out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim, hidden), nn.LeakyReLU(0.1), nn.Linear(hidden, out))
+
+
+@register_model("lnln")
+class LNLN(MSAModel):
+    """Language-dominated Noise-resistant Learning Network: corrects language, then fuses around it."""
+
+    config_class = LNLNConfig
+    needs_clean_input = True
+
+    def __init__(self, config: LNLNConfig, dims: FeatureDims) -> None:
+        super().__init__(config, dims)
+        d, n = config.hidden_dim, config.num_tokens
+        self.text_encoder = TextEncoder(config, dims)
+        self.special_ids = special_token_ids(config).get("special_ids", BERT_SPECIAL_IDS)
+        widths = {"text": self.text_encoder.out_dim, "audio": dims.audio, "vision": dims.vision}
+        lengths = {"text": dims.text_len, "audio": dims.audio_len, "vision": dims.vision_len}
+        self.project = nn.ModuleDict({m: nn.Linear(w, d) for m, w in widths.items()})
+        self.embed = nn.ModuleDict({
+            m: TokenTransformer(lengths[m], n, config, config.embed_depth) for m in widths
+        })
+        self.checker = TokenTransformer(n, 1, config, config.checker_depth)
+        self.checker_head = nn.Sequential(_mlp(d, config.checker_hidden, 1), nn.Sigmoid())
+        self.proxy_init = nn.Parameter(torch.ones(1, n, d))
+        self.proxy = TokenTransformer(3 * n, n, config, config.proxy_depth)
+        self.discriminator = _mlp(d, config.discriminator_hidden, 2)
+        self.language = TokenTransformer(n, 0, config, config.language_depth)
+        self.hyper_init = nn.Parameter(torch.ones(1, n, d))
+        self.hyper = nn.ModuleList(HyperLayer(d, config.heads) for _ in range(config.language_depth + 1))
+        self.fusion = CrossTransformer(n, config)
+        self.head = nn.Linear(d, 1)
+        self.reconstruct = nn.ModuleDict({
+            m: TokenTransformer(n, 0, config, config.reconstructor_depth) for m in widths
+        })
+
+    def embed_one(self, modality: str, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """H1_m (B, num_tokens, d) of one modality's (B, L, D_m) sequence."""
+        n = self.config.num_tokens
+        return self.embed[modality](self.project[modality](x), mask, keep=n)[-1]
+
+    def embed_tokens(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """H1_m (B, num_tokens, d) for text, audio and vision."""
+        text, text_mask = self.text_encoder(batch)
+        return {
+            "text": self.embed_one("text", text, text_mask),
+            "audio": self.embed_one("audio", batch.audio, batch.audio_mask),
+            "vision": self.embed_one("vision", batch.vision, batch.vision_mask),
+        }
+
+    def clean_tokens(self, batch: Batch, noisy: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """H1_m of `batch.clean`. Audio and vision are embedded again only for the samples that
+        lost frames: their embedding is deterministic, so the others' noisy H1_m already is the
+        clean one. Text always goes through the encoder again (its dropout makes it stochastic)."""
+        clean = batch.clean
+        text, text_mask = self.text_encoder(clean)
+        out = {"text": self.embed_one("text", text, text_mask)}
+        for m in ("audio", "vision"):
+            dropped = batch.dropped.get(m)
+            rows = None if dropped is None else dropped.any(1).nonzero().squeeze(1)
+            if rows is None or rows.numel() == 0:
+                out[m] = noisy[m]
+                continue
+            x, mask = getattr(clean, m), getattr(clean, f"{m}_mask")
+            again = self.embed_one(m, x[rows], None if mask is None else mask[rows])
+            out[m] = noisy[m].index_put((rows,), again)
+        return out
+
+    def text_completeness(self, batch: Batch) -> torch.Tensor:
+        """(B,) 1 - the fraction of each sample's droppable text tokens that were dropped."""
+        reference = batch.clean if batch.clean is not None else batch
+        droppable = droppable_positions(reference, "text", self.special_ids)
+        dropped = batch.dropped.get("text")
+        if dropped is None:
+            return torch.ones(droppable.shape[0], device=droppable.device)
+        lost = (dropped & droppable).sum(1).float()
+        return 1.0 - lost / droppable.sum(1).clamp(min=1).float()
+
+    def forward(self, batch: Batch) -> Output:
+        cfg = self.config
+        n = cfg.num_tokens
+        h1 = self.embed_tokens(batch)
+        batch_size = h1["text"].shape[0]
+
+        checked = self.checker(h1["text"], keep=1)[-1][:, 0]
+        w = self.checker_head(checked)  # (B, 1)
+        proxy_in = torch.cat([self.proxy_init.expand(batch_size, -1, -1), h1["audio"], h1["vision"]], 1)
+        h1_p = self.proxy(proxy_in, keep=n)[-1]
+        if cfg.gradient_reversal == "proxy":
+            h1_p = reverse_gradient(h1_p, cfg.reversal_strength)
+        h1_d = (1 - w).unsqueeze(-1) * h1_p + w.unsqueeze(-1) * h1["text"]
+
+        language_states = self.language(h1_d)
+        hyper = self.hyper_init.expand(batch_size, -1, -1)
+        for layer, state in zip(self.hyper, language_states, strict=True):
+            hyper = layer(state, h1["audio"], h1["vision"], hyper)
+        fused = self.fusion(hyper, language_states[-1])[:, 1:].mean(1)
+        pred = self.head(fused).squeeze(-1)
+
+        features = {"fused": fused, "completeness": w.squeeze(-1)}
+        if not self.training or batch.clean is None:
+            return Output(pred=pred, features=features)
+        return Output(pred=pred, losses=self._auxiliary_losses(batch, h1, h1_d, w), features=features)
+
+    def _auxiliary_losses(
+        self, batch: Batch, h1: dict[str, torch.Tensor], h1_d: torch.Tensor, w: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        clean = self.clean_tokens(batch, h1)
+        completeness = F.mse_loss(w.squeeze(-1), self.text_completeness(batch))
+
+        judged = torch.cat([h1_d, clean["text"]], dim=0)
+        if cfg.gradient_reversal == "discriminator":
+            judged = reverse_gradient(judged, cfg.reversal_strength)
+        logits = self.discriminator(judged)
+        # 1 = corrected (from noisy input), 0 = clean language, for every token
+        truth = torch.cat([torch.ones(h1_d.shape[:2]), torch.zeros(h1_d.shape[:2])]).long()
+        adversarial = F.cross_entropy(logits.flatten(0, 1), truth.flatten().to(logits.device))
+
+        order = ("audio", "vision", "text")
+        rebuilt = torch.cat([self.reconstruct[m](h1[m])[-1] for m in order], dim=1)
+        target = torch.cat([clean[m] for m in order], dim=1)
+        reconstruction = F.mse_loss(rebuilt, target)
+        return {
+            "completeness": cfg.completeness_weight * completeness,
+            "adversarial": cfg.adversarial_weight * adversarial,
+            "reconstruction": cfg.reconstruction_weight * reconstruction,
+        }
