@@ -142,6 +142,7 @@ def test_compare_refuses_runs_that_do_not_line_up(trained: Path, tiny_pickle: Pa
 
 @pytest.mark.parametrize(("args", "needle"), [
     (["train", "lmf", "--seeds", "3 3"], "distinct"),
+    (["train", "lmf", "--reproduce"], "reproduce"),
     (["train", "lmf", "--set", "training.batch_size=0"], "training.batch_size"),
     (["evaluate", "CKPT", "--split", "dev"], "dev"),
     (["robustness", "CKPT", "--protocol", "sideways"], "sideways"),

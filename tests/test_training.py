@@ -102,9 +102,64 @@ def test_stages_run_in_order_with_the_models_hook(tiny_dataset):
     assert [(r.stage, r.epoch) for r in fit.history] == [("warm", 1), ("main", 1), ("main", 2)]
 
 
+@pytest.mark.parametrize("noisy", [True, False])
+def test_models_that_ask_get_the_clean_batch_beside_the_noisy_one(tiny_dataset, noisy):
+    seen = []
+
+    def noise(batch, epoch):
+        return batch.with_updates(audio=batch.audio * 0.0)
+
+    trainer = _trainer(tiny_dataset, epochs=1)
+    trainer.train_transform = noise if noisy else None
+    forward = trainer.model.forward
+
+    def spy(batch):
+        seen.append(batch)
+        return forward(batch)
+
+    trainer.model.forward = spy
+    trainer.fit(tiny_dataset.train, tiny_dataset.valid, seed=1)
+    assert all(b.clean is None for b in seen)  # text_only does not ask for it
+    seen.clear()
+    trainer.model.needs_clean_input = True
+    trainer.fit(tiny_dataset.train, tiny_dataset.valid, seed=1)
+    training = [b for b in seen if b.clean is not None]
+    assert len(training) == math.ceil(len(tiny_dataset.train) / 16)  # evaluation batches get none
+    for batch in training:
+        assert torch.equal(batch.clean.labels, batch.labels)
+        assert batch.clean.audio.abs().sum() > 0
+        assert (batch.audio.abs().sum() == 0) == noisy
+    assert len(seen) > len(training)
+
+
+def test_each_tracked_metric_keeps_its_best_validation_epoch(tiny_dataset):
+    seed_everything(0)
+    model = create_model("text_only", FEATURES, tiny_dataset.dims)
+    config = TrainConfig(epochs=6, batch_size=16, lr=3e-3, device="cpu", patience=None)
+    calls = []
+
+    def valid_transform(batch):
+        calls.append(len(batch))
+        return batch.with_updates(text=batch.text * 0.5)
+
+    trainer = Trainer(model, config, "mosi", progress=False, valid_transform=valid_transform,
+                      track_metrics=("mae", "corr", "acc7"))
+    fit = trainer.fit(tiny_dataset.train, tiny_dataset.valid, seed=1)
+    assert sum(calls) == 6 * len(tiny_dataset.valid)  # every validation sample, every epoch
+    for metric, snapshot in trainer.best_by_metric.items():
+        values = [record.valid[metric] for record in fit.history]
+        best = min(values) if metric == "mae" else max(values)
+        assert snapshot.epoch == values.index(best) + 1
+        trainer.model.load_state_dict(snapshot.state)
+        assert trainer.evaluate(tiny_dataset.valid, valid_transform)[metric] == pytest.approx(best)
+
+
 def test_bad_select_metric_is_a_user_error(tiny_dataset):
     with pytest.raises(MsakitError, match="select_metric"):
         _trainer(tiny_dataset, select_metric="acc3")
+    model = create_model("text_only", FEATURES, tiny_dataset.dims)
+    with pytest.raises(MsakitError, match="acc3"):
+        Trainer(model, TrainConfig(device="cpu"), "mosi", track_metrics=("acc3",))
 
 
 def test_checkpoint_round_trip_rebuilds_the_same_model(tiny_dataset, tmp_path: Path):

@@ -16,24 +16,25 @@ from pathlib import Path
 from typing import Any
 
 from msakit import __version__
-from msakit.config import resolve_config, training_config
+from msakit.config import model_yaml, resolve_config, training_config
 from msakit.data.catalog import check_synthetic_sizes
 from msakit.data.catalog import list_datasets as _list_datasets
 from msakit.data.catalog import load_dataset as _load_dataset
 from msakit.data.mmsa import save_mmsa
-from msakit.data.schema import MultimodalDataset
+from msakit.data.schema import Batch, MultimodalDataset
 from msakit.data.synthetic import generate_synthetic
 from msakit.errors import MsakitError
 from msakit.evaluation.metrics import LOWER_IS_BETTER, METRIC_KEYS
 from msakit.evaluation.protocols import plot_curves, run_protocol, write_robustness
 from msakit.evaluation.report import LABELS, csv_text, format_value, mean_std
+from msakit.evaluation.reproduce import load_recipe, per_metric_scores, tracked_metrics
 from msakit.fileio import atomic_write_text
-from msakit.missing import build_noise
+from msakit.missing import MissingSpec, apply_missing, build_noise
 from msakit.models.layers.text import special_token_ids
 from msakit.models.registry import build_config, create_model, get_model_class
 from msakit.models.registry import list_models as _list_models
 from msakit.training.checkpoint import check_dims_match, load_checkpoint, save_checkpoint
-from msakit.training.trainer import Trainer, seed_everything
+from msakit.training.trainer import FitResult, Trainer, seed_everything
 
 
 def list_models() -> list[dict[str, str]]:
@@ -106,23 +107,11 @@ def train(
     if len(set(seeds)) != len(seeds) or not seeds:
         raise MsakitError(f"seeds must be distinct and at least one, not {list(seeds)}")
     data = load_dataset(dataset, data_dir, aligned=aligned)
-    overrides = list(overrides) + ([f"training.epochs={epochs}"] if epochs is not None else [])
-    layered = resolve_config(model, data.family, overrides)
-    train_cfg = training_config(layered["training"])
-    config = {  # every setting in force, defaults included, as results.json records it
-        "model": dataclasses.asdict(build_config(model, layered["model"])),
-        "training": dataclasses.asdict(train_cfg),
-    }
+    config = _resolved_config(model, data, overrides, epochs)
     out_dir = Path(output) if output is not None else None
     runs = []
     for seed in seeds:
-        seed_everything(seed)
-        net = create_model(model, config["model"], data.dims)
-        noise = build_noise(train_cfg.noise, train_cfg.noise_rate, seed,
-                            **special_token_ids(net.config))
-        trainer = Trainer(net, train_cfg, data.metric_family, train_transform=noise,
-                          progress=progress)
-        fit = trainer.fit(data.train, data.valid, seed)
+        trainer, fit = _fit_one_seed(model, data, config, seed, progress)
         run = {
             "seed": seed,
             "best_epoch": fit.best_epoch,
@@ -132,18 +121,125 @@ def train(
             "history": [dataclasses.asdict(r) for r in fit.history],
         }
         if out_dir is not None:
-            checkpoint = out_dir / f"seed-{seed}.pt"
-            save_checkpoint(
-                checkpoint, trainer.model.cpu(), training=config["training"],
-                dataset=_dataset_info(data),
-                extra={"seed": seed, "metrics": {"valid": run["valid"], "test": run["test"]}},
-            )
-            run["checkpoint"] = checkpoint.name
+            run["checkpoint"] = _save_seed(out_dir, trainer, config, data, seed,
+                                           {"valid": run["valid"], "test": run["test"]})
         runs.append(run)
     results = _summarise(model, data, config, runs, command)
     if out_dir is not None:
         write_results(out_dir, results)
     return results
+
+
+def _resolved_config(
+    model: str, data: MultimodalDataset, overrides: Sequence[str], epochs: int | None
+) -> dict[str, Any]:
+    """Every setting in force, defaults included, as results.json records it."""
+    overrides = list(overrides) + ([f"training.epochs={epochs}"] if epochs is not None else [])
+    layered = resolve_config(model, data.family, overrides)
+    return {
+        "model": dataclasses.asdict(build_config(model, layered["model"])),
+        "training": dataclasses.asdict(training_config(layered["training"])),
+    }
+
+
+def _fit_one_seed(
+    model: str, data: MultimodalDataset, config: dict[str, Any], seed: int, progress: bool,
+    **trainer_options: Any,
+) -> tuple[Trainer, FitResult]:
+    """A fresh model trained with `seed` (training noise as configured), selected on validation."""
+    train_cfg = training_config(config["training"])
+    seed_everything(seed)
+    net = create_model(model, config["model"], data.dims)
+    noise = build_noise(train_cfg.noise, train_cfg.noise_rate, seed, **special_token_ids(net.config))
+    trainer = Trainer(net, train_cfg, data.metric_family, train_transform=noise, progress=progress,
+                      **trainer_options)
+    return trainer, trainer.fit(data.train, data.valid, seed)
+
+
+def _save_seed(
+    out_dir: Path, trainer: Trainer, config: dict[str, Any], data: MultimodalDataset, seed: int,
+    metrics: dict[str, Any],
+) -> str:
+    checkpoint = out_dir / f"seed-{seed}.pt"
+    save_checkpoint(checkpoint, trainer.model.cpu(), training=config["training"],
+                    dataset=_dataset_info(data), extra={"seed": seed, "metrics": metrics})
+    return checkpoint.name
+
+
+def reproduce(
+    model: str,
+    dataset: str | MultimodalDataset,
+    *,
+    data_dir: str | None = None,
+    aligned: bool = False,
+    seeds: Sequence[int] | None = None,
+    epochs: int | None = None,
+    overrides: Sequence[str] = (),
+    output: str | Path | None = None,
+    progress: bool = True,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Train and score `model` with its paper's evaluation recipe (the YAML's `reproduce:`).
+
+    One run per recipe seed; validation is scored under the recipe's protocol at its
+    `selection_rate`, and each metric keeps its own best-on-validation checkpoint; the test split
+    is then scored under the protocol at every rate (or subset). See `msakit.evaluation.reproduce`.
+    Writes reproduce.json, reproduce.csv and one checkpoint per seed (the one `training.
+    select_metric` chose) into `output` when given.
+    """
+    recipe = load_recipe(model_yaml(model).get("reproduce"), model)
+    if seeds is not None:
+        recipe = dataclasses.replace(recipe, seeds=tuple(seeds))
+        load_recipe(dataclasses.asdict(recipe), model)  # the same checks for the given seeds
+    data = load_dataset(dataset, data_dir, aligned=aligned)
+    config = _resolved_config(model, data, overrides, epochs)
+    tokens = special_token_ids(build_config(model, config["model"]))
+    out_dir = Path(output) if output is not None else None
+    runs = []
+    for seed in recipe.seeds:
+        valid_transform = None
+        if recipe.selection_rate:
+            spec = MissingSpec(recipe.protocol, rate=recipe.selection_rate, seed=seed)
+
+            def valid_transform(batch: Batch, spec: MissingSpec = spec) -> Batch:
+                return apply_missing(batch, spec, **tokens)
+
+        trainer, fit = _fit_one_seed(model, data, config, seed, progress,
+                                     valid_transform=valid_transform,
+                                     track_metrics=tracked_metrics(data.metric_family))
+        run = {"seed": seed, **per_metric_scores(trainer, data, recipe),
+               "history": [dataclasses.asdict(r) for r in fit.history]}
+        if out_dir is not None:
+            run["checkpoint"] = _save_seed(out_dir, trainer, config, data, seed, {"test": run["mean"]})
+        runs.append(run)
+    mean, std = mean_std([r["mean"] for r in runs])
+    conditions = [row["condition"] for row in runs[0]["rows"]]
+    per_condition = [
+        {"condition": c, "metrics": mean_std([r["rows"][i]["metrics"] for r in runs])[0]}
+        for i, c in enumerate(conditions)
+    ]
+    where = (f"under {recipe.protocol}-modal missing at rate {recipe.selection_rate:g}"
+             if recipe.selection_rate else "on clean data")
+    result = {
+        "msakit_version": __version__,
+        "command": command or _this_command(),
+        "model": model,
+        "dataset": _dataset_info(data),
+        "recipe": dataclasses.asdict(recipe),
+        "selection": f"one checkpoint per metric (F1 with its accuracy), best on VALIDATION {where}; "
+                     "test never used to select",
+        "config": config,
+        "seeds": runs,
+        "rows": per_condition,
+        "mean": mean,
+        "std": std,
+    }
+    if out_dir is not None:
+        rows = [{"seed": r["seed"], **r["mean"]} for r in runs]
+        rows += [{"seed": "mean", **mean}, {"seed": "std", **std}]
+        atomic_write_text(out_dir / "reproduce.json", json.dumps(result, indent=2) + "\n")
+        atomic_write_text(out_dir / "reproduce.csv", csv_text(rows))
+    return result
 
 
 def _summarise(

@@ -90,22 +90,37 @@ def cli(quiet: bool) -> None:
 @cli.command()
 @click.argument("model")
 @with_dataset_options
-@click.option("--seeds", default="1111", show_default=True, help="one run per seed, e.g. '1111 1112 1113'")
+@click.option("--seeds", default=None,
+              help="one run per seed, e.g. '1111 1112 1113' [default: 1111; the paper's with --reproduce]")
 @click.option("--epochs", type=int, default=None, help="override training.epochs")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="override a setting, e.g. --set training.lr=1e-3 --set model.hidden=64")
+@click.option("--reproduce", is_flag=True,
+              help="the paper's evaluation (the model YAML's `reproduce:` recipe): its seeds, "
+                   "missing-data protocol and per-metric checkpoints, selected on validation")
 @click.option("--output", "-o", default=None, help="folder for results.json, results.csv, checkpoints")
 @click.option("--no-progress", is_flag=True, help="no progress bars")
 @_user_errors
-def train(model: str, dataset: str, data_dir: str | None, aligned: bool, seeds: str,
-          epochs: int | None, overrides: tuple[str, ...], output: str | None,
+def train(model: str, dataset: str, data_dir: str | None, aligned: bool, seeds: str | None,
+          epochs: int | None, overrides: tuple[str, ...], reproduce: bool, output: str | None,
           no_progress: bool) -> None:
     """Train MODEL, select on validation, report valid and test metrics (mean ± std over seeds)."""
-    output = output or f"runs/{model}-{Path(dataset).stem}"
-    results = api.train(
-        model, dataset, data_dir=data_dir, aligned=aligned, seeds=_parse_seeds(seeds), epochs=epochs,
-        overrides=list(overrides), output=output, progress=not no_progress, command=_command_line(),
-    )
+    output = output or f"runs/{model}-{Path(dataset).stem}{'-reproduce' if reproduce else ''}"
+    common = dict(data_dir=data_dir, aligned=aligned, epochs=epochs, overrides=list(overrides),
+                  output=output, progress=not no_progress, command=_command_line())
+    if reproduce:
+        results = api.reproduce(model, dataset, seeds=_parse_seeds(seeds) if seeds else None, **common)
+        family = results["dataset"]["metric_family"]
+        rows = {row["condition"]: row["metrics"] for row in results["rows"]}
+        rows["mean"] = results["mean"]
+        console.print(metrics_table(
+            f"{model} on {results['dataset']['name']}: test under {results['recipe']['protocol']}-modal "
+            f"missing, mean over seeds {', '.join(str(r['seed']) for r in results['seeds'])}",
+            rows, family, first_column="condition"))
+        console.print(results["selection"])
+        console.print(f"results: {Path(output) / 'reproduce.json'}")
+        return
+    results = api.train(model, dataset, seeds=_parse_seeds(seeds or "1111"), **common)
     family = results["dataset"]["metric_family"]
     rows = {f"seed {r['seed']}, epoch {r['best_epoch']}": r["test"] for r in results["seeds"]}
     console.print(metrics_table(f"{model} on {results['dataset']['name']}: test", rows, family,

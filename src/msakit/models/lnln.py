@@ -207,8 +207,11 @@ class TokenTransformer(nn.Module):
         self, x: torch.Tensor, mask: torch.Tensor | None = None, keep: int | None = None
     ) -> list[torch.Tensor]:
         """`keep`: only the first `keep` positions of the last block's output are wanted, so only
-        they are computed there (the output is the same; most of the last block's cost is saved)."""
+        they are computed there (the output is the same; most of the last block's cost is saved).
+        Padding beyond the length the positions were built for is cut off."""
         batch, length = x.shape[:2]
+        if length > self.max_len and mask is not None and not bool(mask[:, self.max_len:].any()):
+            x, mask, length = x[:, : self.max_len], mask[:, : self.max_len], self.max_len
         if length > self.max_len:
             raise MsakitError(
                 f"lnln: a sequence of {length} steps is longer than the {self.max_len} the model "
@@ -319,6 +322,8 @@ class LNLN(MSAModel):
     def embed_one(self, modality: str, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """H1_m (B, num_tokens, d) of one modality's (B, L, D_m) sequence."""
         n = self.config.num_tokens
+        if mask is not None:
+            x = x.masked_fill(~mask.unsqueeze(-1), 0.0)  # whatever padding holds must not reach a key
         return self.embed[modality](self.project[modality](x), mask, keep=n)[-1]
 
     def embed_tokens(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -349,14 +354,16 @@ class LNLN(MSAModel):
         return out
 
     def text_completeness(self, batch: Batch) -> torch.Tensor:
-        """(B,) 1 - the fraction of each sample's droppable text tokens that were dropped."""
+        """(B,) 1 - the fraction of each sample's droppable text tokens that were dropped; 0 where
+        the whole text is marked absent (`presence`), 1 where nothing could be dropped."""
         reference = batch.clean if batch.clean is not None else batch
         droppable = droppable_positions(reference, "text", self.special_ids)
+        kept = torch.ones(droppable.shape[0], device=droppable.device)
         dropped = batch.dropped.get("text")
-        if dropped is None:
-            return torch.ones(droppable.shape[0], device=droppable.device)
-        lost = (dropped & droppable).sum(1).float()
-        return 1.0 - lost / droppable.sum(1).clamp(min=1).float()
+        if dropped is not None:
+            lost = (dropped & droppable).sum(1).float()
+            kept = kept - lost / droppable.sum(1).clamp(min=1).float()
+        return kept * batch.presence[:, 0].to(kept)
 
     def forward(self, batch: Batch) -> Output:
         cfg = self.config

@@ -12,7 +12,7 @@ import copy
 import logging
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -123,6 +123,15 @@ class EpochRecord:
 
 
 @dataclass
+class Snapshot:
+    """The weights (on the CPU) of the epoch that scored best on one validation metric."""
+
+    epoch: int
+    valid: dict[str, float]
+    state: dict[str, torch.Tensor]
+
+
+@dataclass
 class FitResult:
     best_valid: dict[str, float]
     best_epoch: int
@@ -140,7 +149,12 @@ class Trainer:
         metric_family: str,
         train_transform: BatchTransform | None = None,
         progress: bool = True,
+        valid_transform: Callable[[Batch], Batch] | None = None,
+        track_metrics: Sequence[str] = (),
     ) -> None:
+        """`valid_transform` is applied to validation batches before they are scored (e.g. a
+        missing-data protocol); `track_metrics` are validation metrics whose best epoch of the last
+        stage is kept as its own `Snapshot` in `best_by_metric` (per-metric checkpoints)."""
         self.config = config
         self.device = select_device(config.device)
         self.model = model.to(self.device)
@@ -148,11 +162,15 @@ class Trainer:
         self.train_transform = train_transform
         self.progress = progress
         self.loss_fn = task_loss(config.loss)
-        if config.select_metric not in METRIC_KEYS[metric_family]:
-            raise MsakitError(
-                f"select_metric {config.select_metric!r} is not a {metric_family} metric; "
-                f"use one of {', '.join(METRIC_KEYS[metric_family])}"
-            )
+        self.valid_transform = valid_transform
+        self.track_metrics = tuple(track_metrics)
+        self.best_by_metric: dict[str, Snapshot] = {}
+        for metric in (config.select_metric, *self.track_metrics):
+            if metric not in METRIC_KEYS[metric_family]:
+                raise MsakitError(
+                    f"select_metric {metric!r} is not a {metric_family} metric; "
+                    f"use one of {', '.join(METRIC_KEYS[metric_family])}"
+                )
 
     def stages(self) -> list[Stage]:
         return self.config.stages or [Stage(name="main", epochs=self.config.epochs)]
@@ -180,6 +198,7 @@ class Trainer:
         metric = cfg.select_metric
         best = FitResult(best_valid={}, best_epoch=0, epochs_run=0)
         best_state = copy.deepcopy(self.model.state_dict())
+        self.best_by_metric = {}
         stale = 0
         with self._progress() as bar:
             task = bar.add_task(f"{stage.name}", total=steps_per_epoch * stage.epochs)
@@ -188,7 +207,8 @@ class Trainer:
                     train, optimizer, scheduler, generator, epoch=len(history) + 1,
                     on_step=lambda: bar.advance(task),
                 )
-                valid_metrics = self.evaluate(valid)
+                valid_metrics = self.evaluate(valid, self.valid_transform)
+                self._track(epoch, valid_metrics)
                 improved = is_better(metric, valid_metrics[metric], best.best_valid.get(metric))
                 history.append(EpochRecord(stage.name, epoch, train_loss, valid_metrics, improved))
                 log.info(
@@ -211,6 +231,17 @@ class Trainer:
                         break
         self.model.load_state_dict(best_state)
         return best
+
+    def _track(self, epoch: int, valid_metrics: dict[str, float]) -> None:
+        improved = [
+            m for m in self.track_metrics
+            if m not in self.best_by_metric
+            or is_better(m, valid_metrics[m], self.best_by_metric[m].valid[m])
+        ]
+        if improved:  # one copy serves every metric that improved at this epoch
+            state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            for m in improved:
+                self.best_by_metric[m] = Snapshot(epoch, valid_metrics, state)
 
     def train_epoch(
         self, split: Split, optimizer: torch.optim.Optimizer,
