@@ -38,7 +38,9 @@ def measure(model_name: str, shape: str, samples: int, device: str) -> dict:
     from msakit.config import resolve_config, training_config
     from msakit.data.synthetic import synthetic_dataset
     from msakit.evaluation.protocols import run_protocol
+    from msakit.missing import build_noise
     from msakit.models import create_model
+    from msakit.models.layers.text import special_token_ids
     from msakit.training.trainer import Trainer, build_optimizer, build_scheduler, seed_everything
 
     data = synthetic_dataset(n_train=samples, n_valid=8, n_test=samples, seed=0, **SHAPES[shape])
@@ -46,7 +48,9 @@ def measure(model_name: str, shape: str, samples: int, device: str) -> dict:
     settings = training_config(config["training"])
     seed_everything(0)
     model = create_model(model_name, config["model"], data.dims)
-    trainer = Trainer(model, settings, data.metric_family, progress=False)
+    # the model's own training noise, so that e.g. LNLN pays for its clean-input targets
+    noise = build_noise(settings.noise, settings.noise_rate, 0, **special_token_ids(model.config))
+    trainer = Trainer(model, settings, data.metric_family, train_transform=noise, progress=False)
     optimizer = build_optimizer(trainer.model, settings)
     scheduler = build_scheduler(optimizer, settings, total_steps=10**6)
     generator = torch.Generator().manual_seed(0)

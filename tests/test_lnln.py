@@ -15,6 +15,7 @@ from msakit.missing import LNLNNoise, MissingSpec, apply_missing, build_noise
 from msakit.models import create_model
 from msakit.models.lnln import LNLN, TokenTransformer, reverse_gradient
 from msakit.models.registry import build_config
+from msakit.training.checkpoint import load_checkpoint, save_checkpoint
 from msakit.training.settings import TrainConfig
 from msakit.training.trainer import Trainer, seed_everything
 from test_models import N, _pad_noise, _split
@@ -261,3 +262,12 @@ def test_yaml_holds_the_published_values():
 def test_bad_settings_are_user_errors(settings, key):
     with pytest.raises(MsakitError, match=key):
         build_config("lnln", settings)
+
+
+def test_a_checkpoint_rebuilds_the_same_model(dims, batch, tmp_path):
+    model = _lnln(dims, gradient_reversal="discriminator").eval()
+    save_checkpoint(tmp_path / "lnln.pt", model, training={}, dataset={})
+    loaded, meta = load_checkpoint(tmp_path / "lnln.pt")
+    assert meta["model_name"] == "lnln" and loaded.config == model.config
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch).pred, model(batch).pred)

@@ -154,6 +154,22 @@ def test_each_tracked_metric_keeps_its_best_validation_epoch(tiny_dataset):
         assert trainer.evaluate(tiny_dataset.valid, valid_transform)[metric] == pytest.approx(best)
 
 
+def test_the_model_sees_the_whole_clean_training_split_before_each_epoch(tiny_dataset):
+    trainer = _trainer(tiny_dataset, stages=[{"name": "a", "epochs": 1}, {"name": "b", "epochs": 2}])
+    trainer.train_transform = lambda batch, epoch: batch.with_updates(audio=batch.audio * 0.0)
+    seen = []
+
+    def hook(epoch, train_batches):
+        batches = list(train_batches())
+        seen.append((epoch, torch.cat([b.index for b in batches]).tolist(),
+                     all(b.audio.abs().sum() > 0 for b in batches)))
+
+    trainer.model.on_train_epoch_start = hook
+    trainer.fit(tiny_dataset.train, tiny_dataset.valid, seed=1)
+    everyone = list(range(len(tiny_dataset.train)))
+    assert seen == [(1, everyone, True), (2, everyone, True), (3, everyone, True)]
+
+
 def test_bad_select_metric_is_a_user_error(tiny_dataset):
     with pytest.raises(MsakitError, match="select_metric"):
         _trainer(tiny_dataset, select_metric="acc3")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -72,3 +73,11 @@ class MSAModel(nn.Module):
 
     def forward(self, batch: Batch) -> Output:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def on_train_epoch_start(self, epoch: int, train_batches: Callable[[], Iterator[Batch]]) -> None:
+        """Called by the trainer before every training epoch (numbered from 1 across stages).
+
+        `train_batches()` yields the whole training split in file order, without training noise,
+        already on the model's device: what a model needs to refresh a memory bank or a neighbour
+        index of training-set representations. The default does nothing.
+        """

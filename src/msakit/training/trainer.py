@@ -12,7 +12,7 @@ import copy
 import logging
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -203,6 +203,7 @@ class Trainer:
         with self._progress() as bar:
             task = bar.add_task(f"{stage.name}", total=steps_per_epoch * stage.epochs)
             for epoch in range(1, stage.epochs + 1):
+                self.model.on_train_epoch_start(len(history) + 1, lambda: self._plain_batches(train))
                 train_loss = self.train_epoch(
                     train, optimizer, scheduler, generator, epoch=len(history) + 1,
                     on_step=lambda: bar.advance(task),
@@ -277,6 +278,10 @@ class Trainer:
             if on_step is not None:
                 on_step()
         return total / max(1, count)
+
+    def _plain_batches(self, split: Split) -> Iterator[Batch]:
+        for batch in iterate_batches(split, self.config.eval_batch_size):
+            yield batch.to(self.device)
 
     @torch.no_grad()
     def predict(
