@@ -103,6 +103,18 @@ def _pad_noise(batch: Batch, seed: int = 1) -> Batch:
     return batch.with_updates(**changes)
 
 
+def _padded_longer(batch: Batch) -> Batch:
+    """The same batch padded to longer sequences (random values in the new, masked steps)."""
+    longer = {}
+    for modality, extra in (("text", 3), ("audio", 5), ("vision", 4)):
+        x, mask = getattr(batch, modality), getattr(batch, f"{modality}_mask")
+        longer[modality] = torch.cat([x, torch.randn(len(batch), extra, x.shape[-1])], dim=1)
+        longer[f"{modality}_mask"] = torch.cat(
+            [mask, torch.zeros(len(batch), extra, dtype=torch.bool)], dim=1
+        )
+    return batch.with_updates(**longer)
+
+
 def _without(batch: Batch, modality: str, rows: list[int]) -> Batch:
     """`batch` with the mask of `modality` all False for the given samples."""
     mask = getattr(batch, f"{modality}_mask").clone()
@@ -187,13 +199,8 @@ def test_padded_frames_do_not_change_the_prediction(name, settings, dims, batch)
 def test_extra_padding_does_not_change_the_prediction(name, settings, dims, batch):
     """Padding a batch to a longer length (as a longer dataset would) changes nothing."""
     model = _model(name, dims, **settings).eval()
-    longer = {}
-    for modality, extra in (("text", 3), ("audio", 5), ("vision", 4)):
-        x, mask = getattr(batch, modality), getattr(batch, f"{modality}_mask")
-        longer[modality] = torch.cat([x, torch.randn(N, extra, x.shape[-1])], dim=1)
-        longer[f"{modality}_mask"] = torch.cat([mask, torch.zeros(N, extra, dtype=torch.bool)], 1)
     with torch.no_grad():
-        torch.testing.assert_close(model(batch.with_updates(**longer)).pred, model(batch).pred)
+        torch.testing.assert_close(model(_padded_longer(batch)).pred, model(batch).pred)
 
 
 @pytest.mark.parametrize(
