@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from msakit import api
+from msakit.config import parse_overrides
 from msakit.data.synthetic import synthetic_dataset
 from msakit.evaluation.report import LABELS, format_value, mean_std
 from msakit.fileio import atomic_write_text
@@ -51,6 +52,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra override for every run, e.g. training.epochs=10")
     parser.add_argument("--runs-dir", default="runs/lnln_vs_mult")
+    parser.add_argument("--reuse", action="store_true",
+                        help="score the checkpoints already trained in --runs-dir with these settings")
     parser.add_argument("--output", default="benchmarks/results/lnln_vs_mult")
     args = parser.parse_args()
     sizes = {k: int(v) for k, v in (item.split("=", 1) for item in args.size)}
@@ -72,12 +75,15 @@ def main() -> None:
         label, model, overrides = RUNS[key]
         run_dir = Path(args.runs_dir) / key
         start = time.perf_counter()
-        trained = api.train(model, data, seeds=args.seeds, overrides=[*overrides, *args.set],
-                            output=run_dir, progress=False, command=command)
+        overrides = [*overrides, *args.set]
+        trained = reusable(run_dir, args.seeds, overrides) if args.reuse else None
+        if trained is None:
+            trained = api.train(model, data, seeds=args.seeds, overrides=overrides, output=run_dir,
+                                progress=False, command=command)
         per_seed = []
         for run in trained["seeds"]:
             curve = api.robustness(run_dir / run["checkpoint"], data, protocol="intra",
-                                   rates=DEFAULT_RATES)
+                                   rates=DEFAULT_RATES["intra"])
             per_seed.append({"seed": run["seed"], "best_epoch": run["best_epoch"],
                              "mean_over_rates": curve["mean"],
                              "per_rate": {row["condition"]: row["metrics"] for row in curve["rows"]}})
@@ -97,6 +103,19 @@ def main() -> None:
         atomic_write_text(out.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
         atomic_write_text(out.with_suffix(".md"), table(record) + "\n")
     print(table(record))
+
+
+def reusable(run_dir: Path, seeds: list[int], overrides: list[str]) -> dict | None:
+    """The results.json of an earlier training run of the same seeds and overrides, if any."""
+    path = run_dir / "results.json"
+    if not path.is_file():
+        return None
+    trained = json.loads(path.read_text())
+    wanted = parse_overrides(overrides)
+    same = [r["seed"] for r in trained["seeds"]] == seeds and all(
+        trained["config"][section].get(key) == value
+        for section, values in wanted.items() for key, value in values.items())
+    return trained if same else None
 
 
 def previous(out: Path) -> dict:
