@@ -216,6 +216,27 @@ def test_unimodal_labels_are_read(tmp_path):
     assert batch.unimodal_labels["T"].shape == (3,)
 
 
+def test_per_sample_presence_reaches_the_batch(tmp_path):
+    raw = tiny_raw()
+    for split in SPLITS:
+        n = len(raw[split]["id"])
+        presence = np.ones((n, 3), dtype=np.int64)
+        presence[0, 2] = 0  # no face in the first clip
+        presence[1, 1] = 0  # a silent one
+        raw[split]["presence"] = presence
+    ds = load_mmsa(write(raw, tmp_path / "extracted.pkl"))
+    batch = make_batch(ds.test, np.arange(3))
+    assert batch.presence.tolist() == [[True, True, False], [True, False, True], [True, True, True]]
+    assert make_batch(load_mmsa(write(tiny_raw(), tmp_path / "plain.pkl")).test,
+                      np.arange(2)).presence.all()
+
+
+def test_error_bad_presence():
+    raw = tiny_raw()
+    raw["train"]["presence"] = np.ones((len(raw["train"]["id"]), 2))
+    assert_error(raw, "presence", "(samples, 3)")
+
+
 # --- validation errors -------------------------------------------------------------------
 
 

@@ -81,6 +81,7 @@ def _dataset_info(data: MultimodalDataset) -> dict[str, Any]:
         "source": data.source,
         "sizes": {s: len(data.split(s)) for s in ("train", "valid", "test")},
         "replaced_nonfinite": data.replaced_nonfinite,
+        **({"features": data.features} if data.features is not None else {}),
     }
 
 
@@ -377,3 +378,51 @@ def compare(run_dirs: Sequence[str | Path], output: str | Path) -> dict[str, Any
     plot_curves(out / "compare.png", results, f"{protocol}-modal missing, test split")
     return {"protocol": protocol, "family": family,
             "means": {name: r["mean"] for name, r in results.items()}, "table": "\n".join(lines)}
+
+
+def extract(
+    clips: str | Path,
+    labels: str | Path,
+    output: str | Path,
+    *,
+    features: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    workers: int | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Build an MMSA-layout pickle at `output` from the media files in `clips` and a label.csv.
+
+    `features` is a YAML file of feature settings and `overrides` are `SECTION.KEY=VALUE` strings,
+    both over `msakit/features/default.yaml`. Returns the report (also written beside `output`).
+    """
+    from msakit.features import build_dataset, load_feature_config
+
+    config = load_feature_config(features, list(overrides))
+    return build_dataset(clips, labels, output, config, workers=workers, cache_dir=cache_dir,
+                         progress=progress)
+
+
+def predict(
+    files: Sequence[str | Path],
+    checkpoint: str | Path,
+    *,
+    text: str | None = None,
+    features: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    device: str = "cpu",
+) -> list[dict[str, Any]]:
+    """Sentiment of each media file with a checkpoint trained on a `msakit extract` dataset.
+
+    Each result has `score`, `class` (negative / neutral / positive), `label` and `label_name` (the
+    7-point scale; SIMS-family checkpoints: 5-point), `present` (modality -> bool), `transcript`;
+    a file that cannot be read has `error` instead. `text` is the transcript of a single file.
+    `features` / `overrides` may change only where transcripts come from (`transcript.*`): the
+    checkpoint's recorded feature configuration decides the rest.
+    """
+    from msakit.features import Predictor, predict_files
+
+    if not files:
+        raise MsakitError("no media files to predict")
+    predictor = Predictor(checkpoint, features, overrides=list(overrides), device=device)
+    return predict_files(predictor, list(files), text)

@@ -236,5 +236,73 @@ def datasets() -> None:
     console.print(table)
 
 
+
+@cli.command()
+@click.argument("clips")
+@click.option("--labels", "-l", required=True,
+              help="label.csv: video_id,clip_id (or id), text, label, mode; other columns ignored")
+@click.option("--output", "-o", required=True, help="the MMSA-layout pickle to write")
+@click.option("--features", default=None, help="YAML file of feature settings over the defaults")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="override a feature setting, e.g. --set visual.fps=5 --set transcript.source=asr")
+@click.option("--workers", type=int, default=None,
+              help="worker processes [default: one per CPU core; 0: extract in this process]")
+@click.option("--cache", default=None, help="per-clip cache folder [default: OUTPUT with .cache]")
+@click.option("--no-progress", is_flag=True, help="no progress bar")
+@_user_errors
+def extract(clips: str, labels: str, output: str, features: str | None, overrides: tuple[str, ...],
+            workers: int | None, cache: str | None, no_progress: bool) -> None:
+    """Extract features of the media files in CLIPS listed in a label.csv into an MMSA pickle."""
+    report = api.extract(clips, labels, output, features=features, overrides=list(overrides),
+                         workers=workers, cache_dir=cache, progress=not no_progress)
+    splits = "/".join(str(n) for n in report["splits"].values())
+    console.print(f"extracted {report['extracted']} of {report['clips']} clips "
+                  f"({report['from_cache']} from the cache; train/valid/test {splits})")
+    for modality, ids in report["absent"].items():
+        if ids:
+            console.print(f"{modality} absent in {len(ids)} clip(s): {', '.join(ids[:10])}"
+                          + (" ..." if len(ids) > 10 else ""))
+    if report["failures"]:
+        table = Table("failed clip", "reason", title=f"{len(report['failures'])} clip(s) failed")
+        for failure in report["failures"]:
+            table.add_row(failure["id"], failure["reason"])
+        console.print(table)
+    console.print(f"wrote {output}; report: {report['report']}")
+
+
+@cli.command()
+@click.argument("files", nargs=-1, required=True)
+@click.option("--checkpoint", "-c", required=True, help="a checkpoint trained on a `msakit extract` pickle")
+@click.option("--text", default=None,
+              help="transcript of the (one) file; default: FILE.txt beside it, else speech recognition")
+@click.option("--features", default=None,
+              help="YAML of transcript settings (other keys must match the checkpoint)")
+@click.option("--set", "overrides", multiple=True, metavar="transcript.KEY=VALUE",
+              help="e.g. --set transcript.source=asr")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print the results as JSON")
+@_user_errors
+def predict(files: tuple[str, ...], checkpoint: str, text: str | None, features: str | None,
+            overrides: tuple[str, ...], device: str, as_json: bool) -> None:
+    """Sentiment of each media FILE (video or audio) with a trained CHECKPOINT; the model loads once."""
+    results = api.predict(list(files), checkpoint, text=text, features=features,
+                          overrides=list(overrides), device=device)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+    else:
+        table = Table("file", "score", "class", "label", "modalities", "transcript")
+        for result in results:
+            if "error" in result:
+                table.add_row(result["file"], "-", "error", "-", "-", result["error"])
+                continue
+            present = "".join(m[0] if result["present"][m] else "-" for m in ("text", "audio", "vision"))
+            table.add_row(result["file"], f"{result['score']:+.3f}", result["class"],
+                          f"{result['label']:+d} {result['label_name']} ({result['scale']})", present,
+                          result["transcript"])
+        console.print(table)
+    if any("error" in result for result in results):
+        sys.exit(1)
+
+
 def main() -> None:
     cli(prog_name="msakit")

@@ -31,7 +31,8 @@ def make_batch(split: Split, index: np.ndarray) -> Batch:
         labels=torch.from_numpy(split.labels[index].astype(np.float32)),
         index=torch.from_numpy(index),
         ids=[str(i) for i in split.ids[index]],
-        presence=torch.tensor(present, dtype=torch.bool).expand(n, 3).clone(),
+        presence=torch.tensor(present, dtype=torch.bool).expand(n, 3).clone()
+        if split.presence is None else torch.from_numpy(split.presence[index] & np.array(present)),
         unimodal_labels={
             k: torch.from_numpy(v[index].astype(np.float32)) for k, v in split.unimodal_labels.items()
         },

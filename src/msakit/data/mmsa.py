@@ -200,6 +200,15 @@ def _split(raw: Any, source: str, name: str, latin1: bool) -> tuple[Split, int]:
         max_len = fields[modality].shape[1]
         fields[key] = np.clip(lengths, 1, max_len)
         rows[key] = len(lengths)
+    if raw.get("presence") is not None:  # written by `msakit extract`: modalities each clip has
+        presence = _numeric(raw["presence"], where, "presence", np.int64)
+        if presence.ndim != 2 or presence.shape[1] != 3 or not np.isin(presence, (0, 1)).all():
+            raise MsakitError(
+                f"{where}: 'presence' should be 0/1 of shape (samples, 3) for text, audio, vision, "
+                f"got shape {presence.shape}"
+            )
+        fields["presence"] = presence.astype(bool)
+        rows["presence"] = len(presence)
     unimodal = {}
     for short, key in UNIMODAL_LABEL_KEYS.items():
         if raw.get(key) is not None:
@@ -264,8 +273,10 @@ def dataset_from_raw(
     _check_shapes(splits, source)
     if replaced:
         logger.info("%s: set %d non-finite feature values (-inf/inf/NaN) to 0", source, replaced)
+    features = raw.get("features")  # written by `msakit extract`: its feature configuration
     return MultimodalDataset(
-        name=name, family=family, source=source, replaced_nonfinite=replaced, **splits
+        name=name, family=family, source=source, replaced_nonfinite=replaced,
+        features=features if isinstance(features, dict) else None, **splits
     )
 
 

@@ -34,6 +34,7 @@ class Split:
     audio_lengths: np.ndarray | None = None  # (N,) int64; None = every frame valid (aligned data)
     vision_lengths: np.ndarray | None = None
     unimodal_labels: dict[str, np.ndarray] = field(default_factory=dict)  # "T"/"A"/"V" -> (N,)
+    presence: np.ndarray | None = None  # (N, 3) bool: text, audio, vision recorded; None = all
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -84,6 +85,7 @@ class MultimodalDataset:
     test: Split
     source: str = ""  # file or generator that produced it, for reports
     replaced_nonfinite: int = 0  # -inf/NaN feature values set to 0 on load
+    features: dict[str, Any] | None = None  # feature configuration of a `msakit extract` pickle
 
     def split(self, name: str) -> Split:
         if name not in SPLITS:
