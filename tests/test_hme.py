@@ -1,0 +1,311 @@
+"""HME (models/hme.py): retrieval never returns the query or an absent modality, the uncertainty gate
+favours the original representation when the enhanced one is uncertain, a single sample with a
+missing modality is predicted from the memory bank (also after a checkpoint round trip), gradients
+reach every branch, a short run under inter-modal training noise learns, settings are checked."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from msakit.config import resolve_config
+from msakit.data.batching import make_batch
+from msakit.data.schema import MultimodalDataset
+from msakit.errors import MsakitError
+from msakit.missing import MissingSpec, apply_missing, build_noise, drop_whole_modalities
+from msakit.models import create_model
+from msakit.models.hme import HME, UncertaintyGate, id_hashes, retrieve
+from msakit.models.registry import build_config
+from msakit.training.checkpoint import load_checkpoint, save_checkpoint
+from msakit.training.settings import TrainConfig
+from msakit.training.trainer import Trainer, seed_everything
+from test_models import N, _pad_noise, _split
+
+TINY = {"text_source": "features", "hidden": 8, "heads": 2, "encoder_layers": 1, "num_latents": 3,
+        "latent_layers": 1, "hyper_depth": 1, "fusion_ffn": 8, "attn_dropout": 0.0, "relu_dropout": 0.0,
+        "res_dropout": 0.0, "embed_dropout": 0.0, "gate_dropout": 0.0, "dropout": 0.0}
+
+# a cross-attention over ONE context vector ignores its query (softmax over one key is 1): the
+# official architecture has four such stacks per modality; nothing else may go without a gradient
+SILENT = re.compile(
+    r"(enhancers\.\w+\.cross|pair_hyper\.\w+\.blocks)\.\d+\.(norm\.weight|norm\.bias|attn\.to_q\.weight)"
+)
+
+
+@pytest.fixture(scope="module")
+def split():
+    return _split()
+
+
+@pytest.fixture(scope="module")
+def dims(split):
+    return MultimodalDataset("tiny", "synthetic", split, split, split).dims
+
+
+@pytest.fixture(scope="module")
+def batch(split):
+    return make_batch(split, np.arange(N))
+
+
+def _model(dims, seed: int = 0, **settings) -> HME:
+    torch.manual_seed(seed)
+    return create_model("hme", {**TINY, **settings}, dims)
+
+
+def _banked(dims, split, **settings) -> HME:
+    """A model whose memory bank covers `split`, as after the trainer's epoch hook."""
+    model = _model(dims, **settings)
+    model.on_train_epoch_start(1, lambda: iter([make_batch(split, np.arange(N))]))
+    return model
+
+
+# retrieval ---------------------------------------------------------------------------------------
+
+def _keys():
+    """Query q; keys: q itself (same id), an absent copy of q, two near copies, one opposite."""
+    q = torch.tensor([[1.0, 0.0, 0.0]])
+    keys = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.9, 0.1, 0.0], [0.8, 0.0, 0.3],
+                         [-1.0, 0.2, 0.0]])
+    key_ids = id_hashes(["q", "absent", "near1", "near2", "far"])
+    present = torch.tensor([True, False, True, True, True])
+    return q, id_hashes(["q"]), keys, key_ids, present
+
+
+@pytest.mark.parametrize("k", [None, 1, 2, 5])
+def test_retrieval_skips_the_query_itself_and_absent_samples(k):
+    q, q_id, keys, key_ids, present = _keys()
+    means, counts = retrieve(q, q_id, torch.tensor([True]), keys, key_ids, present, 0.6, k)
+    # the two identical keys (the query itself, an absent sample) are the most similar, yet excluded
+    expected = keys[2:4].mean(0) if k != 1 else keys[2]
+    torch.testing.assert_close(means[0], expected)
+    assert counts.item() == min(2, k or 2)
+
+
+def test_retrieval_falls_back_to_the_mean_of_the_other_present_samples():
+    q, q_id, keys, key_ids, present = _keys()
+    others = keys[[2, 3, 4]].mean(0)  # present and not the query
+    for threshold, query_present in ((0.999, True), (0.6, False)):
+        means, counts = retrieve(q, q_id, torch.tensor([query_present]), keys, key_ids, present,
+                                 threshold, None)
+        assert counts.item() == 0
+        torch.testing.assert_close(means[0], others)
+
+
+def test_retrieval_in_blocks_matches_one_block():
+    torch.manual_seed(0)
+    queries, keys = torch.randn(37, 6), torch.randn(50, 6)
+    q_ids, k_ids = id_hashes([str(i) for i in range(37)]), id_hashes([str(i) for i in range(50)])
+    q_ok, k_ok = torch.rand(37) > 0.2, torch.rand(50) > 0.3
+    for k in (None, 4):
+        whole = retrieve(queries, q_ids, q_ok, keys, k_ids, k_ok, 0.1, k, block_size=64)
+        blocked = retrieve(queries, q_ids, q_ok, keys, k_ids, k_ok, 0.1, k, block_size=8)
+        torch.testing.assert_close(blocked, whole)
+
+
+def test_the_bank_never_gives_a_training_sample_itself(dims, split, batch):
+    """Nearest bank neighbour (k=1, any similarity) of each sample of the bank's own split: never
+    the sample itself, never a sample whose modality the bank marks absent, else the most similar."""
+    model = _model(dims, retrieval_k=1, similarity_threshold=-1.0).eval()
+    keep = torch.ones(N, 3, dtype=torch.bool)
+    keep[1, 1] = keep[4, 2] = keep[0, 0] = False
+    thinned = drop_whole_modalities(batch, keep)
+    model.on_train_epoch_start(1, lambda: iter([thinned]))
+    assert model.bank.shape == (3, N, 8) and model.bank_present.tolist() == keep.T.tolist()
+    with torch.no_grad():
+        h, present = model.encode(batch)
+        c = model.retrieved(h, present, batch.ids)
+    for m in range(3):
+        bank = model.bank[m]
+        similarity = F.normalize(h[:, m], dim=1) @ F.normalize(bank, dim=1).T
+        for i in range(N):
+            allowed = [j for j in range(N) if j != i and keep[j, m]]
+            best = max(allowed, key=lambda j: similarity[i, j].item())
+            torch.testing.assert_close(c[i, m], bank[best])
+
+
+# the uncertainty-aware gate ----------------------------------------------------------------------
+
+def test_higher_uncertainty_moves_the_mix_towards_the_original():
+    torch.manual_seed(0)
+    gate = UncertaintyGate(8, lower=0.2, upper=1.0, dropout=0.0)
+    original, enhanced = torch.randn(64, 8), torch.randn(64, 8)
+    weights = [gate.weights(original, enhanced, torch.full((64, 8), s))[:, 0]
+               for s in (0.01, 1.0, 2.0, 4.0, 50.0)]
+    # sigma <= 1: w is clamped at the upper bound 1; beyond, w = 1 / sigma until the lower bound 0.2
+    torch.testing.assert_close(weights[0], weights[1])
+    assert (weights[2] > weights[1]).all() and (weights[3] > weights[2]).all()
+    torch.testing.assert_close(weights[4], gate.weights(original, enhanced, torch.full((64, 8), 5.0))[:, 0])
+    # every sample, whatever the sign of its logits, moves the same way (the official rule does not)
+    logits = gate.mlp(torch.cat([original, enhanced], dim=-1))
+    assert (logits[:, 1] < 0).any() and (logits[:, 1] > 0).any()
+    fused = gate(original, enhanced, torch.full((64, 8), 50.0))
+    a = weights[4].unsqueeze(1)
+    torch.testing.assert_close(fused, a * original + (1 - a) * enhanced)
+
+
+def test_uncertainty_reaches_the_model_fusion(dims, split, batch):
+    """Inflating the bottleneck's sigma inside the model raises every original-representation weight."""
+    model = _banked(dims, split).eval()
+    seen: list[torch.Tensor] = []
+    gate = model.gates["audio"]
+    weights = gate.weights
+    gate.weights = lambda *args: seen.append(weights(*args)) or seen[-1]  # record the mix
+    with torch.no_grad():
+        model(batch)
+        encode = model.bottlenecks["audio"].encode
+        last = encode[-1]
+        last.bias[8:] += 20.0  # s - 5 >> 0: sigma = softplus(s - 5) far above 1
+        model(batch)
+    assert (seen[1][:, 0] > seen[0][:, 0]).all()
+
+
+# inference on its own ---------------------------------------------------------------------------
+
+def test_one_sample_with_a_missing_modality_is_predicted_from_the_bank(dims, split, batch, tmp_path):
+    model = _banked(dims, split).eval()
+    test = _split(seed=1)
+    test.ids[:] = [f"test-{i}" for i in range(N)]  # other samples than the bank's
+    only_text = apply_missing(make_batch(test, np.arange(N)), MissingSpec("fixed", subset="t"))
+    single = apply_missing(make_batch(test, np.array([2])), MissingSpec("fixed", subset="t"))
+    with torch.no_grad():
+        one = model(single).pred
+        many = model(only_text).pred
+    assert one.shape == (1,) and torch.isfinite(one).all()
+    # retrieval from the bank does not depend on which samples share the batch
+    torch.testing.assert_close(one, many[2:3])
+    save_checkpoint(tmp_path / "hme.pt", model, training={}, dataset={})
+    loaded, meta = load_checkpoint(tmp_path / "hme.pt")
+    assert meta["model_name"] == "hme" and loaded.config == model.config
+    torch.testing.assert_close(loaded.bank, model.bank)
+    assert torch.equal(loaded.bank_ids, model.bank_ids)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(single).pred, one)
+        fresh = _model(dims, seed=0).eval()  # same weights, no bank: in-batch fallback only
+        assert not torch.allclose(fresh(single).pred, one)
+
+
+def test_in_batch_retrieval_depends_on_the_batch_and_needs_no_bank(dims, split, batch):
+    model = _model(dims, retrieval="batch", retrieval_k=None, similarity_threshold=0.0).eval()
+    model.on_train_epoch_start(1, lambda: iter([batch]))
+    assert model.bank.shape[1] == 0  # nothing to refresh
+    with torch.no_grad():
+        alone = model(make_batch(split, np.array([2]))).pred
+        together = model(batch).pred[2:3]
+    assert torch.isfinite(alone).all() and not torch.allclose(alone, together)
+
+
+def test_eval_is_deterministic_and_training_samples_the_bottleneck(dims, split, batch):
+    model = _banked(dims, split)
+    with torch.no_grad():
+        model.eval()
+        torch.testing.assert_close(model(batch).pred, model(batch).pred)
+        model.train()
+        assert not torch.allclose(model(batch).pred, model(batch).pred)
+
+
+# shapes, gradients, inputs -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("settings", [{}, {"retrieval": "batch", "retrieval_k": None}],
+                         ids=["bank", "batch"])
+def test_shapes_and_gradients_through_every_branch(dims, split, batch, settings):
+    model = _banked(dims, split, **settings).train()
+    torch.manual_seed(0)
+    out = model(apply_missing(batch, MissingSpec("inter", rate=0.4, seed=0)))
+    assert out.pred.shape == (N,) and out.features["fused"].shape == (N, 4 * 8)
+    assert out.features["unimodal"].shape == (N, 3)
+    assert set(out.losses) == {"unimodal", "kl"} and all(v > 0 for v in out.losses.values())
+    (out.pred.abs().mean() + sum(out.losses.values())).backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+        if SILENT.fullmatch(name):
+            assert param.grad.abs().sum() == 0, name
+        else:
+            assert param.grad.abs().sum() > 0, f"zero gradient for {name}"
+
+
+def test_losses_are_the_published_terms(dims, split, batch):
+    model = _banked(dims, split, unimodal_weight=0.5, kl_weight=2.0).train()
+    out = model(batch)
+    unimodal = (out.features["unimodal"] - batch.labels.unsqueeze(1)).abs().mean()
+    torch.testing.assert_close(out.losses["unimodal"], 0.5 * unimodal)
+    assert _banked(dims, split, kl_weight=0.0).train()(batch).losses["kl"] == 0
+    with torch.no_grad():
+        assert model.eval()(batch).losses == {}
+
+
+def test_an_absent_modality_is_ignored_whatever_it_holds(dims, split, batch):
+    model = _banked(dims, split).eval()
+    no_audio = apply_missing(batch, MissingSpec("fixed", subset="tv"))
+    scrambled = no_audio.with_updates(audio=torch.randn_like(batch.audio))
+    with torch.no_grad():
+        kept = model(no_audio).pred
+        torch.testing.assert_close(model(scrambled).pred, kept)
+        assert not torch.allclose(kept, model(batch).pred)
+        torch.testing.assert_close(model(_pad_noise(batch)).pred, model(batch).pred)
+
+
+# training ---------------------------------------------------------------------------------------
+
+def test_short_training_under_inter_modal_noise_reduces_the_loss(tiny_dataset):
+    seed_everything(0)
+    model = create_model("hme", {**TINY, "hidden": 16, "fusion_ffn": 16}, tiny_dataset.dims)
+    config = TrainConfig(epochs=8, batch_size=16, lr=3e-3, loss="l1", device="cpu", patience=None,
+                         noise="inter", noise_rate=0.3)
+    noise = build_noise(config.noise, config.noise_rate, 0)
+    refreshed = []
+    refresh = model.refresh_bank
+    model.refresh_bank = lambda batches: refreshed.append(1) or refresh(batches)
+    trainer = Trainer(model, config, tiny_dataset.metric_family, train_transform=noise, progress=False)
+    fit = trainer.fit(tiny_dataset.train, tiny_dataset.valid, seed=0)
+    losses = [record.train_loss for record in fit.history]
+    assert len(refreshed) == 8 and model.bank.shape == (3, len(tiny_dataset.train), 16)
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:2])
+
+
+def test_the_bank_is_refreshed_every_k_epochs(dims, split):
+    model = _model(dims, refresh_every=2)
+    built = []
+    for epoch in range(1, 6):
+        model.on_train_epoch_start(epoch, lambda: iter([make_batch(split, np.arange(N))]))
+        built.append(model.bank.data_ptr())
+    assert built[0] == built[1] != built[2] == built[3] != built[4]
+
+
+# settings ---------------------------------------------------------------------------------------
+
+def test_yaml_holds_the_published_values():
+    """Spot checks against YetZzzzzz/HME README commands and HME_main.py defaults."""
+    mosi, mosei = resolve_config("hme", "mosi"), resolve_config("hme", "mosei")
+    for resolved in (mosi, mosei):
+        config = build_config("hme", resolved["model"])
+        assert (config.hidden, config.heads, config.num_latents, config.hyper_depth) == (192, 16, 5, 3)
+        assert (config.similarity_threshold, config.unimodal_weight, config.kl_weight) == (0.6, 0.8, 0.01)
+        training = resolved["training"]
+        assert (training["lr"], training["batch_size"], training["weight_decay"]) == (2e-5, 256, 1e-4)
+        assert (training["loss"], training["noise"], training["patience"]) == ("l1", "inter", 10)
+    assert [c["model"]["encoder_layers"] for c in (mosi, mosei)] == [4, 2]
+    assert [c["model"]["latent_layers"] for c in (mosi, mosei)] == [4, 3]
+    synthetic = build_config("hme", resolve_config("hme", "synthetic")["model"])
+    assert synthetic.hidden == 32 and synthetic.text_source == "features"
+
+
+@pytest.mark.parametrize(
+    ("settings", "key"),
+    [({"hidden": 10, "heads": 4}, "heads"), ({"retrieval": "index"}, "retrieval"),
+     ({"retrieval_k": 0}, "retrieval_k"), ({"similarity_threshold": 1.5}, "similarity_threshold"),
+     ({"uncertainty_lower": 0.0}, "uncertainty_lower"), ({"uncertainty_lower": 2.0}, "uncertainty_lower"),
+     ({"kl_weight": -1}, "kl_weight"), ({"attn_dropout": 1.0}, "attn_dropout"),
+     ({"latent_layers": 0}, "latent_layers"), ({"refresh_every": 0}, "refresh_every")],
+)
+def test_bad_settings_are_user_errors(settings, key):
+    with pytest.raises(MsakitError, match=key):
+        build_config("hme", settings)
+
+
+def test_an_empty_training_split_is_a_user_error(dims):
+    with pytest.raises(MsakitError, match="memory bank"):
+        _model(dims).on_train_epoch_start(1, lambda: iter([]))
