@@ -108,7 +108,9 @@ class CrossModalLayer(nn.Module):
         empty: torch.Tensor,
     ) -> torch.Tensor:
         query = self.attn_norm(x)
-        kv = query if source is None else self.attn_norm(source)
+        # a distinct key tensor keeps self-attention off PyTorch's fused inference path, which is
+        # several times slower on a CPU for padded batches (it converts them to nested tensors)
+        kv = query.view_as(query) if source is None else self.attn_norm(source)
         h, _ = self.attn(
             query, kv, kv, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
             need_weights=False,
