@@ -4,6 +4,10 @@ AdamW (pretrained text-encoder weights get their own learning rate), linear warm
 linear or cosine schedule, optional gradient clipping, early stopping and checkpoint selection on the
 VALIDATION split, best weights restored at the end of each stage. A multi-stage method declares its
 stages as data (`TrainConfig.stages`); each stage is this same loop, after `model.set_stage(name)`.
+Before each epoch the model may look at the whole clean training split (`on_train_epoch_start`, for
+memory banks and neighbour indexes); models that compare noisy and clean input get the clean batch
+as `batch.clean`. Optionally, validation is scored under a transform (a missing-data protocol) and
+each of several metrics keeps its own best epoch (`best_by_metric`, for per-metric checkpoints).
 """
 
 from __future__ import annotations
