@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from model_inputs import N, contract_split, pad_noise, padded_longer
 from msakit.config import resolve_config
 from msakit.data.batching import make_batch
-from msakit.data.schema import Batch, MultimodalDataset
 from msakit.errors import MsakitError
 from msakit.missing import MissingSpec, apply_missing, drop_whole_modalities
 from msakit.models import create_model, dashfusion
@@ -22,28 +22,12 @@ from msakit.models.registry import build_config
 from msakit.training.checkpoint import load_checkpoint, save_checkpoint
 from msakit.training.settings import TrainConfig
 from msakit.training.trainer import Trainer, seed_everything
-from test_models import N, _pad_noise, _padded_longer, _split
 from tiny_bert import make_tiny_bert
 
 TINY = {"hidden": 8, "heads": 2, "encoder_layers": 1, "encoder_ffn": 8, "encoder_dropout": 0.0,
         "embed_dropout": 0.0, "align_heads": 2, "align_head_dim": 4, "fusion_depth": 2,
         "bottleneck_tokens": 4, "fusion_ffn": 8, "neighbour_pool": 3, "num_positives": 2,
         "num_negatives": 1}
-
-
-@pytest.fixture(scope="module")
-def split():
-    return _split()
-
-
-@pytest.fixture(scope="module")
-def dims(split):
-    return MultimodalDataset("tiny", "synthetic", split, split, split).dims
-
-
-@pytest.fixture(scope="module")
-def batch(split) -> Batch:
-    return make_batch(split, np.arange(N))
 
 
 def _model(dims, seed: int = 0, **settings) -> DashFusion:
@@ -91,8 +75,8 @@ def test_padding_changes_nothing(dims, batch, settings):
     model = _model(dims, **settings).eval()
     with torch.no_grad():
         reference = model(batch).pred
-        torch.testing.assert_close(model(_pad_noise(batch)).pred, reference)
-        torch.testing.assert_close(model(_padded_longer(batch)).pred, reference)
+        torch.testing.assert_close(model(pad_noise(batch)).pred, reference)
+        torch.testing.assert_close(model(padded_longer(batch)).pred, reference)
 
 
 def test_padded_token_ids_change_nothing(dims, batch, tmp_path):
@@ -262,7 +246,7 @@ def test_index_is_rebuilt_every_k_epochs(dims, split):
 
 def test_a_batch_from_another_split_is_refused(dims, split):
     model = _indexed(dims, split).train()
-    other = make_batch(_split(seed=1), np.arange(N))
+    other = make_batch(contract_split(seed=1), np.arange(N))
     other.ids[0] = "not-in-the-index"
     with pytest.raises(MsakitError, match="neighbour index"):
         model(other)

@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model_inputs import N, contract_split, pad_noise
 from msakit.config import resolve_config
 from msakit.data.batching import make_batch
-from msakit.data.schema import MultimodalDataset
 from msakit.errors import MsakitError
 from msakit.missing import MissingSpec, apply_missing, build_noise, drop_whole_modalities
 from msakit.models import create_model
@@ -23,7 +23,6 @@ from msakit.models.registry import build_config
 from msakit.training.checkpoint import load_checkpoint, save_checkpoint
 from msakit.training.settings import TrainConfig
 from msakit.training.trainer import Trainer, seed_everything
-from test_models import N, _pad_noise, _split
 
 TINY = {"text_source": "features", "hidden": 8, "heads": 2, "encoder_layers": 1, "num_latents": 3,
         "latent_layers": 1, "hyper_depth": 1, "fusion_ffn": 8, "attn_dropout": 0.0, "relu_dropout": 0.0,
@@ -34,21 +33,6 @@ TINY = {"text_source": "features", "hidden": 8, "heads": 2, "encoder_layers": 1,
 SILENT = re.compile(
     r"(enhancers\.\w+\.cross|pair_hyper\.\w+\.blocks)\.\d+\.(norm\.weight|norm\.bias|attn\.to_q\.weight)"
 )
-
-
-@pytest.fixture(scope="module")
-def split():
-    return _split()
-
-
-@pytest.fixture(scope="module")
-def dims(split):
-    return MultimodalDataset("tiny", "synthetic", split, split, split).dims
-
-
-@pytest.fixture(scope="module")
-def batch(split):
-    return make_batch(split, np.arange(N))
 
 
 def _model(dims, seed: int = 0, **settings) -> HME:
@@ -167,7 +151,7 @@ def test_uncertainty_reaches_the_model_fusion(dims, split, batch):
 
 def test_one_sample_with_a_missing_modality_is_predicted_from_the_bank(dims, split, batch, tmp_path):
     model = _banked(dims, split).eval()
-    test = _split(seed=1)
+    test = contract_split(seed=1)
     test.ids[:] = [f"test-{i}" for i in range(N)]  # other samples than the bank's
     only_text = apply_missing(make_batch(test, np.arange(N)), MissingSpec("fixed", subset="t"))
     single = apply_missing(make_batch(test, np.array([2])), MissingSpec("fixed", subset="t"))
@@ -245,7 +229,7 @@ def test_an_absent_modality_is_ignored_whatever_it_holds(dims, split, batch):
         kept = model(no_audio).pred
         torch.testing.assert_close(model(scrambled).pred, kept)
         assert not torch.allclose(kept, model(batch).pred)
-        torch.testing.assert_close(model(_pad_noise(batch)).pred, model(batch).pred)
+        torch.testing.assert_close(model(pad_noise(batch)).pred, model(batch).pred)
 
 
 # training ---------------------------------------------------------------------------------------

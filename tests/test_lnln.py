@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from model_inputs import N, pad_noise, padded_longer
 from msakit.config import resolve_config
 from msakit.data.batching import make_batch
-from msakit.data.schema import Batch, MultimodalDataset
+from msakit.data.schema import Batch
 from msakit.errors import MsakitError
 from msakit.missing import LNLNNoise, MissingSpec, apply_missing, build_noise
 from msakit.models import create_model
@@ -18,32 +19,10 @@ from msakit.models.registry import build_config
 from msakit.training.checkpoint import load_checkpoint, save_checkpoint
 from msakit.training.settings import TrainConfig
 from msakit.training.trainer import Trainer, seed_everything
-from test_models import N, _pad_noise, _padded_longer, _split
-from tiny_bert import make_tiny_bert
 
 TINY = {"hidden_dim": 8, "num_tokens": 2, "heads": 2, "dim_head": 4, "mlp_dim": 8,
         "embed_depth": 1, "checker_depth": 1, "proxy_depth": 1, "reconstructor_depth": 1,
         "language_depth": 1, "fusion_depth": 1, "discriminator_hidden": 4, "checker_hidden": 4}
-
-
-@pytest.fixture(scope="module")
-def split():
-    return _split()
-
-
-@pytest.fixture(scope="module")
-def dims(split):
-    return MultimodalDataset("tiny", "synthetic", split, split, split).dims
-
-
-@pytest.fixture(scope="module")
-def batch(split) -> Batch:
-    return make_batch(split, np.arange(N))
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(make_tiny_bert(tmp_path_factory.mktemp("tiny_bert")))
 
 
 def _lnln(dims, seed: int = 0, **settings) -> LNLN:
@@ -203,8 +182,8 @@ def test_padding_never_changes_the_prediction(dims, batch):
     model = _lnln(dims).eval()
     with torch.no_grad():
         reference = model(batch).pred
-        torch.testing.assert_close(model(_pad_noise(batch)).pred, reference)
-        torch.testing.assert_close(model(_padded_longer(batch)).pred, reference)
+        torch.testing.assert_close(model(pad_noise(batch)).pred, reference)
+        torch.testing.assert_close(model(padded_longer(batch)).pred, reference)
 
 
 def test_a_longer_valid_sequence_than_built_for_is_a_user_error(dims, batch):

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+from model_inputs import N, pad_noise, padded_longer, without
 from msakit.config import resolve_config
 from msakit.data.batching import make_batch
-from msakit.data.schema import Batch, FeatureDims, MultimodalDataset, Split
+from msakit.data.schema import FeatureDims, MultimodalDataset
 from msakit.errors import MsakitError
 from msakit.models import create_model, get_model_class, list_models
 from msakit.models.layers.pooling import last_valid, masked_mean, valid_lengths
@@ -29,10 +30,6 @@ from msakit.models.lmf import LMFConfig
 from msakit.models.mult import MulTConfig
 from msakit.models.registry import build_config
 from msakit.models.tfn import TFNConfig
-from tiny_bert import make_tiny_bert
-
-N, TEXT_LEN, AUDIO_LEN, VISION_LEN = 6, 8, 10, 7
-TEXT_DIM, AUDIO_DIM, VISION_DIM = 12, 5, 4
 
 TINY = {
     "tfn": {"text_hidden": 8, "audio_hidden": 4, "vision_hidden": 3, "text_out": 4,
@@ -44,82 +41,9 @@ MODELS = sorted(TINY)
 FAMILIES = ["mosi", "mosei", "sims", "simsv2", "synthetic"]
 
 
-def _split(seed: int = 0) -> Split:
-    rng = np.random.default_rng(seed)
-    text_lengths = np.array([8, 5, 3, 6, 8, 2])
-    text = rng.normal(size=(N, TEXT_LEN, TEXT_DIM)).astype(np.float32)
-    text_bert = np.zeros((N, 3, TEXT_LEN), dtype=np.int64)
-    for i, length in enumerate(text_lengths):
-        text[i, length:] = 0.0
-        text_bert[i, 0, :length] = rng.integers(1000, 5000, size=length)
-        text_bert[i, 0, 0], text_bert[i, 0, length - 1] = 101, 102  # [CLS] ... [SEP]
-        text_bert[i, 1, :length] = 1
-    return Split(
-        ids=np.array([f"video{i}$_${i}" for i in range(N)]),
-        labels=rng.uniform(-3, 3, size=N).astype(np.float32),
-        text=text,
-        text_bert=text_bert,
-        audio=rng.normal(size=(N, AUDIO_LEN, AUDIO_DIM)).astype(np.float32),
-        vision=rng.normal(size=(N, VISION_LEN, VISION_DIM)).astype(np.float32),
-        audio_lengths=np.array([10, 4, 1, 7, 10, 2]),
-        vision_lengths=np.array([7, 3, 5, 1, 2, 7]),
-    )
-
-
-@pytest.fixture(scope="module")
-def split() -> Split:
-    return _split()
-
-
-@pytest.fixture(scope="module")
-def dims(split: Split) -> FeatureDims:
-    return MultimodalDataset("tiny", "synthetic", split, split, split).dims
-
-
-@pytest.fixture(scope="module")
-def batch(split: Split) -> Batch:
-    return make_batch(split, np.arange(N))
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(make_tiny_bert(tmp_path_factory.mktemp("tiny_bert")))
-
-
 def _model(name: str, dims: FeatureDims, seed: int = 0, **settings):
     torch.manual_seed(seed)
     return create_model(name, {"text_source": "features", **TINY[name], **settings}, dims)
-
-
-def _pad_noise(batch: Batch, seed: int = 1) -> Batch:
-    """The same batch with large random values (and infinities) in every padded frame."""
-    generator = torch.Generator().manual_seed(seed)
-    changes = {}
-    for name in ("audio", "vision"):
-        x, mask = getattr(batch, name), getattr(batch, f"{name}_mask")
-        noise = 100 * torch.randn(x.shape, generator=generator)
-        noise[..., 0] = float("inf")
-        changes[name] = torch.where(mask.unsqueeze(-1), x, noise)
-    return batch.with_updates(**changes)
-
-
-def _padded_longer(batch: Batch) -> Batch:
-    """The same batch padded to longer sequences (random values in the new, masked steps)."""
-    longer = {}
-    for modality, extra in (("text", 3), ("audio", 5), ("vision", 4)):
-        x, mask = getattr(batch, modality), getattr(batch, f"{modality}_mask")
-        longer[modality] = torch.cat([x, torch.randn(len(batch), extra, x.shape[-1])], dim=1)
-        longer[f"{modality}_mask"] = torch.cat(
-            [mask, torch.zeros(len(batch), extra, dtype=torch.bool)], dim=1
-        )
-    return batch.with_updates(**longer)
-
-
-def _without(batch: Batch, modality: str, rows: list[int]) -> Batch:
-    """`batch` with the mask of `modality` all False for the given samples."""
-    mask = getattr(batch, f"{modality}_mask").clone()
-    mask[rows] = False
-    return batch.with_updates(**{f"{modality}_mask": mask})
 
 
 def _assert_grads(model, skip: set[int] = frozenset()) -> None:
@@ -188,7 +112,7 @@ def test_padded_frames_do_not_change_the_prediction(name, settings, dims, batch)
     model = _model(name, dims, **settings).eval()
     with torch.no_grad():
         clean = model(batch).pred
-        noisy = model(_pad_noise(batch)).pred
+        noisy = model(pad_noise(batch)).pred
     torch.testing.assert_close(noisy, clean)
 
 
@@ -200,7 +124,7 @@ def test_extra_padding_does_not_change_the_prediction(name, settings, dims, batc
     """Padding a batch to a longer length (as a longer dataset would) changes nothing."""
     model = _model(name, dims, **settings).eval()
     with torch.no_grad():
-        torch.testing.assert_close(model(_padded_longer(batch)).pred, model(batch).pred)
+        torch.testing.assert_close(model(padded_longer(batch)).pred, model(batch).pred)
 
 
 @pytest.mark.parametrize(
@@ -209,7 +133,7 @@ def test_extra_padding_does_not_change_the_prediction(name, settings, dims, batc
 )
 def test_an_all_false_mask_gives_finite_output_and_gradients(name, settings, dims, batch):
     model = _model(name, dims, **settings)
-    missing = _without(_without(_without(batch, "audio", [0, 2]), "vision", [1, 2]), "text", [3])
+    missing = without(without(without(batch, "audio", [0, 2]), "vision", [1, 2]), "text", [3])
     model.train()
     out = model(missing)
     assert torch.isfinite(out.pred).all()
@@ -219,7 +143,7 @@ def test_an_all_false_mask_gives_finite_output_and_gradients(name, settings, dim
     with torch.no_grad():
         clean = model(missing).pred
         # a modality with no valid frame is ignored whatever its values
-        noisy = model(_pad_noise(missing)).pred
+        noisy = model(pad_noise(missing)).pred
     assert torch.isfinite(clean).all()
     torch.testing.assert_close(noisy, clean)
 
