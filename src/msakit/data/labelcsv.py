@@ -26,6 +26,28 @@ def _ids(row: dict[str, str], has_id: bool) -> str:
     return row["id"] if has_id else f"{row['video_id']}$_${row['clip_id']}"
 
 
+def parse_label(value: str | None, path: Path, line: int) -> float:
+    """A label.csv `label` cell as a finite float; anything else names the file, line and value."""
+    raw = (value or "").strip()
+    try:
+        label = float(raw)
+    except ValueError:
+        label = math.nan
+    if not math.isfinite(label):
+        raise MsakitError(f"{path} line {line}: label {raw!r} is not a number")
+    return label
+
+
+def parse_mode(value: str | None, path: Path, line: int) -> str:
+    """A label.csv `mode` cell (train, valid or dev, test) as the split it names."""
+    mode = (value or "").strip().lower()
+    if mode not in MODES:
+        raise MsakitError(
+            f"{path} line {line}: unknown mode {value!r}; expected one of {', '.join(MODES)}"
+        )
+    return MODES[mode]
+
+
 def load_label_csv(
     path: str | os.PathLike[str], tokenizer: str = "minilm", max_len: int = 50
 ) -> MultimodalDataset:
@@ -56,20 +78,8 @@ def load_label_csv(
             }
             for row in reader:
                 line = reader.line_num  # as an editor shows it: the header is line 1
-                raw_label = (row["label"] or "").strip()
-                try:
-                    label = float(raw_label)
-                except ValueError:
-                    label = math.nan
-                if not math.isfinite(label):
-                    raise MsakitError(f"{path} line {line}: label {raw_label!r} is not a number")
-                mode = (row["mode"] or "").strip().lower()
-                if mode not in MODES:
-                    raise MsakitError(
-                        f"{path} line {line}: unknown mode {row['mode']!r}; "
-                        f"expected one of {', '.join(MODES)}"
-                    )
-                split = rows[MODES[mode]]
+                label = parse_label(row["label"], path, line)
+                split = rows[parse_mode(row["mode"], path, line)]
                 split["id"].append(_ids(row, has_id))
                 split["text"].append(row["text"] or "")
                 split["label"].append(label)

@@ -18,7 +18,6 @@ import concurrent.futures as futures
 import csv
 import hashlib
 import json
-import math
 import multiprocessing
 import os
 import pickle
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from msakit import __version__
-from msakit.data.labelcsv import MODES
+from msakit.data.labelcsv import parse_label, parse_mode
 from msakit.data.mmsa import save_mmsa
 from msakit.data.schema import MODALITIES, SPLITS
 from msakit.errors import MsakitError
@@ -90,21 +89,8 @@ def read_labels(path: str | Path) -> list[LabelRow]:
                 if row_id in seen:
                     raise MsakitError(f"{path} line {line}: clip {row_id!r} already on line {seen[row_id]}")
                 seen[row_id] = line
-                raw_label = (row["label"] or "").strip()
-                try:
-                    label = float(raw_label)
-                except ValueError:
-                    label = math.nan
-                if not math.isfinite(label):
-                    raise MsakitError(f"{path} line {line}: label {raw_label!r} is not a number")
-                if "mode" in columns:
-                    mode = (row["mode"] or "").strip().lower()
-                    if mode not in MODES:
-                        raise MsakitError(f"{path} line {line}: unknown mode {row['mode']!r}; "
-                                          f"expected one of {', '.join(MODES)}")
-                    split = MODES[mode]
-                else:
-                    split = _split_of(row_id)
+                label = parse_label(row["label"], path, line)
+                split = parse_mode(row["mode"], path, line) if "mode" in columns else _split_of(row_id)
                 rows.append(LabelRow(row_id, keys, (row.get("text") or "").strip(), label, split))
     except UnicodeDecodeError as exc:
         raise MsakitError(f"{path} is not UTF-8 text ({exc.reason})") from None
