@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import math
 import re
 import shutil
@@ -14,8 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 from msakit import api
+from msakit.cli import cli
 from msakit.data.mmsa import load_mmsa, save_mmsa
 from msakit.errors import MsakitError
 from msakit.features import FeaturePipeline, Predictor, build_dataset, load_feature_config, read_labels
@@ -333,6 +336,11 @@ def test_extract_resume_train_predict(tmp_path: Path) -> None:
     assert "cannot open" in results[1]["error"]
     with pytest.raises(MsakitError, match="applies to one file"):
         api.predict([clips / "v1" / "1.mp4"] * 2, checkpoint, text="hi")
+    cli_run = CliRunner().invoke(cli, ["predict", str(clips / "v1" / "3.mp4"), str(clips / "v1_broken.mp4"),
+                                       "--checkpoint", str(checkpoint), "--json"])
+    assert cli_run.exit_code == 2
+    assert json.loads(cli_run.stdout)[0]["present"]["audio"]
+    assert "1 of 2 file(s) could not be read" in cli_run.stderr
 
 
 @needs_extra

@@ -300,8 +300,11 @@ def predict(files: tuple[str, ...], checkpoint: str, text: str | None, features:
                           f"{result['label']:+d} {result['label_name']} ({result['scale']})", present,
                           result["transcript"])
         console.print(table)
-    if any("error" in result for result in results):
-        sys.exit(1)
+    failed = [r["file"] for r in results if "error" in r]
+    if failed:  # the readable files are scored above; the others are bad input
+        click.echo(f"msakit: error: {len(failed)} of {len(results)} file(s) could not be read: "
+                   f"{', '.join(failed)}", err=True)
+        sys.exit(2)
 
 
 def main() -> None:
