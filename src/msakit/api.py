@@ -189,9 +189,8 @@ def reproduce(
     select_metric` chose) into `output` when given.
     """
     recipe = load_recipe(model_yaml(model).get("reproduce"), model)
-    if seeds is not None:
+    if seeds is not None:  # `replace` runs the Recipe's checks on the given seeds too
         recipe = dataclasses.replace(recipe, seeds=tuple(seeds))
-        load_recipe(dataclasses.asdict(recipe), model)  # the same checks for the given seeds
     data = load_dataset(dataset, data_dir, aligned=aligned)
     config = _resolved_config(model, data, overrides, epochs)
     tokens = special_token_ids(build_config(model, config["model"]))

@@ -71,6 +71,7 @@ from torch import nn
 from msakit.data.schema import Batch, FeatureDims
 from msakit.errors import MsakitError
 from msakit.models.base import ModelConfig, MSAModel, Output, check_settings
+from msakit.models.layers.attention import multi_head_attention
 from msakit.models.layers.neighbours import LabelNeighbours, label_buckets, label_neighbours
 from msakit.models.layers.pooling import masked_mean
 from msakit.models.layers.text import TextEncoder
@@ -131,32 +132,6 @@ class DashFusionConfig(ModelConfig):
                 raise MsakitError(f"dashfusion: model.{key} must be a number {bound}, not {value!r}")
 
 
-def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    heads: int,
-    key_mask: torch.Tensor | None = None,
-    scale: float | None = None,
-    dropout: float = 0.0,
-) -> torch.Tensor:
-    """Multi-head scaled dot-product attention of projected (B, L, heads * dh) tensors.
-
-    `key_mask` (B, Lk) is True where a key may be attended to; every row needs one such key.
-    `scale` defaults to 1 / sqrt(dh); `dropout` applies to the attention weights.
-    """
-    batch, length = q.shape[:2]
-
-    def split(x: torch.Tensor) -> torch.Tensor:
-        return x.view(batch, x.shape[1], heads, -1).transpose(1, 2)
-
-    mask = None if key_mask is None or bool(key_mask.all()) else key_mask[:, None, None, :]
-    out = F.scaled_dot_product_attention(
-        split(q), split(k), split(v), attn_mask=mask, dropout_p=dropout, scale=scale
-    )
-    return out.transpose(1, 2).reshape(batch, length, -1)
-
-
 def feed_forward(dim: int, hidden: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(
         nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim), nn.Dropout(dropout)
@@ -183,7 +158,7 @@ class EncoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         p = self.dropout if self.training else 0.0
         q, k, v = self.qkv(x).chunk(3, dim=-1)
-        attended = self.out(attention(q, k, v, self.heads, key_mask, dropout=p))
+        attended = self.out(multi_head_attention(q, k, v, self.heads, key_mask, dropout=p))
         x = self.norm1(x + F.dropout(attended, p, self.training))
         return self.norm2(x + F.dropout(self.ff(x), p, self.training))
 
@@ -241,7 +216,7 @@ class TemporalAlignment(nn.Module):
     ) -> torch.Tensor:
         q = self.to_q(text)
         read = sum(
-            attention(q, self.to_k[m](x), self.to_v[m](x), self.heads, mask)
+            multi_head_attention(q, self.to_k[m](x), self.to_v[m](x), self.heads, mask)
             for m, (x, mask) in sources.items()
         )
         return text + self.to_out(read)
@@ -260,7 +235,7 @@ class FusionAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, source: torch.Tensor, key_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return attention(
+        return multi_head_attention(
             self.to_q(x), self.to_k(source), self.to_v(source), self.heads, key_mask, self.scale
         )
 
@@ -309,7 +284,7 @@ class Gather(nn.Module):
     ) -> torch.Tensor:
         q = self.to_q(bottleneck)
         read = sum(
-            attention(q, self.to_k[m](x), self.to_v[m](x), self.heads, mask)
+            multi_head_attention(q, self.to_k[m](x), self.to_v[m](x), self.heads, mask)
             for m, (x, mask) in sources.items()
         )
         x = self.norm1(bottleneck + read)

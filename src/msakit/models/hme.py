@@ -79,7 +79,9 @@ from torch import nn
 from msakit.data.schema import MODALITIES, Batch, FeatureDims
 from msakit.errors import MsakitError
 from msakit.models.base import ModelConfig, MSAModel, Output, check_settings
+from msakit.models.layers.attention import multi_head_attention
 from msakit.models.layers.neighbours import DEFAULT_BLOCK, masked_topk, similarity_blocks
+from msakit.models.layers.pooling import masked_max
 from msakit.models.layers.text import TextEncoder
 from msakit.models.layers.transformer import CrossModalEncoder
 from msakit.models.registry import register_model
@@ -197,12 +199,6 @@ def retrieve(
     return torch.cat(means), torch.cat(counts)
 
 
-def masked_max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Max of `x` (B, L, D) over valid steps -> (B, D); zeros where no step is valid."""
-    pooled = x.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(dim=1)
-    return pooled.masked_fill(~mask.any(dim=1, keepdim=True), 0.0)
-
-
 class Attention(nn.Module):
     """Multi-head attention of queries (B, Lq, d) over a context (B, Lk, d); no q/k/v biases."""
 
@@ -214,12 +210,8 @@ class Attention(nn.Module):
         self.to_out = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        def split(t: torch.Tensor) -> torch.Tensor:
-            return t.view(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)
-
         k, v = self.to_kv(context).chunk(2, dim=-1)
-        out = F.scaled_dot_product_attention(split(self.to_q(x)), split(k), split(v))
-        return self.to_out(out.transpose(1, 2).flatten(2))
+        return self.to_out(multi_head_attention(self.to_q(x), k, v, self.heads))
 
 
 class GEGLUFeedForward(nn.Module):

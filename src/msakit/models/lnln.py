@@ -63,6 +63,7 @@ from msakit.data.schema import Batch, FeatureDims
 from msakit.errors import MsakitError
 from msakit.missing.masks import BERT_SPECIAL_IDS, droppable_positions
 from msakit.models.base import ModelConfig, MSAModel, Output, check_settings
+from msakit.models.layers.attention import multi_head_attention
 from msakit.models.layers.text import TextEncoder, special_token_ids
 from msakit.models.registry import register_model
 
@@ -131,23 +132,6 @@ class _ReverseGradient(torch.autograd.Function):
 def reverse_gradient(x: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
     """Identity forward; the gradient passes backwards multiplied by -strength."""
     return _ReverseGradient.apply(x, strength)
-
-
-def multi_head_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, key_mask: torch.Tensor | None
-) -> torch.Tensor:
-    """Scaled dot-product attention of projected (B, L, inner) tensors split into `heads` heads.
-
-    `key_mask` (B, Lk) is True where a key may be attended to.
-    """
-    batch, length = q.shape[:2]
-
-    def split(x: torch.Tensor) -> torch.Tensor:
-        return x.view(batch, x.shape[1], heads, -1).transpose(1, 2)
-
-    mask = None if key_mask is None else key_mask[:, None, None, :]
-    out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask)
-    return out.transpose(1, 2).reshape(batch, length, -1)
 
 
 class Attention(nn.Module):
@@ -222,8 +206,6 @@ class TokenTransformer(nn.Module):
             if mask is not None:
                 mask = F.pad(mask, (self.tokens.shape[1], 0), value=True)
         x = x + self.positions[:, : x.shape[1]]
-        if mask is not None and bool(mask.all()):
-            mask = None  # nothing to hide: the unmasked attention kernels are faster
         states = [x]
         for i, block in enumerate(self.blocks):
             last = i == len(self.blocks) - 1

@@ -17,6 +17,12 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return total / weights.sum(1).clamp(min=1.0)
 
 
+def masked_max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Max of `x` (B, L, D) over its valid steps -> (B, D); zeros where no step is valid."""
+    pooled = x.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(dim=1)
+    return pooled.masked_fill(~mask.any(dim=1, keepdim=True), 0.0)
+
+
 def valid_lengths(mask: torch.Tensor) -> torch.Tensor:
     """(B,) long: one past the last valid step, 0 for a sample with no valid step.
 
