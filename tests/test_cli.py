@@ -165,3 +165,16 @@ def test_synthetic_writes_a_pickle_that_train_reads(tmp_path):
     assert code == 0, out
     _one_line_error(*run("synthetic", str(path), "--size", "n_trian=3"), "n_trian")
     _one_line_error(*run("synthetic", str(path), "--size", "n_train=many"), "n_train=many")
+
+
+def test_cues_writes_one_record_per_sample_and_resumes(tiny_pickle: Path, tmp_path):
+    output = tmp_path / "cues.jsonl"
+    code, out = run("cues", str(tiny_pickle), "--output", str(output), "--no-progress")
+    assert code == 0, out
+    lines = [json.loads(line) for line in output.read_text().splitlines()]
+    samples = TINY["n_train"] + TINY["n_valid"] + TINY["n_test"]
+    assert len(lines) == len({r["id"] for r in lines}) == samples
+    code, out = run("cues", str(tiny_pickle), "--output", str(output), "--no-progress")
+    assert code == 0 and output.read_text().count("\n") == len(lines)
+    code, out = run("cues", str(tiny_pickle), "--output", str(output), "--model", "gpt-4o-mini")
+    assert code == 2 and "offline backend takes no model" in out

@@ -14,7 +14,8 @@ from msakit.data.schema import Batch
 from msakit.errors import MsakitError
 from msakit.missing import LNLNNoise, MissingSpec, apply_missing, build_noise
 from msakit.models import create_model
-from msakit.models.lnln import LNLN, TokenTransformer, reverse_gradient
+from msakit.models.layers.prenorm import TokenTransformer
+from msakit.models.lnln import LNLN, reverse_gradient, widths_of
 from msakit.models.registry import build_config
 from msakit.training.checkpoint import load_checkpoint, save_checkpoint
 from msakit.training.settings import TrainConfig
@@ -155,7 +156,7 @@ def test_discriminator_reversal_flips_the_adversarial_gradient_into_the_embeddin
 def test_keeping_only_the_first_positions_of_the_last_block_changes_nothing(dims):
     config = build_config("lnln", {"text_source": "features", **TINY, "embed_depth": 2})
     torch.manual_seed(0)
-    encoder = TokenTransformer(10, 3, config, depth=2)
+    encoder = TokenTransformer(10, 3, 2, **widths_of(config))
     x, mask = torch.randn(4, 10, 8), torch.rand(4, 10) > 0.3
     full = encoder(x, mask)[-1][:, :3]
     torch.testing.assert_close(encoder(x, mask, keep=3)[-1], full)

@@ -102,6 +102,29 @@ def test_stages_run_in_order_with_the_models_hook(tiny_dataset):
     assert [(r.stage, r.epoch) for r in fit.history] == [("warm", 1), ("main", 1), ("main", 2)]
 
 
+def test_each_finished_stage_is_handed_over_with_its_own_learning_rates(tiny_dataset, tiny_bert, dims):
+    trainer = _trainer(tiny_dataset, stages=[{"name": "a", "epochs": 1, "lr": 1e-2, "encoder_lr": 1e-5},
+                                             {"name": "b", "epochs": 2}])
+    rates, finished = [], []
+    original = trainer.train_epoch
+
+    def spy(split, optimizer, *args, **kwargs):
+        rates.append(optimizer.param_groups[0]["initial_lr"])
+        return original(split, optimizer, *args, **kwargs)
+
+    trainer.train_epoch = spy
+    fit = trainer.fit(tiny_dataset.train, tiny_dataset.valid, seed=1, after_stage=finished.append)
+    assert [(r.stage, r.epochs_run) for r in finished] == [("a", 1), ("b", 2)]
+    assert finished[-1] is fit and rates == [1e-2, trainer.config.lr, trainer.config.lr]
+    model = create_model("text_only", {"text_source": "encoder", "text_encoder": tiny_bert}, dims)
+    groups = build_optimizer(model, TrainConfig(), lr=1e-2, encoder_lr=1e-5).param_groups
+    encoder = {id(p) for p in model.text_encoder.model.parameters()}
+    assert {(all(id(p) in encoder for p in g["params"]), g["lr"]) for g in groups} == {
+        (True, 1e-5), (False, 1e-2)}
+    with pytest.raises(MsakitError, match=r"stages\[a\].encoder_lr"):
+        TrainConfig(stages=[{"name": "a", "epochs": 1, "encoder_lr": -1}])
+
+
 @pytest.mark.parametrize("noisy", [True, False])
 def test_models_that_ask_get_the_clean_batch_beside_the_noisy_one(tiny_dataset, noisy):
     seen = []

@@ -110,16 +110,20 @@ def train(
     data = load_dataset(dataset, data_dir, aligned=aligned)
     config = _resolved_config(model, data, overrides, epochs)
     out_dir = Path(output) if output is not None else None
+    multi_stage = len(config["training"]["stages"]) > 1
     runs = []
     for seed in seeds:
-        trainer, fit = _fit_one_seed(model, data, config, seed, progress)
+        stages: list[dict[str, Any]] = []
+        trainer, fit = _fit_one_seed(model, data, config, seed, progress,
+                                     stage_scores=stages if multi_stage else None)
         run = {
             "seed": seed,
             "best_epoch": fit.best_epoch,
             "epochs_run": fit.epochs_run,
             "valid": fit.best_valid,  # the restored weights' own validation score
-            "test": trainer.evaluate(data.test),
+            "test": stages[-1]["test"] if stages else trainer.evaluate(data.test),
             "history": [dataclasses.asdict(r) for r in fit.history],
+            **({"stages": stages} if stages else {}),
         }
         if out_dir is not None:
             run["checkpoint"] = _save_seed(out_dir, trainer, config, data, seed,
@@ -145,16 +149,28 @@ def _resolved_config(
 
 def _fit_one_seed(
     model: str, data: MultimodalDataset, config: dict[str, Any], seed: int, progress: bool,
-    **trainer_options: Any,
+    stage_scores: list[dict[str, Any]] | None = None, **trainer_options: Any,
 ) -> tuple[Trainer, FitResult]:
-    """A fresh model trained with `seed` (training noise as configured), selected on validation."""
+    """A fresh model trained with `seed` (training noise as configured), selected on validation.
+
+    With `stage_scores`, each finished stage appends its selected epoch, validation score and test
+    score (a report of every stage; each still selects on validation only).
+    """
     train_cfg = training_config(config["training"])
     seed_everything(seed)
     net = create_model(model, config["model"], data.dims)
     noise = build_noise(train_cfg.noise, train_cfg.noise_rate, seed, **special_token_ids(net.config))
     trainer = Trainer(net, train_cfg, data.metric_family, train_transform=noise, progress=progress,
                       **trainer_options)
-    return trainer, trainer.fit(data.train, data.valid, seed)
+
+    def score(result: FitResult) -> None:
+        stage_scores.append({
+            "stage": result.stage, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+            "valid": result.best_valid, "test": trainer.evaluate(data.test),
+        })
+
+    after_stage = score if stage_scores is not None else None
+    return trainer, trainer.fit(data.train, data.valid, seed, after_stage=after_stage)
 
 
 def _save_seed(
@@ -251,6 +267,14 @@ def _summarise(
     mean, std = {}, {}
     for split in ("valid", "test"):
         mean[split], std[split] = mean_std([r[split] for r in runs])
+    stages = {}
+    if "stages" in runs[0]:
+        for i, stage in enumerate(runs[0]["stages"]):
+            stages[stage["stage"]] = {
+                split: dict(zip(("mean", "std"), mean_std([r["stages"][i][split] for r in runs]),
+                                strict=True))
+                for split in ("valid", "test")
+            }
     return {
         "msakit_version": __version__,
         "command": command or _this_command(),
@@ -261,6 +285,7 @@ def _summarise(
         "seeds": runs,
         "mean": mean,
         "std": std,
+        **({"stages": stages} if stages else {}),
     }
 
 

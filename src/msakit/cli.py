@@ -17,6 +17,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from msakit import __version__, api
+from msakit.cues.pipeline import BACKENDS, run_cues
 from msakit.errors import MsakitError
 from msakit.evaluation.report import metrics_table
 from msakit.missing import parse_rates
@@ -130,6 +131,13 @@ def train(model: str, dataset: str, data_dir: str | None, aligned: bool, seeds: 
                                 f"{results['selection']}", means, family,
                                 stds=results["std"] if len(results["seeds"]) > 1 else None,
                                 first_column="split"))
+    if "stages" in results:
+        stages = results["stages"]
+        console.print(metrics_table(
+            "every stage, each selected on validation: test, mean ± std over seeds",
+            {name: s["test"]["mean"] for name, s in stages.items()}, family,
+            stds={name: s["test"]["std"] for name, s in stages.items()} if len(results["seeds"]) > 1
+            else None, first_column="stage"))
     console.print(f"results: {Path(output) / 'results.json'}")
 
 
@@ -305,6 +313,66 @@ def predict(files: tuple[str, ...], checkpoint: str, text: str | None, features:
         click.echo(f"msakit: error: {len(failed)} of {len(results)} file(s) could not be read: "
                    f"{', '.join(failed)}", err=True)
         sys.exit(2)
+
+
+@cli.command()
+@click.argument("dataset")
+@click.option("--output", "-o", required=True, help="the cue file (JSONL); an existing one is resumed")
+@click.option("--backend", type=click.Choice(BACKENDS), default="offline", show_default=True,
+              help="offline: the clip's features described in words, no network; openai: an MLLM "
+                   "behind an OpenAI-compatible chat-completions endpoint")
+@click.option("--data-dir", default=None, help="folder (or file) holding the dataset")
+@click.option("--aligned", is_flag=True, help="read the word-aligned pickle (MMSA aligned_*.pkl)")
+@click.option("--media", default=None,
+              help="openai: folder of the clips' videos (named as for `msakit extract`); 3 frames each")
+@click.option("--base-url", default=None,
+              help="openai: endpoint, e.g. http://localhost:8000/v1 [default: $OPENAI_BASE_URL, "
+                   "else https://api.openai.com/v1]")
+@click.option("--model", default=None, help="openai: the model's name there [default: gpt-4o-mini]")
+@click.option("--api-key-env", default=None, metavar="NAME",
+              help="openai: environment variable holding the key [default: MSAKIT_CUES_API_KEY, "
+                   "else OPENAI_API_KEY; a local server needs none]")
+@click.option("--concurrency", type=int, default=4, show_default=True, help="openai: requests in flight")
+@click.option("--max-retries", type=int, default=5, show_default=True,
+              help="openai: retries of a request after a 429, 5xx or connection error")
+@click.option("--price-input", type=float, default=None, help="price per million prompt tokens, for the cost")
+@click.option("--price-output", type=float, default=None, help="price per million completion tokens")
+@click.option("--splits", default="train,valid,test", show_default=True, help="comma list of splits")
+@click.option("--limit", type=int, default=None, help="only the first N samples of each split")
+@click.option("--no-progress", is_flag=True, help="no progress bar")
+@_user_errors
+def cues(dataset: str, output: str, backend: str, data_dir: str | None, aligned: bool, media: str | None,
+         base_url: str | None, model: str | None, api_key_env: str | None, concurrency: int,
+         max_retries: int, price_input: float | None, price_output: float | None, splits: str,
+         limit: int | None, no_progress: bool) -> None:
+    """Write MMSLF's cue text ("Visual cues: ... Language cues: ...") for each sample of DATASET.
+
+    Samples already in OUTPUT from the same backend, model and prompt version are not asked again.
+    """
+    chosen = [s.strip() for s in splits.split(",") if s.strip()]
+    if not chosen:
+        raise MsakitError("--splits is empty")
+    report = run_cues(dataset, output, backend=backend, data_dir=data_dir, aligned=aligned, media=media,
+                      splits=chosen, limit=limit, price_input=price_input, price_output=price_output,
+                      progress=not no_progress, base_url=base_url, model=model, api_key_env=api_key_env,
+                      concurrency=concurrency, max_retries=max_retries)
+    table = Table("requested", "written", "failed", "skipped (resumed)", "with frames", "prompt tokens",
+                  "completion tokens", "cost",
+                  title=f"{report.backend} cues: {report.model}, prompt {report.prompt_version}")
+    cost = "-" if report.cost is None else f"{report.cost:.4f}"
+    table.add_row(*(str(n) for n in (report.requested, report.written, report.failed, report.skipped,
+                                     report.with_media, report.prompt_tokens, report.completion_tokens)),
+                  cost)
+    console.print(table)
+    if report.failures:
+        failed = Table("failed sample", "split", "reason",
+                       title=f"{report.failed} sample(s) failed; run the command again to retry them")
+        for failure in report.failures[:20]:
+            failed.add_row(failure.id, failure.split, failure.reason)
+        if report.failed > 20:
+            failed.add_row("...", "", f"{report.failed - 20} more")
+        console.print(failed)
+    console.print(f"cue file: {report.output} ({report.seconds:.1f} s)")
 
 
 def main() -> None:

@@ -64,6 +64,7 @@ from msakit.errors import MsakitError
 from msakit.missing.masks import BERT_SPECIAL_IDS, droppable_positions
 from msakit.models.base import ModelConfig, MSAModel, Output, check_settings
 from msakit.models.layers.attention import multi_head_attention
+from msakit.models.layers.prenorm import Block, TokenTransformer
 from msakit.models.layers.text import TextEncoder, special_token_ids
 from msakit.models.registry import register_model
 
@@ -134,86 +135,6 @@ def reverse_gradient(x: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
     return _ReverseGradient.apply(x, strength)
 
 
-class Attention(nn.Module):
-    """Multi-head attention with separate widths: heads x dim_head inside, `dim` outside."""
-
-    def __init__(self, dim: int, heads: int, dim_head: int) -> None:
-        super().__init__()
-        inner = heads * dim_head
-        self.heads = heads
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_k = nn.Linear(dim, inner, bias=False)
-        self.to_v = nn.Linear(dim, inner, bias=False)
-        self.to_out = nn.Linear(inner, dim)
-
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        out = multi_head_attention(self.to_q(q), self.to_k(k), self.to_v(v), self.heads, key_mask)
-        return self.to_out(out)
-
-
-class Block(nn.Module):
-    """Pre-norm block: x + Attn(LN_q(x), LN_k(s), LN_v(s)), then x + FF(LN(x)); s = x by default."""
-
-    def __init__(self, dim: int, heads: int, dim_head: int, mlp_dim: int) -> None:
-        super().__init__()
-        self.norm_q, self.norm_k, self.norm_v = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads, dim_head)
-        self.norm_ff = nn.LayerNorm(dim)
-        self.ff = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, dim))
-
-    def forward(
-        self, x: torch.Tensor, source: torch.Tensor | None = None, key_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        source = x if source is None else source
-        x = x + self.attn(self.norm_q(x), self.norm_k(source), self.norm_v(source), key_mask)
-        return x + self.ff(self.norm_ff(x))
-
-
-class TokenTransformer(nn.Module):
-    """`num_tokens` learned extra tokens prepended (zeros at start), learned positions, `depth` blocks.
-
-    Returns the list of hidden states: the input with positions added, then each block's output.
-    """
-
-    def __init__(self, max_len: int, num_tokens: int, config: LNLNConfig, depth: int) -> None:
-        super().__init__()
-        d = config.hidden_dim
-        self.max_len = max_len
-        self.tokens = nn.Parameter(torch.zeros(1, num_tokens, d)) if num_tokens else None
-        self.positions = nn.Parameter(torch.randn(1, max_len + num_tokens, d))
-        self.blocks = nn.ModuleList(
-            Block(d, config.heads, config.dim_head, config.mlp_dim) for _ in range(depth)
-        )
-
-    def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, keep: int | None = None
-    ) -> list[torch.Tensor]:
-        """`keep`: only the first `keep` positions of the last block's output are wanted, so only
-        they are computed there (the output is the same; most of the last block's cost is saved).
-        Padding beyond the length the positions were built for is cut off."""
-        batch, length = x.shape[:2]
-        if length > self.max_len and mask is not None and not bool(mask[:, self.max_len:].any()):
-            x, mask, length = x[:, : self.max_len], mask[:, : self.max_len], self.max_len
-        if length > self.max_len:
-            raise MsakitError(
-                f"lnln: a sequence of {length} steps is longer than the {self.max_len} the model "
-                "was built for"
-            )
-        if self.tokens is not None:
-            x = torch.cat([self.tokens.expand(batch, -1, -1), x], dim=1)
-            if mask is not None:
-                mask = F.pad(mask, (self.tokens.shape[1], 0), value=True)
-        x = x + self.positions[:, : x.shape[1]]
-        states = [x]
-        for i, block in enumerate(self.blocks):
-            last = i == len(self.blocks) - 1
-            x = block(x[:, :keep], source=x, key_mask=mask) if last and keep else block(x, key_mask=mask)
-            states.append(x)
-        return states
-
-
 class HyperLayer(nn.Module):
     """One step of the hyper-modality learner: the language state queries audio and vision.
 
@@ -253,7 +174,7 @@ class CrossTransformer(nn.Module):
         self.source_positions = nn.Parameter(torch.randn(1, num_tokens + 1, d))
         self.target_positions = nn.Parameter(torch.randn(1, num_tokens + 1, d))
         self.blocks = nn.ModuleList(
-            Block(d, config.heads, config.dim_head, config.mlp_dim) for _ in range(config.fusion_depth)
+            Block(**widths_of(config)) for _ in range(config.fusion_depth)
         )
 
     def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -263,6 +184,12 @@ class CrossTransformer(nn.Module):
         for block in self.blocks:
             target = block(target, source)
         return target
+
+
+def widths_of(config: LNLNConfig) -> dict[str, int]:
+    """The block widths every LNLN transformer shares."""
+    return {"dim": config.hidden_dim, "heads": config.heads, "dim_head": config.dim_head,
+            "mlp_dim": config.mlp_dim}
 
 
 def _mlp(dim: int, hidden: int, out: int) -> nn.Sequential:
@@ -285,20 +212,20 @@ class LNLN(MSAModel):
         lengths = {"text": dims.text_len, "audio": dims.audio_len, "vision": dims.vision_len}
         self.project = nn.ModuleDict({m: nn.Linear(w, d) for m, w in widths.items()})
         self.embed = nn.ModuleDict({
-            m: TokenTransformer(lengths[m], n, config, config.embed_depth) for m in widths
+            m: TokenTransformer(lengths[m], n, config.embed_depth, **widths_of(config)) for m in widths
         })
-        self.checker = TokenTransformer(n, 1, config, config.checker_depth)
+        self.checker = TokenTransformer(n, 1, config.checker_depth, **widths_of(config))
         self.checker_head = nn.Sequential(_mlp(d, config.checker_hidden, 1), nn.Sigmoid())
         self.proxy_init = nn.Parameter(torch.ones(1, n, d))
-        self.proxy = TokenTransformer(3 * n, n, config, config.proxy_depth)
+        self.proxy = TokenTransformer(3 * n, n, config.proxy_depth, **widths_of(config))
         self.discriminator = _mlp(d, config.discriminator_hidden, 2)
-        self.language = TokenTransformer(n, 0, config, config.language_depth)
+        self.language = TokenTransformer(n, 0, config.language_depth, **widths_of(config))
         self.hyper_init = nn.Parameter(torch.ones(1, n, d))
         self.hyper = nn.ModuleList(HyperLayer(d, config.heads) for _ in range(config.language_depth + 1))
         self.fusion = CrossTransformer(n, config)
         self.head = nn.Linear(d, 1)
         self.reconstruct = nn.ModuleDict({
-            m: TokenTransformer(n, 0, config, config.reconstructor_depth) for m in widths
+            m: TokenTransformer(n, 0, config.reconstructor_depth, **widths_of(config)) for m in widths
         })
 
     def embed_one(self, modality: str, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -11,13 +11,14 @@ from msakit.errors import MsakitError
 class Stage:
     """One stage of a multi-stage recipe: the same loop, run for `epochs` with these changes.
 
-    `model` is handed to the model's `set_stage` hook (e.g. "teacher", "student"); `lr` overrides
-    the learning rate for this stage when given.
+    `name` is handed to the model's `set_stage` hook (e.g. "teacher", "student"); `lr` and
+    `encoder_lr` override the learning rates for this stage when given.
     """
 
     name: str
     epochs: int
     lr: float | None = None
+    encoder_lr: float | None = None
 
 
 @dataclass
@@ -57,6 +58,9 @@ class TrainConfig:
             raise MsakitError(f"training.stages: each stage needs name and epochs ({exc})") from None
         for stage in self.stages:
             _check_number(f"stages[{stage.name}].epochs", stage.epochs, integer=True, low=1)
+            for key in ("lr", "encoder_lr"):
+                if getattr(stage, key) is not None:
+                    _check_number(f"stages[{stage.name}].{key}", getattr(stage, key), low=0)
 
 
 def _check_number(

@@ -1,0 +1,129 @@
+"""MMSLF on the synthetic default: does the student gain from the prompt-guided teacher?
+
+    python benchmarks/mmslf_distillation.py                      # both runs, seeds 1111-1113
+    python benchmarks/mmslf_distillation.py --run plain --seeds 1111 1112 1113
+    python benchmarks/mmslf_distillation.py --table              # only rebuild the table
+
+Cues come from the offline backend (`msakit cues synthetic --output runs/synthetic_cues.jsonl`,
+written here when missing). Two runs per seed, both with mmslf's `synthetic` settings:
+- distilled: the teacher stage (with cues), then the student stage against the frozen teacher;
+- plain: the same student network and student stage (epochs, learning rate, schedule) with the
+  distillation weights at 0, i.e. trained on the labels alone.
+Every run selects on validation MAE. Each (run, seed) is kept as its own record under
+`<runs-dir>/mmslf-records/`, so runs may be split over processes; the table
+(benchmarks/results/mmslf_distillation.{json,md}) is rebuilt from all records. The distilled
+students' checkpoints are `<runs-dir>/mmslf/seed-<seed>.pt`, which `robustness_synthetic.py
+--models mmslf --reuse` scores under the missing-data protocols.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from msakit import api
+from msakit.config import resolve_config
+from msakit.cues import run_cues
+from msakit.data.synthetic import synthetic_dataset
+from msakit.evaluation.report import LABELS, format_value, mean_std
+from msakit.fileio import atomic_write_text
+
+COLUMNS = ("mae", "acc2_non0", "f1_non0", "acc7", "corr")
+RUNS = ("distilled", "plain")
+
+
+def plain_overrides() -> list[str]:
+    """The student stage alone, as configured for the synthetic data, without distillation."""
+    stages = resolve_config("mmslf", "synthetic")["training"]["stages"]
+    student = next(s for s in stages if s["name"] == "student")
+    return ["model.attention_weight=0", "model.fusion_weight=0",
+            f"training.stages={json.dumps([student])}"]
+
+
+def run_one(run: str, seed: int, cues: Path, runs_dir: Path, command: str) -> dict:
+    data = synthetic_dataset()
+    overrides = [f"model.cues={cues}"] + (plain_overrides() if run == "plain" else [])
+    start = time.perf_counter()
+    result = api.train("mmslf", data, seeds=[seed], overrides=overrides, progress=False,
+                       output=runs_dir / ("mmslf" if run == "distilled" else "mmslf-plain"),
+                       command=command)
+    seed_run = result["seeds"][0]
+    machine = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
+               else f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
+    return {"run": run, "seed": seed, "test": seed_run["test"],
+            "stages": {s["stage"]: {"best_epoch": s["best_epoch"], "test": s["test"]}
+                       for s in seed_run.get("stages", [])},
+            "best_epoch": seed_run["best_epoch"], "seconds": round(time.perf_counter() - start, 1),
+            "machine": machine, "command": command}
+
+
+def table(records: list[dict]) -> tuple[dict, str]:
+    rows: dict[str, list[dict]] = {}
+    for r in sorted(records, key=lambda r: r["seed"]):
+        if r["run"] == "distilled":
+            teacher = {**r, "test": r["stages"]["teacher"]["test"]}
+            rows.setdefault("teacher (reads the cues)", []).append(teacher)
+            rows.setdefault("student, distilled from the teacher", []).append(r)
+        else:
+            rows.setdefault("student, trained without distillation", []).append(r)
+    summary = {}
+    lines = [
+        "MMSLF on the synthetic default (synthetic(seed=0, unaligned)), offline cues, test split, "
+        "mean ± std over seeds; every run selected on validation MAE.",
+        "",
+        "| network | seeds | " + " | ".join(LABELS[k] for k in COLUMNS) + " | seconds per seed | machine |",
+        "|---" * (len(COLUMNS) + 4) + "|",
+    ]
+    for name, runs in rows.items():
+        mean, std = mean_std([r["test"] for r in runs])
+        seeds = [r["seed"] for r in runs]
+        summary[name] = {"seeds": seeds, "mean": mean, "std": std}
+        cells = [f"{format_value(k, mean[k])} ± {format_value(k, std[k])}" for k in COLUMNS]
+        seconds = sum(r["seconds"] for r in runs) / len(runs)
+        lines.append(f"| {name} | {' '.join(map(str, seeds))} | " + " | ".join(cells)
+                     + f" | {seconds:.0f} | {runs[0]['machine']} |")
+    commands = sorted({r["command"] for r in records})
+    lines += ["", "The teacher row is the distilled runs' first stage. Commands: "
+              + "; ".join(f"`{c}`" for c in commands)]
+    return summary, "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", choices=RUNS, action="append", help="default: both")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1111, 1112, 1113])
+    parser.add_argument("--cues", default="runs/synthetic_cues.jsonl")
+    parser.add_argument("--runs-dir", default="runs/robustness_synthetic")
+    parser.add_argument("--output", default="benchmarks/results/mmslf_distillation")
+    parser.add_argument("--table", action="store_true", help="only rebuild the table from the records")
+    args = parser.parse_args()
+    runs_dir, cues = Path(args.runs_dir), Path(args.cues)
+    records_dir = runs_dir / "mmslf-records"
+    if not args.table:
+        if not cues.is_file():
+            run_cues("synthetic", cues, progress=False)
+        command = shlex.join(["python", *sys.argv])
+        for run in args.run or RUNS:
+            for seed in args.seeds:
+                record = run_one(run, seed, cues.resolve(), runs_dir, command)
+                atomic_write_text(records_dir / f"{run}-{seed}.json", json.dumps(record, indent=2) + "\n")
+                print(f"{run} seed {seed}: test MAE {record['test']['mae']:.3f} "
+                      f"({record['seconds']:.0f} s)", flush=True)
+    records = [json.loads(p.read_text()) for p in sorted(records_dir.glob("*.json"))]
+    summary, text = table(records)
+    out = Path(args.output)
+    atomic_write_text(out.with_suffix(".json"), json.dumps({"rows": summary, "records": records}, indent=2)
+                      + "\n")
+    atomic_write_text(out.with_suffix(".md"), text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""MMSLF (models/mmslf.py): the teacher reads cues, the student has no prompt path, distillation
+targets are right, the two stages are one recipe of the training loop and both are reported."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from model_inputs import N, pad_noise
+from msakit import api
+from msakit.data.schema import Batch, Split
+from msakit.errors import MsakitError
+from msakit.models import create_model
+from msakit.models.mmslf import MMSLF
+
+TINY = {"hidden_dim": 8, "dim_head": 4, "cross_heads": 2, "cross_mlp_dim": 8,
+        "teacher_fusion_heads": 2, "student_fusion_heads": 2, "fusion_mlp_dim": 8,
+        "fusion_tokens": 2, "prompt_heads": 2, "prompt_mlp_dim": 8, "prompt_depth": 1,
+        "teacher_cross_depth": 2, "teacher_fusion_depth": 2, "student_cross_depth": 1,
+        "student_fusion_depth": 1, "prompt_max_len": 64, "dropout": 0.0}
+
+
+def write_cues(path, splits: dict[str, Split]) -> str:
+    """A cue file in `msakit cues`' format: the label is shown for training samples only."""
+    with open(path, "w") as f:
+        for name, split in splits.items():
+            for sample_id, label in zip(split.ids, split.labels, strict=True):
+                shown = f" Label: {'positive' if label > 0 else 'negative'}." if name == "train" else ""
+                text = f"Visual cues: a steady gaze. Language cues: plain words.{shown}"
+                f.write(json.dumps({"id": str(sample_id), "split": name, "backend": "test",
+                                    "model": "none", "prompt_version": "1", "visual_cues": "",
+                                    "language_cues": "", "text": text}) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def cues(split, tmp_path_factory) -> str:
+    return write_cues(tmp_path_factory.mktemp("cues") / "cues.jsonl", {"train": split})
+
+
+def _mmslf(dims, tiny_bert: str, cues: str | None, seed: int = 0, **settings) -> MMSLF:
+    torch.manual_seed(seed)
+    return create_model("mmslf", {"text_source": "features", "prompt_encoder": tiny_bert,
+                                  "cues": cues, **TINY, **settings}, dims)
+
+
+def test_the_student_has_no_prompt_path_and_predicts_without_cues(dims, batch, tiny_bert):
+    model = _mmslf(dims, tiny_bert, cues=None).eval()
+    assert not [n for n, _ in model.student.named_parameters() if "prompt" in n]
+    assert [n for n, _ in model.teacher.named_parameters() if "prompt" in n]
+    assert model(batch).pred.shape == (N,)  # a fresh or loaded model predicts with the student
+    model.set_stage("teacher")
+    with pytest.raises(MsakitError, match="model.cues"):
+        model(batch)
+
+
+def test_the_prompt_modulates_the_teacher(dims, batch, tiny_bert, cues):
+    # one cross layer: its queries come straight from the text, so only the modulation differs
+    model = _mmslf(dims, tiny_bert, cues, teacher_cross_depth=1).eval()
+    with torch.no_grad():
+        with_prompt = model.run_teacher(batch, maps=True)
+        without = model.teacher(batch, maps=True)
+    assert not torch.allclose(with_prompt.pred, without.pred)
+    for m in ("audio", "vision"):
+        # the unmodulated map does not depend on the prompt; the map the teacher used does
+        torch.testing.assert_close(with_prompt.attention[m], without.attention[m])
+        assert not torch.allclose(with_prompt.used_attention[m], with_prompt.attention[m])
+        rows = with_prompt.used_attention[m].sum(-1)
+        torch.testing.assert_close(rows, torch.ones_like(rows))
+
+
+@pytest.mark.parametrize("target", ["unmodulated", "modulated"])
+def test_distillation_is_zero_when_the_student_is_the_teachers_prompt_free_path(
+    dims, batch, tiny_bert, cues, target
+):
+    same_shape = {"student_cross_depth": TINY["teacher_cross_depth"],
+                  "student_fusion_depth": TINY["teacher_fusion_depth"]}
+    model = _mmslf(dims, tiny_bert, cues, attention_target=target, **same_shape).eval()
+    missing = model.student.load_state_dict(model.teacher.state_dict(), strict=False)
+    assert not missing.missing_keys and all("prompt" in k for k in missing.unexpected_keys)
+    with torch.no_grad():
+        student = model.student(batch, maps=True)
+        losses = model.distillation_losses(student, model.teacher(batch, maps=True))
+        assert set(losses) == {"attention", "fusion"}
+        assert all(v.item() == 0 for v in losses.values())
+        with_prompt = model.distillation_losses(student, model.run_teacher(batch, maps=True))
+    assert with_prompt["fusion"] > 0 and with_prompt["attention"] > 0  # the same check can fail
+
+
+def _grads(model: MMSLF, batch: Batch) -> dict[str, bool]:
+    model.zero_grad()
+    out = model(batch)
+    (out.pred.pow(2).mean() + sum(out.losses.values())).backward()
+    return {n: p.grad is not None and bool(p.grad.abs().sum() > 0) for n, p in model.named_parameters()}
+
+
+def test_each_stage_trains_its_own_network_only(dims, batch, tiny_bert, cues):
+    model = _mmslf(dims, tiny_bert, cues).train()
+    model.set_stage("teacher")
+    grads = _grads(model, batch)
+    assert all(grads[n] for n in grads if n.startswith("teacher.")), [n for n in grads if not grads[n]]
+    assert not any(grads[n] for n in grads if n.startswith("student."))
+    model.set_stage("student")
+    assert model.teacher.training is False and model.student.training is True
+    out = model(batch)
+    assert set(out.losses) == {"attention", "fusion"}
+    assert all(torch.isfinite(v) and v > 0 for v in out.losses.values())
+    grads = _grads(model, batch)
+    assert all(grads[n] for n in grads if n.startswith("student."))
+    assert not any(grads[n] for n in grads if n.startswith("teacher."))
+    with pytest.raises(MsakitError, match="teacher, student"):
+        model.set_stage("main")
+
+
+def test_without_distillation_weights_the_student_trains_alone(dims, batch, tiny_bert):
+    model = _mmslf(dims, tiny_bert, cues=None, attention_weight=0, fusion_weight=0).train()
+    assert model(batch).losses == {}  # no teacher run, so no cue file is needed
+
+
+def test_padding_changes_nothing(dims, batch, tiny_bert, cues):
+    model = _mmslf(dims, tiny_bert, cues).eval()
+    with torch.no_grad():
+        for stage in ("teacher", "student"):
+            model.set_stage(stage)
+            torch.testing.assert_close(model(pad_noise(batch)).pred, model(batch).pred)
+
+
+def test_teacher_augmentation_thins_inputs_but_keeps_special_tokens(dims, batch, tiny_bert):
+    model = _mmslf(dims, tiny_bert, cues=None, text_source="encoder", text_encoder=tiny_bert)
+    torch.manual_seed(1)
+    thinned = model.augment(batch)
+    assert (thinned.audio == 0).float().mean() > (batch.audio == 0).float().mean()
+    ids, new_ids = batch.text_ids[:, 0], thinned.text_ids[:, 0]
+    special = torch.isin(ids, torch.tensor([0, 101, 102]))
+    assert torch.equal(new_ids[special], ids[special])
+    assert (new_ids[~special] == model.unk_id).any()
+    off = _mmslf(dims, tiny_bert, cues=None, augment_min_keep=1.0)
+    assert off.augment(batch) is batch
+
+
+def test_a_cue_file_without_an_id_of_the_batch_is_named(dims, batch, tiny_bert, tmp_path, split):
+    path = write_cues(tmp_path / "partial.jsonl", {"train": split.subset([0, 1])})
+    model = _mmslf(dims, tiny_bert, path).eval()
+    model.set_stage("teacher")
+    with pytest.raises(MsakitError, match="partial.jsonl: no cues for 4 sample"):
+        model(batch)
+
+
+def test_train_runs_the_teacher_then_the_student_and_reports_both(tiny_dataset, tiny_bert, tmp_path):
+    data = tiny_dataset
+    path = write_cues(tmp_path / "cues.jsonl", {s: data.split(s) for s in ("train", "valid", "test")})
+    stages = "[{name: teacher, epochs: 3, lr: 1.0e-3}, {name: student, epochs: 3, lr: 1.0e-3}]"
+    result = api.train("mmslf", data, progress=False, output=tmp_path / "run", overrides=[
+        f"model.cues={path}", f"model.prompt_encoder={tiny_bert}", "model.prompt_max_len=64",
+        *(f"model.{k}={v}" for k, v in TINY.items() if k != "prompt_max_len"),
+        f"training.stages={stages}", "training.batch_size=16",
+    ])
+    run = result["seeds"][0]
+    assert [s["stage"] for s in run["stages"]] == ["teacher", "student"]
+    assert run["test"] == run["stages"][-1]["test"]
+    assert set(result["stages"]) == {"teacher", "student"}
+    history = {stage: [h["train_loss"] for h in run["history"] if h["stage"] == stage]
+               for stage in ("teacher", "student")}
+    assert all(len(losses) == 3 and losses[-1] < losses[0] for losses in history.values()), history
+    # the saved checkpoint predicts with the student, without the cue file
+    evaluated = api.evaluate(tmp_path / "run" / run["checkpoint"], data)
+    assert evaluated["metrics"]["mae"] == pytest.approx(run["test"]["mae"], abs=1e-5)
