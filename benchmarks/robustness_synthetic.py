@@ -2,6 +2,7 @@
 
     python benchmarks/robustness_synthetic.py --models tfn lmf dashfusion
     python benchmarks/robustness_synthetic.py --models mult --seeds 1111 1112 1113
+    python benchmarks/robustness_synthetic.py --models mmslf --seeds 1111 1112 1113 --reuse
 
 Each model is trained on the default (MOSI-sized) synthetic dataset with its `synthetic` settings,
 once per seed, selected on validation MAE, then its test split is scored under intra-modal missing
@@ -37,6 +38,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1111])
     parser.add_argument("--runs-dir", default="runs/robustness_synthetic")
     parser.add_argument("--output", default="benchmarks/results/robustness_synthetic")
+    parser.add_argument("--reuse", action="store_true", help="score existing checkpoints, no training")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = parser.parse_args()
     data = synthetic_dataset()
     command = shlex.join(["python", *sys.argv])
@@ -46,22 +49,29 @@ def main() -> None:
     for model in args.models:
         run_dir = Path(args.runs_dir) / model
         start = time.perf_counter()
-        trained = api.train(model, data, seeds=args.seeds, output=run_dir, progress=False,
-                            command=command)
+        checkpoints = [run_dir / f"seed-{seed}.pt" for seed in args.seeds]
+        if args.reuse:
+            missing = [str(c) for c in checkpoints if not c.is_file()]
+            if missing:
+                parser.error(f"--reuse: no checkpoint {', '.join(missing)}")
+            clean = mean_std([api.evaluate(c, data)["metrics"] for c in checkpoints])[0]
+            best_epochs = None  # chosen by the run that trained them; see its own results
+        else:
+            trained = api.train(model, data, seeds=args.seeds, output=run_dir, progress=False,
+                                command=command, overrides=args.overrides)
+            clean = trained["mean"]["test"]
+            best_epochs = [r["best_epoch"] for r in trained["seeds"]]
         protocols = {}
         for protocol in PROTOCOLS:
-            per_seed = [
-                api.robustness(run_dir / run["checkpoint"], data, protocol=protocol)
-                for run in trained["seeds"]
-            ]
+            per_seed = [api.robustness(c, data, protocol=protocol) for c in checkpoints]
             mean, std = mean_std([r["mean"] for r in per_seed])
             protocols[protocol] = {
                 "mean": mean, "std": std,
                 "conditions": {row["condition"]: mean_std([r["rows"][i]["metrics"] for r in per_seed])[0]
                                for i, row in enumerate(per_seed[0]["rows"])},
             }
-        row = {"model": model, "seeds": args.seeds, "clean_test": trained["mean"]["test"],
-               "best_epochs": [r["best_epoch"] for r in trained["seeds"]], "protocols": protocols,
+        row = {"model": model, "seeds": args.seeds, "clean_test": clean,
+               "best_epochs": best_epochs, "protocols": protocols,
                "seconds": round(time.perf_counter() - start, 1), "command": command, "machine": machine}
         record = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() \
             else {"dataset": data.source, "rows": {}}

@@ -167,3 +167,14 @@ def test_train_runs_the_teacher_then_the_student_and_reports_both(tiny_dataset, 
     # the saved checkpoint predicts with the student, without the cue file
     evaluated = api.evaluate(tmp_path / "run" / run["checkpoint"], data)
     assert evaluated["metrics"]["mae"] == pytest.approx(run["test"]["mae"], abs=1e-5)
+
+
+def test_the_teachers_text_encoder_is_fine_tuned_and_the_students_is_not(dims, batch, tiny_bert, cues):
+    model = _mmslf(dims, tiny_bert, cues, text_source="encoder", text_encoder=tiny_bert).train()
+    for stage, net in (("teacher", model.teacher), ("student", model.student)):
+        model.set_stage(stage)
+        grads = _grads(model, batch)
+        # the pooler is never read, so "some gradient" rather than "every parameter"
+        encoder = [grads[n] for n in grads if n.startswith(f"{stage}.text_encoder.model.")]
+        assert encoder and any(encoder) == (stage == "teacher")
+        assert net.text_encoder.model.training == (stage == "teacher")

@@ -46,7 +46,7 @@ Where this follows the official code rather than the paper's text, or departs fr
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -87,6 +87,9 @@ class MMSLFConfig(ModelConfig):
     student_cross_depth: int = 2  # SIMS: 1 (the official README's command)
     student_fusion_depth: int = 2
     dropout: float = 0.5  # inside the cross transformers; the others have none
+    # the official recipe fine-tunes the teacher's text encoder (finetune_text) and keeps the
+    # student's frozen (its command has no --bert_finetune)
+    student_finetune_text: bool = False
     cues: str | None = None  # the JSONL file `msakit cues` writes
     prompt_encoder: str = "minilm"  # packaged name or local Hugging Face folder; always frozen
     prompt_max_len: int = 512  # cue tokens read
@@ -283,12 +286,12 @@ class MMSLFNet(nn.Module):
 
     def __init__(
         self, config: MMSLFConfig, dims: FeatureDims, cross_depth: int, fusion_depth: int,
-        fusion_heads: int, prompt_width: int | None = None,
+        fusion_heads: int, finetune_text: bool, prompt_width: int | None = None,
     ) -> None:
         super().__init__()
         d, length = config.hidden_dim, dims.text_len
         with_prompt = prompt_width is not None
-        self.text_encoder = TextEncoder(config, dims)
+        self.text_encoder = TextEncoder(replace(config, finetune_text=finetune_text), dims)
         self.project = nn.ModuleDict({
             "text": nn.Linear(self.text_encoder.out_dim, d),
             "audio": nn.Linear(dims.audio, d),
@@ -346,9 +349,10 @@ class MMSLF(MSAModel):
         super().__init__(config, dims)
         self.prompt_width = int(_encoder_width(config.prompt_encoder))
         self.teacher = MMSLFNet(config, dims, config.teacher_cross_depth, config.teacher_fusion_depth,
-                                config.teacher_fusion_heads, prompt_width=self.prompt_width)
+                                config.teacher_fusion_heads, config.finetune_text,
+                                prompt_width=self.prompt_width)
         self.student = MMSLFNet(config, dims, config.student_cross_depth, config.student_fusion_depth,
-                                config.student_fusion_heads)
+                                config.student_fusion_heads, config.student_finetune_text)
         tokens = special_token_ids(config)
         self.unk_id = tokens.get("unk_id", BERT_UNK_ID)
         self.special_ids = tokens.get("special_ids", BERT_SPECIAL_IDS)
@@ -365,7 +369,7 @@ class MMSLF(MSAModel):
         self.stage = stage
         for name, net in (("teacher", self.teacher), ("student", self.student)):
             net.requires_grad_(name == stage)
-            if net.text_encoder.model is not None and not self.config.finetune_text:
+            if net.text_encoder.model is not None and not net.text_encoder.finetune:
                 net.text_encoder.model.requires_grad_(False)
         self.train(self.training)
 
