@@ -3,6 +3,10 @@
     python benchmarks/throughput.py                       # every model, both shapes
     python benchmarks/throughput.py --models mult --samples 16   # re-measure one model only
 
+A model trained in stages (MMSLF: teacher, then student) gets one row per stage, each stage measured
+as it trains (the student's step includes the frozen teacher's forward pass); MMSLF's cues are
+written by the offline backend for the stand-in data.
+
 Each (model, shape) runs in its own process so that its peak memory is its own: resident set size on
 the CPU, `torch.cuda.max_memory_allocated` on a GPU. The data are synthetic samples with the real
 datasets' sequence lengths and feature widths (MOSI: audio 375x5, vision 500x20; MOSEI: audio 500x74,
@@ -34,20 +38,38 @@ SHAPES = {
 }
 
 
-def measure(model_name: str, shape: str, samples: int, device: str) -> dict:
+def stage_names(model_name: str, shape: str) -> list[str | None]:
+    from msakit.config import resolve_config
+
+    stages = resolve_config(model_name, shape)["training"].get("stages") or []
+    return [s["name"] for s in stages] if len(stages) > 1 else [None]
+
+
+def measure(model_name: str, shape: str, samples: int, device: str, stage: str | None = None) -> dict:
+    import tempfile
+
     from msakit.config import resolve_config, training_config
+    from msakit.cues import OfflineBackend, generate_cues
     from msakit.data.synthetic import synthetic_dataset
     from msakit.evaluation.protocols import run_protocol
     from msakit.missing import build_noise
     from msakit.models import create_model
     from msakit.models.layers.text import special_token_ids
+    from msakit.models.registry import build_config
     from msakit.training.trainer import Trainer, build_optimizer, build_scheduler, seed_everything
 
     data = synthetic_dataset(n_train=samples, n_valid=8, n_test=samples, seed=0, **SHAPES[shape])
-    config = resolve_config(model_name, shape, [f"training.device={device}"])
+    overrides = [f"training.device={device}"]
+    if hasattr(build_config(model_name, resolve_config(model_name, shape)["model"]), "cues"):
+        cues = Path(tempfile.mkdtemp()) / "cues.jsonl"
+        generate_cues(data, OfflineBackend(data), cues)
+        overrides.append(f"model.cues={cues}")
+    config = resolve_config(model_name, shape, overrides)
     settings = training_config(config["training"])
     seed_everything(0)
     model = create_model(model_name, config["model"], data.dims)
+    if stage is not None:
+        model.set_stage(stage)
     # the model's own training noise, so that e.g. LNLN pays for its clean-input targets
     noise = build_noise(settings.noise, settings.noise_rate, 0, **special_token_ids(model.config))
     trainer = Trainer(model, settings, data.metric_family, train_transform=noise, progress=False)
@@ -78,7 +100,8 @@ def measure(model_name: str, shape: str, samples: int, device: str) -> dict:
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
-        "model": model_name, "shape": shape, "device": str(trainer.device),
+        "model": model_name if stage is None else f"{model_name} ({stage})", "shape": shape,
+        "device": str(trainer.device),
         "text_source": config["model"].get("text_source", "encoder"),
         "batch_size": settings.batch_size, "samples": samples,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -100,9 +123,10 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--output", default="benchmarks/results")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "SHAPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--stage", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one[0], args.one[1], args.samples, args.device)))
+        print(json.dumps(measure(args.one[0], args.one[1], args.samples, args.device, args.stage)))
         return
     from msakit.fileio import atomic_write_text
 
@@ -119,17 +143,18 @@ def main() -> None:
             for r in (json.loads(json_path.read_text())["results"] if json_path.is_file() else [])}
     for model in args.models or list_models():
         for shape in args.shapes:
-            cmd = [sys.executable, __file__, "--one", model, shape, "--samples", str(args.samples),
-                   "--device", args.device]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                print(f"{model}/{shape} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
-                continue
-            r = {**json.loads(done.stdout.strip().splitlines()[-1]), "machine": machine,
-                 "command": command}
-            rows[(model, shape)] = r
-            print(f"{model:10s} {shape:6s} train {r['train_samples_per_s']:8.1f}/s  "
-                  f"eval {r['eval_samples_per_s']:8.1f}/s  peak {r['peak_memory_mb']:8.0f} MB")
+            for stage in stage_names(model, shape):
+                cmd = [sys.executable, __file__, "--one", model, shape, "--samples", str(args.samples),
+                       "--device", args.device] + (["--stage", stage] if stage else [])
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                if done.returncode != 0:
+                    print(f"{model}/{shape} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+                    continue
+                r = {**json.loads(done.stdout.strip().splitlines()[-1]), "machine": machine,
+                     "command": command}
+                rows[(r["model"], shape)] = r
+                print(f"{r['model']:10s} {shape:6s} train {r['train_samples_per_s']:8.1f}/s  "
+                      f"eval {r['eval_samples_per_s']:8.1f}/s  peak {r['peak_memory_mb']:8.0f} MB")
     ordered = [rows[k] for k in sorted(rows)]
     atomic_write_text(json_path, json.dumps({"results": ordered}, indent=2) + "\n")
     lines = ["# Training and evaluation throughput", "",
