@@ -178,3 +178,48 @@ def test_cues_writes_one_record_per_sample_and_resumes(tiny_pickle: Path, tmp_pa
     assert code == 0 and output.read_text().count("\n") == len(lines)
     code, out = run("cues", str(tiny_pickle), "--output", str(output), "--model", "gpt-4o-mini")
     assert code == 2 and "offline backend takes no model" in out
+
+
+def test_dg_between_datasets_writes_the_gap_and_says_what_transfers(tiny_pickle: Path, tmp_path):
+    other = tmp_path / "other.pkl"
+    save_mmsa(generate_synthetic(seed=4, **{**TINY, "audio_dim": 3}), other)
+    out_dir = tmp_path / "dg"
+    code, out = run("dg", "text_only", "--sources", str(tiny_pickle), "--target", str(other),
+                    "--epochs", "1", "--output", str(out_dir), *FAST)
+    assert code == 0, out
+    assert "out-of-domain: other" in out and "gap (out - in)" in out
+    assert "audio left out: widths differ: 5 (tiny), 3 (other)" in out
+    result = json.loads((out_dir / "dg.json").read_text())
+    assert result["command"].startswith("msakit dg text_only --sources")
+    assert result["task"]["modalities"] == ["text", "vision"]
+    assert (out_dir / "dg.csv").is_file() and "| gap (out - in) |" in (out_dir / "dg.md").read_text()
+    _one_line_error(*run("dg", "tfn", "--sources", str(tiny_pickle), "--target", str(other),
+                         "--output", str(out_dir / "tfn"), *FAST[:2]), "needs audio", "widths differ")
+    assert not (out_dir / "tfn").exists()
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--target", "PKL"], "source datasets"),
+    (["--target", "3", "--dataset", "PKL"], "no domain labels"),
+    (["--target", "9", "--dataset", "PKL", "--group-by", "video", "--groups", "2"],
+     "unknown target domain '9'"),
+    (["--target", "PKL", "--sources", "PKL", "--group-by", "video"], "needs the dataset"),
+    (["--target", "1", "--dataset", "PKL", "--target-splits", ","], "--target-splits is empty"),
+])
+def test_dg_bad_input_gives_one_line(tiny_pickle: Path, args, needle):
+    args = [str(tiny_pickle) if a == "PKL" else a for a in args]
+    _one_line_error(*run("dg", "lmf", *args, *FAST[:2]), needle)
+
+
+def test_synthetic_writes_domains_with_a_shift(tmp_path):
+    import pickle
+
+    path = tmp_path / "dg.pkl"
+    code, out = run("synthetic", str(path), "--size", "n_train=100", "--size", "n_valid=60",
+                    "--size", "n_test=60", "--size", "text_dim=8", "--size", "domains=2",
+                    "--size", "domain_shift=0.5")
+    assert code == 0, out
+    with path.open("rb") as handle:
+        raw = pickle.load(handle)
+    assert set(raw["valid"]["domains"].tolist()) == {0, 1}
+    _one_line_error(*run("synthetic", str(path), "--size", "domain_shift=lots"), "domain_shift=lots")

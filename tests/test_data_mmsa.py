@@ -393,6 +393,14 @@ def test_catalog_accepts_file_paths(tmp_path):
 
 def test_list_datasets_says_what_each_needs():
     rows = list_datasets()
-    assert [r["name"] for r in rows] == ["synthetic", "mosi", "mosei", "sims", "simsv2",
-                                         "mosi-text"]
+    assert [r["name"] for r in rows] == ["synthetic", "synthetic-dg", "mosi", "mosei", "sims",
+                                         "simsv2", "mosi-text"]
     assert all(r["description"] and r["needs"] for r in rows)
+
+
+def test_domain_labels_survive_a_pickle_round_trip(tmp_path):
+    raw = generate_synthetic(n_train=120, n_valid=90, n_test=90, text_len=4, audio_len=5, vision_len=5,
+                             text_dim=8, domains=3, seed=2)
+    loaded = load_dataset(str(save_mmsa(raw, tmp_path / "dg.pkl")))
+    for split in ("train", "valid", "test"):
+        np.testing.assert_array_equal(loaded.split(split).domains, raw[split]["domains"])

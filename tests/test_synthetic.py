@@ -6,6 +6,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from sklearn.linear_model import Ridge
 
 from msakit.data import generate_synthetic, synthetic_dataset
@@ -188,3 +189,108 @@ def test_every_modality_carries_signal_and_all_three_beat_any_subset():
     assert all(mae < baseline - 0.1 for mae in single.values()), (single, baseline)
     assert everything < min(single.values()) - 0.08, (everything, single)
     assert everything < min(pairs.values()) - 0.015, (everything, pairs)
+
+
+# --- domains: the domain generalization test bed -------------------------------------------------
+DOMAINS = {**SMALL, "n_train": 150, "n_valid": 90, "n_test": 90, "domains": 3}
+
+
+def test_domains_label_every_clip_and_follow_videos():
+    raw = generate_synthetic(**DOMAINS, seed=1)
+    for split in SPLITS:
+        domains = raw[split]["domains"]
+        assert domains.dtype == np.int64 and domains.shape == raw[split]["regression_labels"].shape
+        assert set(domains.tolist()) == {0, 1, 2}  # every split holds every domain
+        videos = np.array([i.split("$_$")[0] for i in raw[split]["id"]])
+        for video in set(videos):
+            assert len(set(domains[videos == video].tolist())) == 1
+    again = generate_synthetic(**DOMAINS, seed=1)
+    for split in SPLITS:
+        np.testing.assert_array_equal(raw[split]["domains"], again[split]["domains"])
+        np.testing.assert_array_equal(raw[split]["audio"], again[split]["audio"])
+    assert "domains" not in generate_synthetic(**SMALL, seed=1)["train"]
+    for split in SPLITS:  # shifts touch the valid steps only: padding stays zero
+        s = raw[split]
+        assert (s["audio"][np.arange(40)[None, :] >= s["audio_lengths"][:, None]] == 0).all()
+        assert (s["vision"][np.arange(35)[None, :] >= s["vision_lengths"][:, None]] == 0).all()
+        assert (s["text"][s["text_bert"][:, 1] == 0] == 0).all()
+
+
+def test_zero_shift_leaves_the_data_as_without_domains():
+    plain = generate_synthetic(**{**DOMAINS, "domains": 1}, seed=2)
+    unshifted = generate_synthetic(**DOMAINS, domain_shift=0.0, seed=2)
+    shifted = generate_synthetic(**DOMAINS, seed=2)
+    for split in SPLITS:
+        for key in KEYS:
+            np.testing.assert_array_equal(plain[split][key], unshifted[split][key])
+        # the label function is shared: shifts change the inputs, never the labels
+        np.testing.assert_array_equal(plain[split]["regression_labels"],
+                                      shifted[split]["regression_labels"])
+        assert not np.array_equal(plain[split]["audio"], shifted[split]["audio"])
+        assert not np.array_equal(plain[split]["text"], shifted[split]["text"])
+
+
+def test_each_domain_shifts_the_feature_distribution():
+    def domain_gaps(shift: float) -> list[float]:
+        ds = synthetic_dataset(**{**DOMAINS, "n_train": 600}, domain_shift=shift, seed=3)
+        gaps = []
+        for modality in ("audio", "vision", "text"):
+            pooled = _pooled(ds.train, modality)
+            means = [pooled[ds.train.domains == d].mean(0) for d in range(3)]
+            gaps.append(float(np.sqrt(((means[0] - means[1]) ** 2).mean())))
+        return gaps
+
+    # offsets of root mean square 1.0 (audio, vision) and 0.5 (text) per dim and domain: two
+    # domains' means lie about sqrt(2) times that apart; without shift only speakers differ
+    shifted, unshifted = domain_gaps(1.0), domain_gaps(0.0)
+    assert shifted[0] > 0.6 and shifted[1] > 0.6 and shifted[2] > 0.3, shifted
+    assert max(unshifted) < 0.3, unshifted
+
+
+def test_unreliable_modality_says_less_about_the_label():
+    ds = synthetic_dataset(**{**DOMAINS, "n_train": 900}, domain_shift=2.0, seed=0)
+    audio = _pooled(ds.train, "audio")[:, 0]  # the "pitch" channel follows the audio view
+    labels, domains = ds.train.labels, ds.train.domains
+
+    def corr(d: int) -> float:
+        rows = domains == d
+        return float(np.corrcoef(audio[rows], labels[rows])[0, 1])
+
+    # domain 2's unreliable modality is audio (domain 1's is text, domain 0 has none)
+    assert corr(2) < corr(0) - 0.15 and corr(2) < corr(1) - 0.15, [corr(d) for d in range(3)]
+
+
+def test_domains_reach_splits_and_batches():
+    from msakit.data import make_batch
+
+    ds = synthetic_dataset(**DOMAINS, seed=1)
+    raw = generate_synthetic(**DOMAINS, seed=1)
+    assert ds.source == "synthetic(seed=1, unaligned, domains=3, domain_shift=1)"
+    for split in SPLITS:
+        np.testing.assert_array_equal(ds.split(split).domains, raw[split]["domains"])
+    picked = np.array([np.flatnonzero(ds.valid.domains == d)[-1] for d in (2, 0, 1)])
+    batch = make_batch(ds.valid, picked)
+    assert batch.domains.dtype == torch.long and batch.domains.tolist() == [2, 0, 1]
+    assert batch.to("meta").domains.device.type == "meta"
+    assert make_batch(synthetic_dataset(**SMALL).train, np.arange(3)).domains is None
+    assert ds.valid.subset(np.array([2, 5])).domains.tolist() == ds.valid.domains[[2, 5]].tolist()
+
+
+@pytest.mark.parametrize(("bad", "needle"), [
+    ({"domains": 4, "n_valid": 10}, "domains=4"),
+    ({"domains": 0}, "domains"),
+    ({"domain_shift": -1.0}, "domain_shift"),
+    ({"domain_shift": "big"}, "domain_shift"),
+])
+def test_bad_domain_options_are_user_errors(bad, needle):
+    with pytest.raises(MsakitError, match=needle):
+        generate_synthetic(**{**DOMAINS, **bad})
+
+
+def test_catalog_test_bed_has_four_domains_of_short_sequences():
+    from msakit.data import load_dataset
+
+    ds = load_dataset("synthetic-dg", n_train=120, n_valid=120, n_test=120, seed=1)
+    assert ds.name == "synthetic-dg" and ds.family == "synthetic"
+    assert ds.dims.audio_len == ds.dims.vision_len == 50 and ds.dims.text == 64
+    assert set(ds.test.domains.tolist()) == {0, 1, 2, 3}

@@ -21,9 +21,10 @@ from msakit.data.catalog import check_synthetic_sizes
 from msakit.data.catalog import list_datasets as _list_datasets
 from msakit.data.catalog import load_dataset as _load_dataset
 from msakit.data.mmsa import save_mmsa
-from msakit.data.schema import Batch, MultimodalDataset
+from msakit.data.schema import SPLITS, Batch, MultimodalDataset
 from msakit.data.synthetic import generate_synthetic
 from msakit.errors import MsakitError
+from msakit.evaluation.domains import check_model, dataset_task, group_task, score_task, summarise, write_dg
 from msakit.evaluation.metrics import LOWER_IS_BETTER, METRIC_KEYS
 from msakit.evaluation.protocols import plot_curves, run_protocol, write_robustness
 from msakit.evaluation.report import LABELS, csv_text, format_value, mean_std
@@ -61,7 +62,7 @@ def load_dataset(
 
 
 def write_synthetic(
-    output: str | Path, *, seed: int = 0, aligned: bool = False, **sizes: int
+    output: str | Path, *, seed: int = 0, aligned: bool = False, **sizes: float
 ) -> dict[str, Any]:
     """Write the synthetic dataset as an MMSA pickle at `output`; sizes as `generate_synthetic`'s."""
     check_synthetic_sizes(sizes)
@@ -255,6 +256,81 @@ def reproduce(
         rows += [{"seed": "mean", **mean}, {"seed": "std", **std}]
         atomic_write_text(out_dir / "reproduce.json", json.dumps(result, indent=2) + "\n")
         atomic_write_text(out_dir / "reproduce.csv", csv_text(rows))
+    return result
+
+
+def dg(
+    model: str,
+    target: str | MultimodalDataset,
+    *,
+    sources: Sequence[str | MultimodalDataset] | None = None,
+    dataset: str | MultimodalDataset | None = None,
+    group_by: str = "domains",
+    n_groups: int | None = None,
+    split_seed: int = 0,
+    target_splits: Sequence[str] = SPLITS,
+    data_dir: str | None = None,
+    aligned: bool = False,
+    seeds: Sequence[int] = (1111,),
+    epochs: int | None = None,
+    overrides: Sequence[str] = (),
+    output: str | Path | None = None,
+    progress: bool = True,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Domain generalization: train on source domains, select on their validation data, test on `target`.
+
+    Without `dataset` the domains are whole datasets (leave-one-dataset-out): `sources` and `target`
+    are dataset names or paths, and only the modalities that mean the same in all of them are used.
+    With `dataset` the domains are groups inside it (`group_by`: "domains", "video", "cluster" or
+    "FILE.csv:COLUMN"; `n_groups` and `split_seed` for video and cluster); `target` and `sources`
+    are group names, the sources by default every other group. See `msakit.evaluation.domains`.
+    One run per seed; each reports in-domain (the sources' test split) and out-of-domain (the target)
+    metrics and their gap. Writes dg.json, dg.csv and dg.md into `output` when given.
+    """
+    model_class = get_model_class(model)
+    if len(set(seeds)) != len(seeds) or not seeds:
+        raise MsakitError(f"seeds must be distinct and at least one, not {list(seeds)}")
+    if dataset is None:
+        if group_by != "domains" or n_groups is not None:
+            raise MsakitError("a grouping (group_by, n_groups) needs the dataset whose groups are "
+                              "the domains")
+        if not sources:
+            raise MsakitError("give the source datasets, or a dataset whose groups are the domains")
+        task = dataset_task([load_dataset(s, data_dir, aligned=aligned) for s in sources],
+                            load_dataset(target, data_dir, aligned=aligned), target_splits)
+    else:
+        if isinstance(target, MultimodalDataset):
+            raise MsakitError("with a dataset, the target is the name of one of its domains")
+        task = group_task(load_dataset(dataset, data_dir, aligned=aligned), target, by=group_by,
+                          sources=None if sources is None else [str(s) for s in sources],
+                          n_groups=n_groups, seed=split_seed, target_splits=target_splits)
+    config = _resolved_config(model, task.data, overrides, epochs)
+    check_model(task, model, model_class.modalities, config["model"]["text_source"])
+    runs = []
+    for seed in seeds:
+        trainer, fit = _fit_one_seed(model, task.data, config, seed, progress)
+        runs.append({
+            "seed": seed, "best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run,
+            "valid": fit.best_valid, **score_task(trainer, task),
+            "history": [dataclasses.asdict(r) for r in fit.history],
+        })
+    metric = config["training"]["select_metric"]
+    direction = "lower" if metric in LOWER_IS_BETTER else "higher"
+    result = {
+        "msakit_version": __version__,
+        "command": command or _this_command(),
+        "model": model,
+        "dataset": _dataset_info(task.data),
+        "task": {**task.describe(), "split_seed": split_seed},
+        "selection": f"Checkpoint: best validation {metric} ({direction} is better) on held-out SOURCE "
+                     "data; the target domain is never used to train or select.",
+        "config": config,
+        "seeds": runs,
+        **summarise(runs),
+    }
+    if output is not None:
+        write_dg(Path(output), result)
     return result
 
 

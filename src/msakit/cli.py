@@ -19,6 +19,7 @@ from rich.table import Table
 from msakit import __version__, api
 from msakit.cues.pipeline import BACKENDS, run_cues
 from msakit.errors import MsakitError
+from msakit.evaluation.domains import modality_lines, part_labels
 from msakit.evaluation.report import metrics_table
 from msakit.missing import parse_rates
 
@@ -141,6 +142,71 @@ def train(model: str, dataset: str, data_dir: str | None, aligned: bool, seeds: 
     console.print(f"results: {Path(output) / 'results.json'}")
 
 
+def _names(text: str, option: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise MsakitError(f"{option} is empty")
+    return names
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--target", "-t", required=True,
+              help="the unseen domain: a dataset (name or path), or with --dataset one of its groups")
+@click.option("--sources", "-s", default=None,
+              help="comma list: source datasets (leave-one-dataset-out), or with --dataset source groups "
+                   "[default with --dataset: every other group]")
+@click.option("--dataset", "-d", default=None,
+              help="one dataset whose groups are the domains (e.g. synthetic-dg); without it the "
+                   "domains are whole datasets")
+@click.option("--group-by", default="domains", show_default=True,
+              help="with --dataset: domains (the data's own), video (videos dealt to --groups groups), "
+                   "cluster (k-means of the videos' features), or FILE.csv:COLUMN")
+@click.option("--groups", "n_groups", type=int, default=None, help="number of groups for video and cluster")
+@click.option("--split-seed", type=int, default=0, show_default=True,
+              help="seed of the video and cluster groupings")
+@click.option("--target-splits", default="train,valid,test", show_default=True,
+              help="which splits of the target domain are tested")
+@click.option("--data-dir", default=None, help="folder (or file) holding the dataset(s)")
+@click.option("--aligned", is_flag=True, help="read the word-aligned pickles (MMSA aligned_*.pkl)")
+@click.option("--seeds", default="1111", show_default=True, help="one run per seed, e.g. '1111 1112 1113'")
+@click.option("--epochs", type=int, default=None, help="override training.epochs")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="override a setting, e.g. --set training.lr=1e-3")
+@click.option("--output", "-o", default=None, help="folder for dg.json, dg.csv and dg.md")
+@click.option("--no-progress", is_flag=True, help="no progress bars")
+@_user_errors
+def dg(model: str, target: str, sources: str | None, dataset: str | None, group_by: str,
+       n_groups: int | None, split_seed: int, target_splits: str, data_dir: str | None, aligned: bool,
+       seeds: str, epochs: int | None, overrides: tuple[str, ...], output: str | None,
+       no_progress: bool) -> None:
+    """Domain generalization: train MODEL on source domains, select on their validation data, and
+    compare in-domain (the sources' test split) with out-of-domain (the target) metrics."""
+    where = f"{Path(dataset).stem}-{target}" if dataset else Path(target).stem
+    output = output or f"runs/dg-{model}-{where}"
+    result = api.dg(
+        model, target, sources=_names(sources, "--sources") if sources is not None else None,
+        dataset=dataset, group_by=group_by, n_groups=n_groups, split_seed=split_seed,
+        target_splits=_names(target_splits, "--target-splits"), data_dir=data_dir, aligned=aligned,
+        seeds=_parse_seeds(seeds), epochs=epochs, overrides=list(overrides), output=output,
+        progress=not no_progress, command=_command_line(),
+    )
+    task, family = result["task"], result["dataset"]["metric_family"]
+    several = len(result["seeds"]) > 1
+    labels = part_labels(result)
+    console.print(metrics_table(
+        f"{model}: {' + '.join(task['sources'])} -> {task['target']} ({task['grouping']}), "
+        f"{'mean ± std over ' + str(len(result['seeds'])) + ' seeds' if several else 'seed ' + seeds}",
+        {labels[p]: result["mean"][p] for p in labels}, family,
+        stds={labels[p]: result["std"][p] for p in labels} if several else None, first_column="test"))
+    for line in modality_lines(task):
+        console.print(line)
+    for note in task["notes"]:
+        console.print(f"note: {note}")
+    console.print(result["selection"])
+    console.print(f"written: {Path(output) / 'dg.json'}, dg.csv, dg.md")
+
+
 @cli.command()
 @click.argument("checkpoint")
 @with_dataset_options
@@ -210,17 +276,18 @@ def compare(run_dirs: tuple[str, ...], output: str) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--aligned", is_flag=True, help="every modality at the text length, no *_lengths")
 @click.option("--size", "sizes", multiple=True, metavar="KEY=N",
-              help="e.g. --size n_train=200 --size audio_len=100 (see `generate_synthetic`)")
+              help="e.g. --size n_train=200 --size audio_len=100 --size domains=4 --size domain_shift=0.5 "
+                   "(see `generate_synthetic`)")
 @_user_errors
 def synthetic(output: str, seed: int, aligned: bool, sizes: tuple[str, ...]) -> None:
     """Write the synthetic dataset to OUTPUT as an MMSA pickle (any `--dataset PATH` reads it)."""
-    parsed = {}
+    parsed: dict[str, int | float] = {}
     for item in sizes:
         key, _, value = item.partition("=")
         try:
-            parsed[key.strip()] = int(value)
+            parsed[key.strip()] = float(value) if key.strip() == "domain_shift" else int(value)
         except ValueError:
-            raise MsakitError(f"--size {item!r}: expected KEY=N with an integer N") from None
+            raise MsakitError(f"--size {item!r}: expected KEY=N with a number N") from None
     result = api.write_synthetic(output, seed=seed, aligned=aligned, **parsed)
     sizes_text = "/".join(str(n) for n in result["sizes"].values())
     console.print(f"wrote {result['path']} (train/valid/test {sizes_text})")

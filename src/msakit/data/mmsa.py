@@ -209,6 +209,12 @@ def _split(raw: Any, source: str, name: str, latin1: bool) -> tuple[Split, int]:
             )
         fields["presence"] = presence.astype(bool)
         rows["presence"] = len(presence)
+    if raw.get("domains") is not None:  # the synthetic generator's `domains` option writes it
+        domains = _numeric(raw["domains"], where, "domains", np.int64).reshape(-1)
+        if (domains < 0).any():
+            raise MsakitError(f"{where}: 'domains' should hold domain indexes >= 0")
+        fields["domains"] = domains
+        rows["domains"] = len(domains)
     unimodal = {}
     for short, key in UNIMODAL_LABEL_KEYS.items():
         if raw.get(key) is not None:

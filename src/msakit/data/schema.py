@@ -7,6 +7,7 @@ fancy-indexing those arrays, never by copying samples one by one. Any modality m
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -35,6 +36,7 @@ class Split:
     vision_lengths: np.ndarray | None = None
     unimodal_labels: dict[str, np.ndarray] = field(default_factory=dict)  # "T"/"A"/"V" -> (N,)
     presence: np.ndarray | None = None  # (N, 3) bool: text, audio, vision recorded; None = all
+    domains: np.ndarray | None = None  # (N,) int64 domain index of each sample; None = one domain
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -48,6 +50,39 @@ class Split:
                 changes[f.name] = value[index]
         changes["unimodal_labels"] = {k: v[index] for k, v in self.unimodal_labels.items()}
         return replace(self, **changes)
+
+
+def concat_splits(splits: Sequence[Split]) -> Split:
+    """One split holding the samples of `splits` in order (copies).
+
+    Every split must carry the same arrays with the same per-sample shapes and the same unimodal
+    labels; anything else is a MsakitError naming the array.
+    """
+    if not splits:
+        raise MsakitError("concat_splits needs at least one split")
+    first = splits[0]
+    changes: dict[str, Any] = {}
+    for f in fields(first):
+        if f.name == "unimodal_labels":
+            continue
+        values = [getattr(s, f.name) for s in splits]
+        if all(v is None for v in values):
+            continue
+        if any(v is None for v in values):
+            raise MsakitError(f"cannot join splits: {f.name!r} is missing in some of them")
+        shapes = {v.shape[1:] for v in values}
+        if len(shapes) > 1:
+            raise MsakitError(
+                f"cannot join splits: {f.name!r} has different per-sample shapes {sorted(shapes)}"
+            )
+        changes[f.name] = np.concatenate(values)
+    keys = {frozenset(s.unimodal_labels) for s in splits}
+    if len(keys) > 1:
+        raise MsakitError("cannot join splits: they have different unimodal labels")
+    changes["unimodal_labels"] = {
+        k: np.concatenate([s.unimodal_labels[k] for s in splits]) for k in first.unimodal_labels
+    }
+    return replace(first, **changes)
 
 
 @dataclass(frozen=True)
@@ -144,6 +179,7 @@ class Batch:
     unimodal_labels: dict[str, torch.Tensor] = field(default_factory=dict)
     # modality -> (B, L) bool, True where a missing-data protocol dropped that token/frame
     dropped: dict[str, torch.Tensor] = field(default_factory=dict)
+    domains: torch.Tensor | None = None  # (B,) long domain index; None = one domain
     # the same samples before training noise, for models whose losses compare noisy and clean input
     # (LNLN); set by the trainer from the batch it already holds, so there is no second read
     clean: Batch | None = None

@@ -24,6 +24,23 @@ MOSI's averaged ratings. Each modality sees only its own view z_m = (s + u_m)/sq
   burst of frames.
 
 Clips are grouped into videos ("syn0007$_$3"); a video never spans two splits.
+
+`domains=K` (K > 1) makes a test bed for domain generalization: every video (a speaker) belongs to
+one of K domains, each split holds videos of every domain, and `Split.domains` says which. The label
+function above is the same in every domain, so what is learnt on some domains can carry over to the
+others; what changes is the input (`domain_shift` scales every shift, 0 turns them off):
+
+- feature distribution: per domain and modality, the valid frames/tokens of the audio, vision and
+  text features become g * x + o, with a gain log g ~ N(0, (0.2 shift)^2) and an offset o in a
+  random direction whose root mean square per feature dim is c * shift (c = 1.0 for audio and
+  vision, 0.5 for text: larger than the per-speaker offsets), like another microphone, camera or
+  topic;
+- modality reliability: domain d >= 1 has one unreliable modality, text, audio, vision in turn
+  (d = 1, 2, 3, 4, ...); its view z_m gets extra noise of std shift, so that modality says less
+  about the label there. Domain 0 has none.
+
+The shifts come from their own generator seeded by (seed, domain stream), so `domains=1` data is
+exactly the data without the option.
 """
 
 from __future__ import annotations
@@ -61,6 +78,13 @@ VISION_SPEAKER_STD = 0.3
 BURST = (0.2, 0.6)  # fraction of the valid frames the expression lasts
 
 _TOKEN_CHUNK = 16384  # tokens per step when building text features
+
+# Domains (see the module docstring); each scaled by `domain_shift`.
+DOMAIN_STREAM = 7919  # second seed word of the domain generator, apart from the data's own stream
+DOMAIN_OFFSET = {"text": 0.5, "audio": 1.0, "vision": 1.0}  # root mean square of the offset per dim
+DOMAIN_GAIN_STD = 0.2  # std of the log gain
+UNRELIABLE_NOISE = 1.0  # std of the extra noise on the unreliable modality's view
+_MODALITIES = ("text", "audio", "vision")
 
 _ADJECTIVES = (
     (-1.0, ("terrible", "awful", "horrible", "dreadful", "pathetic")),
@@ -306,6 +330,42 @@ def _clip_ids(rng: np.random.Generator, sizes: tuple[int, ...]) -> tuple[np.ndar
     return np.array(ids, dtype=object), np.array(video, dtype=np.int64)
 
 
+def _video_domains(
+    rng: np.random.Generator, video: np.ndarray, sizes: tuple[int, ...], domains: int
+) -> np.ndarray:
+    """Each clip's domain: the videos of every split are dealt to the domains in a seeded order."""
+    of_video = np.zeros(video.max() + 1, dtype=np.int64)
+    bounds = np.cumsum((0, *sizes))
+    for name, lo, hi in zip(SPLITS, bounds[:-1], bounds[1:], strict=True):
+        videos = np.unique(video[lo:hi])
+        if len(videos) < domains:
+            raise MsakitError(
+                f"synthetic domains={domains} needs at least {domains} videos in every split, but "
+                f"n_{name}={hi - lo} gives {len(videos)} (a video has 5 to 30 clips)"
+            )
+        of_video[videos] = rng.permutation(len(videos)) % domains
+    return of_video[video]
+
+
+def _shift_features(
+    rng: np.random.Generator, features: dict[str, tuple[np.ndarray, np.ndarray]], domain: np.ndarray,
+    domains: int, shift: float,
+) -> None:
+    """x -> g x + o on the valid steps of every domain, in place; padding stays zero, -inf stays -inf."""
+    for d in range(domains):
+        rows = np.flatnonzero(domain == d)
+        for name in _MODALITIES:
+            x, valid = features[name]
+            gain = np.float32(np.exp(rng.normal(0.0, DOMAIN_GAIN_STD * shift)))
+            # a random direction with a fixed length: every domain is shifted by the same amount
+            direction = rng.standard_normal(x.shape[-1])
+            offset = (DOMAIN_OFFSET[name] * shift * np.sqrt(x.shape[-1]) * direction
+                      / np.linalg.norm(direction)).astype(np.float32)
+            block = x[rows] * gain
+            block += valid[rows][..., None] * offset
+            x[rows] = block
+
+
 def _check_sizes(sizes: dict[str, int]) -> None:
     minimum = {"text_len": 3, "audio_dim": 1, "vision_dim": 2}
     for key, value in sizes.items():
@@ -326,18 +386,24 @@ def generate_synthetic(
     vision_len: int = 500,
     vision_dim: int = 20,
     text_dim: int = 768,
+    domains: int = 1,
+    domain_shift: float = 1.0,
     aligned: bool = False,
     seed: int = 0,
 ) -> dict[str, Any]:
     """A MOSI-like dataset in the raw MMSA layout (what `save_mmsa` writes), the same for a seed.
 
     `aligned=True` puts every modality at `text_len` steps without `*_lengths` keys, like
-    `aligned_50.pkl`. Audio keeps its planted -inf values: loading cleans them.
+    `aligned_50.pkl`. Audio keeps its planted -inf values: loading cleans them. With `domains` > 1
+    each split also has a `domains` array (N,) of domain indexes, shifted as the module describes.
     """
     sizes = (n_train, n_valid, n_test)
     _check_sizes({"n_train": n_train, "n_valid": n_valid, "n_test": n_test, "text_len": text_len,
                   "audio_len": audio_len, "audio_dim": audio_dim, "vision_len": vision_len,
-                  "vision_dim": vision_dim, "text_dim": text_dim})
+                  "vision_dim": vision_dim, "text_dim": text_dim, "domains": domains})
+    if isinstance(domain_shift, bool) or not isinstance(domain_shift, (int, float)) or not (
+            0 <= domain_shift < float("inf")):
+        raise MsakitError(f"synthetic domain_shift must be a number >= 0, not {domain_shift!r}")
     n = sum(sizes)
     rng = np.random.default_rng(seed)
     shared, u_text, u_audio, u_vision = rng.standard_normal((4, n))
@@ -350,6 +416,14 @@ def generate_synthetic(
         for name, own in (("text", u_text), ("audio", u_audio), ("vision", u_vision))
     }
     ids, video = _clip_ids(rng, sizes)
+    domain = None
+    if domains > 1:
+        shifts = np.random.default_rng([seed, DOMAIN_STREAM])
+        domain = _video_domains(shifts, video, sizes, domains)
+        for d in range(1, domains):
+            rows = domain == d
+            views[_MODALITIES[(d - 1) % 3]][rows] += (
+                UNRELIABLE_NOISE * domain_shift * shifts.standard_normal(int(rows.sum())))
 
     r = random.Random(int(rng.integers(2**63)))
     sentences, polarities, overall = [], [], []
@@ -370,6 +444,12 @@ def generate_synthetic(
         vision_lengths = rng.integers(max(1, vision_len // 5), vision_len + 1, n)
     audio = _audio(rng, views["audio"], video, audio_lengths, audio_len, audio_dim)
     vision = _vision(rng, views["vision"], video, vision_lengths, vision_len, vision_dim)
+    if domain is not None:
+        _shift_features(shifts, {
+            "text": (text, text_bert[:, 1] > 0),
+            "audio": (audio, np.arange(audio_len) < audio_lengths[:, None]),
+            "vision": (vision, np.arange(vision_len) < vision_lengths[:, None]),
+        }, domain, domains, domain_shift)
 
     columns: dict[str, np.ndarray] = {
         "id": ids,
@@ -383,6 +463,8 @@ def generate_synthetic(
         columns["audio_lengths"] = audio_lengths.astype(np.int64)
         columns["vision_lengths"] = vision_lengths.astype(np.int64)
     columns["regression_labels"] = labels
+    if domain is not None:
+        columns["domains"] = domain
     raw: dict[str, Any] = {}
     bounds = np.cumsum((0, *sizes))
     for name, lo, hi in zip(SPLITS, bounds[:-1], bounds[1:], strict=True):
@@ -390,14 +472,17 @@ def generate_synthetic(
     return raw
 
 
-def synthetic_dataset(**options: Any) -> MultimodalDataset:
+def synthetic_dataset(*, name: str = "synthetic", **options: Any) -> MultimodalDataset:
     """`generate_synthetic(**options)` loaded with the same checks and cleaning as an MMSA pickle.
 
-    `options` are `generate_synthetic`'s keyword arguments (sizes, `aligned`, `seed`).
+    `options` are `generate_synthetic`'s keyword arguments (sizes, `domains`, `aligned`, `seed`);
+    each split's `domains` array, when there is one, becomes `Split.domains`.
     """
     bound = inspect.signature(generate_synthetic).bind(**options)
     bound.apply_defaults()
     raw = generate_synthetic(**bound.arguments)
-    seed, aligned = bound.arguments["seed"], bound.arguments["aligned"]
-    source = f"synthetic(seed={seed}, {'aligned' if aligned else 'unaligned'})"
-    return dataset_from_raw(raw, source=source, family="synthetic", name="synthetic")
+    args = bound.arguments
+    source = f"synthetic(seed={args['seed']}, {'aligned' if args['aligned'] else 'unaligned'}"
+    if args["domains"] > 1:
+        source += f", domains={args['domains']}, domain_shift={args['domain_shift']:g}"
+    return dataset_from_raw(raw, source=source + ")", family="synthetic", name=name)
