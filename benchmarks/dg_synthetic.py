@@ -17,7 +17,6 @@ processes; the table (benchmarks/results/dg_synthetic.{json,md}) is rebuilt from
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shlex
 import sys
@@ -29,7 +28,7 @@ import torch
 from msakit import api
 from msakit.data.catalog import load_dataset
 from msakit.evaluation.report import LABELS, format_value, mean_std
-from msakit.fileio import atomic_write_text
+from records import rebuild_table, save_record
 
 RUNS = {"midg": ("midg", []), "erm": ("midg", ["model.invariance_weight=0"]), "mult": ("mult", [])}
 COLUMNS = ("mae", "acc2_non0", "corr")
@@ -102,17 +101,10 @@ def main() -> None:
             for run in args.runs:
                 for seed in args.seeds:
                     record = run_one(run, target, seed, command)
-                    atomic_write_text(records_dir / f"{run}-{target}-{seed}.json",
-                                      json.dumps(record, indent=2) + "\n")
+                    save_record(records_dir, f"{run}-{target}-{seed}", record)
                     print(f"{run} target {target} seed {seed}: out-of-domain MAE "
                           f"{record['out_of_domain']['mae']:.3f} ({record['seconds']:.0f} s)", flush=True)
-    records = [json.loads(p.read_text()) for p in sorted(records_dir.glob("*.json"))]
-    summary, text = table(records)
-    out = Path(args.output)
-    atomic_write_text(out.with_suffix(".json"), json.dumps({"rows": summary, "records": records}, indent=2)
-                      + "\n")
-    atomic_write_text(out.with_suffix(".md"), text + "\n")
-    print(text)
+    print(rebuild_table(records_dir, args.output, table))
 
 
 if __name__ == "__main__":

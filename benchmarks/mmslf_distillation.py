@@ -33,7 +33,7 @@ from msakit.config import resolve_config
 from msakit.cues import run_cues
 from msakit.data.synthetic import synthetic_dataset
 from msakit.evaluation.report import LABELS, format_value, mean_std
-from msakit.fileio import atomic_write_text
+from records import rebuild_table, save_record
 
 COLUMNS = ("mae", "acc2_non0", "f1_non0", "acc7", "corr")
 RUNS = ("distilled", "plain")
@@ -113,16 +113,10 @@ def main() -> None:
         for run in args.run or RUNS:
             for seed in args.seeds:
                 record = run_one(run, seed, cues.resolve(), runs_dir, command)
-                atomic_write_text(records_dir / f"{run}-{seed}.json", json.dumps(record, indent=2) + "\n")
+                save_record(records_dir, f"{run}-{seed}", record)
                 print(f"{run} seed {seed}: test MAE {record['test']['mae']:.3f} "
                       f"({record['seconds']:.0f} s)", flush=True)
-    records = [json.loads(p.read_text()) for p in sorted(records_dir.glob("*.json"))]
-    summary, text = table(records)
-    out = Path(args.output)
-    atomic_write_text(out.with_suffix(".json"), json.dumps({"rows": summary, "records": records}, indent=2)
-                      + "\n")
-    atomic_write_text(out.with_suffix(".md"), text + "\n")
-    print(text)
+    print(rebuild_table(records_dir, args.output, table))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,27 @@
+"""Benchmarks whose runs may be split over processes keep one JSON record per run in a folder and
+rebuild their table from every record there."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from msakit.fileio import atomic_write_text
+
+Table = Callable[[list[dict]], tuple[dict, str]]
+
+
+def save_record(records_dir: Path, name: str, record: dict) -> None:
+    atomic_write_text(records_dir / f"{name}.json", json.dumps(record, indent=2) + "\n")
+
+
+def rebuild_table(records_dir: Path, output: str | Path, table: Table) -> str:
+    """`table(records)` over every record in `records_dir`, written as `output`.json and .md."""
+    records = [json.loads(p.read_text()) for p in sorted(records_dir.glob("*.json"))]
+    summary, text = table(records)
+    out = Path(output)
+    atomic_write_text(out.with_suffix(".json"), json.dumps({"rows": summary, "records": records}, indent=2)
+                      + "\n")
+    atomic_write_text(out.with_suffix(".md"), text + "\n")
+    return text
