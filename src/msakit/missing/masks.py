@@ -226,11 +226,13 @@ def _zero_where(features: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
     return features * (~drop).to(features.dtype)
 
 
-def _blanked(
-    batch: Batch, modality: str, token_drop: torch.Tensor, feature_drop: torch.Tensor, unk_id: int
+def blank_out(
+    batch: Batch, modality: str, token_drop: torch.Tensor | None, feature_drop: torch.Tensor,
+    unk_id: int,
 ) -> dict[str, torch.Tensor]:
-    """New tensors for one modality: token ids set to UNK where ``token_drop`` (B, L), features
-    zeroed where ``feature_drop`` broadcasts True. Nothing is copied when nothing is dropped."""
+    """New tensors for one modality: token ids set to UNK where ``token_drop`` (B, L; text only),
+    features zeroed where ``feature_drop`` broadcasts True. Nothing is copied when nothing is
+    dropped. Shared by the missing-data protocols and models that thin their own inputs (MMSLF)."""
     changes = {}
     if modality == "text" and batch.text_ids is not None and bool(token_drop.any()):
         ids = batch.text_ids
@@ -274,7 +276,7 @@ def drop_within_modalities(
         rate = np.asarray(rates[modality], dtype=np.float64).reshape(-1, 1)
         u = sample_uniforms(stream, seed, batch.ids, modality, droppable.shape[1], epoch)
         drop = torch.from_numpy(u < rate).to(droppable.device) & droppable
-        changes.update(_blanked(batch, modality, drop, drop.unsqueeze(-1), unk_id))
+        changes.update(blank_out(batch, modality, drop, drop.unsqueeze(-1), unk_id))
         _record(dropped, modality, drop)
     return batch.with_updates(dropped=dropped, **changes)
 
@@ -325,7 +327,7 @@ def drop_whole_modalities(
             continue
         gone = ~keep_t[:, m]
         tokens = droppable_positions(batch, modality, special_ids) & gone.unsqueeze(1)
-        changes.update(_blanked(batch, modality, tokens, gone.view(-1, 1, 1), unk_id))
+        changes.update(blank_out(batch, modality, tokens, gone.view(-1, 1, 1), unk_id))
         _record(dropped, modality, tokens)
     return batch.with_updates(dropped=dropped, **changes)
 

@@ -56,7 +56,7 @@ from torch import nn
 
 from msakit.data.schema import Batch, FeatureDims
 from msakit.errors import MsakitError
-from msakit.missing.masks import BERT_SPECIAL_IDS, BERT_UNK_ID, droppable_positions
+from msakit.missing.masks import BERT_SPECIAL_IDS, BERT_UNK_ID, blank_out, droppable_positions
 from msakit.models.base import ModelConfig, MSAModel, Output, check_settings
 from msakit.models.layers.attention import multi_head_attention
 from msakit.models.layers.prenorm import TokenTransformer
@@ -410,16 +410,10 @@ class MMSLF(MSAModel):
         changes = {}
         for m in ("audio", "vision"):
             x = getattr(batch, m)
-            changes[m] = x * (torch.rand_like(x) < keep[:, None, None]).to(x.dtype)
-        drop = torch.rand(droppable_positions(batch, "text", self.special_ids).shape,
-                          device=keep.device) >= keep[:, None]
-        drop &= droppable_positions(batch, "text", self.special_ids)
-        if batch.text_ids is not None:
-            ids = batch.text_ids
-            changes["text_ids"] = torch.cat([ids[:, :1].masked_fill(drop[:, None], self.unk_id),
-                                             ids[:, 1:]], dim=1)
-        if batch.text is not None:
-            changes["text"] = batch.text * (~drop)[..., None].to(batch.text.dtype)
+            changes.update(blank_out(batch, m, None, torch.rand_like(x) >= keep[:, None, None], self.unk_id))
+        droppable = droppable_positions(batch, "text", self.special_ids)
+        drop = (torch.rand(droppable.shape, device=keep.device) >= keep[:, None]) & droppable
+        changes.update(blank_out(batch, "text", drop, drop.unsqueeze(-1), self.unk_id))
         return batch.with_updates(**changes)
 
     def run_teacher(self, batch: Batch, maps: bool = False) -> NetOutput:
