@@ -3,16 +3,18 @@ learn, the translation stage switches on at the configured epoch, and padding ch
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from model_inputs import N, pad_noise, padded_longer
+from model_inputs import N, contract_split, pad_noise, padded_longer
 from msakit import api
 from msakit.config import resolve_config
+from msakit.data.batching import make_batch
 from msakit.data.schema import MODALITIES
 from msakit.errors import MsakitError
 from msakit.models import create_model
-from msakit.models.cyin import CyIN, align_to_steps
+from msakit.models.cyin import CyIN, align_to_steps, sample_noise
 from msakit.training.settings import Stage, TrainConfig
 from msakit.training.trainer import Trainer
 
@@ -101,7 +103,7 @@ def test_one_translator_serves_both_directions_of_a_pair(dims):
 
 
 def test_a_missing_modality_is_fed_to_fusion_as_a_translation_not_zeros(dims, batch):
-    model = _cyin(dims).eval()
+    model = _cyin(dims, eval_bottleneck="mean").eval()  # fusion then reads mu: easy to rebuild
     rows = [1, 4]
     with torch.no_grad():
         inputs, mask = model._inputs(batch)
@@ -161,6 +163,22 @@ def test_the_translation_stage_feeds_fusion_translated_bottlenecks(dims, batch, 
         assert set(picked) != {3}
     else:
         assert picked == [3] * N
+
+
+def test_evaluation_samples_the_bottleneck_with_noise_fixed_by_the_sample_id(dims, batch):
+    model = _cyin(dims).eval()
+    with torch.no_grad():
+        first = model(batch).pred
+        torch.manual_seed(123)  # the global generator plays no part
+        torch.testing.assert_close(model(batch).pred, first)
+        # a sample scores the same alone, in another batch order, or beside other samples
+        for rows in ([2], [4, 0, 3]):
+            sub = make_batch(contract_split(), np.array(rows))
+            torch.testing.assert_close(model(sub).pred, first[rows])
+        model.config.eval_bottleneck = "mean"
+        assert not torch.allclose(model(batch).pred, first)
+    noise = sample_noise(batch.ids, "audio", torch.zeros(N, 200, 50))
+    assert abs(noise.mean().item()) < 0.02 and abs(noise.std().item() - 1) < 0.02
 
 
 def test_padding_changes_nothing(dims, batch):
@@ -245,7 +263,7 @@ def test_configs_resolve_with_the_published_stage_split(family):
 
 @pytest.mark.parametrize("settings", [
     {"translator_dims": []}, {"translator_dims": [4, 0]}, {"beta": 0}, {"gamma": -1},
-    {"common_dim": 9, "num_heads": 2}, {"output_dropout": 1.5},
+    {"common_dim": 9, "num_heads": 2}, {"output_dropout": 1.5}, {"eval_bottleneck": "median"},
 ])
 def test_bad_settings_are_one_line_errors(dims, settings):
     with pytest.raises(MsakitError, match="cyin: model"):
