@@ -106,8 +106,7 @@ def train(
     Returns the content of results.json.
     """
     get_model_class(model)
-    if len(set(seeds)) != len(seeds) or not seeds:
-        raise MsakitError(f"seeds must be distinct and at least one, not {list(seeds)}")
+    _check_seeds(seeds)
     data = load_dataset(dataset, data_dir, aligned=aligned)
     config = _resolved_config(model, data, overrides, epochs)
     out_dir = Path(output) if output is not None else None
@@ -134,6 +133,11 @@ def train(
     if out_dir is not None:
         write_results(out_dir, results)
     return results
+
+
+def _check_seeds(seeds: Sequence[int]) -> None:
+    if len(set(seeds)) != len(seeds) or not seeds:
+        raise MsakitError(f"seeds must be distinct and at least one, not {list(seeds)}")
 
 
 def _resolved_config(
@@ -289,8 +293,7 @@ def dg(
     metrics and their gap. Writes dg.json, dg.csv and dg.md into `output` when given.
     """
     model_class = get_model_class(model)
-    if len(set(seeds)) != len(seeds) or not seeds:
-        raise MsakitError(f"seeds must be distinct and at least one, not {list(seeds)}")
+    _check_seeds(seeds)
     if dataset is None:
         if group_by != "domains" or n_groups is not None:
             raise MsakitError("a grouping (group_by, n_groups) needs the dataset whose groups are "

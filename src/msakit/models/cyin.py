@@ -90,7 +90,11 @@ from msakit.missing import sample_uniforms
 from msakit.models.base import ModelConfig, MSAModel, Output, check_settings
 from msakit.models.layers.pooling import masked_mean, valid_lengths
 from msakit.models.layers.text import TextEncoder
-from msakit.models.layers.transformer import CrossModalEncoder
+from msakit.models.layers.transformer import (
+    crossmodal_stacks,
+    crossmodal_summaries,
+    memory_stacks,
+)
 from msakit.models.registry import register_model
 
 STAGES = ("informative", "translation")
@@ -271,17 +275,10 @@ class CyIN(MSAModel):
             "vision": config.attn_dropout_vision,
         }
         shared = dict(embed_dropout=config.embed_dropout, causal=config.causal_mask)
-        self.cross = nn.ModuleDict({
-            f"{source}_to_{target}": CrossModalEncoder(
-                d, config.num_heads, config.layers, attn_dropout=attn_dropout[source], **shared
-            )
-            for target in MODALITIES for source in MODALITIES if source != target
-        })
-        self.memory = nn.ModuleDict({
-            m: CrossModalEncoder(2 * d, config.num_heads, config.memory_layers,
-                                 attn_dropout=config.attn_dropout_memory, **shared)
-            for m in MODALITIES
-        })
+        self.cross = crossmodal_stacks(MODALITIES, d, config.num_heads, config.layers,
+                                       attn_dropout, **shared)
+        self.memory = memory_stacks(MODALITIES, d, config.num_heads, config.memory_layers,
+                                    config.attn_dropout_memory, **shared)
         combined = 6 * d
         self.proj1 = nn.Linear(combined, combined)
         self.proj2 = nn.Linear(combined, combined)
@@ -428,14 +425,8 @@ class CyIN(MSAModel):
             .transpose(1, 2)
             for m in MODALITIES
         }
-        summaries = {}
-        for target in MODALITIES:
-            crossed = [
-                self.cross[f"{source}_to_{target}"](seqs[target], mask, seqs[source], mask)
-                for source in MODALITIES if source != target
-            ]
-            memory = self.memory[target](torch.cat(crossed, dim=-1), mask)
-            summaries[target] = masked_mean(memory, mask)
+        summaries = crossmodal_summaries(
+            self.cross, self.memory, {m: (seqs[m], mask) for m in MODALITIES}, masked_mean)
         fused = torch.cat([summaries[m] for m in MODALITIES], dim=-1)
         hidden = F.dropout(F.relu(self.proj1(fused)), self.config.output_dropout, self.training)
         hidden = fused + self.proj2(hidden)

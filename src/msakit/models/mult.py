@@ -44,7 +44,11 @@ from msakit.errors import MsakitError
 from msakit.models.base import ModelConfig, MSAModel, Output, check_settings
 from msakit.models.layers.pooling import last_valid
 from msakit.models.layers.text import TextEncoder
-from msakit.models.layers.transformer import CrossModalEncoder
+from msakit.models.layers.transformer import (
+    crossmodal_stacks,
+    crossmodal_summaries,
+    memory_stacks,
+)
 from msakit.models.registry import register_model
 
 
@@ -112,19 +116,10 @@ class MulT(MSAModel):
             relu_dropout=config.relu_dropout, res_dropout=config.res_dropout,
             embed_dropout=config.embed_dropout, causal=config.causal_mask,
         )
-        self.cross = nn.ModuleDict({
-            f"{source}_to_{target}": CrossModalEncoder(
-                d, config.num_heads, config.layers, attn_dropout=attn_dropout[source], **shared
-            )
-            for target in MODALITIES for source in MODALITIES if source != target
-        })
-        self.memory = nn.ModuleDict({
-            m: CrossModalEncoder(
-                2 * d, config.num_heads, config.memory_layers, attn_dropout=config.attn_dropout,
-                **shared,
-            )
-            for m in MODALITIES
-        })
+        self.cross = crossmodal_stacks(MODALITIES, d, config.num_heads, config.layers,
+                                       attn_dropout, **shared)
+        self.memory = memory_stacks(MODALITIES, d, config.num_heads, config.memory_layers,
+                                    config.attn_dropout, **shared)
         combined = 6 * d
         self.proj1 = nn.Linear(combined, combined)
         self.proj2 = nn.Linear(combined, combined)
@@ -144,15 +139,7 @@ class MulT(MSAModel):
             "vision": (batch.vision, batch.vision_mask),
         }
         seqs = {m: (self._project(m, x, mask), mask) for m, (x, mask) in inputs.items()}
-        summaries = {}
-        for target in MODALITIES:
-            x, mask = seqs[target]
-            crossed = [
-                self.cross[f"{source}_to_{target}"](x, mask, *seqs[source])
-                for source in MODALITIES if source != target
-            ]
-            memory = self.memory[target](torch.cat(crossed, dim=-1), mask)
-            summaries[target] = last_valid(memory, mask)
+        summaries = crossmodal_summaries(self.cross, self.memory, seqs, last_valid)
         fused = torch.cat([summaries[m] for m in MODALITIES], dim=-1)
         hidden = F.dropout(F.relu(self.proj1(fused)), self.config.output_dropout, self.training)
         hidden = fused + self.proj2(hidden)

@@ -18,6 +18,7 @@ attention output instead of the NaN a softmax over nothing would give.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -172,3 +173,46 @@ class CrossModalEncoder(nn.Module):
         for layer in self.layers:
             x = layer(x, kv, *masks)
         return self.norm(x).masked_fill(~target_mask.unsqueeze(-1), 0.0)
+
+
+
+def crossmodal_stacks(
+    modalities: tuple[str, ...], dim: int, num_heads: int, layers: int,
+    attn_dropout: dict[str, float], **options: float | bool,
+) -> nn.ModuleDict:
+    """MulT's crossmodal stacks, one per ordered pair, keyed "<source>_to_<target>"; a stack's
+    attention dropout is chosen by its SOURCE modality, as in MulT."""
+    return nn.ModuleDict({
+        f"{source}_to_{target}": CrossModalEncoder(
+            dim, num_heads, layers, attn_dropout=attn_dropout[source], **options
+        )
+        for target in modalities for source in modalities if source != target
+    })
+
+
+def memory_stacks(
+    modalities: tuple[str, ...], dim: int, num_heads: int, layers: int, attn_dropout: float,
+    **options: float | bool,
+) -> nn.ModuleDict:
+    """MulT's self-attention memory stacks, one per target modality, over its two crossmodal
+    streams joined (width 2 * dim)."""
+    return nn.ModuleDict({
+        m: CrossModalEncoder(2 * dim, num_heads, layers, attn_dropout=attn_dropout, **options)
+        for m in modalities
+    })
+
+
+def crossmodal_summaries(
+    cross: nn.ModuleDict, memory: nn.ModuleDict,
+    seqs: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    pool: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """MulT's fusion body: each target reads each other modality through its crossmodal stack,
+    then its memory stack; `pool` reduces that over the target's valid steps (MulT: the last one,
+    CyIN: the mean). seqs = {modality: (x (B, L, d), mask (B, L))} -> {modality: (B, 2d)}."""
+    summaries = {}
+    for target, (x, mask) in seqs.items():
+        crossed = [cross[f"{source}_to_{target}"](x, mask, *seqs[source])
+                   for source in seqs if source != target]
+        summaries[target] = pool(memory[target](torch.cat(crossed, dim=-1), mask), mask)
+    return summaries
