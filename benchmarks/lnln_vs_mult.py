@@ -2,7 +2,8 @@
 
     python benchmarks/lnln_vs_mult.py                                  # the synthetic default
     python benchmarks/lnln_vs_mult.py --size audio_len=50 --size vision_len=50   # a CPU-sized run
-    python benchmarks/lnln_vs_mult.py --run lnln ...   # one run only (e.g. two processes at once)
+    python benchmarks/lnln_vs_mult.py --run lnln --seeds 1113   # one run and seed, e.g. in parallel
+    python benchmarks/lnln_vs_mult.py --table                          # only rebuild the table
 
 Three runs, each trained once per seed with its synthetic settings (`configs/*.yaml`) and selected
 on the validation split (a fourth, `--run lnln-discriminator`, moves LNLN's gradient reversal from
@@ -12,8 +13,14 @@ the proxy generator, where the official code has it, to the discriminator's inpu
 - MulT trained with the same noise as LNLN.
 Each checkpoint is then scored on the test split under intra-modal missing data at
 r = 0.0, 0.1, ..., 0.9; a seed's number is the mean over the 10 rates, and the table gives the mean
-and std of that over seeds. Writes benchmarks/results/lnln_vs_mult.{json,md} (or --output); runs
-already there for the same data, seeds and settings are kept, so `--run` invocations add up.
+and std of that over seeds.
+
+Every (run, seed) is trained, scored and kept as its own record under `<runs-dir>/records/` as soon
+as it is done, so the work may be split over processes and sessions: a (run, seed) whose record
+exists for the same data and settings is not run again. `--reuse` scores a checkpoint already in
+`<runs-dir>/<run>/seed-<seed>.pt` (trained with the same settings) instead of training it. The table
+(benchmarks/results/lnln_vs_mult.{json,md}, with a suffix naming non-default sizes) is rebuilt
+from every matching record.
 """
 
 from __future__ import annotations
@@ -30,10 +37,12 @@ import torch
 
 from msakit import api
 from msakit.config import parse_overrides
+from msakit.data.schema import MultimodalDataset
 from msakit.data.synthetic import synthetic_dataset
 from msakit.evaluation.report import LABELS, format_value, mean_std
-from msakit.fileio import atomic_write_text
 from msakit.missing import DEFAULT_RATES
+from msakit.training.checkpoint import load_checkpoint
+from records import rebuild_table, save_record
 
 RUNS = {  # key -> (label, model, training overrides)
     "lnln": ("LNLN, trained with its noise", "lnln", ["training.noise=lnln"]),
@@ -42,7 +51,13 @@ RUNS = {  # key -> (label, model, training overrides)
     "mult-clean": ("MulT, trained on clean data", "mult", ["training.noise=none"]),
     "mult-noisy": ("MulT, trained with LNLN's noise", "mult", ["training.noise=lnln"]),
 }
+DEFAULT_RUNS = ("lnln", "mult-clean", "mult-noisy")
 COLUMNS = ("mae", "acc2_non0", "f1_non0", "acc7", "corr")
+
+
+def size_tag(sizes: dict[str, int]) -> str:
+    """'' for the default data, else e.g. '_audio_len50_vision_len50' (file and folder suffix)."""
+    return "".join(f"_{k}{v}" for k, v in sorted(sizes.items()))
 
 
 def main() -> None:
@@ -54,97 +69,108 @@ def main() -> None:
                         help="synthetic generator size, e.g. audio_len=50 (default: the defaults)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra override for every run, e.g. training.epochs=10")
-    parser.add_argument("--runs-dir", default="runs/lnln_vs_mult")
+    parser.add_argument("--runs-dir", help="default: runs/lnln_vs_mult plus the size suffix")
     parser.add_argument("--reuse", action="store_true",
-                        help="score the checkpoints already trained in --runs-dir with these settings")
-    parser.add_argument("--output", default="benchmarks/results/lnln_vs_mult")
+                        help="score checkpoints already trained in --runs-dir with these settings")
+    parser.add_argument("--table", action="store_true", help="only rebuild the table from the records")
+    parser.add_argument("--output", help="default: benchmarks/results/lnln_vs_mult plus the size suffix")
     args = parser.parse_args()
     sizes = {k: int(v) for k, v in (item.split("=", 1) for item in args.size)}
-    data = synthetic_dataset(**sizes)
-    command = shlex.join(["python", *sys.argv])
+    runs_dir = Path(args.runs_dir or f"runs/lnln_vs_mult{size_tag(sizes)}")
+    output = args.output or f"benchmarks/results/lnln_vs_mult{size_tag(sizes)}"
+    records_dir = runs_dir / "records"
+    if not args.table:
+        data = synthetic_dataset(**sizes)
+        command = shlex.join(["python", *sys.argv])
+        for key in args.run or DEFAULT_RUNS:
+            for seed in args.seeds:
+                done = records_dir / f"{key}-{seed}.json"
+                if done.is_file() and same_setting(json.loads(done.read_text()), sizes, args.set):
+                    continue
+                record = run_one(key, seed, data, sizes, args.set, runs_dir, args.reuse, command)
+                save_record(records_dir, f"{key}-{seed}", record)
+                print(f"{key} seed {seed}: intra MAE {record['mean_over_rates']['mae']:.3f} "
+                      f"({record['seconds']:.0f} s)", flush=True)
+    print(rebuild_table(records_dir, output,
+                        lambda records: table(records, sizes, args.set, str(runs_dir))))
 
-    setting = {
-        "dataset": {"source": data.source, "sizes": sizes or "defaults",
-                    "train/valid/test": [len(data.train), len(data.valid), len(data.test)]},
-        "protocol": "intra-modal missing on the test split, mean over r = 0.0 .. 0.9, then over seeds",
-        "seeds": args.seeds,
-        "extra_overrides": args.set,
+
+def same_setting(record: dict, sizes: dict[str, int], extra: list[str]) -> bool:
+    return record["sizes"] == sizes and record["extra_overrides"] == extra
+
+
+def run_one(key: str, seed: int, data: MultimodalDataset, sizes: dict[str, int], extra: list[str],
+            runs_dir: Path, reuse: bool, command: str) -> dict:
+    """Train (or, with `reuse`, take the existing checkpoint of) one run and seed; score it."""
+    label, model, overrides = RUNS[key]
+    overrides = [*overrides, *extra]
+    run_dir = runs_dir / key
+    checkpoint = run_dir / f"seed-{seed}.pt"
+    start = time.perf_counter()
+    if reuse and checkpoint.is_file() and trained_with(checkpoint, overrides):
+        best_epoch = previous_best_epoch(run_dir, seed)
+    else:
+        trained = api.train(model, data, seeds=[seed], overrides=overrides, output=run_dir,
+                            progress=False, command=command)
+        best_epoch = trained["seeds"][0]["best_epoch"]
+    curve = api.robustness(checkpoint, data, protocol="intra", rates=DEFAULT_RATES["intra"])
+    return {
+        "run": key, "label": label, "model": model, "overrides": overrides, "seed": seed,
+        "sizes": sizes, "extra_overrides": extra, "dataset": data.source,
+        "train/valid/test": [len(data.train), len(data.valid), len(data.test)],
+        "best_epoch": best_epoch, "mean_over_rates": curve["mean"],
+        "per_rate": {row["condition"]: row["metrics"] for row in curve["rows"]},
+        "seconds": round(time.perf_counter() - start, 1), "command": command,
+        "machine": torch.cuda.get_device_name(0) if torch.cuda.is_available()
+        else f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
     }
-    out = Path(args.output)
-    record = previous(out)
-    if {k: record.get(k) for k in setting} != setting:
-        record = {**setting, "runs": {}}
-    for key in args.run or ["lnln", "mult-clean", "mult-noisy"]:
-        label, model, overrides = RUNS[key]
-        run_dir = Path(args.runs_dir) / key
-        start = time.perf_counter()
-        overrides = [*overrides, *args.set]
-        trained = reusable(run_dir, args.seeds, overrides) if args.reuse else None
-        if trained is None:
-            trained = api.train(model, data, seeds=args.seeds, overrides=overrides, output=run_dir,
-                                progress=False, command=command)
-        per_seed = []
-        for run in trained["seeds"]:
-            curve = api.robustness(run_dir / run["checkpoint"], data, protocol="intra",
-                                   rates=DEFAULT_RATES["intra"])
-            per_seed.append({"seed": run["seed"], "best_epoch": run["best_epoch"],
-                             "mean_over_rates": curve["mean"],
-                             "per_rate": {row["condition"]: row["metrics"] for row in curve["rows"]}})
-        mean, std = mean_std([s["mean_over_rates"] for s in per_seed])
-        record["runs"][key] = {
-            "label": label, "model": model, "overrides": overrides, "seeds": per_seed,
-            "mean": mean, "std": std, "seconds": round(time.perf_counter() - start, 1),
-            "command": command,
-            "machine": torch.cuda.get_device_name(0) if torch.cuda.is_available()
-            else f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
-        }
-        print(f"{label}: MAE {mean['mae']:.3f}  Acc-2 {mean['acc2_non0']:.2f}", flush=True)
-        # re-read so that a second process's finished runs are not overwritten
-        latest = previous(out)
-        if {k: latest.get(k) for k in setting} == setting:
-            record["runs"] = {**latest["runs"], key: record["runs"][key]}
-        atomic_write_text(out.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
-        atomic_write_text(out.with_suffix(".md"), table(record) + "\n")
-    print(table(record))
 
 
-def reusable(run_dir: Path, seeds: list[int], overrides: list[str]) -> dict | None:
-    """The results.json of an earlier training run of the same seeds and overrides, if any."""
+def trained_with(checkpoint: Path, overrides: list[str]) -> bool:
+    """Whether the checkpoint's saved model and training settings include every override."""
+    _, meta = load_checkpoint(checkpoint)
+    sections = {"model": meta["model_config"], "training": meta["training_config"]}
+    return all(sections[section].get(key) == value
+               for section, values in parse_overrides(overrides).items()
+               for key, value in values.items())
+
+
+def previous_best_epoch(run_dir: Path, seed: int) -> int | None:
+    """The selected epoch of an earlier training of this seed, where its results.json says it."""
     path = run_dir / "results.json"
     if not path.is_file():
         return None
-    trained = json.loads(path.read_text())
-    wanted = parse_overrides(overrides)
-    same = [r["seed"] for r in trained["seeds"]] == seeds and all(
-        trained["config"][section].get(key) == value
-        for section, values in wanted.items() for key, value in values.items())
-    return trained if same else None
+    runs = json.loads(path.read_text())["seeds"]
+    return next((r["best_epoch"] for r in runs if r["seed"] == seed), None)
 
 
-def previous(out: Path) -> dict:
-    path = out.with_suffix(".json")
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def table(record: dict) -> str:
-    head = "| run | " + " | ".join(LABELS[k] for k in COLUMNS) + " | seconds | machine |"
+def table(records: list[dict], sizes: dict[str, int], extra: list[str], runs_dir: str) -> tuple[dict, str]:
+    records = [r for r in records if same_setting(r, sizes, extra)]
+    head = "| run | seeds | " + " | ".join(LABELS[k] for k in COLUMNS) + " | seconds per seed | machine |"
     lines = [
-        f"Synthetic (sizes: {record['dataset']['sizes']}), intra-modal missing on test, mean over "
-        f"r = 0.0-0.9, mean ± std over seeds {', '.join(map(str, record['seeds']))}:",
+        f"Synthetic ({records[0]['dataset'] if records else 'synthetic'}, sizes: {sizes or 'defaults'}"
+        f"{', extra settings: ' + ' '.join(extra) if extra else ''}), intra-modal missing on test, "
+        "mean over r = 0.0-0.9, then mean ± std over seeds; every run selected on validation MAE.",
         "",
         head,
-        "|---" * (len(COLUMNS) + 3) + "|",
+        "|---" * (len(COLUMNS) + 4) + "|",
     ]
+    summary = {}
     for key in RUNS:
-        if key not in record["runs"]:
+        runs = sorted((r for r in records if r["run"] == key), key=lambda r: r["seed"])
+        if not runs:
             continue
-        run = record["runs"][key]
-        cells = [f"{format_value(k, run['mean'][k])} ± {format_value(k, run['std'][k])}" for k in COLUMNS]
-        cells += [f"{run['seconds']:.0f}", run["machine"]]
-        lines.append(f"| {run['label']} | " + " | ".join(cells) + " |")
-    commands = sorted({run["command"] for run in record["runs"].values()})
-    lines += ["", "Commands: " + "; ".join(f"`{c}`" for c in commands)]
-    return "\n".join(lines)
+        mean, std = mean_std([r["mean_over_rates"] for r in runs])
+        seeds = [r["seed"] for r in runs]
+        summary[key] = {"label": runs[0]["label"], "seeds": seeds, "mean": mean, "std": std,
+                        "best_epochs": [r["best_epoch"] for r in runs]}
+        cells = [f"{format_value(k, mean[k])} ± {format_value(k, std[k])}" for k in COLUMNS]
+        seconds = sum(r["seconds"] for r in runs) / len(runs)
+        lines.append(f"| {runs[0]['label']} | {' '.join(map(str, seeds))} | " + " | ".join(cells)
+                     + f" | {seconds:.0f} | {runs[0]['machine']} |")
+    commands = sorted({r["command"] for r in records})
+    lines += ["", f"Records: `{runs_dir}/records/`. Commands: " + "; ".join(f"`{c}`" for c in commands)]
+    return summary, "\n".join(lines)
 
 
 if __name__ == "__main__":

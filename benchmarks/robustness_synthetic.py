@@ -9,6 +9,10 @@ once per seed, selected on validation MAE, then its test split is scored under i
 (r = 0.0-0.9), inter-modal missing (MR = 0.1-0.7) and the seven fixed subsets of modalities. A
 cell is the mean over the protocol's conditions, then over seeds (mean ± std). Writes
 benchmarks/results/robustness_synthetic.{json,md}; rows of models not re-run are kept.
+
+`--set` overrides training settings, or, with `--reuse`, the test-time model settings the
+checkpoints are scored with (e.g. `--set model.missing_fill=own` for CyIN); a row made with
+overrides or another `--runs-dir` is kept under its own name beside the plain one.
 """
 
 from __future__ import annotations
@@ -54,7 +58,8 @@ def main() -> None:
             missing = [str(c) for c in checkpoints if not c.is_file()]
             if missing:
                 parser.error(f"--reuse: no checkpoint {', '.join(missing)}")
-            clean = mean_std([api.evaluate(c, data)["metrics"] for c in checkpoints])[0]
+            clean = mean_std([api.evaluate(c, data, overrides=args.overrides)["metrics"]
+                              for c in checkpoints])[0]
             best_epochs = None  # chosen by the run that trained them; see its own results
         else:
             trained = api.train(model, data, seeds=args.seeds, output=run_dir, progress=False,
@@ -63,23 +68,32 @@ def main() -> None:
             best_epochs = [r["best_epoch"] for r in trained["seeds"]]
         protocols = {}
         for protocol in PROTOCOLS:
-            per_seed = [api.robustness(c, data, protocol=protocol) for c in checkpoints]
+            per_seed = [api.robustness(c, data, protocol=protocol,
+                                       overrides=args.overrides if args.reuse else ())
+                        for c in checkpoints]
             mean, std = mean_std([r["mean"] for r in per_seed])
             protocols[protocol] = {
                 "mean": mean, "std": std,
                 "conditions": {row["condition"]: mean_std([r["rows"][i]["metrics"] for r in per_seed])[0]
                                for i, row in enumerate(per_seed[0]["rows"])},
             }
-        row = {"model": model, "seeds": args.seeds, "clean_test": clean,
+        row = {"model": model, "overrides": args.overrides, "runs_dir": args.runs_dir,
+               "seeds": args.seeds, "clean_test": clean,
                "best_epochs": best_epochs, "protocols": protocols,
                "seconds": round(time.perf_counter() - start, 1), "command": command, "machine": machine}
         record = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() \
             else {"dataset": data.source, "rows": {}}
-        record["rows"][model] = row
+        record["rows"][row_name(model, args.overrides, args.runs_dir, parser.get_default("runs_dir"))] = row
         atomic_write_text(out.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
         atomic_write_text(out.with_suffix(".md"), table(record) + "\n")
         print(f"{model}: " + "  ".join(f"{p} MAE {protocols[p]['mean']['mae']:.3f}" for p in PROTOCOLS),
               flush=True)
+
+
+def row_name(model: str, overrides: list[str], runs_dir: str, default_runs_dir: str) -> str:
+    """The model, plus what sets the row apart from the plain one: its overrides, its checkpoints."""
+    extra = [*overrides, *([f"from {runs_dir}"] if runs_dir != default_runs_dir else [])]
+    return model + (f" [{', '.join(extra)}]" if extra else "")
 
 
 def table(record: dict) -> str:
@@ -92,8 +106,8 @@ def table(record: dict) -> str:
         "| " + " | ".join(head) + " | seconds | machine |",
         "|---" * (len(head) + 2) + "|",
     ]
-    for model, row in sorted(record["rows"].items()):
-        cells = [model, " ".join(map(str, row["seeds"])), format_value("mae", row["clean_test"]["mae"])]
+    for name, row in sorted(record["rows"].items()):
+        cells = [name, " ".join(map(str, row["seeds"])), format_value("mae", row["clean_test"]["mae"])]
         for p in PROTOCOLS:
             for k in COLUMNS:
                 mean, std = row["protocols"][p]["mean"][k], row["protocols"][p]["std"][k]

@@ -223,3 +223,18 @@ def test_synthetic_writes_domains_with_a_shift(tmp_path):
         raw = pickle.load(handle)
     assert set(raw["valid"]["domains"].tolist()) == {0, 1}
     _one_line_error(*run("synthetic", str(path), "--size", "domain_shift=lots"), "domain_shift=lots")
+
+
+def test_scoring_can_change_test_time_settings_but_not_weights_or_training(trained: Path, tiny_pickle: Path):
+    checkpoint = str(trained / "seed-7.pt")
+    code, out = run("evaluate", checkpoint, "--dataset", str(tiny_pickle), "--json",
+                    "--set", "model.hidden=8")
+    assert code == 0, out
+    assert json.loads(out)["overrides"] == ["model.hidden=8"]
+    code, out = run("evaluate", checkpoint, "--dataset", str(tiny_pickle), "--set", "model.hidden=16")
+    assert code == 2 and "weights do not fit" in out and len(out.strip().splitlines()) == 1
+    code, out = run("robustness", checkpoint, "--dataset", str(tiny_pickle), "--protocol", "intra",
+                    "--set", "training.lr=0.1")
+    assert code == 2 and "not training.lr" in out
+    code, out = run("evaluate", checkpoint, "--dataset", str(tiny_pickle), "--set", "model.no_such=1")
+    assert code == 2 and "no_such" in out

@@ -273,3 +273,15 @@ def test_bad_settings_are_one_line_errors(dims, settings):
 def test_an_unknown_stage_is_named(dims):
     with pytest.raises(MsakitError, match="'teacher'"):
         _cyin(dims).set_stage("teacher")
+
+
+def test_the_own_fill_feeds_fusion_the_missing_modality_s_own_bottleneck(dims, batch):
+    model = _cyin(dims, eval_bottleneck="mean", missing_fill="own").eval()
+    rows = [0, 3]
+    missing = _with_missing(batch, "vision", rows)
+    with torch.no_grad():
+        inputs, mask = model._inputs(missing)
+        own = model.ib_encoders["vision"](inputs["vision"]).chunk(2, dim=-1)[0] * mask.unsqueeze(-1)
+        torch.testing.assert_close(_fusion_inputs(model, missing)["vision"], own)
+        model.config.missing_fill = "translation"
+        assert not torch.allclose(_fusion_inputs(model, missing)["vision"][rows], own[rows])

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from msakit import __version__
-from msakit.config import model_yaml, resolve_config, training_config
+from msakit.config import model_yaml, parse_overrides, resolve_config, training_config
 from msakit.data.catalog import check_synthetic_sizes
 from msakit.data.catalog import list_datasets as _list_datasets
 from msakit.data.catalog import load_dataset as _load_dataset
@@ -384,9 +384,17 @@ def write_results(out_dir: Path, results: dict[str, Any]) -> None:
 
 
 def _checkpoint_trainer(
-    checkpoint: str | Path, data: MultimodalDataset, device: str
+    checkpoint: str | Path, data: MultimodalDataset, device: str, overrides: Sequence[str] = ()
 ) -> tuple[Trainer, dict[str, Any]]:
-    net, meta = load_checkpoint(checkpoint)
+    """A trainer around the checkpoint's model; `overrides` (model.KEY=VALUE) change test-time
+    settings of the saved model, never its weights."""
+    parsed = parse_overrides(list(overrides))
+    if parsed["training"]:
+        first = next(iter(parsed["training"]))
+        raise MsakitError(
+            f"scoring a checkpoint takes model settings only (model.KEY=VALUE), not training.{first}"
+        )
+    net, meta = load_checkpoint(checkpoint, parsed["model"])
     check_dims_match(checkpoint, net, data.dims)
     settings = training_config({**meta["training_config"], "device": device})
     return Trainer(net, settings, data.metric_family, progress=False), meta
@@ -400,13 +408,16 @@ def evaluate(
     aligned: bool = False,
     split: str = "test",
     device: str = "auto",
+    overrides: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Metrics of a saved checkpoint on one split of a dataset."""
+    """Metrics of a saved checkpoint on one split of a dataset (`overrides`: model.KEY=VALUE
+    test-time settings that replace the saved ones)."""
     data = load_dataset(dataset, data_dir, aligned=aligned)
-    trainer, meta = _checkpoint_trainer(checkpoint, data, device)
+    trainer, meta = _checkpoint_trainer(checkpoint, data, device, overrides)
     return {
         "checkpoint": str(checkpoint),
         "model": meta["model_name"],
+        **({"overrides": list(overrides)} if overrides else {}),
         "dataset": _dataset_info(data),
         "split": split,
         "metrics": trainer.evaluate(data.split(split)),
@@ -426,18 +437,21 @@ def robustness(
     output: str | Path | None = None,
     device: str = "auto",
     command: str | None = None,
+    overrides: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Test metrics of a checkpoint under a missing-data protocol, per rate (or subset) and mean.
 
-    Writes robustness.json, robustness.csv and robustness.png into `output` when given.
+    `overrides` (model.KEY=VALUE) replace saved test-time settings, as in `evaluate`. Writes
+    robustness.json, robustness.csv and robustness.png into `output` when given.
     """
     data = load_dataset(dataset, data_dir, aligned=aligned)
-    trainer, meta = _checkpoint_trainer(checkpoint, data, device)
+    trainer, meta = _checkpoint_trainer(checkpoint, data, device, overrides)
     result = {
         "msakit_version": __version__,
         "command": command or _this_command(),
         "checkpoint": str(checkpoint),
         "model": meta["model_name"],
+        **({"overrides": list(overrides)} if overrides else {}),
         "dataset": _dataset_info(data),
         **run_protocol(trainer, data, protocol, rates=rates, subsets=subsets, seeds=seeds),
     }

@@ -72,6 +72,10 @@ dataset_options = [
 ]
 
 
+SCORING_SET_HELP = ("change a test-time model setting of the checkpoint, e.g. --set "
+                    "model.eval_bottleneck=mean (weights are never changed)")
+
+
 def with_dataset_options(func: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(dataset_options):
         func = option(func)
@@ -213,12 +217,13 @@ def dg(model: str, target: str, sources: str | None, dataset: str | None, group_
 @click.option("--split", default="test", show_default=True, help="train, valid or test")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+@click.option("--set", "overrides", multiple=True, metavar="model.KEY=VALUE", help=SCORING_SET_HELP)
 @_user_errors
 def evaluate(checkpoint: str, dataset: str, data_dir: str | None, aligned: bool, split: str,
-             device: str, as_json: bool) -> None:
+             device: str, as_json: bool, overrides: tuple[str, ...]) -> None:
     """Score a saved CHECKPOINT on one split of a dataset."""
     result = api.evaluate(checkpoint, dataset, data_dir=data_dir, aligned=aligned, split=split,
-                          device=device)
+                          device=device, overrides=overrides)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -239,10 +244,11 @@ def evaluate(checkpoint: str, dataset: str, data_dir: str | None, aligned: bool,
 @click.option("--seeds", default="0", show_default=True, help="mask seeds; rows are their mean")
 @click.option("--output", "-o", default=None, help="folder for robustness.json/.csv/.png")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--set", "overrides", multiple=True, metavar="model.KEY=VALUE", help=SCORING_SET_HELP)
 @_user_errors
 def robustness(checkpoint: str, dataset: str, data_dir: str | None, aligned: bool, protocol: str,
                rates: str | None, subsets: str | None, seeds: str, output: str | None,
-               device: str) -> None:
+               device: str, overrides: tuple[str, ...]) -> None:
     """Score CHECKPOINT on the test split under a missing-modality protocol."""
     output = output or str(Path(checkpoint).parent / f"robustness-{protocol}")
     result = api.robustness(
@@ -250,6 +256,7 @@ def robustness(checkpoint: str, dataset: str, data_dir: str | None, aligned: boo
         rates=parse_rates(rates) if rates else None,
         subsets=[s.strip() for s in subsets.split(",")] if subsets else None,
         seeds=_parse_seeds(seeds), output=output, device=device, command=_command_line(),
+        overrides=overrides,
     )
     rows = {r["condition"]: r["metrics"] for r in result["rows"]}
     rows["mean"] = result["mean"]

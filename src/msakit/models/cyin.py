@@ -39,6 +39,8 @@ A modality m is one of text l, audio a, vision v; C_B is `bottleneck_dim`, d is 
    the translation from the one present modality, or by the SUM of the translations from the two
    present ones (Eq. 19). This happens in every mode, so one model serves complete and incomplete
    input; trained on complete data it still fills in what a protocol removes at test time.
+   `missing_fill: own` (a diagnostic, not the method) keeps the bottleneck the encoder gives the
+   missing modality's zeroed features, to measure what the translations add.
 7. Two stages (`training.stages`): "informative" trains 1-3 with gamma = 0 (no translation);
    "translation" adds 4, and, as the official code does, feeds fusion a translated bottleneck in
    place of a modality's own one 3 times out of 4 (chosen uniformly among: from the first other
@@ -100,6 +102,7 @@ from msakit.models.registry import register_model
 STAGES = ("informative", "translation")
 PAIRS = (("text", "audio"), ("text", "vision"), ("audio", "vision"))
 EVAL_BOTTLENECKS = ("sample", "mean")
+MISSING_FILLS = ("translation", "own")
 
 
 @dataclass
@@ -128,6 +131,9 @@ class CyINConfig(ModelConfig):
     reverse_translation: bool = True  # the cyclic (back-translation) terms
     translated_fusion_inputs: bool = True  # stage 2 feeds fusion translated bottlenecks
     eval_bottleneck: str = "sample"  # outside training: sample (official, per-id noise) | mean
+    # translation (the method) | own: a missing modality keeps the bottleneck its encoder gives its
+    # zeroed features, a diagnostic that shows what the translations add
+    missing_fill: str = "translation"
 
     def __post_init__(self) -> None:
         check_settings(
@@ -146,11 +152,11 @@ class CyINConfig(ModelConfig):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise MsakitError(f"cyin: model.{key} must be a number >= 0, not {value!r}")
-        if self.eval_bottleneck not in EVAL_BOTTLENECKS:
-            raise MsakitError(
-                f"cyin: model.eval_bottleneck must be one of {', '.join(EVAL_BOTTLENECKS)}, "
-                f"not {self.eval_bottleneck!r}"
-            )
+        for key, allowed in (("eval_bottleneck", EVAL_BOTTLENECKS), ("missing_fill", MISSING_FILLS)):
+            if getattr(self, key) not in allowed:
+                raise MsakitError(
+                    f"cyin: model.{key} must be one of {', '.join(allowed)}, not {getattr(self, key)!r}"
+                )
         if self.beta == 0:
             raise MsakitError("cyin: model.beta must be > 0 (the IB terms are weighted 1/beta)")
         dims = self.translator_dims
@@ -407,7 +413,8 @@ class CyIN(MSAModel):
             p1, p2 = present[s1][:, None, None], present[s2][:, None, None]
             filled = torch.where(p1 & p2, one + two, torch.where(p1, one, torch.where(
                 p2, two, torch.zeros_like(one))))
-            value = torch.where(present[t][:, None, None], latents[t], filled)
+            value = (torch.where(present[t][:, None, None], latents[t], filled)
+                     if self.config.missing_fill == "translation" else latents[t])
             if substitute:
                 choice = torch.randint(0, 4, complete.shape, device=complete.device)
                 options = torch.stack([one, two, one + two, latents[t]])  # (4, B, L, C)

@@ -40,8 +40,14 @@ def save_checkpoint(
     atomic_write_bytes(Path(path), lambda handle: torch.save(payload, handle))
 
 
-def load_checkpoint(path: str | Path) -> tuple[MSAModel, dict[str, Any]]:
-    """The rebuilt model (in eval mode, on the CPU) and the checkpoint's metadata."""
+def load_checkpoint(
+    path: str | Path, model_settings: dict[str, Any] | None = None
+) -> tuple[MSAModel, dict[str, Any]]:
+    """The rebuilt model (in eval mode, on the CPU) and the checkpoint's metadata.
+
+    `model_settings` replace saved model settings before the weights are loaded; only settings that
+    leave every weight's shape alone can change (e.g. how a model samples or fills in at test time).
+    """
     path = Path(path)
     if not path.is_file():
         raise MsakitError(f"checkpoint not found: {path}")
@@ -58,7 +64,7 @@ def load_checkpoint(path: str | Path) -> tuple[MSAModel, dict[str, Any]]:
             f"available: {', '.join(list_models())}"
         )
     dims = FeatureDims.from_dict(payload["dims"])
-    model = create_model(name, payload["model_config"], dims)
+    model = create_model(name, {**payload["model_config"], **(model_settings or {})}, dims)
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:
