@@ -107,7 +107,8 @@ def run_one(key: str, seed: int, data: MultimodalDataset, sizes: dict[str, int],
     run_dir = runs_dir / key
     checkpoint = run_dir / f"seed-{seed}.pt"
     start = time.perf_counter()
-    if reuse and checkpoint.is_file() and trained_with(checkpoint, overrides):
+    reused = reuse and checkpoint.is_file() and trained_with(checkpoint, overrides)
+    if reused:
         best_epoch = previous_best_epoch(run_dir, seed)
     else:
         trained = api.train(model, data, seeds=[seed], overrides=overrides, output=run_dir,
@@ -118,7 +119,7 @@ def run_one(key: str, seed: int, data: MultimodalDataset, sizes: dict[str, int],
         "run": key, "label": label, "model": model, "overrides": overrides, "seed": seed,
         "sizes": sizes, "extra_overrides": extra, "dataset": data.source,
         "train/valid/test": [len(data.train), len(data.valid), len(data.test)],
-        "best_epoch": best_epoch, "mean_over_rates": curve["mean"],
+        "reused": reused, "best_epoch": best_epoch, "mean_over_rates": curve["mean"],
         "per_rate": {row["condition"]: row["metrics"] for row in curve["rows"]},
         "seconds": round(time.perf_counter() - start, 1), "command": command,
         "machine": torch.cuda.get_device_name(0) if torch.cuda.is_available()
@@ -147,6 +148,7 @@ def previous_best_epoch(run_dir: Path, seed: int) -> int | None:
 def table(records: list[dict], sizes: dict[str, int], extra: list[str], runs_dir: str) -> tuple[dict, str]:
     records = [r for r in records if same_setting(r, sizes, extra)]
     head = "| run | seeds | " + " | ".join(LABELS[k] for k in COLUMNS) + " | seconds per seed | machine |"
+    reused = False
     lines = [
         f"Synthetic ({records[0]['dataset'] if records else 'synthetic'}, sizes: {sizes or 'defaults'}"
         f"{', extra settings: ' + ' '.join(extra) if extra else ''}), intra-modal missing on test, "
@@ -166,10 +168,16 @@ def table(records: list[dict], sizes: dict[str, int], extra: list[str], runs_dir
                         "best_epochs": [r["best_epoch"] for r in runs]}
         cells = [f"{format_value(k, mean[k])} ± {format_value(k, std[k])}" for k in COLUMNS]
         seconds = sum(r["seconds"] for r in runs) / len(runs)
+        # records written before the field existed were trained by their own run
+        scored_only = any(r.get("reused", False) for r in runs)
+        reused |= scored_only
         lines.append(f"| {runs[0]['label']} | {' '.join(map(str, seeds))} | " + " | ".join(cells)
-                     + f" | {seconds:.0f} | {runs[0]['machine']} |")
+                     + f" | {seconds:.0f}{' *' if scored_only else ''} | {runs[0]['machine']} |")
     commands = sorted({r["command"] for r in records})
-    lines += ["", f"Records: `{runs_dir}/records/`. Commands: " + "; ".join(f"`{c}`" for c in commands)]
+    lines += [""]
+    if reused:
+        lines += ["\\* scoring only, for at least one seed: an earlier run trained its checkpoint.", ""]
+    lines += [f"Records: `{runs_dir}/records/`. Commands: " + "; ".join(f"`{c}`" for c in commands)]
     return summary, "\n".join(lines)
 
 
