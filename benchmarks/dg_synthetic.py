@@ -17,18 +17,15 @@ processes; the table (benchmarks/results/dg_synthetic.{json,md}) is rebuilt from
 from __future__ import annotations
 
 import argparse
-import platform
 import shlex
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 from msakit import api
 from msakit.data.catalog import load_dataset
 from msakit.evaluation.report import LABELS, format_value, mean_std
-from records import rebuild_table, save_record
+from records import machine_name, rebuild_table, save_record
 
 RUNS = {"midg": ("midg", []), "erm": ("midg", ["model.invariance_weight=0"]), "mult": ("mult", [])}
 COLUMNS = ("mae", "acc2_non0", "corr")
@@ -40,8 +37,7 @@ def run_one(run: str, target: str, seed: int, command: str) -> dict:
     start = time.perf_counter()
     result = api.dg(model, target, dataset=data, seeds=[seed], overrides=overrides, progress=False,
                     command=command)
-    machine = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
-               else f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
+    machine = machine_name()
     seed_run = result["seeds"][0]
     return {"run": run, "target": target, "seed": seed, "in_domain": seed_run["in_domain"],
             "out_of_domain": seed_run["out_of_domain"], "best_epoch": seed_run["best_epoch"],

@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shlex
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 from msakit import api
 from msakit.data.synthetic import synthetic_dataset
 from msakit.evaluation.report import format_value, mean_std
 from msakit.fileio import atomic_write_text
+from records import machine_name
 
 COLUMNS = ("mae", "acc2_non0", "f1_non0", "corr")
 
@@ -40,8 +38,7 @@ def main() -> None:
     args = parser.parse_args()
     data = synthetic_dataset()
     command = shlex.join(["python", *sys.argv])
-    machine = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
-               else f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
+    machine = machine_name()
     out = Path(args.output).with_suffix(".json")
     for rate in args.rates:
         run_dir = Path(args.runs_dir) / f"mr{rate:.1f}"

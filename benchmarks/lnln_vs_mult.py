@@ -27,13 +27,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shlex
 import sys
 import time
 from pathlib import Path
-
-import torch
 
 from msakit import api
 from msakit.config import parse_overrides
@@ -42,7 +39,7 @@ from msakit.data.synthetic import synthetic_dataset
 from msakit.evaluation.report import LABELS, format_value, mean_std
 from msakit.missing import DEFAULT_RATES
 from msakit.training.checkpoint import load_checkpoint
-from records import rebuild_table, save_record
+from records import machine_name, rebuild_table, save_record
 
 RUNS = {  # key -> (label, model, training overrides)
     "lnln": ("LNLN, trained with its noise", "lnln", ["training.noise=lnln"]),
@@ -122,8 +119,7 @@ def run_one(key: str, seed: int, data: MultimodalDataset, sizes: dict[str, int],
         "reused": reused, "best_epoch": best_epoch, "mean_over_rates": curve["mean"],
         "per_rate": {row["condition"]: row["metrics"] for row in curve["rows"]},
         "seconds": round(time.perf_counter() - start, 1), "command": command,
-        "machine": torch.cuda.get_device_name(0) if torch.cuda.is_available()
-        else f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
+        "machine": machine_name(),
     }
 
 

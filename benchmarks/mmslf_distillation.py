@@ -20,20 +20,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shlex
 import sys
 import time
 from pathlib import Path
-
-import torch
 
 from msakit import api
 from msakit.config import resolve_config
 from msakit.cues import run_cues
 from msakit.data.synthetic import synthetic_dataset
 from msakit.evaluation.report import LABELS, format_value, mean_std
-from records import rebuild_table, save_record
+from records import machine_name, rebuild_table, save_record
 
 COLUMNS = ("mae", "acc2_non0", "f1_non0", "acc7", "corr")
 RUNS = ("distilled", "plain")
@@ -55,8 +52,7 @@ def run_one(run: str, seed: int, cues: Path, runs_dir: Path, command: str) -> di
                        output=runs_dir / ("mmslf" if run == "distilled" else "mmslf-plain"),
                        command=command)
     seed_run = result["seeds"][0]
-    machine = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
-               else f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
+    machine = machine_name()
     return {"run": run, "seed": seed, "test": seed_run["test"],
             "stages": {s["stage"]: {"best_epoch": s["best_epoch"], "test": s["test"]}
                        for s in seed_run.get("stages", [])},

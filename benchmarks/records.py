@@ -4,12 +4,22 @@ rebuild their table from every record there."""
 from __future__ import annotations
 
 import json
+import platform
 from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 from msakit.fileio import atomic_write_text
 
 Table = Callable[[list[dict]], tuple[dict, str]]
+
+
+def machine_name() -> str:
+    """What a benchmark ran on: the GPU's name, else the CPU architecture and torch's thread count."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
 def save_record(records_dir: Path, name: str, record: dict) -> None:

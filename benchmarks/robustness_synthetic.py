@@ -19,18 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shlex
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 from msakit import api
 from msakit.data.synthetic import synthetic_dataset
 from msakit.evaluation.report import LABELS, format_value, mean_std
 from msakit.fileio import atomic_write_text
+from records import machine_name
 
 PROTOCOLS = ("intra", "inter", "fixed")
 COLUMNS = ("mae", "acc2_non0", "corr")
@@ -47,8 +45,7 @@ def main() -> None:
     args = parser.parse_args()
     data = synthetic_dataset()
     command = shlex.join(["python", *sys.argv])
-    machine = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
-               else f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
+    machine = machine_name()
     out = Path(args.output)
     for model in args.models:
         run_dir = Path(args.runs_dir) / model
