@@ -19,8 +19,12 @@ Every (run, seed) is trained, scored and kept as its own record under `<runs-dir
 as it is done, so the work may be split over processes and sessions: a (run, seed) whose record
 exists for the same data and settings is not run again. `--reuse` scores a checkpoint already in
 `<runs-dir>/<run>/seed-<seed>.pt` (trained with the same settings) instead of training it. The table
-(benchmarks/results/lnln_vs_mult.{json,md}, with a suffix naming non-default sizes) is rebuilt
-from every matching record.
+(benchmarks/results/lnln_vs_mult.{json,md}, with a suffix naming non-default sizes and `--set`
+values) is rebuilt from every matching record.
+
+Selection reads the clean validation split unless `--set training.select_protocol=intra --set
+training.select_rate=0.5` scores validation under missing data, as the LNLN paper's code does
+(there on test, at r = 0.5).
 """
 
 from __future__ import annotations
@@ -52,9 +56,12 @@ DEFAULT_RUNS = ("lnln", "mult-clean", "mult-noisy")
 COLUMNS = ("mae", "acc2_non0", "f1_non0", "acc7", "corr")
 
 
-def size_tag(sizes: dict[str, int]) -> str:
-    """'' for the default data, else e.g. '_audio_len50_vision_len50' (file and folder suffix)."""
-    return "".join(f"_{k}{v}" for k, v in sorted(sizes.items()))
+def settings_tag(sizes: dict[str, int], extra: list[str]) -> str:
+    """'' for the default data and settings, else a file and folder suffix naming what differs,
+    e.g. '_audio_len50_vision_len50' or '_select_protocolintra_select_rate0.5'."""
+    changed = [(key, value) for key, value in sorted(sizes.items())]
+    changed += [(key.split(".")[-1], value) for key, value in (item.split("=", 1) for item in extra)]
+    return "".join(f"_{key}{value}" for key, value in changed)
 
 
 def main() -> None:
@@ -66,15 +73,17 @@ def main() -> None:
                         help="synthetic generator size, e.g. audio_len=50 (default: the defaults)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra override for every run, e.g. training.epochs=10")
-    parser.add_argument("--runs-dir", help="default: runs/lnln_vs_mult plus the size suffix")
+    parser.add_argument("--runs-dir", help="default: runs/lnln_vs_mult plus a suffix naming sizes and --set")
     parser.add_argument("--reuse", action="store_true",
                         help="score checkpoints already trained in --runs-dir with these settings")
     parser.add_argument("--table", action="store_true", help="only rebuild the table from the records")
-    parser.add_argument("--output", help="default: benchmarks/results/lnln_vs_mult plus the size suffix")
+    parser.add_argument("--output",
+                        help="default: benchmarks/results/lnln_vs_mult plus a suffix naming sizes and --set")
     args = parser.parse_args()
     sizes = {k: int(v) for k, v in (item.split("=", 1) for item in args.size)}
-    runs_dir = Path(args.runs_dir or f"runs/lnln_vs_mult{size_tag(sizes)}")
-    output = args.output or f"benchmarks/results/lnln_vs_mult{size_tag(sizes)}"
+    tag = settings_tag(sizes, args.set)
+    runs_dir = Path(args.runs_dir or f"runs/lnln_vs_mult{tag}")
+    output = args.output or f"benchmarks/results/lnln_vs_mult{tag}"
     records_dir = runs_dir / "records"
     if not args.table:
         data = synthetic_dataset(**sizes)

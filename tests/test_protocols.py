@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -9,11 +11,13 @@ from msakit import api
 from msakit.config import resolve_config, training_config
 from msakit.data import synthetic_dataset
 from msakit.data.batching import make_batch
+from msakit.errors import MsakitError
 from msakit.evaluation.protocols import conditions, run_protocol
 from msakit.missing import MissingSpec, apply_missing, build_noise
 from msakit.models import create_model, list_models
 from msakit.models.layers.text import special_token_ids
 from msakit.models.text_only import TextOnlyConfig
+from msakit.training.checkpoint import load_checkpoint
 from msakit.training.settings import TrainConfig
 from msakit.training.trainer import Trainer, seed_everything
 from tiny_bert import make_tiny_bert
@@ -107,3 +111,33 @@ def test_training_noise_set_in_the_config_changes_training(tiny_dataset):
                       overrides=[*common, "training.noise=lnln"])
     assert noisy["config"]["training"]["noise"] == "lnln"
     assert clean["seeds"][0]["history"][0]["train_loss"] != noisy["seeds"][0]["history"][0]["train_loss"]
+
+
+def test_selection_under_missing_data_scores_validation_under_the_seeds_masks(tiny_dataset, tmp_path):
+    common = ["model.text_source=features", "training.batch_size=16", "training.patience=null"]
+    selected = ["training.select_protocol=intra", "training.select_rate=0.5"]
+    result = api.train("lmf", tiny_dataset, seeds=[1], epochs=3, overrides=[*common, *selected],
+                       output=tmp_path, progress=False)
+    assert "under intra-modal missing at rate 0.5" in result["selection"]
+    run = result["seeds"][0]
+
+    model, _ = load_checkpoint(tmp_path / "seed-1.pt")
+    trainer = Trainer(model, TrainConfig(device="cpu"), "mosi", progress=False)
+    spec, tokens = MissingSpec("intra", rate=0.5, seed=1), special_token_ids(model.config)
+    masked = trainer.evaluate(tiny_dataset.valid, lambda batch: apply_missing(batch, spec, **tokens))
+    assert masked["mae"] == pytest.approx(run["valid"]["mae"])
+    assert trainer.evaluate(tiny_dataset.valid)["mae"] != pytest.approx(run["valid"]["mae"])
+
+    # training itself is unchanged: only what validation sees differs
+    clean = api.train("lmf", tiny_dataset, seeds=[1], epochs=3, overrides=common, progress=False)
+    assert clean["seeds"][0]["history"][0]["train_loss"] == run["history"][0]["train_loss"]
+    assert clean["seeds"][0]["history"][0]["valid"]["mae"] != run["history"][0]["valid"]["mae"]
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"select_protocol": "fixed"}, "training.select_protocol must be one of none, intra, inter"),
+    ({"select_rate": 1.5}, "training.select_rate must be a number in [0, 1]"),
+])
+def test_selection_under_missing_data_rejects_bad_settings(setting, message):
+    with pytest.raises(MsakitError, match=re.escape(message)):
+        TrainConfig(**setting)

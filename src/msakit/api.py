@@ -164,9 +164,17 @@ def _fit_one_seed(
     train_cfg = training_config(config["training"])
     seed_everything(seed)
     net = create_model(model, config["model"], data.dims)
-    noise = build_noise(train_cfg.noise, train_cfg.noise_rate, seed, **special_token_ids(net.config))
+    tokens = special_token_ids(net.config)
+    noise = build_noise(train_cfg.noise, train_cfg.noise_rate, seed, **tokens)
+    valid_transform = None
+    if train_cfg.select_protocol != "none":
+        spec = MissingSpec(train_cfg.select_protocol, rate=train_cfg.select_rate, seed=seed)
+
+        def valid_transform(batch: Batch) -> Batch:
+            return apply_missing(batch, spec, **tokens)
+
     trainer = Trainer(net, train_cfg, data.metric_family, train_transform=noise, progress=progress,
-                      **trainer_options)
+                      valid_transform=valid_transform, **trainer_options)
 
     def score(result: FitResult) -> None:
         stage_scores.append({
@@ -214,19 +222,12 @@ def reproduce(
         recipe = dataclasses.replace(recipe, seeds=tuple(seeds))
     data = load_dataset(dataset, data_dir, aligned=aligned)
     config = _resolved_config(model, data, overrides, epochs)
-    tokens = special_token_ids(build_config(model, config["model"]))
+    if recipe.selection_rate:
+        config["training"].update(select_protocol=recipe.protocol, select_rate=recipe.selection_rate)
     out_dir = Path(output) if output is not None else None
     runs = []
     for seed in recipe.seeds:
-        valid_transform = None
-        if recipe.selection_rate:
-            spec = MissingSpec(recipe.protocol, rate=recipe.selection_rate, seed=seed)
-
-            def valid_transform(batch: Batch, spec: MissingSpec = spec) -> Batch:
-                return apply_missing(batch, spec, **tokens)
-
         trainer, fit = _fit_one_seed(model, data, config, seed, progress,
-                                     valid_transform=valid_transform,
                                      track_metrics=tracked_metrics(data.metric_family))
         run = {"seed": seed, **per_metric_scores(trainer, data, recipe),
                "history": [dataclasses.asdict(r) for r in fit.history]}
@@ -239,15 +240,14 @@ def reproduce(
         {"condition": c, "metrics": mean_std([r["rows"][i]["metrics"] for r in runs])[0]}
         for i, c in enumerate(conditions)
     ]
-    where = (f"under {recipe.protocol}-modal missing at rate {recipe.selection_rate:g}"
-             if recipe.selection_rate else "on clean data")
+    where = _missing_during_selection(config) or " on clean data"
     result = {
         "msakit_version": __version__,
         "command": command or _this_command(),
         "model": model,
         "dataset": _dataset_info(data),
         "recipe": dataclasses.asdict(recipe),
-        "selection": f"one checkpoint per metric (F1 with its accuracy), best on VALIDATION {where}; "
+        "selection": f"one checkpoint per metric (F1 with its accuracy), best on VALIDATION{where}; "
                      "test never used to select",
         "config": config,
         "seeds": runs,
@@ -359,13 +359,21 @@ def _summarise(
         "command": command or _this_command(),
         "model": model,
         "dataset": _dataset_info(data),
-        "selection": f"best validation {metric} ({direction} is better); test never used to select",
+        "selection": f"best validation {metric} ({direction} is better){_missing_during_selection(config)}; "
+                     "test never used to select",
         "config": config,
         "seeds": runs,
         "mean": mean,
         "std": std,
         **({"stages": stages} if stages else {}),
     }
+
+
+def _missing_during_selection(config: dict[str, Any]) -> str:
+    training = config["training"]
+    if training["select_protocol"] == "none":
+        return ""
+    return f" under {training['select_protocol']}-modal missing at rate {training['select_rate']:g}"
 
 
 def write_results(out_dir: Path, results: dict[str, Any]) -> None:

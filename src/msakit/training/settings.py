@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from msakit.errors import MsakitError
 
+SELECT_PROTOCOLS = ("none", "intra", "inter")  # the protocols a single rate describes
+
 
 @dataclass
 class Stage:
@@ -36,6 +38,10 @@ class TrainConfig:
     loss: str = "l1"  # task loss: l1 | mse
     patience: int | None = 8  # epochs without validation improvement before stopping
     select_metric: str = "mae"  # validation metric that picks the checkpoint
+    # validation scored under missing data when picking it: none | intra | inter, at select_rate
+    # (the protocol's r or MR); the masks are drawn once per seed, the same every epoch
+    select_protocol: str = "none"
+    select_rate: float = 0.0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     noise: str = "none"  # training-time missing data: none | lnln | inter (see msakit.missing.noise)
     noise_rate: float = 0.0  # the missing rate of "inter" noise
@@ -50,6 +56,10 @@ class TrainConfig:
             _check_number(key, getattr(self, key), low=0)
         _check_number("warmup_ratio", self.warmup_ratio, low=0, high=1)
         _check_number("noise_rate", self.noise_rate, low=0, high=1)
+        if self.select_protocol not in SELECT_PROTOCOLS:
+            raise MsakitError(f"training.select_protocol must be one of {', '.join(SELECT_PROTOCOLS)}, "
+                              f"not {self.select_protocol!r}")
+        _check_number("select_rate", self.select_rate, low=0, high=1)
         if self.grad_clip is not None:
             _check_number("grad_clip", self.grad_clip, low=0)
         try:
