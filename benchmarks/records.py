@@ -30,8 +30,8 @@ def rebuild_table(records_dir: Path, output: str | Path, table: Table) -> str:
     """`table(records)` over every record in `records_dir`, written as `output`.json and .md."""
     records = [json.loads(p.read_text()) for p in sorted(records_dir.glob("*.json"))]
     summary, text = table(records)
-    out = Path(output)
-    atomic_write_text(out.with_suffix(".json"), json.dumps({"rows": summary, "records": records}, indent=2)
+    # appended, not with_suffix: a stem may hold a dot of its own (e.g. '..._select_rate0.5')
+    atomic_write_text(Path(f"{output}.json"), json.dumps({"rows": summary, "records": records}, indent=2)
                       + "\n")
-    atomic_write_text(out.with_suffix(".md"), text + "\n")
+    atomic_write_text(Path(f"{output}.md"), text + "\n")
     return text

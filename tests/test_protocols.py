@@ -137,6 +137,7 @@ def test_selection_under_missing_data_scores_validation_under_the_seeds_masks(ti
 @pytest.mark.parametrize("setting, message", [
     ({"select_protocol": "fixed"}, "training.select_protocol must be one of none, intra, inter"),
     ({"select_rate": 1.5}, "training.select_rate must be a number in [0, 1]"),
+    ({"select_rate": 1.0}, "training.select_rate must be below 1"),
 ])
 def test_selection_under_missing_data_rejects_bad_settings(setting, message):
     with pytest.raises(MsakitError, match=re.escape(message)):

@@ -60,6 +60,8 @@ class TrainConfig:
             raise MsakitError(f"training.select_protocol must be one of {', '.join(SELECT_PROTOCOLS)}, "
                               f"not {self.select_protocol!r}")
         _check_number("select_rate", self.select_rate, low=0, high=1)
+        if self.select_rate == 1:
+            raise MsakitError("training.select_rate must be below 1 (a missing rate is in [0, 1)), not 1")
         if self.grad_clip is not None:
             _check_number("grad_clip", self.grad_clip, low=0)
         try:
