@@ -1,0 +1,204 @@
+"""Does MMSLF's teacher read its cues? The saved teachers scored with their cue texts changed.
+
+    python benchmarks/mmslf_teacher_cues.py        # after benchmarks/mmslf_distillation.py
+    python benchmarks/mmslf_teacher_cues.py --table   # only rebuild the table
+
+Each distilled checkpoint of `mmslf_distillation.py` (`<runs-dir>/mmslf/seed-<seed>.pt`) keeps its
+frozen teacher. Each teacher is scored on every split with:
+- its own cues, as it was trained and selected;
+- the cues of other samples of the same split (one fixed permutation): if the teacher uses what
+  the cues say about each clip, its score must drop;
+- on the training split, its own cues written without the label (the offline backend with the label
+  withheld, as it writes valid and test cues): if the teacher leans on the label it was shown, its
+  training score must drop.
+The changed cue files are written beside the checkpoints (`<runs-dir>/mmslf-cue-variants/`); the
+table goes to benchmarks/results/mmslf_teacher_cues.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from msakit.cues import OfflineBackend
+from msakit.cues.backend import CueSample
+from msakit.cues.cache import read_cue_records
+from msakit.data.batching import iterate_batches
+from msakit.data.schema import SPLITS, MultimodalDataset
+from msakit.data.synthetic import synthetic_dataset
+from msakit.evaluation.metrics import compute_metrics
+from msakit.evaluation.report import format_value, mean_std
+from msakit.fileio import atomic_write_text
+from msakit.training.checkpoint import load_checkpoint
+from msakit.training.settings import TrainConfig
+from msakit.training.trainer import Trainer
+from records import machine_name
+
+CONDITIONS = {  # key -> (label, splits it is scored on)
+    "own": ("its own cues", SPLITS),
+    "permuted": ("another sample's cues (same split)", SPLITS),
+    "no_label": ("its own cues without the label", ("train",)),
+}
+
+
+def permuted_cues(records: dict[str, dict], data: MultimodalDataset, seed: int = 0) -> list[dict]:
+    """Every sample gets the cue text of another sample of its split (a seeded permutation)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for name in SPLITS:
+        ids = [str(i) for i in data.split(name).ids]
+        order = rng.permutation(len(ids))  # each sample in this order takes the next one's cues
+        out += [{**records[ids[d]], "id": ids[i], "split": name}
+                for i, d in zip(order, np.roll(order, -1), strict=True)]
+    return out
+
+
+def label_free_cues(records: dict[str, dict], data: MultimodalDataset) -> list[dict]:
+    """The offline backend's training cues written with the label withheld; valid and test as they are."""
+    backend = OfflineBackend(data)
+    train = data.split("train")
+    out = []
+    for i, sample_id in enumerate(str(s) for s in train.ids):
+        transcript = None if train.raw_text is None else str(train.raw_text[i])
+        record = backend.cues(CueSample(sample_id, "train", i, transcript, None, data.family))
+        out.append({**json.loads(record.to_json()), "text": record.text})
+    return out + [r for r in records.values() if r["split"] != "train"]
+
+
+def write_cues(path: Path, records: list[dict]) -> Path:
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+    return path.resolve()
+
+
+def teacher_predictions(checkpoint: Path, cues: Path, data: MultimodalDataset, split: str) -> np.ndarray:
+    model, _ = load_checkpoint(checkpoint, {"cues": str(cues)})
+    model.set_stage("teacher")
+    trainer = Trainer(model, TrainConfig(device="cpu"), data.metric_family, progress=False)
+    return trainer.predict(data.split(split))[0]
+
+
+def score_seed(checkpoint: Path, cue_files: dict[str, Path], data: MultimodalDataset) -> dict:
+    """Per condition and split: the metrics, and how far the predictions moved from the own-cue ones."""
+    scores: dict[str, dict[str, dict[str, float]]] = {key: {} for key in CONDITIONS}
+    for split in SPLITS:
+        labels = data.split(split).labels
+        own = teacher_predictions(checkpoint, cue_files["own"], data, split)
+        for key, (_, splits) in CONDITIONS.items():
+            if split not in splits:
+                continue
+            preds = own if key == "own" else teacher_predictions(checkpoint, cue_files[key], data, split)
+            scores[key][split] = {**compute_metrics(preds, labels, data.metric_family),
+                                  "moved": float(np.abs(preds - own).mean())}
+    return scores
+
+
+@torch.no_grad()
+def attention_spread(checkpoint: Path, cues: Path, data: MultimodalDataset) -> dict[str, float]:
+    """Entropy of the teacher's last cross-attention maps on the test split, as a fraction of the
+    uniform map's (1 = the text reads every frame alike), without ("plain") and with ("modulated")
+    the prompt term."""
+    model, _ = load_checkpoint(checkpoint, {"cues": str(cues)})
+    model.set_stage("teacher")
+    fractions: dict[str, list[torch.Tensor]] = {}
+    for batch in iterate_batches(data.test, 64):
+        out = model.run_teacher(batch, maps=True)
+        for m in ("audio", "vision"):
+            mask = getattr(batch, f"{m}_mask")
+            frames = torch.full((len(batch),), getattr(batch, m).shape[1]) if mask is None else mask.sum(-1)
+            for kind, maps in (("plain", out.attention), ("modulated", out.used_attention)):
+                entropy = -(maps[m] * maps[m].clamp_min(1e-30).log()).sum(-1)  # (B, heads, L)
+                fraction = entropy / frames.clamp_min(2).log()[:, None, None]
+                fractions.setdefault(f"{m} {kind}", []).append(fraction.mean(dim=(1, 2)))
+    return {key: float(torch.cat(values).mean()) for key, values in fractions.items()}
+
+
+def table(records: list[dict], command: str) -> tuple[dict, str]:
+    summary = {}
+    lines = [
+        "MMSLF teachers of `benchmarks/mmslf_distillation.py` (synthetic default, offline cues), "
+        "scored with changed cue texts: MAE, Corr, and how far the predictions moved from those with "
+        "its own cues (mean absolute change, in label units); mean ± std over seeds.",
+        "",
+        "| cues the teacher reads | " + " | ".join(f"{s} MAE | {s} Corr | {s} moved" for s in SPLITS) + " |",
+        "|---" * (1 + 3 * len(SPLITS)) + "|",
+    ]
+    for key, (label, splits) in CONDITIONS.items():
+        cells = []
+        summary[key] = {}
+        for split in SPLITS:
+            if split not in splits:
+                cells += ["", "", ""]
+                continue
+            mean, std = mean_std([r["scores"][key][split] for r in records])
+            summary[key][split] = {"mean": mean, "std": std}
+            cells += [f"{format_value(k, mean[k])} ± {format_value(k, std[k])}" for k in ("mae", "corr")]
+            cells.append(f"{mean['moved']:.1e} ± {std['moved']:.1e}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    spread, spread_std = mean_std([r["attention_spread"] for r in records])
+    summary["attention_spread"] = {"mean": spread, "std": spread_std}
+    lines += ["", "Entropy of the teacher's last cross-attention maps on test (its own cues), as a "
+              "fraction of the uniform map's (1 = every frame read alike):", "",
+              "| " + " | ".join(spread) + " |", "|---" * len(spread) + "|",
+              "| " + " | ".join(f"{spread[k]:.4f} ± {spread_std[k]:.4f}" for k in spread) + " |"]
+    seeds = " ".join(str(r["seed"]) for r in records)
+    lines += ["", f"Seeds {seeds}; {records[0]['machine']}. Command: `{command}`"]
+    return summary, "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1111, 1112, 1113])
+    parser.add_argument("--cues", default="runs/synthetic_cues.jsonl")
+    parser.add_argument("--runs-dir", default="runs/robustness_synthetic")
+    parser.add_argument("--output", default="benchmarks/results/mmslf_teacher_cues")
+    parser.add_argument("--table", action="store_true", help="only rebuild the table from the JSON")
+    args = parser.parse_args()
+    out = Path(args.output)
+    if args.table:
+        saved = json.loads(Path(f"{out}.json").read_text())
+        write_table(out, saved["records"], saved["command"])
+        return
+    runs_dir = Path(args.runs_dir)
+    checkpoints = {seed: runs_dir / "mmslf" / f"seed-{seed}.pt" for seed in args.seeds}
+    missing = [str(p) for p in checkpoints.values() if not p.is_file()]
+    if missing or not Path(args.cues).is_file():
+        parser.error(f"run benchmarks/mmslf_distillation.py first: missing {', '.join(missing) or args.cues}")
+    data = synthetic_dataset()
+    records = read_cue_records(Path(args.cues))
+    variants = runs_dir / "mmslf-cue-variants"
+    variants.mkdir(parents=True, exist_ok=True)
+    cue_files = {
+        "own": Path(args.cues).resolve(),
+        "permuted": write_cues(variants / "permuted.jsonl", permuted_cues(records, data)),
+        "no_label": write_cues(variants / "no_label.jsonl", label_free_cues(records, data)),
+    }
+    results = []
+    for seed, checkpoint in checkpoints.items():
+        start = time.perf_counter()
+        scores = score_seed(checkpoint, cue_files, data)
+        spread = attention_spread(checkpoint, cue_files["own"], data)
+        results.append({"seed": seed, "checkpoint": str(checkpoint), "scores": scores,
+                        "attention_spread": spread, "seconds": round(time.perf_counter() - start, 1),
+                        "machine": machine_name()})
+        print(f"seed {seed}: test MAE own {scores['own']['test']['mae']:.3f}, "
+              f"permuted {scores['permuted']['test']['mae']:.3f}", flush=True)
+    write_table(out, results, shlex.join(["python", *sys.argv]))
+
+
+def write_table(out: Path, records: list[dict], command: str) -> None:
+    summary, text = table(records, command)
+    atomic_write_text(Path(f"{out}.json"),
+                      json.dumps({"rows": summary, "records": records, "command": command}, indent=2) + "\n")
+    atomic_write_text(Path(f"{out}.md"), text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
