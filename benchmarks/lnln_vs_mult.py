@@ -59,7 +59,7 @@ COLUMNS = ("mae", "acc2_non0", "f1_non0", "acc7", "corr")
 def settings_tag(sizes: dict[str, int], extra: list[str]) -> str:
     """'' for the default data and settings, else a file and folder suffix naming what differs,
     e.g. '_audio_len50_vision_len50' or '_select_protocolintra_select_rate0.5'."""
-    changed = [(key, value) for key, value in sorted(sizes.items())]
+    changed = sorted(sizes.items())
     changed += [(key.split(".")[-1], value) for key, value in (item.split("=", 1) for item in extra)]
     return "".join(f"_{key}{value}" for key, value in changed)
 
