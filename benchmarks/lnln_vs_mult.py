@@ -17,7 +17,8 @@ and std of that over seeds.
 
 Every (run, seed) is trained, scored and kept as its own record under `<runs-dir>/records/` as soon
 as it is done, so the work may be split over processes and sessions: a (run, seed) whose record
-exists for the same data and settings is not run again. `--reuse` scores a checkpoint already in
+exists for the same data and settings is not run again, and a training that was cut off continues
+from its last finished epoch (`api.train(..., resume=True)`). `--reuse` scores a checkpoint already in
 `<runs-dir>/<run>/seed-<seed>.pt` (trained with the same settings) instead of training it. The table
 (benchmarks/results/lnln_vs_mult.{json,md}, with a suffix naming non-default sizes and `--set`
 values) is rebuilt from every matching record.
@@ -118,7 +119,7 @@ def run_one(key: str, seed: int, data: MultimodalDataset, sizes: dict[str, int],
         best_epoch = previous_best_epoch(run_dir, seed)
     else:
         trained = api.train(model, data, seeds=[seed], overrides=overrides, output=run_dir,
-                            progress=False, command=command)
+                            progress=False, command=command, resume=True)
         best_epoch = trained["seeds"][0]["best_epoch"]
     curve = api.robustness(checkpoint, data, protocol="intra", rates=DEFAULT_RATES["intra"])
     return {

@@ -11,6 +11,8 @@ from click.testing import CliRunner
 
 from msakit.cli import cli
 from msakit.data import generate_synthetic, save_mmsa
+from msakit.training.trainer import Trainer
+from resume_check import Interrupted
 
 TINY = {"n_train": 40, "n_valid": 12, "n_test": 20, "text_len": 12, "audio_len": 20,
         "vision_len": 16, "text_dim": 24}
@@ -238,3 +240,33 @@ def test_scoring_can_change_test_time_settings_but_not_weights_or_training(train
     assert code == 2 and "not training.lr" in out
     code, out = run("evaluate", checkpoint, "--dataset", str(tiny_pickle), "--set", "model.no_such=1")
     assert code == 2 and "no_such" in out
+
+
+def test_an_interrupted_train_resumes_with_the_seeds_it_finished(tiny_pickle: Path, tmp_path, monkeypatch):
+    args = ["train", "text_only", "--dataset", str(tiny_pickle), "--epochs", "3", "--seeds", "7 8", *FAST]
+    code, out = run(*args, "--output", str(tmp_path / "straight"))
+    assert code == 0, out
+    original, epochs = Trainer.train_epoch, []
+
+    def train_epoch(self, *a, **k):
+        epochs.append(k["epoch"])
+        if len(epochs) == 5:  # seed 7 trained its 3 epochs, seed 8 one: a kill
+            raise Interrupted
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
+    out_dir = tmp_path / "resumed"
+    result = CliRunner().invoke(cli, [*args, "--output", str(out_dir)])
+    assert isinstance(result.exception, Interrupted)
+    assert {p.name for p in out_dir.iterdir()} == {"seed-7.pt", "seed-8.state.pt"}
+    epochs.clear()
+    code, out = run(*args, "--output", str(out_dir), "--resume")
+    assert code == 0, out
+    assert epochs == [2, 3], "seed 7 read back, seed 8 from its epoch 2"
+    assert {p.name for p in out_dir.iterdir()} == {"seed-7.pt", "seed-8.pt", "results.json", "results.csv"}
+    straight, resumed = (json.loads((tmp_path / d / "results.json").read_text())
+                         for d in ("straight", "resumed"))
+    assert resumed["seeds"] == straight["seeds"] and resumed["mean"] == straight["mean"]
+    code, out = run(*args, "--set", "model.hidden=6", "--output", str(out_dir), "--resume")
+    _one_line_error(code, out, "model.hidden")
+    assert "seed-7.pt" in out and "other settings" in out

@@ -22,6 +22,7 @@ from msakit.models.registry import build_config
 from msakit.training.checkpoint import load_checkpoint, save_checkpoint
 from msakit.training.settings import TrainConfig
 from msakit.training.trainer import Trainer, seed_everything
+from resume_check import assert_same_fit, fit_until_interrupted
 from tiny_bert import make_tiny_bert
 
 TINY = {"hidden": 8, "heads": 2, "encoder_layers": 1, "encoder_ffn": 8, "encoder_dropout": 0.0,
@@ -310,3 +311,20 @@ def test_a_checkpoint_rebuilds_the_same_model(dims, split, batch, tmp_path):
     assert loaded.bank is None  # the bank is rebuilt by training, never stored
     with torch.no_grad():
         torch.testing.assert_close(loaded(batch).pred, model(batch).pred)
+
+
+def test_a_resumed_training_keeps_the_bank_it_had_between_refreshes(tiny_dataset, tmp_path):
+    def trainer() -> Trainer:
+        seed_everything(0)
+        model = create_model("dashfusion", {"text_source": "features", **TINY, "refresh_every": 2},
+                             tiny_dataset.dims)
+        config = TrainConfig(epochs=3, batch_size=16, lr=3e-3, loss="mse", device="cpu", patience=None)
+        return Trainer(model, config, tiny_dataset.metric_family, progress=False)
+
+    straight = trainer()
+    straight_fit = straight.fit(tiny_dataset.train, tiny_dataset.valid, seed=0)
+    state = tmp_path / "state.pt"
+    fit_until_interrupted(trainer(), tiny_dataset, 0, state, epochs=1)  # epoch 2 reuses epoch 1's bank
+    resumed = trainer()
+    resumed_fit = resumed.fit(tiny_dataset.train, tiny_dataset.valid, seed=0, state_file=state)
+    assert_same_fit(straight, straight_fit, resumed, resumed_fit)

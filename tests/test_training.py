@@ -15,6 +15,7 @@ from msakit.models import create_model
 from msakit.training.checkpoint import check_dims_match, load_checkpoint, save_checkpoint
 from msakit.training.settings import Stage, TrainConfig
 from msakit.training.trainer import Trainer, build_optimizer, build_scheduler, seed_everything
+from resume_check import assert_same_fit, fit_until_interrupted
 
 FEATURES = {"text_source": "features", "hidden": 16}
 
@@ -261,3 +262,69 @@ def test_bad_training_values_are_named(key, value):
 def test_stages_need_a_name_and_epochs():
     with pytest.raises(MsakitError, match="stages"):
         TrainConfig(stages=[{"epochs": 3}])
+
+
+@pytest.mark.parametrize(("stages", "stop_after"), [
+    (None, 2),
+    ([{"name": "a", "epochs": 2}, {"name": "b", "epochs": 3, "lr": 1e-3}], 1),
+    ([{"name": "a", "epochs": 2}, {"name": "b", "epochs": 3, "lr": 1e-3}], 2),
+    ([{"name": "a", "epochs": 2}, {"name": "b", "epochs": 3, "lr": 1e-3}], 3),
+])
+def test_an_interrupted_fit_resumes_to_exactly_the_uninterrupted_result(tiny_dataset, tmp_path, stages,
+                                                                        stop_after):
+    settings = {"epochs": 4, "patience": None} if stages is None else {"stages": stages}
+
+    def trainer() -> Trainer:
+        seed_everything(3)
+        model = create_model("text_only", {**FEATURES, "dropout": 0.3}, tiny_dataset.dims)
+        config = TrainConfig(batch_size=16, lr=1e-2, device="cpu", warmup_ratio=0.3, **settings)
+        return Trainer(model, config, "mosi", progress=False, track_metrics=("mae", "corr"),
+                       train_transform=lambda batch, epoch: batch.with_updates(text=batch.text * epoch))
+
+    def report(result):
+        return {"stage": result.stage, "epochs": result.epochs_run}
+
+    straight = trainer()
+    straight_fit = straight.fit(tiny_dataset.train, tiny_dataset.valid, seed=3, after_stage=report)
+    state = tmp_path / "seed-3.state.pt"
+    fit_until_interrupted(trainer(), tiny_dataset, 3, state, stop_after, after_stage=report,
+                          state_meta={"run": 1})
+    resumed = trainer()
+    epochs = []
+    original = resumed.train_epoch
+    resumed.train_epoch = lambda *a, **k: epochs.append(k["epoch"]) or original(*a, **k)
+    resumed_fit = resumed.fit(tiny_dataset.train, tiny_dataset.valid, seed=3, after_stage=report,
+                              state_file=state, state_meta={"run": 1})
+    assert epochs == list(range(stop_after + 1, len(straight_fit.history) + 1)), "only what was left"
+    assert_same_fit(straight, straight_fit, resumed, resumed_fit)
+    names = [s["name"] for s in stages] if stages else ["main"]
+    assert [r["stage"] for r in resumed_fit.stage_reports] == names
+
+
+def test_a_stage_that_stopped_early_is_not_trained_further_on_resume(tiny_dataset, tmp_path):
+    state = tmp_path / "state.pt"
+    stages = [{"name": "a", "epochs": 6}, {"name": "b", "epochs": 1}]
+    fit_until_interrupted(_trainer(tiny_dataset, lr=0.0, patience=2, stages=stages), tiny_dataset, 1,
+                          state, epochs=3)  # stage a stopped after 3 epochs; b was about to start
+    resumed = _trainer(tiny_dataset, lr=0.0, patience=2, stages=stages)
+    fit = resumed.fit(tiny_dataset.train, tiny_dataset.valid, seed=1, state_file=state)
+    assert [(r.stage, r.epoch) for r in fit.history] == [("a", 1), ("a", 2), ("a", 3), ("b", 1)]
+
+
+def test_a_state_file_from_other_settings_or_no_state_at_all_is_refused(tiny_dataset, tmp_path):
+    state = tmp_path / "seed-1.state.pt"
+    fit_until_interrupted(_trainer(tiny_dataset), tiny_dataset, 1, state, epochs=1,
+                          state_meta={"config": {"training": {"lr": 0.01}}})
+    with pytest.raises(MsakitError, match=r"seed-1.state.pt .*other settings \(config.training.lr: "
+                                          r"0.01 then, 0.02 now\)"):
+        _trainer(tiny_dataset).fit(tiny_dataset.train, tiny_dataset.valid, seed=1, state_file=state,
+                                   state_meta={"config": {"training": {"lr": 0.02}}})
+    state.write_bytes(b"half a file")
+    with pytest.raises(MsakitError, match="not a readable training state"):
+        _trainer(tiny_dataset).fit(tiny_dataset.train, tiny_dataset.valid, seed=1, state_file=state)
+    fit_until_interrupted(_trainer(tiny_dataset, stages=[{"name": "a", "epochs": 1},
+                                                         {"name": "b", "epochs": 2}]),
+                          tiny_dataset, 1, tmp_path / "two.pt", epochs=2)
+    with pytest.raises(MsakitError, match="from stage 2, this run has 1"):
+        _trainer(tiny_dataset).fit(tiny_dataset.train, tiny_dataset.valid, seed=1,
+                                   state_file=tmp_path / "two.pt")

@@ -35,7 +35,7 @@ from msakit.models.layers.text import special_token_ids
 from msakit.models.registry import build_config, create_model, get_model_class
 from msakit.models.registry import list_models as _list_models
 from msakit.training.checkpoint import check_dims_match, load_checkpoint, save_checkpoint
-from msakit.training.trainer import FitResult, Trainer, seed_everything
+from msakit.training.trainer import FitResult, Trainer, first_difference, seed_everything
 
 
 def list_models() -> list[dict[str, str]]:
@@ -98,12 +98,17 @@ def train(
     output: str | Path | None = None,
     progress: bool = True,
     command: str | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Train `model` once per seed, select each on validation, score valid and test.
 
     Writes, when `output` is given: `results.json` (per-seed and mean/std metrics, resolved config,
     command), `results.csv` (one row per seed plus mean and std) and `seed-<seed>.pt` checkpoints.
-    Returns the content of results.json.
+    While a seed trains, its whole training state is kept in `seed-<seed>.state.pt` (updated every
+    epoch, removed once the checkpoint is written). With `resume`, an interrupted run continues: a
+    seed whose checkpoint this same run already wrote is read back, the seed that was training
+    continues from its last epoch, and the result equals an uninterrupted run's. Returns the content
+    of results.json.
     """
     get_model_class(model)
     _check_seeds(seeds)
@@ -113,9 +118,14 @@ def train(
     multi_stage = len(config["training"]["stages"]) > 1
     runs = []
     for seed in seeds:
-        stages: list[dict[str, Any]] = []
-        trainer, fit = _fit_one_seed(model, data, config, seed, progress,
-                                     stage_scores=stages if multi_stage else None)
+        meta = _run_meta("train", model, config, data, seed)
+        finished = _finished_run(out_dir, meta, resume)
+        if finished is not None:
+            runs.append(finished)
+            continue
+        trainer, fit = _fit_one_seed(model, data, config, seed, progress, score_stages=multi_stage,
+                                     state_file=_state_file(out_dir, seed, resume), state_meta=meta)
+        stages = fit.stage_reports
         run = {
             "seed": seed,
             "best_epoch": fit.best_epoch,
@@ -126,8 +136,8 @@ def train(
             **({"stages": stages} if stages else {}),
         }
         if out_dir is not None:
-            run["checkpoint"] = _save_seed(out_dir, trainer, config, data, seed,
-                                           {"valid": run["valid"], "test": run["test"]})
+            _save_seed(out_dir, trainer, config, data, {"valid": run["valid"], "test": run["test"]},
+                       run, meta)
         runs.append(run)
     results = _summarise(model, data, config, runs, command)
     if out_dir is not None:
@@ -154,12 +164,14 @@ def _resolved_config(
 
 def _fit_one_seed(
     model: str, data: MultimodalDataset, config: dict[str, Any], seed: int, progress: bool,
-    stage_scores: list[dict[str, Any]] | None = None, **trainer_options: Any,
+    score_stages: bool = False, state_file: Path | None = None,
+    state_meta: dict[str, Any] | None = None, **trainer_options: Any,
 ) -> tuple[Trainer, FitResult]:
     """A fresh model trained with `seed` (training noise as configured), selected on validation.
 
-    With `stage_scores`, each finished stage appends its selected epoch, validation score and test
-    score (a report of every stage; each still selects on validation only).
+    With `score_stages`, the result's `stage_reports` hold each stage's selected epoch, validation
+    score and test score (a report of every stage; each still selects on validation only).
+    `state_file` and `state_meta` go to `Trainer.fit` (resumable training).
     """
     train_cfg = training_config(config["training"])
     seed_everything(seed)
@@ -176,24 +188,68 @@ def _fit_one_seed(
     trainer = Trainer(net, train_cfg, data.metric_family, train_transform=noise, progress=progress,
                       valid_transform=valid_transform, **trainer_options)
 
-    def score(result: FitResult) -> None:
-        stage_scores.append({
+    def score(result: FitResult) -> dict[str, Any]:
+        return {
             "stage": result.stage, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
             "valid": result.best_valid, "test": trainer.evaluate(data.test),
-        })
+        }
 
-    after_stage = score if stage_scores is not None else None
-    return trainer, trainer.fit(data.train, data.valid, seed, after_stage=after_stage)
+    fit = trainer.fit(data.train, data.valid, seed, after_stage=score if score_stages else None,
+                      state_file=state_file, state_meta=state_meta)
+    return trainer, fit
+
+
+def _run_meta(
+    command: str, model: str, config: dict[str, Any], data: MultimodalDataset, seed: int
+) -> dict[str, Any]:
+    """What makes two trainings of one seed the same run (checked before resuming one)."""
+    return {"command": command, "model": model, "config": config, "dataset": _dataset_info(data),
+            "seed": seed}
+
+
+def _state_file(out_dir: Path | None, seed: int, resume: bool) -> Path | None:
+    """Where a seed's training state is kept while it trains; without `resume`, a state left by
+    an earlier interrupted run is discarded (this run starts over)."""
+    if out_dir is None:
+        return None
+    path = out_dir / f"seed-{seed}.state.pt"
+    if not resume:
+        path.unlink(missing_ok=True)
+    return path
+
+
+def _finished_run(out_dir: Path | None, meta: dict[str, Any], resume: bool) -> dict[str, Any] | None:
+    """With `resume`: the per-seed results kept in the checkpoint an earlier, interrupted run of
+    the same settings wrote for this seed; None when there is none (the seed is trained)."""
+    if not resume or out_dir is None:
+        return None
+    path = out_dir / f"seed-{meta['seed']}.pt"
+    if not path.is_file():
+        return None
+    _, saved = load_checkpoint(path)
+    if "run" not in saved:  # written by a version without resumable runs: train it again
+        return None
+    if saved["run_meta"] != meta:
+        raise MsakitError(
+            f"--resume: {path} was written by a run with other settings "
+            f"({first_difference(saved['run_meta'], meta)}); use another output folder to keep it"
+        )
+    return saved["run"]
 
 
 def _save_seed(
-    out_dir: Path, trainer: Trainer, config: dict[str, Any], data: MultimodalDataset, seed: int,
-    metrics: dict[str, Any],
-) -> str:
+    out_dir: Path, trainer: Trainer, config: dict[str, Any], data: MultimodalDataset,
+    metrics: dict[str, Any], run: dict[str, Any], meta: dict[str, Any],
+) -> None:
+    """The seed's checkpoint, named in `run`, with its results and settings (what `resume` reads
+    back); the seed's training state is then no longer needed."""
+    seed = run["seed"]
     checkpoint = out_dir / f"seed-{seed}.pt"
+    run["checkpoint"] = checkpoint.name
     save_checkpoint(checkpoint, trainer.model.cpu(), training=config["training"],
-                    dataset=_dataset_info(data), extra={"seed": seed, "metrics": metrics})
-    return checkpoint.name
+                    dataset=_dataset_info(data),
+                    extra={"seed": seed, "metrics": metrics, "run": run, "run_meta": meta})
+    (out_dir / f"seed-{seed}.state.pt").unlink(missing_ok=True)
 
 
 def reproduce(
@@ -208,6 +264,7 @@ def reproduce(
     output: str | Path | None = None,
     progress: bool = True,
     command: str | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Train and score `model` with its paper's evaluation recipe (the YAML's `reproduce:`).
 
@@ -215,7 +272,8 @@ def reproduce(
     `selection_rate`, and each metric keeps its own best-on-validation checkpoint; the test split
     is then scored under the protocol at every rate (or subset). See `msakit.evaluation.reproduce`.
     Writes reproduce.json, reproduce.csv and one checkpoint per seed (the one `training.
-    select_metric` chose) into `output` when given.
+    select_metric` chose) into `output` when given; `resume` continues an interrupted run as in
+    `train`.
     """
     recipe = load_recipe(model_yaml(model).get("reproduce"), model)
     if seeds is not None:  # `replace` runs the Recipe's checks on the given seeds too
@@ -227,12 +285,18 @@ def reproduce(
     out_dir = Path(output) if output is not None else None
     runs = []
     for seed in recipe.seeds:
+        meta = _run_meta("reproduce", model, config, data, seed)
+        finished = _finished_run(out_dir, meta, resume)
+        if finished is not None:
+            runs.append(finished)
+            continue
         trainer, fit = _fit_one_seed(model, data, config, seed, progress,
+                                     state_file=_state_file(out_dir, seed, resume), state_meta=meta,
                                      track_metrics=tracked_metrics(data.metric_family))
         run = {"seed": seed, **per_metric_scores(trainer, data, recipe),
                "history": [dataclasses.asdict(r) for r in fit.history]}
         if out_dir is not None:
-            run["checkpoint"] = _save_seed(out_dir, trainer, config, data, seed, {"test": run["mean"]})
+            _save_seed(out_dir, trainer, config, data, {"test": run["mean"]}, run, meta)
         runs.append(run)
     mean, std = mean_std([r["mean"] for r in runs])
     conditions = [row["condition"] for row in runs[0]["rows"]]

@@ -105,15 +105,18 @@ def cli(quiet: bool) -> None:
               help="the paper's evaluation (the model YAML's `reproduce:` recipe): its seeds, "
                    "missing-data protocol and per-metric checkpoints, selected on validation")
 @click.option("--output", "-o", default=None, help="folder for results.json, results.csv, checkpoints")
+@click.option("--resume", is_flag=True,
+              help="continue an interrupted run of the same command in --output: finished seeds are "
+                   "read back, the unfinished one goes on from its last epoch")
 @click.option("--no-progress", is_flag=True, help="no progress bars")
 @_user_errors
 def train(model: str, dataset: str, data_dir: str | None, aligned: bool, seeds: str | None,
           epochs: int | None, overrides: tuple[str, ...], reproduce: bool, output: str | None,
-          no_progress: bool) -> None:
+          resume: bool, no_progress: bool) -> None:
     """Train MODEL, select on validation, report valid and test metrics (mean ± std over seeds)."""
     output = output or f"runs/{model}-{Path(dataset).stem}{'-reproduce' if reproduce else ''}"
     common = dict(data_dir=data_dir, aligned=aligned, epochs=epochs, overrides=list(overrides),
-                  output=output, progress=not no_progress, command=_command_line())
+                  output=output, progress=not no_progress, command=_command_line(), resume=resume)
     if reproduce:
         results = api.reproduce(model, dataset, seeds=_parse_seeds(seeds) if seeds else None, **common)
         family = results["dataset"]["metric_family"]

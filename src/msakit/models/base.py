@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -81,3 +82,12 @@ class MSAModel(nn.Module):
         already on the model's device: what a model needs to refresh a memory bank or a neighbour
         index of training-set representations. The default does nothing.
         """
+
+    def training_state(self) -> dict[str, Any]:
+        """What training changes in the model besides its state dict (e.g. a memory bank kept
+        out of checkpoints), so that a resumed training continues exactly. Tensors, numbers,
+        strings and containers of them only. The default has none."""
+        return {}
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        """Put back what `training_state` returned."""

@@ -62,6 +62,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -497,3 +498,16 @@ class DashFusion(MSAModel):
         """Rebuild the bank and the index before epochs 1, 1 + K, 1 + 2K, ... (K = refresh_every)."""
         if self.config.contrastive_weight > 0 and (epoch - 1) % self.config.refresh_every == 0:
             self.build_index(train_batches())
+
+    def training_state(self) -> dict[str, Any]:
+        """The bank and its index: between refreshes a resumed training needs the ones it had."""
+        if self.bank is None or self.neighbours is None or self.bank_ids is None:
+            return {}
+        return {"bank": self.bank, "bank_ids": self.bank_ids.tolist(),
+                "neighbours": dict(vars(self.neighbours))}
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        if state:
+            device = self.head[0].weight.device
+            self.bank, self.bank_ids = state["bank"].to(device), np.asarray(state["bank_ids"])
+            self.neighbours = LabelNeighbours(**{k: v.to(device) for k, v in state["neighbours"].items()})

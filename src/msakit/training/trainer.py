@@ -8,6 +8,9 @@ Before each epoch the model may look at the whole clean training split (`on_trai
 memory banks and neighbour indexes); models that compare noisy and clean input get the clean batch
 as `batch.clean`. Optionally, validation is scored under a transform (a missing-data protocol) and
 each of several metrics keeps its own best epoch (`best_by_metric`, for per-metric checkpoints).
+With a state file, everything the loop carries between epochs is saved after each epoch, and a fit
+handed an existing state file continues from it: an interrupted run resumes where it stopped and ends
+with the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ import logging
 import math
 import random
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +34,7 @@ from msakit.data.batching import iterate_batches
 from msakit.data.schema import Batch, Split
 from msakit.errors import MsakitError
 from msakit.evaluation.metrics import METRIC_KEYS, compute_metrics, is_better
+from msakit.fileio import atomic_write_bytes
 from msakit.models.base import MSAModel
 from msakit.models.layers.text import TextEncoder
 from msakit.training.settings import Stage, TrainConfig
@@ -35,6 +42,7 @@ from msakit.training.settings import Stage, TrainConfig
 log = logging.getLogger(__name__)
 
 BatchTransform = Callable[[Batch, int], Batch]  # (batch, epoch) -> batch, e.g. training noise
+STATE_FORMAT = "msakit-training-state-v1"
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -55,6 +63,36 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    """Every global random stream training draws from (dropout, sampling, the seeded libraries)."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss),
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    kind, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.cpu().numpy().astype(np.uint32), position, has_gauss, gauss))
+    random.setstate(state["python"])
+
+
+def first_difference(saved: Any, given: Any, where: str = "") -> str:
+    """'key: <saved> then, <given> now' for the first nested key whose values differ (one-line errors)."""
+    if isinstance(saved, dict) and isinstance(given, dict):
+        for key in sorted(set(saved) | set(given), key=str):
+            if saved.get(key) != given.get(key):
+                inner = f"{where}.{key}" if where else str(key)
+                return first_difference(saved.get(key), given.get(key), inner)
+    return f"{where or 'value'}: {saved!r} then, {given!r} now"
 
 
 def _is_no_decay(name: str, param: nn.Parameter) -> bool:
@@ -146,6 +184,19 @@ class FitResult:
     epochs_run: int
     history: list[EpochRecord] = field(default_factory=list)
     stage: str = "main"
+    stage_reports: list[Any] = field(default_factory=list)  # what `after_stage` returned, per stage
+
+
+@dataclass
+class _StageLoop:
+    """What one stage's loop carries from epoch to epoch (and a state file keeps)."""
+
+    best: FitResult
+    best_state: dict[str, torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    epoch: int = 0  # epochs of this stage already run
+    stale: int = 0
 
 
 class Trainer:
@@ -190,44 +241,88 @@ class Trainer:
 
     def fit(
         self, train: Split, valid: Split, seed: int,
-        after_stage: Callable[[FitResult], None] | None = None,
+        after_stage: Callable[[FitResult], Any] | None = None,
+        state_file: Path | None = None, state_meta: dict[str, Any] | None = None,
     ) -> FitResult:
         """Train every stage; keep, per stage, the weights with the best validation metric.
 
         `after_stage` sees each stage's result once its best weights are restored (e.g. to score
-        a teacher on the test split before the student trains). The last stage's result is returned.
+        a teacher on the test split before the student trains); what it returns is kept in the
+        last result's `stage_reports`. The last stage's result is returned.
+
+        With `state_file`, the whole training state (weights, optimizer, schedule, every random
+        stream, the best weights so far, history and stage reports) is written there, atomically,
+        after every epoch. If the file exists when `fit` starts, training continues from it; it
+        must have been written with the same `state_meta` (the caller's settings), else a one-line
+        error. The caller removes the file once it has saved what the fit produced.
         """
         generator = torch.Generator().manual_seed(seed)
         history: list[EpochRecord] = []  # its length also numbers epochs across stages for noise
+        reports: list[Any] = []
+        saved = None
+        if state_file is not None and state_file.is_file():
+            saved = self._read_state(state_file, state_meta or {})
+            history = [EpochRecord(**r) for r in saved["history"]]
+            reports = list(saved["reports"])
+            generator.set_state(saved["generator"])
         result = FitResult(best_valid={}, best_epoch=0, epochs_run=0)
-        for stage in self.stages():
+        for index, stage in enumerate(self.stages()):
             if hasattr(self.model, "set_stage"):
                 self.model.set_stage(stage.name)
-            result = self._fit_stage(stage, train, valid, generator, history)
+            if saved is not None and index < saved["stage_index"]:
+                continue
+            resume = saved if saved is not None and index == saved["stage_index"] else None
+            loop = self._start_stage(stage, math.ceil(len(train) / self.config.batch_size), resume)
+            save = None if state_file is None else partial(
+                self._write_state, state_file, state_meta or {}, index, loop, generator,
+                history, reports,
+            )
+            result = self._fit_stage(stage, loop, train, valid, generator, history, save)
             if after_stage is not None:
-                after_stage(result)
+                reports.append(after_stage(result))
         result.history = history
+        result.stage_reports = reports
         return result
 
+    def _start_stage(self, stage: Stage, steps_per_epoch: int, resume: dict[str, Any] | None) -> _StageLoop:
+        """A stage's fresh optimizer and schedule, or everything as `resume` (a state file) left it."""
+        optimizer = build_optimizer(self.model, self.config, stage.lr, stage.encoder_lr)
+        scheduler = build_scheduler(optimizer, self.config, steps_per_epoch * stage.epochs)
+        if resume is None:
+            self.best_by_metric = {}
+            best = FitResult(best_valid={}, best_epoch=0, epochs_run=0, stage=stage.name)
+            return _StageLoop(best, copy.deepcopy(self.model.state_dict()), optimizer, scheduler)
+        self.model.load_state_dict(resume["model"])
+        self.model.load_training_state(resume["model_extra"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        _set_rng_state(resume["rng"])
+        self.best_by_metric = {
+            metric: Snapshot(s["epoch"], s["valid"], s["state"])
+            for metric, s in resume["best_by_metric"].items()
+        }
+        best = FitResult(**resume["best"], stage=stage.name)
+        return _StageLoop(best, resume["best_state"], optimizer, scheduler, resume["epoch"], resume["stale"])
+
     def _fit_stage(
-        self, stage: Stage, train: Split, valid: Split, generator: torch.Generator,
-        history: list[EpochRecord],
+        self, stage: Stage, loop: _StageLoop, train: Split, valid: Split,
+        generator: torch.Generator, history: list[EpochRecord],
+        save: Callable[[], None] | None = None,
     ) -> FitResult:
+        """Run the stage's remaining epochs; `save` is called after each one."""
         cfg = self.config
-        steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-        optimizer = build_optimizer(self.model, cfg, stage.lr, stage.encoder_lr)
-        scheduler = build_scheduler(optimizer, cfg, steps_per_epoch * stage.epochs)
         metric = cfg.select_metric
-        best = FitResult(best_valid={}, best_epoch=0, epochs_run=0, stage=stage.name)
-        best_state = copy.deepcopy(self.model.state_dict())
-        self.best_by_metric = {}
-        stale = 0
+        best = loop.best
+        stopped = cfg.patience is not None and loop.stale >= cfg.patience
+        steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
         with self._progress() as bar:
-            task = bar.add_task(f"{stage.name}", total=steps_per_epoch * stage.epochs)
-            for epoch in range(1, stage.epochs + 1):
+            task = bar.add_task(f"{stage.name}", total=steps_per_epoch * stage.epochs,
+                                completed=steps_per_epoch * loop.epoch)
+            while loop.epoch < stage.epochs and not stopped:
+                epoch = loop.epoch + 1
                 self.model.on_train_epoch_start(len(history) + 1, lambda: self._plain_batches(train))
                 train_loss = self.train_epoch(
-                    train, optimizer, scheduler, generator, epoch=len(history) + 1,
+                    train, loop.optimizer, loop.scheduler, generator, epoch=len(history) + 1,
                     on_step=lambda: bar.advance(task),
                 )
                 valid_metrics = self.evaluate(valid, self.valid_transform)
@@ -242,18 +337,56 @@ class Trainer:
                 bar.update(task, description=(
                     f"{stage.name} {epoch}/{stage.epochs} valid {metric} {valid_metrics[metric]:.3f}"
                 ))
-                best.epochs_run = epoch
+                best.epochs_run = loop.epoch = epoch
                 if improved:
-                    stale = 0
+                    loop.stale = 0
                     best.best_valid, best.best_epoch = valid_metrics, epoch
-                    best_state = copy.deepcopy(self.model.state_dict())
+                    loop.best_state = copy.deepcopy(self.model.state_dict())
                 else:
-                    stale += 1
-                    if cfg.patience is not None and stale >= cfg.patience:
-                        log.info("early stop after %d epochs without improvement", stale)
-                        break
-        self.model.load_state_dict(best_state)
+                    loop.stale += 1
+                    stopped = cfg.patience is not None and loop.stale >= cfg.patience
+                    if stopped:
+                        log.info("early stop after %d epochs without improvement", loop.stale)
+                if save is not None:
+                    save()
+        self.model.load_state_dict(loop.best_state)
         return best
+
+    def _write_state(
+        self, path: Path, meta: dict[str, Any], stage_index: int, loop: _StageLoop,
+        generator: torch.Generator, history: list[EpochRecord], reports: list[Any],
+    ) -> None:
+        # snapshots tracking several metrics share one state dict; torch.save stores it once (so
+        # no dataclasses.asdict here, which would deep-copy every tensor)
+        payload = {
+            "format": STATE_FORMAT, "meta": meta, "stage_index": stage_index,
+            "epoch": loop.epoch, "stale": loop.stale,
+            "best": {k: getattr(loop.best, k) for k in ("best_valid", "best_epoch", "epochs_run")},
+            "best_state": loop.best_state, "model": self.model.state_dict(),
+            "model_extra": self.model.training_state(),
+            "best_by_metric": {m: vars(s) for m, s in self.best_by_metric.items()},
+            "optimizer": loop.optimizer.state_dict(), "scheduler": loop.scheduler.state_dict(),
+            "generator": generator.get_state(), "rng": _rng_state(),
+            "history": [asdict(r) for r in history], "reports": reports,
+        }
+        atomic_write_bytes(path, lambda handle: torch.save(payload, handle))
+
+    def _read_state(self, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for a corrupt or foreign file
+            raise MsakitError(f"{path} is not a readable training state ({type(exc).__name__})") from None
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise MsakitError(f"{path} is not an msakit training state (no '{STATE_FORMAT}' tag)")
+        if state["meta"] != meta:
+            raise MsakitError(
+                f"{path} was written by a run with other settings ({first_difference(state['meta'], meta)}); "
+                "remove it to start over"
+            )
+        if state["stage_index"] >= len(self.stages()):
+            raise MsakitError(f"{path} is from stage {state['stage_index'] + 1}, this run has "
+                              f"{len(self.stages())}; remove it to start over")
+        return state
 
     def _track(self, epoch: int, valid_metrics: dict[str, float]) -> None:
         improved = [

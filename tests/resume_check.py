@@ -1,0 +1,48 @@
+"""Helpers for resume tests: stop a fit as a kill would, and compare two fits exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from msakit.data.schema import MultimodalDataset
+from msakit.training.trainer import FitResult, Trainer
+
+
+class Interrupted(Exception):
+    """Stands for the process being killed."""
+
+
+def fit_until_interrupted(
+    trainer: Trainer, data: MultimodalDataset, seed: int, state_file: Path, epochs: int, **options
+) -> None:
+    """Fit with `state_file` and stop when the training of epoch `epochs + 1` (counted over every
+    stage) begins, i.e. after the model's epoch hook and before any update of that epoch."""
+    original, calls = trainer.train_epoch, []
+
+    def train_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > epochs:
+            raise Interrupted
+        return original(*args, **kwargs)
+
+    trainer.train_epoch = train_epoch
+    with pytest.raises(Interrupted):
+        trainer.fit(data.train, data.valid, seed, state_file=state_file, **options)
+    assert state_file.is_file()
+
+
+def assert_same_fit(trainer: Trainer, fit: FitResult, other: Trainer, other_fit: FitResult) -> None:
+    """Bit-for-bit the same weights, history, selection, tracked snapshots and stage reports."""
+    ours, theirs = trainer.model.state_dict(), other.model.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+    assert fit.history == other_fit.history
+    assert (fit.best_epoch, fit.epochs_run, fit.best_valid) == (
+        other_fit.best_epoch, other_fit.epochs_run, other_fit.best_valid)
+    assert fit.stage_reports == other_fit.stage_reports
+    assert {m: s.epoch for m, s in trainer.best_by_metric.items()} == {
+        m: s.epoch for m, s in other.best_by_metric.items()}
