@@ -23,6 +23,8 @@ from msakit.evaluation.domains import (
     transfer,
     video_ids,
 )
+from msakit.training.trainer import Trainer
+from resume_check import Interrupted
 
 SIZES = {"n_train": 150, "n_valid": 90, "n_test": 90, "text_len": 12, "audio_len": 16,
          "vision_len": 14, "text_dim": 8}
@@ -247,3 +249,26 @@ def test_dg_refuses_a_model_that_needs_a_left_out_modality(tmp_path):
                overrides=FAST, progress=False)
     with pytest.raises(MsakitError, match="needs the dataset"):
         api.dg("tfn", "x", sources=["y"], group_by="video")
+
+
+def test_an_interrupted_dg_run_resumes_to_the_same_numbers(domains_data, tmp_path, monkeypatch):
+    options = dict(dataset=domains_data, seeds=[3, 4], epochs=2, overrides=FAST, progress=False)
+    straight = api.dg("tfn", "2", output=tmp_path / "straight", **options)
+    original, epochs = Trainer.train_epoch, []
+
+    def train_epoch(self, *args, **kwargs):
+        epochs.append(kwargs["epoch"])
+        if len(epochs) == 4:  # seed 3 done, seed 4 after its first epoch
+            raise Interrupted
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
+    with pytest.raises(Interrupted):
+        api.dg("tfn", "2", output=tmp_path / "resumed", **options)
+    epochs.clear()
+    resumed = api.dg("tfn", "2", output=tmp_path / "resumed", resume=True, **options)
+    assert epochs == [2]
+    assert resumed["seeds"] == straight["seeds"] and resumed["mean"] == straight["mean"]
+    assert {p.name for p in (tmp_path / "resumed").glob("*.pt")} == {"seed-3.pt", "seed-4.pt"}
+    with pytest.raises(MsakitError, match=r"seed-3.pt .*other settings \(dataset.name: .*0\+1->2.*0\+2->1"):
+        api.dg("tfn", "1", output=tmp_path / "resumed", resume=True, **options)

@@ -345,6 +345,7 @@ def dg(
     output: str | Path | None = None,
     progress: bool = True,
     command: str | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Domain generalization: train on source domains, select on their validation data, test on `target`.
 
@@ -354,7 +355,8 @@ def dg(
     "FILE.csv:COLUMN"; `n_groups` and `split_seed` for video and cluster); `target` and `sources`
     are group names, the sources by default every other group. See `msakit.evaluation.domains`.
     One run per seed; each reports in-domain (the sources' test split) and out-of-domain (the target)
-    metrics and their gap. Writes dg.json, dg.csv and dg.md into `output` when given.
+    metrics and their gap. Writes dg.json, dg.csv, dg.md and one `seed-<seed>.pt` checkpoint per
+    seed into `output` when given; `resume` continues an interrupted run as in `train`.
     """
     model_class = get_model_class(model)
     _check_seeds(seeds)
@@ -374,14 +376,24 @@ def dg(
                           n_groups=n_groups, seed=split_seed, target_splits=target_splits)
     config = _resolved_config(model, task.data, overrides, epochs)
     check_model(task, model, model_class.modalities, config["model"]["text_source"])
+    out_dir = Path(output) if output is not None else None
     runs = []
     for seed in seeds:
-        trainer, fit = _fit_one_seed(model, task.data, config, seed, progress)
-        runs.append({
+        meta = {**_run_meta("dg", model, config, task.data, seed), "task": task.describe()}
+        finished = _finished_run(out_dir, meta, resume)
+        if finished is not None:
+            runs.append(finished)
+            continue
+        trainer, fit = _fit_one_seed(model, task.data, config, seed, progress,
+                                     state_file=_state_file(out_dir, seed, resume), state_meta=meta)
+        run = {
             "seed": seed, "best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run,
             "valid": fit.best_valid, **score_task(trainer, task),
             "history": [dataclasses.asdict(r) for r in fit.history],
-        })
+        }
+        if out_dir is not None:
+            _save_seed(out_dir, trainer, config, task.data, {"valid": run["valid"]}, run, meta)
+        runs.append(run)
     metric = config["training"]["select_metric"]
     direction = "lower" if metric in LOWER_IS_BETTER else "higher"
     result = {
@@ -396,8 +408,8 @@ def dg(
         "seeds": runs,
         **summarise(runs),
     }
-    if output is not None:
-        write_dg(Path(output), result)
+    if out_dir is not None:
+        write_dg(out_dir, result)
     return result
 
 

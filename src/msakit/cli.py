@@ -72,6 +72,8 @@ dataset_options = [
 ]
 
 
+RESUME_HELP = ("continue an interrupted run of the same command in --output: finished seeds are "
+               "read back, the unfinished one goes on from its last epoch")
 SCORING_SET_HELP = ("change a test-time model setting of the checkpoint, e.g. --set "
                     "model.eval_bottleneck=mean (weights are never changed)")
 
@@ -105,9 +107,7 @@ def cli(quiet: bool) -> None:
               help="the paper's evaluation (the model YAML's `reproduce:` recipe): its seeds, "
                    "missing-data protocol and per-metric checkpoints, selected on validation")
 @click.option("--output", "-o", default=None, help="folder for results.json, results.csv, checkpoints")
-@click.option("--resume", is_flag=True,
-              help="continue an interrupted run of the same command in --output: finished seeds are "
-                   "read back, the unfinished one goes on from its last epoch")
+@click.option("--resume", is_flag=True, help=RESUME_HELP)
 @click.option("--no-progress", is_flag=True, help="no progress bars")
 @_user_errors
 def train(model: str, dataset: str, data_dir: str | None, aligned: bool, seeds: str | None,
@@ -180,13 +180,14 @@ def _names(text: str, option: str) -> list[str]:
 @click.option("--epochs", type=int, default=None, help="override training.epochs")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="override a setting, e.g. --set training.lr=1e-3")
-@click.option("--output", "-o", default=None, help="folder for dg.json, dg.csv and dg.md")
+@click.option("--output", "-o", default=None, help="folder for dg.json, dg.csv, dg.md, checkpoints")
+@click.option("--resume", is_flag=True, help=RESUME_HELP)
 @click.option("--no-progress", is_flag=True, help="no progress bars")
 @_user_errors
 def dg(model: str, target: str, sources: str | None, dataset: str | None, group_by: str,
        n_groups: int | None, split_seed: int, target_splits: str, data_dir: str | None, aligned: bool,
        seeds: str, epochs: int | None, overrides: tuple[str, ...], output: str | None,
-       no_progress: bool) -> None:
+       resume: bool, no_progress: bool) -> None:
     """Domain generalization: train MODEL on source domains, select on their validation data, and
     compare in-domain (the sources' test split) with out-of-domain (the target) metrics."""
     where = f"{Path(dataset).stem}-{target}" if dataset else Path(target).stem
@@ -196,7 +197,7 @@ def dg(model: str, target: str, sources: str | None, dataset: str | None, group_
         dataset=dataset, group_by=group_by, n_groups=n_groups, split_seed=split_seed,
         target_splits=_names(target_splits, "--target-splits"), data_dir=data_dir, aligned=aligned,
         seeds=_parse_seeds(seeds), epochs=epochs, overrides=list(overrides), output=output,
-        progress=not no_progress, command=_command_line(),
+        progress=not no_progress, command=_command_line(), resume=resume,
     )
     task, family = result["task"], result["dataset"]["metric_family"]
     several = len(result["seeds"]) > 1
