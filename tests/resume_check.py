@@ -1,4 +1,4 @@
-"""Helpers for resume tests: stop a fit as a kill would, and compare two fits exactly."""
+"""Helpers for resume tests: stop training as a kill would, and compare two fits exactly."""
 
 from __future__ import annotations
 
@@ -32,6 +32,23 @@ def fit_until_interrupted(
     with pytest.raises(Interrupted):
         trainer.fit(data.train, data.valid, seed, state_file=state_file, **options)
     assert state_file.is_file()
+
+
+def interrupt_training(monkeypatch: pytest.MonkeyPatch, after: int) -> list[int]:
+    """Make training stop (once, as a kill would) when the `after + 1`-th epoch of this process,
+    counted over every Trainer, begins. Returns the list of epoch numbers trained, which the
+    caller may clear to see what a resumed run trains."""
+    original, epochs, fired = Trainer.train_epoch, [], []
+
+    def train_epoch(self, *args, **kwargs):
+        if len(epochs) == after and not fired:
+            fired.append(True)
+            raise Interrupted
+        epochs.append(kwargs["epoch"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
+    return epochs
 
 
 def assert_same_fit(trainer: Trainer, fit: FitResult, other: Trainer, other_fit: FitResult) -> None:

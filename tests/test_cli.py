@@ -11,8 +11,7 @@ from click.testing import CliRunner
 
 from msakit.cli import cli
 from msakit.data import generate_synthetic, save_mmsa
-from msakit.training.trainer import Trainer
-from resume_check import Interrupted
+from resume_check import Interrupted, interrupt_training
 
 TINY = {"n_train": 40, "n_valid": 12, "n_test": 20, "text_len": 12, "audio_len": 20,
         "vision_len": 16, "text_dim": 24}
@@ -246,15 +245,7 @@ def test_an_interrupted_train_resumes_with_the_seeds_it_finished(tiny_pickle: Pa
     args = ["train", "text_only", "--dataset", str(tiny_pickle), "--epochs", "3", "--seeds", "7 8", *FAST]
     code, out = run(*args, "--output", str(tmp_path / "straight"))
     assert code == 0, out
-    original, epochs = Trainer.train_epoch, []
-
-    def train_epoch(self, *a, **k):
-        epochs.append(k["epoch"])
-        if len(epochs) == 5:  # seed 7 trained its 3 epochs, seed 8 one: a kill
-            raise Interrupted
-        return original(self, *a, **k)
-
-    monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
+    epochs = interrupt_training(monkeypatch, after=4)  # seed 7 trained its 3 epochs, seed 8 one: a kill
     out_dir = tmp_path / "resumed"
     result = CliRunner().invoke(cli, [*args, "--output", str(out_dir)])
     assert isinstance(result.exception, Interrupted)

@@ -23,8 +23,7 @@ from msakit.evaluation.domains import (
     transfer,
     video_ids,
 )
-from msakit.training.trainer import Trainer
-from resume_check import Interrupted
+from resume_check import Interrupted, interrupt_training
 
 SIZES = {"n_train": 150, "n_valid": 90, "n_test": 90, "text_len": 12, "audio_len": 16,
          "vision_len": 14, "text_dim": 8}
@@ -254,15 +253,7 @@ def test_dg_refuses_a_model_that_needs_a_left_out_modality(tmp_path):
 def test_an_interrupted_dg_run_resumes_to_the_same_numbers(domains_data, tmp_path, monkeypatch):
     options = dict(dataset=domains_data, seeds=[3, 4], epochs=2, overrides=FAST, progress=False)
     straight = api.dg("tfn", "2", output=tmp_path / "straight", **options)
-    original, epochs = Trainer.train_epoch, []
-
-    def train_epoch(self, *args, **kwargs):
-        epochs.append(kwargs["epoch"])
-        if len(epochs) == 4:  # seed 3 done, seed 4 after its first epoch
-            raise Interrupted
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
+    epochs = interrupt_training(monkeypatch, after=3)  # seed 3 done, seed 4 after its first epoch
     with pytest.raises(Interrupted):
         api.dg("tfn", "2", output=tmp_path / "resumed", **options)
     epochs.clear()

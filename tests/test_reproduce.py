@@ -11,8 +11,7 @@ from msakit.errors import MsakitError
 from msakit.evaluation.protocols import run_protocol
 from msakit.evaluation.reproduce import Recipe, load_recipe, per_metric_scores, tracked_metrics
 from msakit.missing import DEFAULT_RATES
-from msakit.training.trainer import Trainer
-from resume_check import Interrupted
+from resume_check import Interrupted, interrupt_training
 
 SMALL_LNLN = ["model.hidden_dim=16", "model.heads=2", "model.dim_head=8", "model.mlp_dim=16",
               "model.num_tokens=2", "model.fusion_depth=1", "training.batch_size=16"]
@@ -74,15 +73,7 @@ def test_recipes_are_checked():
 
 def test_an_interrupted_reproduction_resumes_to_the_same_numbers(reproduced, tiny_dataset, tmp_path,
                                                                  monkeypatch):
-    original, epochs = Trainer.train_epoch, []
-
-    def train_epoch(self, *args, **kwargs):
-        epochs.append(kwargs["epoch"])
-        if len(epochs) == 5:  # seed 1 done, seed 2 after its first epoch
-            raise Interrupted
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
+    epochs = interrupt_training(monkeypatch, after=4)  # seed 1 done, seed 2 after its first epoch
     options = dict(seeds=[1, 2], epochs=3, overrides=SMALL_LNLN, output=tmp_path, progress=False)
     with pytest.raises(Interrupted):
         api.reproduce("lnln", tiny_dataset, **options)

@@ -40,6 +40,18 @@ def save_checkpoint(
     atomic_write_bytes(Path(path), lambda handle: torch.save(payload, handle))
 
 
+def read_tagged(path: Path, tag: str, what: str) -> dict[str, Any]:
+    """The dict saved with torch.save in `path` (tensors and plain data only, never code), with
+    format `tag`; a one-line error naming the file and `what` it should be otherwise."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a corrupt or foreign file
+        raise MsakitError(f"{path} is not a readable {what} ({type(exc).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != tag:
+        raise MsakitError(f"{path} is not an msakit {what} (no '{tag}' format tag)")
+    return payload
+
+
 def load_checkpoint(
     path: str | Path, model_settings: dict[str, Any] | None = None
 ) -> tuple[MSAModel, dict[str, Any]]:
@@ -51,12 +63,7 @@ def load_checkpoint(
     path = Path(path)
     if not path.is_file():
         raise MsakitError(f"checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a corrupt or foreign file
-        raise MsakitError(f"{path} is not a readable checkpoint ({type(exc).__name__})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise MsakitError(f"{path} is not an msakit checkpoint (no '{FORMAT}' format tag)")
+    payload = read_tagged(path, FORMAT, "checkpoint")
     name = payload["model_name"]
     if name not in list_models():
         raise MsakitError(

@@ -37,6 +37,7 @@ from msakit.evaluation.metrics import METRIC_KEYS, compute_metrics, is_better
 from msakit.fileio import atomic_write_bytes
 from msakit.models.base import MSAModel
 from msakit.models.layers.text import TextEncoder
+from msakit.training.checkpoint import read_tagged
 from msakit.training.settings import Stage, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -372,12 +373,7 @@ class Trainer:
         atomic_write_bytes(path, lambda handle: torch.save(payload, handle))
 
     def _read_state(self, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises many types for a corrupt or foreign file
-            raise MsakitError(f"{path} is not a readable training state ({type(exc).__name__})") from None
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise MsakitError(f"{path} is not an msakit training state (no '{STATE_FORMAT}' tag)")
+        state = read_tagged(path, STATE_FORMAT, "training state")
         if state["meta"] != meta:
             raise MsakitError(
                 f"{path} was written by a run with other settings ({first_difference(state['meta'], meta)}); "
