@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -241,7 +242,8 @@ def test_scoring_can_change_test_time_settings_but_not_weights_or_training(train
     assert code == 2 and "no_such" in out
 
 
-def test_an_interrupted_train_resumes_with_the_seeds_it_finished(tiny_pickle: Path, tmp_path, monkeypatch):
+def test_an_interrupted_train_resumes_with_the_seeds_it_finished(tiny_pickle: Path, tmp_path, monkeypatch,
+                                                                   caplog):
     args = ["train", "text_only", "--dataset", str(tiny_pickle), "--epochs", "3", "--seeds", "7 8", *FAST]
     code, out = run(*args, "--output", str(tmp_path / "straight"))
     assert code == 0, out
@@ -251,8 +253,10 @@ def test_an_interrupted_train_resumes_with_the_seeds_it_finished(tiny_pickle: Pa
     assert isinstance(result.exception, Interrupted)
     assert {p.name for p in out_dir.iterdir()} == {"seed-7.pt", "seed-8.state.pt"}
     epochs.clear()
-    code, out = run(*args, "--output", str(out_dir), "--resume")
+    with caplog.at_level(logging.INFO, logger="msakit.training.trainer"):
+        code, out = run(*args, "--output", str(out_dir), "--resume")
     assert code == 0, out
+    assert "seed-8.state.pt: stage main, 1 epoch(s) done" in caplog.text
     assert epochs == [2, 3], "seed 7 read back, seed 8 from its epoch 2"
     assert {p.name for p in out_dir.iterdir()} == {"seed-7.pt", "seed-8.pt", "results.json", "results.csv"}
     straight, resumed = (json.loads((tmp_path / d / "results.json").read_text())

@@ -266,6 +266,8 @@ class Trainer:
             history = [EpochRecord(**r) for r in saved["history"]]
             reports = list(saved["reports"])
             generator.set_state(saved["generator"])
+            log.info("resuming from %s: stage %s, %d epoch(s) done", state_file,
+                     self.stages()[saved["stage_index"]].name, saved["epoch"])
         result = FitResult(best_valid={}, best_epoch=0, epochs_run=0)
         for index, stage in enumerate(self.stages()):
             if hasattr(self.model, "set_stage"):
