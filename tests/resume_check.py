@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,16 @@ def assert_same_fit(trainer: Trainer, fit: FitResult, other: Trainer, other_fit:
     assert fit.stage_reports == other_fit.stage_reports
     assert {m: s.epoch for m, s in trainer.best_by_metric.items()} == {
         m: s.epoch for m, s in other.best_by_metric.items()}
+
+
+def assert_resumed_fit_is_the_straight_fit(
+    make_trainer: Callable[[], Trainer], data: MultimodalDataset, seed: int, state_file: Path, epochs: int
+) -> None:
+    """A fit killed after `epochs` epochs and resumed from `state_file` ends exactly as one that ran
+    straight through; `make_trainer` builds the same fresh trainer each call."""
+    straight = make_trainer()
+    straight_fit = straight.fit(data.train, data.valid, seed=seed)
+    fit_until_interrupted(make_trainer(), data, seed, state_file, epochs)
+    resumed = make_trainer()
+    resumed_fit = resumed.fit(data.train, data.valid, seed=seed, state_file=state_file)
+    assert_same_fit(straight, straight_fit, resumed, resumed_fit)
