@@ -11,7 +11,7 @@ import dataclasses
 import json
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -116,15 +116,10 @@ def train(
     config = _resolved_config(model, data, overrides, epochs)
     out_dir = Path(output) if output is not None else None
     multi_stage = len(config["training"]["stages"]) > 1
-    runs = []
-    for seed in seeds:
-        meta = _run_meta("train", model, config, data, seed)
-        finished = _finished_run(out_dir, meta, resume)
-        if finished is not None:
-            runs.append(finished)
-            continue
+
+    def train_seed(seed: int, state: dict[str, Any]) -> tuple[Trainer, dict[str, Any], dict[str, Any]]:
         trainer, fit = _fit_one_seed(model, data, config, seed, progress, score_stages=multi_stage,
-                                     state_file=_state_file(out_dir, seed, resume), state_meta=meta)
+                                     **state)
         stages = fit.stage_reports
         run = {
             "seed": seed,
@@ -135,10 +130,10 @@ def train(
             "history": [dataclasses.asdict(r) for r in fit.history],
             **({"stages": stages} if stages else {}),
         }
-        if out_dir is not None:
-            _save_seed(out_dir, trainer, config, data, {"valid": run["valid"], "test": run["test"]},
-                       run, meta)
-        runs.append(run)
+        return trainer, run, {"valid": run["valid"], "test": run["test"]}
+
+    runs = _seed_runs(seeds, out_dir, resume, config, data, _run_meta("train", model, config, data),
+                      train_seed)
     results = _summarise(model, data, config, runs, command)
     if out_dir is not None:
         write_results(out_dir, results)
@@ -199,12 +194,33 @@ def _fit_one_seed(
     return trainer, fit
 
 
-def _run_meta(
-    command: str, model: str, config: dict[str, Any], data: MultimodalDataset, seed: int
-) -> dict[str, Any]:
-    """What makes two trainings of one seed the same run (checked before resuming one)."""
-    return {"command": command, "model": model, "config": config, "dataset": _dataset_info(data),
-            "seed": seed}
+SeedTraining = Callable[[int, dict[str, Any]], tuple[Trainer, dict[str, Any], dict[str, Any]]]
+
+
+def _run_meta(command: str, model: str, config: dict[str, Any], data: MultimodalDataset) -> dict[str, Any]:
+    """What makes two trainings the same run (with the seed: checked before resuming one)."""
+    return {"command": command, "model": model, "config": config, "dataset": _dataset_info(data)}
+
+
+def _seed_runs(
+    seeds: Sequence[int], out_dir: Path | None, resume: bool, config: dict[str, Any],
+    data: MultimodalDataset, meta: dict[str, Any], train_seed: SeedTraining,
+) -> list[dict[str, Any]]:
+    """Each seed's results: with `resume`, read back from the checkpoint this same run already
+    wrote; otherwise from `train_seed(seed, state)`, which passes `state` (the resumable training
+    state) on to `_fit_one_seed` and returns the trainer, the seed's results and the metrics its
+    checkpoint keeps. The checkpoint is then written into `out_dir`, when given."""
+    runs = []
+    for seed in seeds:
+        seed_meta = {**meta, "seed": seed}
+        run = _finished_run(out_dir, seed_meta, resume)
+        if run is None:
+            state = {"state_file": _state_file(out_dir, seed, resume), "state_meta": seed_meta}
+            trainer, run, metrics = train_seed(seed, state)
+            if out_dir is not None:
+                _save_seed(out_dir, trainer, config, data, metrics, run, seed_meta)
+        runs.append(run)
+    return runs
 
 
 def _state_file(out_dir: Path | None, seed: int, resume: bool) -> Path | None:
@@ -283,21 +299,16 @@ def reproduce(
     if recipe.selection_rate:
         config["training"].update(select_protocol=recipe.protocol, select_rate=recipe.selection_rate)
     out_dir = Path(output) if output is not None else None
-    runs = []
-    for seed in recipe.seeds:
-        meta = _run_meta("reproduce", model, config, data, seed)
-        finished = _finished_run(out_dir, meta, resume)
-        if finished is not None:
-            runs.append(finished)
-            continue
+
+    def train_seed(seed: int, state: dict[str, Any]) -> tuple[Trainer, dict[str, Any], dict[str, Any]]:
         trainer, fit = _fit_one_seed(model, data, config, seed, progress,
-                                     state_file=_state_file(out_dir, seed, resume), state_meta=meta,
-                                     track_metrics=tracked_metrics(data.metric_family))
+                                     track_metrics=tracked_metrics(data.metric_family), **state)
         run = {"seed": seed, **per_metric_scores(trainer, data, recipe),
                "history": [dataclasses.asdict(r) for r in fit.history]}
-        if out_dir is not None:
-            _save_seed(out_dir, trainer, config, data, {"test": run["mean"]}, run, meta)
-        runs.append(run)
+        return trainer, run, {"test": run["mean"]}
+
+    runs = _seed_runs(recipe.seeds, out_dir, resume, config, data,
+                      _run_meta("reproduce", model, config, data), train_seed)
     mean, std = mean_std([r["mean"] for r in runs])
     conditions = [row["condition"] for row in runs[0]["rows"]]
     per_condition = [
@@ -377,23 +388,18 @@ def dg(
     config = _resolved_config(model, task.data, overrides, epochs)
     check_model(task, model, model_class.modalities, config["model"]["text_source"])
     out_dir = Path(output) if output is not None else None
-    runs = []
-    for seed in seeds:
-        meta = {**_run_meta("dg", model, config, task.data, seed), "task": task.describe()}
-        finished = _finished_run(out_dir, meta, resume)
-        if finished is not None:
-            runs.append(finished)
-            continue
-        trainer, fit = _fit_one_seed(model, task.data, config, seed, progress,
-                                     state_file=_state_file(out_dir, seed, resume), state_meta=meta)
+
+    def train_seed(seed: int, state: dict[str, Any]) -> tuple[Trainer, dict[str, Any], dict[str, Any]]:
+        trainer, fit = _fit_one_seed(model, task.data, config, seed, progress, **state)
         run = {
             "seed": seed, "best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run,
             "valid": fit.best_valid, **score_task(trainer, task),
             "history": [dataclasses.asdict(r) for r in fit.history],
         }
-        if out_dir is not None:
-            _save_seed(out_dir, trainer, config, task.data, {"valid": run["valid"]}, run, meta)
-        runs.append(run)
+        return trainer, run, {"valid": run["valid"]}
+
+    runs = _seed_runs(seeds, out_dir, resume, config, task.data,
+                      {**_run_meta("dg", model, config, task.data), "task": task.describe()}, train_seed)
     metric = config["training"]["select_metric"]
     direction = "lower" if metric in LOWER_IS_BETTER else "higher"
     result = {
