@@ -196,6 +196,7 @@ class _StageLoop:
     best_state: dict[str, torch.Tensor]
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    steps_per_epoch: int
     epoch: int = 0  # epochs of this stage already run
     stale: int = 0
 
@@ -294,7 +295,8 @@ class Trainer:
         if resume is None:
             self.best_by_metric = {}
             best = FitResult(best_valid={}, best_epoch=0, epochs_run=0, stage=stage.name)
-            return _StageLoop(best, copy.deepcopy(self.model.state_dict()), optimizer, scheduler)
+            return _StageLoop(best, copy.deepcopy(self.model.state_dict()), optimizer, scheduler,
+                              steps_per_epoch)
         self.model.load_state_dict(resume["model"])
         self.model.load_training_state(resume["model_extra"])
         optimizer.load_state_dict(resume["optimizer"])
@@ -305,7 +307,8 @@ class Trainer:
             for metric, s in resume["best_by_metric"].items()
         }
         best = FitResult(**resume["best"], stage=stage.name)
-        return _StageLoop(best, resume["best_state"], optimizer, scheduler, resume["epoch"], resume["stale"])
+        return _StageLoop(best, resume["best_state"], optimizer, scheduler, steps_per_epoch,
+                          resume["epoch"], resume["stale"])
 
     def _fit_stage(
         self, stage: Stage, loop: _StageLoop, train: Split, valid: Split,
@@ -317,10 +320,9 @@ class Trainer:
         metric = cfg.select_metric
         best = loop.best
         stopped = cfg.patience is not None and loop.stale >= cfg.patience
-        steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
         with self._progress() as bar:
-            task = bar.add_task(f"{stage.name}", total=steps_per_epoch * stage.epochs,
-                                completed=steps_per_epoch * loop.epoch)
+            task = bar.add_task(f"{stage.name}", total=loop.steps_per_epoch * stage.epochs,
+                                completed=loop.steps_per_epoch * loop.epoch)
             while loop.epoch < stage.epochs and not stopped:
                 epoch = loop.epoch + 1
                 self.model.on_train_epoch_start(len(history) + 1, lambda: self._plain_batches(train))
