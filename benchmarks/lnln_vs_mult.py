@@ -183,6 +183,8 @@ def table(records: list[dict], sizes: dict[str, int], extra: list[str], runs_dir
     lines += [""]
     if reused:
         lines += ["\\* scoring only, for at least one seed: an earlier run trained its checkpoint.", ""]
+    lines += ["Seconds per seed: the wall time of the process that finished the seed (training and "
+              "scoring); where a cut-off training resumed from its state file, only its last part.", ""]
     lines += [f"Records: `{runs_dir}/records/`. Commands: " + "; ".join(f"`{c}`" for c in commands)]
     return summary, "\n".join(lines)
 
