@@ -270,13 +270,14 @@ class Trainer:
             log.info("resuming from %s: stage %s, %d epoch(s) done", state_file,
                      self.stages()[saved["stage_index"]].name, saved["epoch"])
         result = FitResult(best_valid={}, best_epoch=0, epochs_run=0)
+        steps_per_epoch = math.ceil(len(train) / self.config.batch_size)
         for index, stage in enumerate(self.stages()):
             if hasattr(self.model, "set_stage"):
                 self.model.set_stage(stage.name)
             if saved is not None and index < saved["stage_index"]:
                 continue
             resume = saved if saved is not None and index == saved["stage_index"] else None
-            loop = self._start_stage(stage, math.ceil(len(train) / self.config.batch_size), resume)
+            loop = self._start_stage(stage, steps_per_epoch, resume)
             save = None if state_file is None else partial(
                 self._write_state, state_file, state_meta or {}, index, loop, generator,
                 history, reports,
