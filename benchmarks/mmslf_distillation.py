@@ -44,9 +44,9 @@ def plain_overrides() -> list[str]:
             f"training.stages={json.dumps([student])}"]
 
 
-def run_one(run: str, seed: int, cues: Path, runs_dir: Path, command: str) -> dict:
+def run_one(run: str, seed: int, cues: Path, runs_dir: Path, command: str, extra: list[str]) -> dict:
     data = synthetic_dataset()
-    overrides = [f"model.cues={cues}"] + (plain_overrides() if run == "plain" else [])
+    overrides = [f"model.cues={cues}", *extra] + (plain_overrides() if run == "plain" else [])
     start = time.perf_counter()
     result = api.train("mmslf", data, seeds=[seed], overrides=overrides, progress=False,
                        output=runs_dir / ("mmslf" if run == "distilled" else "mmslf-plain"),
@@ -57,7 +57,7 @@ def run_one(run: str, seed: int, cues: Path, runs_dir: Path, command: str) -> di
             "stages": {s["stage"]: {"best_epoch": s["best_epoch"], "test": s["test"]}
                        for s in seed_run.get("stages", [])},
             "best_epoch": seed_run["best_epoch"], "seconds": round(time.perf_counter() - start, 1),
-            "machine": machine, "command": command}
+            "machine": machine, "command": command, "overrides": extra}
 
 
 def table(records: list[dict]) -> tuple[dict, str]:
@@ -98,6 +98,8 @@ def main() -> None:
     parser.add_argument("--cues", default="runs/synthetic_cues.jsonl")
     parser.add_argument("--runs-dir", default="runs/robustness_synthetic")
     parser.add_argument("--output", default="benchmarks/results/mmslf_distillation")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="applied to both runs (use another --runs-dir and --output)")
     parser.add_argument("--table", action="store_true", help="only rebuild the table from the records")
     args = parser.parse_args()
     runs_dir, cues = Path(args.runs_dir), Path(args.cues)
@@ -108,7 +110,7 @@ def main() -> None:
         command = shlex.join(["python", *sys.argv])
         for run in args.run or RUNS:
             for seed in args.seeds:
-                record = run_one(run, seed, cues.resolve(), runs_dir, command)
+                record = run_one(run, seed, cues.resolve(), runs_dir, command, args.overrides)
                 save_record(records_dir, f"{run}-{seed}", record)
                 print(f"{run} seed {seed}: test MAE {record['test']['mae']:.3f} "
                       f"({record['seconds']:.0f} s)", flush=True)

@@ -178,3 +178,19 @@ def test_the_teachers_text_encoder_is_fine_tuned_and_the_students_is_not(dims, b
         encoder = [grads[n] for n in grads if n.startswith(f"{stage}.text_encoder.model.")]
         assert encoder and any(encoder) == (stage == "teacher")
         assert net.text_encoder.model.training == (stage == "teacher")
+
+
+def test_prompt_position_std_scales_only_the_prompt_positions(dims, tiny_bert, cues):
+    official = _mmslf(dims, tiny_bert, cues)
+    small = _mmslf(dims, tiny_bert, cues, prompt_position_std=0.02)
+    for name, value in official.state_dict().items():
+        scaled = "prompt_positions" in name or name == "teacher.prompt_summary.positions"
+        # the same random numbers are drawn, so the student (and all else) is the same network
+        torch.testing.assert_close(small.state_dict()[name], 0.02 * value if scaled else value)
+    assert any("prompt_positions" in name for name in official.state_dict())
+
+
+@pytest.mark.parametrize("value", [0, -1.0, True, "small"])
+def test_a_bad_prompt_position_std_is_named(dims, tiny_bert, value):
+    with pytest.raises(MsakitError, match="model.prompt_position_std"):
+        _mmslf(dims, tiny_bert, None, prompt_position_std=value)

@@ -93,6 +93,8 @@ class MMSLFConfig(ModelConfig):
     cues: str | None = None  # the JSONL file `msakit cues` writes
     prompt_encoder: str = "minilm"  # packaged name or local Hugging Face folder; always frozen
     prompt_max_len: int = 512  # cue tokens read
+    # std of the random init of the prompt path's learned positions; 1 = the official randn
+    prompt_position_std: float = 1.0
     augment_min_keep: float = 0.5  # teacher training keeps each input element with p ~ U(this, 1)
     attention_weight: float = 60.0  # beta
     fusion_weight: float = 8.0  # gamma
@@ -111,6 +113,9 @@ class MMSLFConfig(ModelConfig):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise MsakitError(f"mmslf: model.{key} must be a number >= 0, not {value!r}")
+        std = self.prompt_position_std
+        if isinstance(std, bool) or not isinstance(std, (int, float)) or not std > 0:
+            raise MsakitError(f"mmslf: model.prompt_position_std must be a number > 0, not {std!r}")
         keep = self.augment_min_keep
         if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
             raise MsakitError(f"mmslf: model.augment_min_keep must be in (0, 1], not {keep!r}")
@@ -255,7 +260,8 @@ class ModulatedCrossTransformer(nn.Module):
         d = config.hidden_dim
         self.source_positions = nn.Parameter(torch.randn(1, source_len, d))
         self.text_positions = nn.Parameter(torch.randn(1, text_len, d))
-        self.prompt_positions = nn.Parameter(torch.randn(1, text_len, d)) if with_prompt else None
+        self.prompt_positions = (nn.Parameter(config.prompt_position_std * torch.randn(1, text_len, d))
+                                 if with_prompt else None)
         self.layers = nn.ModuleList(ModulatedCrossLayer(config, with_prompt) for _ in range(depth))
 
     def forward(
@@ -310,6 +316,9 @@ class MMSLFNet(nn.Module):
             config.prompt_max_len, length, config.prompt_depth, dim=d, heads=config.prompt_heads,
             dim_head=config.dim_head, mlp_dim=config.prompt_mlp_dim,
         ) if with_prompt else None
+        if self.prompt_summary is not None:
+            with torch.no_grad():  # scaled in place: the init draws the same random numbers
+                self.prompt_summary.positions.mul_(config.prompt_position_std)
 
     def forward(
         self, batch: Batch, prompt_states: torch.Tensor | None = None,
