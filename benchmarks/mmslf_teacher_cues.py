@@ -11,6 +11,9 @@ frozen teacher. Each teacher is scored on every split with:
 - on the training split, its own cues written without the label (the offline backend with the label
   withheld, as it writes valid and test cues): if the teacher leans on the label it was shown, its
   training score must drop.
+It also measures how much the prompt can say: on the training split, the size of the projected
+cue states against the learned positions they are added to, and how much the prompt summary P
+differs between clips (its across-clip standard deviation over its root mean square).
 The changed cue files are written beside the checkpoints (`<runs-dir>/mmslf-cue-variants/`); the
 table goes to benchmarks/results/mmslf_teacher_cues.{json,md}.
 """
@@ -119,6 +122,30 @@ def attention_spread(checkpoint: Path, cues: Path, data: MultimodalDataset) -> d
     return {key: float(torch.cat(values).mean()) for key, values in fractions.items()}
 
 
+@torch.no_grad()
+def prompt_variation(checkpoint: Path, cues: Path, data: MultimodalDataset) -> dict[str, float]:
+    """On the training split: the root mean square of the projected cue states W_p E(cues) and of
+    the prompt transformer's positions added to them, and the across-clip variation of P."""
+    model, _ = load_checkpoint(checkpoint, {"cues": str(cues)})
+    model.set_stage("teacher")
+    teacher = model.teacher
+    length = data.dims.text_len
+    cue_squares, position_squares, summaries = [], [], []
+    for batch in iterate_batches(data.train, 64):
+        states, mask = model.prompts(batch)
+        projected = teacher.prompt_project(states)[mask]
+        positions = teacher.prompt_summary.positions[0, length:length + states.shape[1]]
+        cue_squares.append(projected.pow(2).mean(-1))
+        position_squares.append(positions.expand(len(batch), -1, -1)[mask].pow(2).mean(-1))
+        summaries.append(teacher.prompt_summary(teacher.prompt_project(states), mask, keep=length)[-1])
+    summary = torch.cat(summaries)
+    return {
+        "cue rms": float(torch.cat(cue_squares).mean().sqrt()),
+        "position rms": float(torch.cat(position_squares).mean().sqrt()),
+        "P variation": float(summary.std(0).pow(2).mean().sqrt() / summary.pow(2).mean().sqrt()),
+    }
+
+
 def table(records: list[dict], command: str) -> tuple[dict, str]:
     summary = {}
     lines = [
@@ -147,6 +174,13 @@ def table(records: list[dict], command: str) -> tuple[dict, str]:
               "fraction of the uniform map's (1 = every frame read alike):", "",
               "| " + " | ".join(spread) + " |", "|---" * len(spread) + "|",
               "| " + " | ".join(f"{spread[k]:.4f} ± {spread_std[k]:.4f}" for k in spread) + " |"]
+    variation, variation_std = mean_std([r["prompt_variation"] for r in records])
+    summary["prompt_variation"] = {"mean": variation, "std": variation_std}
+    lines += ["", "What the prompt carries, on the training split: root mean square of the projected cue "
+              "states and of the learned positions added to them, and the across-clip standard deviation "
+              "of the prompt summary P over its root mean square (0 = the same P for every clip):", "",
+              "| " + " | ".join(variation) + " |", "|---" * len(variation) + "|",
+              "| " + " | ".join(f"{variation[k]:.4f} ± {variation_std[k]:.4f}" for k in variation) + " |"]
     seeds = " ".join(str(r["seed"]) for r in records)
     lines += ["", f"Seeds {seeds}; {records[0]['machine']}. Command: `{command}`"]
     return summary, "\n".join(lines)
@@ -184,9 +218,10 @@ def main() -> None:
         start = time.perf_counter()
         scores = score_seed(checkpoint, cue_files, data)
         spread = attention_spread(checkpoint, cue_files["own"], data)
+        variation = prompt_variation(checkpoint, cue_files["own"], data)
         results.append({"seed": seed, "checkpoint": str(checkpoint), "scores": scores,
-                        "attention_spread": spread, "seconds": round(time.perf_counter() - start, 1),
-                        "machine": machine_name()})
+                        "attention_spread": spread, "prompt_variation": variation,
+                        "seconds": round(time.perf_counter() - start, 1), "machine": machine_name()})
         print(f"seed {seed}: test MAE own {scores['own']['test']['mae']:.3f}, "
               f"permuted {scores['permuted']['test']['mae']:.3f}", flush=True)
     write_table(out, results, shlex.join(["python", *sys.argv]))
