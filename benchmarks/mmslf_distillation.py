@@ -70,9 +70,12 @@ def table(records: list[dict]) -> tuple[dict, str]:
         else:
             rows.setdefault("student, trained without distillation", []).append(r)
     summary = {}
+    changed = sorted({o for r in records for o in r.get("overrides", [])})
     lines = [
         "MMSLF on the synthetic default (synthetic(seed=0, unaligned)), offline cues, test split, "
-        "mean ± std over seeds; every run selected on validation MAE.",
+        "mean ± std over seeds; every run selected on validation MAE."
+        + (f" Changed from mmslf's `synthetic` settings: {', '.join(f'`{o}`' for o in changed)}."
+           if changed else ""),
         "",
         "| network | seeds | " + " | ".join(LABELS[k] for k in COLUMNS) + " | seconds per seed | machine |",
         "|---" * (len(COLUMNS) + 4) + "|",

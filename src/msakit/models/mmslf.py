@@ -41,6 +41,11 @@ Where this follows the official code rather than the paper's text, or departs fr
   official code attends to all of them.
 - The teacher and student each have their own text encoder, as in the official code; the teacher's
   is frozen with the rest of it while the student trains.
+- Prompt positions. The official code draws the prompt path's learned positions (the prompt
+  transformer's and each cross transformer's) from N(0, 1), while the projected cue states they
+  are added to are about 0.2 in size, so the prompt summary P starts (and, in msakit's synthetic
+  runs, stays) almost the same for every clip. `prompt_position_std` scales that init; the default
+  1 is the official one.
 """
 
 from __future__ import annotations
