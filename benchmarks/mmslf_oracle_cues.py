@@ -76,6 +76,10 @@ def run_one(std: float, seed: int, runs_dir: Path, command: str) -> dict:
             "seconds": seconds, "machine": machine_name(), "command": command}
 
 
+def _cell(mean: str, std: str, seeds: int) -> str:
+    return f"{mean} ± {std}" if seeds > 1 else mean
+
+
 def table(records: list[dict]) -> tuple[dict, str]:
     summary = {}
     lines = [
@@ -95,13 +99,14 @@ def table(records: list[dict]) -> tuple[dict, str]:
                             ("own", [r["test"]["own"] for r in runs]),
                             ("permuted", [r["test"]["permuted"] for r in runs])):
             mean, std_ = mean_std(values)
-            cells[key] = {k: f"{format_value(k, mean[k])} ± {format_value(k, std_[k])}" for k in COLUMNS}
+            cells[key] = {k: _cell(format_value(k, mean[k]), format_value(k, std_[k]), len(runs))
+                          for k in COLUMNS}
         moved = np.array([r["moved"] for r in runs])
         summary[f"{std:g}"] = {"seeds": [r["seed"] for r in runs], "moved": float(moved.mean())}
         lines.append(
             f"| {std:g}{' (official)' if std == 1 else ''} | {' '.join(str(r['seed']) for r in runs)} "
             f"| {cells['train']['mae']} | {cells['own']['mae']} | {cells['own']['corr']} "
-            f"| {cells['permuted']['mae']} | {moved.mean():.3f} ± {moved.std():.3f} "
+            f"| {cells['permuted']['mae']} | {_cell(f'{moved.mean():.3f}', f'{moved.std():.3f}', len(runs))} "
             f"| {sum(r['seconds'] for r in runs) / len(runs):.0f} | {runs[0]['machine']} |"
         )
     commands = sorted({r["command"] for r in records})
