@@ -133,11 +133,12 @@ def prompt_variation(checkpoint: Path, cues: Path, data: MultimodalDataset) -> d
     cue_squares, position_squares, summaries = [], [], []
     for batch in iterate_batches(data.train, 64):
         states, mask = model.prompts(batch)
-        projected = teacher.prompt_project(states)[mask]
+        projected = teacher.prompt_project(states)
+        # the prompt transformer's first `length` positions are its learned tokens'; the cue's follow
         positions = teacher.prompt_summary.positions[0, length:length + states.shape[1]]
-        cue_squares.append(projected.pow(2).mean(-1))
+        cue_squares.append(projected[mask].pow(2).mean(-1))
         position_squares.append(positions.expand(len(batch), -1, -1)[mask].pow(2).mean(-1))
-        summaries.append(teacher.prompt_summary(teacher.prompt_project(states), mask, keep=length)[-1])
+        summaries.append(teacher.prompt_summary(projected, mask, keep=length)[-1])
     summary = torch.cat(summaries)
     return {
         "cue rms": float(torch.cat(cue_squares).mean().sqrt()),
