@@ -36,12 +36,15 @@ COLUMNS = ("mae", "acc2_non0", "f1_non0", "acc7", "corr")
 RUNS = ("distilled", "plain")
 
 
+def only_stage(name: str) -> str:
+    """The override that trains mmslf's stage `name` alone, as configured for the synthetic data."""
+    stage = next(s for s in resolve_config("mmslf", "synthetic")["training"]["stages"] if s["name"] == name)
+    return f"training.stages={json.dumps([stage])}"
+
+
 def plain_overrides() -> list[str]:
     """The student stage alone, as configured for the synthetic data, without distillation."""
-    stages = resolve_config("mmslf", "synthetic")["training"]["stages"]
-    student = next(s for s in stages if s["name"] == "student")
-    return ["model.attention_weight=0", "model.fusion_weight=0",
-            f"training.stages={json.dumps([student])}"]
+    return ["model.attention_weight=0", "model.fusion_weight=0", only_stage("student")]
 
 
 def run_one(run: str, seed: int, cues: Path, runs_dir: Path, command: str, extra: list[str]) -> dict:

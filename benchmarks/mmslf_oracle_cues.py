@@ -18,7 +18,6 @@ benchmarks/results/mmslf_oracle_cues.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
@@ -26,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mmslf_distillation import only_stage
 from mmslf_teacher_cues import permuted_cues, teacher_predictions, write_cues
 from msakit import api
-from msakit.config import resolve_config
 from msakit.cues.backend import label_phrase
 from msakit.data.schema import SPLITS, MultimodalDataset
 from msakit.data.synthetic import synthetic_dataset
@@ -52,17 +51,13 @@ def oracle_cues(data: MultimodalDataset) -> dict[str, dict]:
     return records
 
 
-def run_one(std: float, seed: int, runs_dir: Path, command: str) -> dict:
-    data = synthetic_dataset()
-    cues = oracle_cues(data)
-    own = write_cues(runs_dir / "oracle.jsonl", list(cues.values()))
-    permuted = write_cues(runs_dir / "oracle_permuted.jsonl", permuted_cues(cues, data))
-    teacher = next(s for s in resolve_config("mmslf", "synthetic")["training"]["stages"]
-                   if s["name"] == "teacher")
+def run_one(std: float, seed: int, data: MultimodalDataset, own: Path, permuted: Path, runs_dir: Path,
+            command: str) -> dict:
+    """The teacher stage trained on the `own` cue file, scored with it and with `permuted`."""
     start = time.perf_counter()
     api.train("mmslf", data, seeds=[seed], progress=False, output=runs_dir / f"std{std:g}",
               command=command, overrides=[f"model.cues={own}", f"model.prompt_position_std={std}",
-                                          f"training.stages={json.dumps([teacher])}"])
+                                          only_stage("teacher")])
     seconds = round(time.perf_counter() - start, 1)
     checkpoint = runs_dir / f"std{std:g}" / f"seed-{seed}.pt"
     labels = data.test.labels
@@ -125,9 +120,13 @@ def main() -> None:
     runs_dir = Path(args.runs_dir)
     if not args.table:
         command = shlex.join(["python", *sys.argv])
+        data = synthetic_dataset()
+        cues = oracle_cues(data)
+        own = write_cues(runs_dir / "oracle.jsonl", list(cues.values()))
+        permuted = write_cues(runs_dir / "oracle_permuted.jsonl", permuted_cues(cues, data))
         for std in args.position_std:
             for seed in args.seeds:
-                record = run_one(std, seed, runs_dir, command)
+                record = run_one(std, seed, data, own, permuted, runs_dir, command)
                 save_record(runs_dir / "records", f"std{std:g}-{seed}", record)
                 print(f"std {std:g} seed {seed}: test MAE own {record['test']['own']['mae']:.3f}, "
                       f"permuted {record['test']['permuted']['mae']:.3f}", flush=True)
