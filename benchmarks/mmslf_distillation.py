@@ -47,6 +47,12 @@ def plain_overrides() -> list[str]:
     return ["model.attention_weight=0", "model.fusion_weight=0", only_stage("student")]
 
 
+def cue_backend(cues: Path) -> str:
+    """The backend named by the cue file's first record (the table says whose cues were read)."""
+    with cues.open() as lines:
+        return json.loads(next(lines))["backend"]
+
+
 def run_one(run: str, seed: int, cues: Path, runs_dir: Path, command: str, extra: list[str]) -> dict:
     data = synthetic_dataset()
     overrides = [f"model.cues={cues}", *extra] + (plain_overrides() if run == "plain" else [])
@@ -60,7 +66,7 @@ def run_one(run: str, seed: int, cues: Path, runs_dir: Path, command: str, extra
             "stages": {s["stage"]: {"best_epoch": s["best_epoch"], "test": s["test"]}
                        for s in seed_run.get("stages", [])},
             "best_epoch": seed_run["best_epoch"], "seconds": round(time.perf_counter() - start, 1),
-            "machine": machine, "command": command, "overrides": extra}
+            "machine": machine, "command": command, "overrides": extra, "cues": cue_backend(cues)}
 
 
 def table(records: list[dict]) -> tuple[dict, str]:
@@ -74,9 +80,10 @@ def table(records: list[dict]) -> tuple[dict, str]:
             rows.setdefault("student, trained without distillation", []).append(r)
     summary = {}
     changed = sorted({o for r in records for o in r.get("overrides", [])})
+    backends = sorted({r.get("cues", "offline") for r in records if r["run"] == "distilled"})
     lines = [
-        "MMSLF on the synthetic default (synthetic(seed=0, unaligned)), offline cues, test split, "
-        "mean ± std over seeds; every run selected on validation MAE."
+        f"MMSLF on the synthetic default (synthetic(seed=0, unaligned)), {', '.join(backends)} cues, "
+        "test split, mean ± std over seeds; every run selected on validation MAE."
         + (f" Changed from mmslf's `synthetic` settings: {', '.join(f'`{o}`' for o in changed)}."
            if changed else ""),
         "",

@@ -3,6 +3,7 @@
     python benchmarks/mmslf_oracle_cues.py                              # seed 1111, both inits
     python benchmarks/mmslf_oracle_cues.py --position-std 0.02 --seeds 1112
     python benchmarks/mmslf_oracle_cues.py --table                      # only rebuild the table
+    python benchmarks/mmslf_oracle_cues.py --cues-only                  # only write the cue files
 
 A diagnostic, not a result of the method: every clip of every split (test included) gets a cue
 that states its label, in the offline backend's words ("The annotated sentiment is weakly positive
@@ -49,6 +50,13 @@ def oracle_cues(data: MultimodalDataset) -> dict[str, dict]:
                                        "model": "label", "prompt_version": "oracle-1",
                                        "visual_cues": "", "language_cues": text, "text": text}
     return records
+
+
+def write_oracle_files(runs_dir: Path, data: MultimodalDataset) -> tuple[Path, Path]:
+    """`oracle.jsonl` and `oracle_permuted.jsonl` (each clip gets another clip's cue) in `runs_dir`."""
+    cues = oracle_cues(data)
+    return (write_cues(runs_dir / "oracle.jsonl", list(cues.values())),
+            write_cues(runs_dir / "oracle_permuted.jsonl", permuted_cues(cues, data)))
 
 
 def run_one(std: float, seed: int, data: MultimodalDataset, own: Path, permuted: Path, runs_dir: Path,
@@ -116,14 +124,18 @@ def main() -> None:
     parser.add_argument("--runs-dir", default="runs/mmslf_oracle_cues")
     parser.add_argument("--output", default="benchmarks/results/mmslf_oracle_cues")
     parser.add_argument("--table", action="store_true", help="only rebuild the table from the records")
+    parser.add_argument("--cues-only", action="store_true",
+                        help="only write <runs-dir>/oracle.jsonl (and its permutation), e.g. for "
+                             "mmslf_distillation.py --cues")
     args = parser.parse_args()
     runs_dir = Path(args.runs_dir)
+    if args.cues_only:
+        print(write_oracle_files(runs_dir, synthetic_dataset())[0])
+        return
     if not args.table:
         command = shlex.join(["python", *sys.argv])
         data = synthetic_dataset()
-        cues = oracle_cues(data)
-        own = write_cues(runs_dir / "oracle.jsonl", list(cues.values()))
-        permuted = write_cues(runs_dir / "oracle_permuted.jsonl", permuted_cues(cues, data))
+        own, permuted = write_oracle_files(runs_dir, data)
         for std in args.position_std:
             for seed in args.seeds:
                 record = run_one(std, seed, data, own, permuted, runs_dir, command)
