@@ -5,7 +5,8 @@
     python benchmarks/mmslf_distillation.py --table              # only rebuild the table
 
 Cues come from the offline backend (`msakit cues synthetic --output runs/synthetic_cues.jsonl`,
-written here when missing). Two runs per seed, both with mmslf's `synthetic` settings:
+written here when missing), or from the file `--cues` names (e.g. mmslf_oracle_cues.py's). Two
+runs per seed, both with mmslf's `synthetic` settings:
 - distilled: the teacher stage (with cues), then the student stage against the frozen teacher;
 - plain: the same student network and student stage (epochs, learning rate, schedule) with the
   distillation weights at 0, i.e. trained on the labels alone.
@@ -34,6 +35,7 @@ from records import machine_name, rebuild_table, save_record
 
 COLUMNS = ("mae", "acc2_non0", "f1_non0", "acc7", "corr")
 RUNS = ("distilled", "plain")
+OFFLINE_CUES = "runs/synthetic_cues.jsonl"
 
 
 def only_stage(name: str) -> str:
@@ -108,16 +110,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", choices=RUNS, action="append", help="default: both")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1111, 1112, 1113])
-    parser.add_argument("--cues", default="runs/synthetic_cues.jsonl")
+    parser.add_argument("--cues", help="a cue file (default: the offline backend's, written when missing)")
     parser.add_argument("--runs-dir", default="runs/robustness_synthetic")
     parser.add_argument("--output", default="benchmarks/results/mmslf_distillation")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="applied to both runs (use another --runs-dir and --output)")
     parser.add_argument("--table", action="store_true", help="only rebuild the table from the records")
     args = parser.parse_args()
-    runs_dir, cues = Path(args.runs_dir), Path(args.cues)
+    runs_dir, cues = Path(args.runs_dir), Path(args.cues or OFFLINE_CUES)
     records_dir = runs_dir / "mmslf-records"
     if not args.table:
+        if args.cues and not cues.is_file():
+            parser.error(f"cue file not found: {cues}")
         if not cues.is_file():
             run_cues("synthetic", cues, progress=False)
         command = shlex.join(["python", *sys.argv])
