@@ -120,9 +120,9 @@ def main() -> None:
     runs_dir, cues = Path(args.runs_dir), Path(args.cues or OFFLINE_CUES)
     records_dir = runs_dir / "mmslf-records"
     if not args.table:
-        if args.cues and not cues.is_file():
-            parser.error(f"cue file not found: {cues}")
         if not cues.is_file():
+            if args.cues:
+                parser.error(f"cue file not found: {cues}")
             run_cues("synthetic", cues, progress=False)
         command = shlex.join(["python", *sys.argv])
         for run in args.run or RUNS:
