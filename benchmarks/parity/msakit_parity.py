@@ -1,0 +1,156 @@
+"""What every parity check shares: reading `--official`, building unpadded batches, copying weights by
+name, measuring differences, and writing `benchmarks/results/parity/<method>.{json,md}`.
+
+A check builds the official model from a checkout the user names (never vendored), copies its
+weights into msakit's model by name, feeds both the same unpadded inputs and records the largest
+absolute differences of predictions and losses, and the largest gradient difference relative to
+the largest gradient. The report states the tolerances reached, the parameter counts and the
+commit of the official code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from msakit.data.schema import MODALITIES, Batch
+from msakit.fileio import atomic_write_text
+
+RESULTS = Path("benchmarks/results/parity")
+PREDICTION_TOLERANCE = 1e-5  # absolute, predictions and losses
+GRADIENT_TOLERANCE = 1e-4  # relative to the largest gradient
+
+
+def parse_args(method: str, repository: str, commit: str) -> argparse.Namespace:
+    """`--official PATH` (a checkout of `repository`, expected at `commit`) and `--output`."""
+    parser = argparse.ArgumentParser(description=f"Numerical parity of msakit's {method} with {repository}")
+    parser.add_argument("--official", required=True, type=Path,
+                        help=f"a checkout of {repository} (tested at {commit[:7]})")
+    parser.add_argument("--output", type=Path, default=RESULTS / method,
+                        help="results stem: writes STEM.json and STEM.md")
+    args = parser.parse_args()
+    if not args.official.is_dir():
+        parser.error(f"--official {args.official}: not a folder")
+    return args
+
+
+def official_commit(root: Path, expected: str) -> str:
+    """The commit of the checkout at `root` when it is a git work tree, else the expected one (an
+    exported archive has no history; the report then says which commit it was exported from)."""
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return f"{expected} (exported archive, not verified)"
+    return out.stdout.strip()
+
+
+def import_official(root: Path, *modules: str) -> list:
+    """Import `modules` from the official checkout, its root first on the path."""
+    import importlib
+
+    sys.path.insert(0, str(root))
+    return [importlib.import_module(m) for m in modules]
+
+
+def full_batch(labels: torch.Tensor, clean: Batch | None = None, **inputs: torch.Tensor) -> Batch:
+    """A batch of unpadded inputs: every token and frame valid, every modality present."""
+    size = labels.shape[0]
+    masks = {f"{m}_mask": torch.ones(v.shape[:2], dtype=torch.bool)
+             for m, v in inputs.items() if m in MODALITIES}
+    return Batch(labels=labels, index=torch.arange(size), ids=[str(i) for i in range(size)],
+                 presence=torch.ones(size, 3, dtype=torch.bool), clean=clean, **inputs, **masks)
+
+
+def rename_state(state: dict[str, torch.Tensor], rules: Iterable[tuple[str, str]],
+                 inner: Iterable[tuple[str, str]] = ()) -> dict[str, torch.Tensor]:
+    """Official parameter names -> msakit's: the first matching rule of `rules`, then every rule of
+    `inner` in order (regex substitutions)."""
+    rules, inner = list(rules), list(inner)
+    out = {}
+    for name, value in state.items():
+        new = name
+        for pattern, repl in rules:
+            if re.search(pattern, new):
+                new = re.sub(pattern, repl, new)
+                break
+        for pattern, repl in inner:
+            new = re.sub(pattern, repl, new)
+        out[new] = value
+    return out
+
+
+def parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.detach().double() - b.detach().double()).abs().max().item()
+
+
+def gradient_difference(official: nn.Module, ours: nn.Module,
+                        official_name: Callable[[str], str]) -> dict[str, float]:
+    """Largest absolute gradient difference over msakit's parameters (each matched to the official
+    parameter `official_name` maps it to), the largest official gradient, and their ratio. A
+    parameter with a gradient on one side only counts its whole gradient as the difference."""
+    theirs = dict(official.named_parameters())
+    worst, scale = 0.0, 0.0
+    for name, param in ours.named_parameters():
+        other = theirs[official_name(name)]
+        mine = torch.zeros_like(param) if param.grad is None else param.grad
+        ref = torch.zeros_like(other) if other.grad is None else other.grad
+        worst = max(worst, max_abs(mine, ref))
+        scale = max(scale, ref.abs().max().item())
+    return {"max_abs_diff": worst, "largest_gradient": scale,
+            "relative": worst / scale if scale else worst}
+
+
+def within_tolerance(row: dict) -> bool:
+    return (max(row["max_abs_diff"].values()) <= PREDICTION_TOLERANCE
+            and row["gradients"]["relative"] <= GRADIENT_TOLERANCE)
+
+
+def write_report(method: str, output: Path, repository: str, commit: str, rows: list[dict],
+                 switches: dict[str, str], notes: str = "") -> str:
+    """STEM.json and STEM.md: one row per dataset size with its differences. `switches` names each
+    msakit setting the check turned on to follow the official behaviour, with the reason."""
+    command = shlex.join(["python", *sys.argv])
+    record = {"method": method, "command": command, "official": {"repository": repository,
+                                                                 "commit": commit},
+              "tolerance": {"predictions_and_losses_abs": PREDICTION_TOLERANCE,
+                            "gradients_relative": GRADIENT_TOLERANCE},
+              "switches": switches, "rows": rows,
+              "passed": all(within_tolerance(r) for r in rows)}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(f"{output}.json"), json.dumps(record, indent=2) + "\n")
+    keys = list(rows[0]["max_abs_diff"])
+    lines = [f"# {method} parity with `{repository}` @ {commit}", "",
+             "| dataset | parameters (official / msakit) | " + " | ".join(keys)
+             + " | gradients (max abs / largest / relative) | within tolerance |",
+             "|---" * (len(keys) + 4) + "|"]
+    for row in rows:
+        p, g = row["parameters"], row["gradients"]
+        lines.append(f"| {row['dataset']} | {p['official']:,} / {p['msakit']:,} | "
+                     + " | ".join(f"{row['max_abs_diff'][k]:.1e}" for k in keys)
+                     + f" | {g['max_abs_diff']:.1e} / {g['largest_gradient']:.1e} / {g['relative']:.1e}"
+                     + f" | {'yes' if within_tolerance(row) else 'NO'} |")
+    lines += ["", f"Tolerances: predictions and losses {PREDICTION_TOLERANCE:g} absolute, gradients "
+              f"{GRADIENT_TOLERANCE:g} relative to the largest gradient (float32, CPU)."]
+    if switches:
+        lines += ["", "msakit settings switched to the official behaviour for this check:", ""]
+        lines += [f"- `{k}`: {v}" for k, v in switches.items()]
+    if notes:
+        lines += ["", notes]
+    lines += ["", f"Command: `{command}`"]
+    text = "\n".join(lines) + "\n"
+    atomic_write_text(Path(f"{output}.md"), text)
+    return text
