@@ -103,7 +103,7 @@ def test_each_stage_trains_its_own_network_only(dims, batch, tiny_bert, cues):
     assert all(grads[n] for n in grads if n.startswith("teacher.")), [n for n in grads if not grads[n]]
     assert not any(grads[n] for n in grads if n.startswith("student."))
     model.set_stage("student")
-    assert model.teacher.training is False and model.student.training is True
+    assert model.student.training is True  # the teacher's mode: test_teacher_mode_decides_...
     out = model(batch)
     assert set(out.losses) == {"attention", "fusion"}
     assert all(torch.isfinite(v) and v > 0 for v in out.losses.values())
@@ -194,3 +194,26 @@ def test_prompt_position_std_scales_only_the_prompt_positions(dims, tiny_bert, c
 def test_a_bad_prompt_position_std_is_named(dims, tiny_bert, value):
     with pytest.raises(MsakitError, match="model.prompt_position_std"):
         _mmslf(dims, tiny_bert, None, prompt_position_std=value)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_teacher_mode_decides_whether_the_targets_have_dropout(dims, batch, tiny_bert, cues, mode):
+    model = _mmslf(dims, tiny_bert, cues, dropout=0.5, teacher_mode=mode, text_source="encoder",
+                   text_encoder=tiny_bert).train()
+    model.set_stage("student")
+    assert model.teacher.training == (mode == "train") and model.student.training
+    assert not model.teacher.text_encoder.model.training  # the official BERT stays in eval mode
+    with torch.no_grad():
+        first, second = (model.run_teacher(batch, maps=True) for _ in range(2))
+        model.eval()
+        plain = model.run_teacher(batch, maps=True)
+    for target in (second, plain):
+        same = torch.allclose(first.fusion_tokens, target.fusion_tokens) and all(
+            torch.allclose(first.attention[m], target.attention[m]) for m in ("audio", "vision"))
+        assert same == (mode == "eval")
+    assert not model.teacher.training
+
+
+def test_a_bad_teacher_mode_is_named(dims, tiny_bert):
+    with pytest.raises(MsakitError, match="model.teacher_mode"):
+        _mmslf(dims, tiny_bert, None, teacher_mode="frozen")

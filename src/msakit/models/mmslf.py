@@ -34,8 +34,11 @@ Where this follows the official code rather than the paper's text, or departs fr
   r ~ U(0.5, 1): audio/vision features zeroed element-wise, text tokens replaced by [UNK] (here:
   special tokens and padding are kept; precomputed text features lose whole token vectors).
   `augment_min_keep` sets the lower bound (1 = off). The student trains on plain inputs, as there.
-- The frozen teacher runs in evaluation mode (no dropout) while the student trains, so its targets
-  are deterministic.
+- Teacher mode. While the student trains, the official code leaves the frozen teacher in training
+  mode (train_student.py never calls its eval()), so the cross transformers' dropout (0.5) is on
+  when it writes the targets; its pretrained BERTs stay in the evaluation mode `from_pretrained`
+  puts them in. `teacher_mode: train` (default) does the same (the teacher's text encoder in
+  evaluation mode); `eval` gives deterministic targets (no dropout anywhere in the teacher).
 - Padding is masked: padded audio/vision frames are not attended to, padded text positions are not
   read by the fusion transformer, padded prompt tokens are not read by the prompt transformer. The
   official code attends to all of them.
@@ -70,6 +73,7 @@ from msakit.models.registry import register_model
 
 STAGES = ("teacher", "student")
 ATTENTION_TARGETS = ("unmodulated", "modulated")
+TEACHER_MODES = ("train", "eval")
 
 
 @dataclass
@@ -104,6 +108,7 @@ class MMSLFConfig(ModelConfig):
     attention_weight: float = 60.0  # beta
     fusion_weight: float = 8.0  # gamma
     attention_target: str = "unmodulated"
+    teacher_mode: str = "train"  # the frozen teacher's mode while the student trains
 
     def __post_init__(self) -> None:
         check_settings(
@@ -128,6 +133,11 @@ class MMSLFConfig(ModelConfig):
             raise MsakitError(
                 f"mmslf: model.attention_target must be one of {', '.join(ATTENTION_TARGETS)}, "
                 f"not {self.attention_target!r}"
+            )
+        if self.teacher_mode not in TEACHER_MODES:
+            raise MsakitError(
+                f"mmslf: model.teacher_mode must be one of {', '.join(TEACHER_MODES)}, "
+                f"not {self.teacher_mode!r}"
             )
 
 
@@ -390,7 +400,10 @@ class MMSLF(MSAModel):
     def train(self, mode: bool = True) -> MMSLF:
         super().train(mode)
         if self.stage == "student":
-            self.teacher.eval()  # a frozen teacher gives deterministic targets
+            # the frozen teacher: in training mode (dropout on, its text encoder excepted) while
+            # the student trains with `teacher_mode: train`, as in the official code
+            self.teacher.train(mode and self.config.teacher_mode == "train")
+            self.teacher.text_encoder.eval()
         return self
 
     @property
