@@ -4,6 +4,7 @@ targets are right, the two stages are one recipe of the training loop and both a
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,14 +23,14 @@ TINY = {"hidden_dim": 8, "dim_head": 4, "cross_heads": 2, "cross_mlp_dim": 8,
         "student_fusion_depth": 1, "prompt_max_len": 64, "dropout": 0.0}
 
 
-def write_cues(path, splits: dict[str, Split]) -> str:
+def write_cues(path, splits: dict[str, Split], backend: str = "test") -> str:
     """A cue file in `msakit cues`' format: the label is shown for training samples only."""
     with open(path, "w") as f:
         for name, split in splits.items():
             for sample_id, label in zip(split.ids, split.labels, strict=True):
                 shown = f" Label: {'positive' if label > 0 else 'negative'}." if name == "train" else ""
                 text = f"Visual cues: a steady gaze. Language cues: plain words.{shown}"
-                f.write(json.dumps({"id": str(sample_id), "split": name, "backend": "test",
+                f.write(json.dumps({"id": str(sample_id), "split": name, "backend": backend,
                                     "model": "none", "prompt_version": "1", "visual_cues": "",
                                     "language_cues": "", "text": text}) + "\n")
     return str(path)
@@ -161,6 +162,12 @@ def test_train_runs_the_teacher_then_the_student_and_reports_both(tiny_dataset, 
     assert [s["stage"] for s in run["stages"]] == ["teacher", "student"]
     assert run["test"] == run["stages"][-1]["test"]
     assert set(result["stages"]) == {"teacher", "student"}
+    written = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert written["inputs"]["cues"] == {
+        "path": path, "backends": ["test"], "samples_without_cues": 0,
+        "sources": [{"backend": "test", "model": "none", "prompt_version": "1",
+                     "samples": sum(len(data.split(s)) for s in ("train", "valid", "test"))}],
+    }
     history = {stage: [h["train_loss"] for h in run["history"] if h["stage"] == stage]
                for stage in ("teacher", "student")}
     assert all(len(losses) == 3 and losses[-1] < losses[0] for losses in history.values()), history
@@ -217,3 +224,19 @@ def test_teacher_mode_decides_whether_the_targets_have_dropout(dims, batch, tiny
 def test_a_bad_teacher_mode_is_named(dims, tiny_bert):
     with pytest.raises(MsakitError, match="model.teacher_mode"):
         _mmslf(dims, tiny_bert, None, teacher_mode="frozen")
+
+
+def test_the_run_records_which_backends_wrote_the_cues_it_read(split, tmp_path):
+    path = write_cues(tmp_path / "cues.jsonl", {"train": split.subset([0, 1, 2])}, backend="offline")
+    later = write_cues(tmp_path / "b.jsonl", {"train": split.subset([2])}, "openai")
+    with open(path, "a") as f:  # a later line for an id replaces the earlier one
+        f.write(Path(later).read_text())
+    ids = [str(i) for i in split.ids[:4]]
+    config = {"model": {"cues": path, "attention_weight": 60.0, "fusion_weight": 8.0},
+              "training": {"stages": [{"name": "student"}]}}
+    cues = MMSLF.run_inputs(config, ids)["cues"]
+    assert cues["backends"] == ["offline", "openai"] and cues["samples_without_cues"] == 1
+    assert [(s["backend"], s["samples"]) for s in cues["sources"]] == [("offline", 2), ("openai", 1)]
+    # a student trained without distillation reads no cues, so the run names none
+    plain = {**config["model"], "attention_weight": 0, "fusion_weight": 0}
+    assert MMSLF.run_inputs({**config, "model": plain}, ids) == {}

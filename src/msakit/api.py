@@ -325,6 +325,7 @@ def reproduce(
         "selection": f"one checkpoint per metric (F1 with its accuracy), best on VALIDATION{where}; "
                      "test never used to select",
         "config": config,
+        **_run_inputs(model, config, data),
         "seeds": runs,
         "rows": per_condition,
         "mean": mean,
@@ -444,11 +445,19 @@ def _summarise(
         "selection": f"best validation {metric} ({direction} is better){_missing_during_selection(config)}; "
                      "test never used to select",
         "config": config,
+        **_run_inputs(model, config, data),
         "seeds": runs,
         "mean": mean,
         "std": std,
         **({"stages": stages} if stages else {}),
     }
+
+
+def _run_inputs(model: str, config: dict[str, Any], data: MultimodalDataset) -> dict[str, Any]:
+    """{"inputs": ...}: what the model read besides the dataset (e.g. whose cues), when anything."""
+    ids = [str(i) for s in SPLITS for i in data.split(s).ids]
+    inputs = get_model_class(model).run_inputs(config, ids)
+    return {"inputs": inputs} if inputs else {}
 
 
 def _missing_during_selection(config: dict[str, Any]) -> str:

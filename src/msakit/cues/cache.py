@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -111,6 +113,29 @@ def load_cue_texts(path: str | os.PathLike[str]) -> dict[str, str]:
     if not path.is_file():
         raise MsakitError(f"cue file not found: {path}")
     return {sample_id: record["text"] for sample_id, record in read_cue_records(path).items()}
+
+
+def cue_sources(path: str | os.PathLike[str], ids: Iterable[str]) -> dict[str, Any]:
+    """Who wrote the cues of the samples `ids` in the cue file at `path`: the backends (so that
+    offline cues are never taken for an MLLM's), and per backend, model and prompt version the
+    number of those samples; `samples_without_cues` counts the ids the file has no record for."""
+    path = Path(path).expanduser()
+    records = read_cue_records(path)
+    counts: Counter[tuple[str, str, str]] = Counter()
+    missing = 0
+    for sample_id in ids:
+        record = records.get(sample_id)
+        if record is None:
+            missing += 1
+        else:
+            counts[record["backend"], record["model"], record["prompt_version"]] += 1
+    return {
+        "path": str(path.resolve()),
+        "backends": sorted({backend for backend, _, _ in counts}),
+        "sources": [{"backend": b, "model": m, "prompt_version": v, "samples": n}
+                    for (b, m, v), n in sorted(counts.items())],
+        "samples_without_cues": missing,
+    }
 
 
 class CueFileWriter:

@@ -89,5 +89,12 @@ class MSAModel(nn.Module):
         strings and containers of them only. The default has none."""
         return {}
 
+    @classmethod
+    def run_inputs(cls, config: dict[str, Any], ids: list[str]) -> dict[str, Any]:
+        """What a run with the resolved `config` ({"model": ..., "training": ...}) reads besides
+        the dataset, e.g. MMSLF's cue file and which backend wrote it, for results.json; `ids` are
+        the dataset's sample ids. The default reads nothing else."""
+        return {}
+
     def load_training_state(self, state: dict[str, Any]) -> None:
         """Put back what `training_state` returned."""

@@ -57,6 +57,7 @@ import json
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -405,6 +406,18 @@ class MMSLF(MSAModel):
             self.teacher.train(mode and self.config.teacher_mode == "train")
             self.teacher.text_encoder.eval()
         return self
+
+    @classmethod
+    def run_inputs(cls, config: dict[str, Any], ids: list[str]) -> dict[str, Any]:
+        """The cue file and the backends that wrote the cues of this dataset, when a run reads
+        them (a teacher stage, or a student stage distilling from the teacher)."""
+        model, stages = config["model"], [s["name"] for s in config["training"]["stages"]]
+        distilling = model["attention_weight"] > 0 or model["fusion_weight"] > 0
+        if model["cues"] is None or not ("teacher" in stages or distilling):
+            return {}
+        from msakit.cues import cue_sources
+
+        return {"cues": cue_sources(model["cues"], ids)}
 
     @property
     def distilling(self) -> bool:
