@@ -1,38 +1,47 @@
 """Numerical parity of msakit's LNLN with the official implementation (Haoyu-ha/LNLN).
 
     git clone https://github.com/Haoyu-ha/LNLN /path/to/LNLN   # plus `pip install einops`
-    python benchmarks/lnln_parity.py --official /path/to/LNLN
+    python benchmarks/parity/lnln.py --official /path/to/LNLN
 
 Builds the official model from its own configs/train_{mosi,mosei,sims}.yaml (its BERT replaced by
 the identity, so both models read the same 768-d text states), copies its weights into msakit's
-`lnln` (text_source: features) by name, and feeds both the same random unpadded inputs (msakit's
-padding masks then hide nothing). Compares the parameter counts, the prediction in evaluation
-mode, and, in training mode with a noisy and a clean input, the completeness score w, the
-adversarial and reconstruction losses, and, after one backward pass of the whole loss (the
-completeness target set equal on both sides: it is defined differently, see the model's
-docstring), every parameter's gradient: the gradient reversal sits where the official code has
-it (`gradient_reversal: proxy`). Writes benchmarks/results/lnln_parity.{json,md}.
+`lnln` (text_source: features) by name with strict loading, and feeds both the same random
+unpadded inputs (msakit's padding masks then hide nothing). Compares the prediction in evaluation
+mode and, in training mode with a noisy and a clean input, the completeness score w, the
+adversarial and reconstruction losses, the total loss and, after one backward pass of the total
+loss, every parameter's gradient. The completeness target is set equal on both sides (it is
+defined differently, see the model's docstring); the gradient reversal sits where the official
+code has it (`gradient_reversal: proxy`, msakit's default). Writes
+benchmarks/results/parity/lnln.{json,md}.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import re
-import shlex
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import yaml
+from msakit_parity import (
+    full_batch,
+    gradient_difference,
+    import_official,
+    max_abs,
+    official_commit,
+    parameter_count,
+    parse_args,
+    rename_state,
+    write_report,
+)
 
 from msakit.config import resolve_config
-from msakit.data.schema import Batch, FeatureDims
-from msakit.fileio import atomic_write_text
+from msakit.data.schema import FeatureDims
 from msakit.models import create_model
 
-# official parameter name -> msakit name, applied in order (first match wins per rule)
+REPOSITORY = "Haoyu-ha/LNLN"
+COMMIT = "80a052c62b7b3b7a6cb6956846e9d9c121f56eda"
+
+# official parameter name -> msakit's: the first matching rule, then every INNER rule in order
 RENAMES = [
     (r"^h_hyper$", "hyper_init"),
     (r"^h_p$", "proxy_init"),
@@ -72,32 +81,21 @@ INNER = [  # inside a transformer / hyper layer
 ]
 
 
-def msakit_name(name: str) -> str:
-    for pattern, repl in RENAMES:
-        if re.search(pattern, name):
-            name = re.sub(pattern, repl, name)
-            break
-    for pattern, repl in INNER:
-        name = re.sub(pattern, repl, name)
-    return name
+class Identity(torch.nn.Module):
+    """The official BERT wrapper, minus BERT: it hands the text states on unchanged."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
 
 def official_model(root: Path, dataset: str) -> tuple[torch.nn.Module, dict]:
-    sys.path.insert(0, str(root))
-    import models.bert
-    import models.lnln
-
-    class Identity(torch.nn.Module):  # the official BERT wrapper, minus BERT
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            super().__init__()
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x
-
-    models.bert.BertTextEncoder = Identity
-    models.lnln.BertTextEncoder = Identity
+    bert, lnln = import_official(root, "models.bert", "models.lnln")
+    bert.BertTextEncoder = lnln.BertTextEncoder = Identity
     args = yaml.safe_load((root / "configs" / f"train_{dataset}.yaml").read_text())
-    return models.lnln.LNLN(args), args
+    return lnln.LNLN(args), args
 
 
 def compare(root: Path, dataset: str, batch_size: int = 4) -> dict:
@@ -110,27 +108,23 @@ def compare(root: Path, dataset: str, batch_size: int = 4) -> dict:
                        audio_len=audio_len, vision_len=vision_len, has_text_ids=False)
     config = resolve_config("lnln", dataset, ["model.text_source=features"])["model"]
     ours = create_model("lnln", config, dims)
-    state = {msakit_name(k): v for k, v in official.state_dict().items()}
-    ours.load_state_dict(state, strict=True)
+    ours.load_state_dict(rename_state(official.state_dict(), RENAMES, INNER), strict=True)
+    # msakit name -> official name (the renamed state maps each new name to its old one)
+    official_name = rename_state({k: k for k, _ in official.named_parameters()}, RENAMES, INNER)
 
     def inputs() -> dict[str, torch.Tensor]:
         return {"text": torch.randn(batch_size, text_len, text_dim),
                 "audio": torch.randn(batch_size, audio_len, audio_dim),
                 "vision": torch.randn(batch_size, vision_len, vision_dim)}
 
-    def batch(x: dict[str, torch.Tensor], clean: Batch | None = None) -> Batch:
-        masks = {f"{m}_mask": torch.ones(v.shape[:2], dtype=torch.bool) for m, v in x.items()}
-        return Batch(labels=torch.zeros(batch_size), index=torch.arange(batch_size),
-                     ids=[str(i) for i in range(batch_size)],
-                     presence=torch.ones(batch_size, 3, dtype=torch.bool), clean=clean, **x, **masks)
-
     noisy, clean = inputs(), inputs()
+    labels = torch.zeros(batch_size)
     official.eval()
     ours.eval()
     with torch.no_grad():
         theirs = official((None, None, None), (noisy["vision"], noisy["audio"], noisy["text"]))
-        mine = ours(batch(noisy))
-    pred_diff = (theirs["sentiment_preds"].squeeze(-1) - mine.pred).abs().max().item()
+        mine = ours(full_batch(labels, **noisy))
+    pred_diff = max_abs(theirs["sentiment_preds"].squeeze(-1), mine.pred)
 
     official.train()
     ours.train()
@@ -139,10 +133,10 @@ def compare(root: Path, dataset: str, batch_size: int = 4) -> dict:
     # every token and frame counts as dropped: msakit embeds each clean input again, as the official
     # code does, and its completeness target is 0, which is the label given to the official loss
     dropped = {m: torch.ones(v.shape[:2], dtype=torch.bool) for m, v in noisy.items()}
-    mine = ours(batch(noisy, clean=batch(clean)).with_updates(dropped=dropped))
+    mine = ours(full_batch(labels, clean=full_batch(labels, **clean), **noisy).with_updates(dropped=dropped))
     cfg = ours.config
-    labels = torch.cat([torch.ones(batch_size * 8), torch.zeros(batch_size * 8)]).long()
-    their_adv = F.cross_entropy(theirs["effectiveness_discriminator_out"], labels)
+    effective = torch.cat([torch.ones(batch_size * 8), torch.zeros(batch_size * 8)]).long()
+    their_adv = F.cross_entropy(theirs["effectiveness_discriminator_out"], effective)
     their_rec = F.mse_loss(theirs["rec_feats"], theirs["complete_feats"])
     target = torch.randn(batch_size)
     their_total = (F.mse_loss(theirs["sentiment_preds"].squeeze(-1), target)
@@ -151,49 +145,32 @@ def compare(root: Path, dataset: str, batch_size: int = 4) -> dict:
     my_total = F.mse_loss(mine.pred, target) + sum(mine.losses.values())
     their_total.backward()
     my_total.backward()
-    their_grads = {msakit_name(k): p.grad for k, p in official.named_parameters()}
-    grad_diff = max((p.grad - their_grads[k]).abs().max().item() for k, p in ours.named_parameters())
-    grad_scale = max(g.abs().max().item() for g in their_grads.values())
-    w_diff = (theirs["w"].squeeze(-1) - mine.features["completeness"]).abs().max().item()
     return {
         "dataset": dataset,
-        "parameters": {"official_without_bert": sum(p.numel() for p in official.parameters()),
-                       "msakit_features": sum(p.numel() for p in ours.parameters())},
+        "parameters": {"official": parameter_count(official), "msakit": parameter_count(ours)},
         "max_abs_diff": {
             "prediction (eval)": pred_diff,
-            "completeness w (train)": w_diff,
-            "adversarial loss": abs(their_adv.item()
-                                    - mine.losses["adversarial"].item() / cfg.adversarial_weight),
-            "reconstruction loss": abs(their_rec.item() - mine.losses["reconstruction"].item()
-                                       / cfg.reconstruction_weight),
-            "total loss": abs(their_total.item() - my_total.item()),
-            "every parameter's gradient": grad_diff,
+            "completeness w (train)": max_abs(theirs["w"].squeeze(-1), mine.features["completeness"]),
+            "adversarial loss": max_abs(their_adv, mine.losses["adversarial"] / cfg.adversarial_weight),
+            "reconstruction loss": max_abs(their_rec,
+                                           mine.losses["reconstruction"] / cfg.reconstruction_weight),
+            "total loss": max_abs(their_total, my_total),
         },
-        "largest gradient": grad_scale,
+        "gradients": gradient_difference(official, ours, official_name.__getitem__),
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--official", required=True, type=Path, help="a checkout of Haoyu-ha/LNLN")
-    parser.add_argument("--output", default="benchmarks/results/lnln_parity")
-    args = parser.parse_args()
+    args = parse_args("lnln", REPOSITORY, COMMIT)
     rows = [compare(args.official, d) for d in ("mosi", "mosei", "sims")]
-    command = shlex.join(["python", *sys.argv])
-    out = Path(args.output)
-    record = {"command": command, "rows": rows}
-    atomic_write_text(out.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
-    keys = list(rows[0]["max_abs_diff"])
-    lines = ["| dataset | parameters (official without BERT / msakit) | " + " | ".join(keys)
-             + " | largest gradient |", "|---" * (len(keys) + 3) + "|"]
-    for row in rows:
-        p = row["parameters"]
-        lines.append(f"| {row['dataset']} | {p['official_without_bert']:,} / {p['msakit_features']:,} | "
-                     + " | ".join(f"{row['max_abs_diff'][k]:.1e}" for k in keys)
-                     + f" | {row['largest gradient']:.1e} |")
-    lines += ["", f"Command: `{command}` (max absolute differences, float32, CPU)"]
-    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print(write_report(
+        "lnln", args.output, REPOSITORY, official_commit(args.official, COMMIT), rows,
+        switches={},
+        notes=("Parameters: the official model without BERT (replaced by the identity) against msakit's "
+               "with `model.text_source=features`. The gradient reversal sits where the official code "
+               "has it (`model.gradient_reversal: proxy`, msakit's default), so no setting is switched. "
+               "The completeness target is 0 on both sides (every token and frame counts as dropped)."),
+    ))
 
 
 if __name__ == "__main__":
