@@ -6,16 +6,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 from model_inputs import N, contract_split, pad_noise, padded_longer
 from msakit import api
-from msakit.config import resolve_config
+from msakit.cli import cli
+from msakit.config import resolve_config, training_config
 from msakit.data.batching import make_batch
 from msakit.data.schema import MODALITIES
 from msakit.errors import MsakitError
 from msakit.models import create_model
 from msakit.models.cyin import CyIN, align_to_steps, sample_noise
-from msakit.training.settings import Stage, TrainConfig
+from msakit.training.settings import Stage, TrainConfig, scale_stages
 from msakit.training.trainer import Trainer
 
 TINY = {"common_dim": 8, "ib_hidden_dim": 8, "bottleneck_dim": 6, "num_heads": 2, "layers": 1,
@@ -285,3 +287,50 @@ def test_the_own_fill_feeds_fusion_the_missing_modality_s_own_bottleneck(dims, b
         torch.testing.assert_close(_fusion_inputs(model, missing)["vision"], own)
         model.config.missing_fill = "translation"
         assert not torch.allclose(_fusion_inputs(model, missing)["vision"][rows], own[rows])
+
+
+def test_the_translation_stage_continues_from_the_informative_stage_s_last_weights_and_moments(
+        tiny_dataset):
+    stages = training_config(resolve_config("cyin", "synthetic")["training"]).stages
+    assert [s.start for s in stages] == ["restore_best", "continue"]  # as the official code runs
+    model = _cyin(tiny_dataset.dims)
+    trainer = Trainer(model, TrainConfig(batch_size=24, patience=None, device="cpu",
+                                         stages=scale_stages(stages, 3)),
+                      tiny_dataset.metric_family, progress=False)
+    seen, original = [], trainer.train_epoch
+
+    def snapshot(optimizer):
+        return ({k: v.clone() for k, v in model.state_dict().items()}, optimizer,
+                {id(p): {k: v.clone() for k, v in s.items()} for p, s in optimizer.state.items()})
+
+    def spy(split, optimizer, *args, **kwargs):
+        seen.append((model.stage, snapshot(optimizer)))
+        loss = original(split, optimizer, *args, **kwargs)
+        seen.append((model.stage, snapshot(optimizer)))
+        return loss
+
+    trainer.train_epoch = spy
+    trainer.fit(tiny_dataset.train, tiny_dataset.valid, seed=0)
+    (stage, (weights, optimizer, moments)), (next_stage, (start, start_optimizer, start_moments)) = seen[1:3]
+    assert (stage, next_stage) == ("informative", "translation")
+    for key, value in weights.items():
+        assert torch.equal(start[key], value), key
+    assert start_optimizer is optimizer and start_moments.keys() == moments.keys() and moments
+    for param, state in moments.items():
+        for key, value in state.items():
+            assert torch.equal(start_moments[param][key], value), key
+
+
+def test_epochs_scale_the_stages_and_training_epochs_is_refused(tiny_dataset, tmp_path):
+    settings = [*(f"model.{k}={v}" for k, v in TINY.items()), "model.text_source=features",
+                "training.batch_size=24"]
+    result = api.train("cyin", tiny_dataset, epochs=2, progress=False, overrides=settings)
+    training = result["config"]["training"]
+    assert training["epochs"] == 2 and [s["epochs"] for s in training["stages"]] == [1, 1]
+    assert [(r["stage"], r["epoch"]) for r in result["seeds"][0]["history"]] == [
+        ("informative", 1), ("translation", 1)]
+    for args, message in ((["--epochs", "1"], "--epochs 1: the 2 training.stages need at least 2"),
+                          (["--set", "training.epochs=5"], "training.epochs does not apply to cyin")):
+        run = CliRunner().invoke(cli, ["train", "cyin", "--dataset", "synthetic", *args])
+        assert run.exit_code == 2 and message in run.output, run.output
+        assert len(run.output.strip().splitlines()) == 1, run.output

@@ -13,7 +13,7 @@ from msakit.config import resolve_config, training_config
 from msakit.errors import MsakitError
 from msakit.models import create_model
 from msakit.training.checkpoint import check_dims_match, load_checkpoint, save_checkpoint
-from msakit.training.settings import Stage, TrainConfig
+from msakit.training.settings import Stage, TrainConfig, scale_stages
 from msakit.training.trainer import Trainer, build_optimizer, build_scheduler, seed_everything
 from resume_check import assert_same_fit, fit_until_interrupted
 
@@ -57,6 +57,25 @@ def test_optimizer_excludes_biases_and_norms_from_weight_decay(tiny_dataset):
     decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     for name, param in model.named_parameters():
         assert (id(param) in decayed) == (param.ndim >= 2), name
+
+
+def test_decay_norms_and_biases_moves_the_models_own_into_the_decayed_group(tiny_dataset, tiny_bert,
+                                                                            dims):
+    model = create_model("mult", {"text_source": "encoder", "text_encoder": tiny_bert, "embed_dim": 8,
+                                  "num_heads": 2, "layers": 1}, dims)
+    encoder = {id(p) for p in model.text_encoder.model.parameters()}
+    exempt = {n for n, p in model.named_parameters() if p.ndim < 2 or "norm" in n.lower()}
+    assert any("norm" in n for n in exempt) and any(n.endswith(".bias") for n in exempt)
+    for setting in (False, True):
+        groups = build_optimizer(model, TrainConfig(weight_decay=0.1, encoder_weight_decay=0.2,
+                                                    decay_norms_and_biases=setting)).param_groups
+        decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+        for name, param in model.named_parameters():
+            own = id(param) not in encoder
+            expected = name not in exempt or (setting and own)  # the encoder's keep their exemption
+            assert (id(param) in decayed) == expected, (setting, name)
+    with pytest.raises(MsakitError, match="training.decay_norms_and_biases"):
+        TrainConfig(decay_norms_and_biases="yes")
 
 
 def test_fit_selects_on_validation_and_restores_the_best_weights(tiny_dataset):
@@ -262,6 +281,50 @@ def test_bad_training_values_are_named(key, value):
 def test_stages_need_a_name_and_epochs():
     with pytest.raises(MsakitError, match="stages"):
         TrainConfig(stages=[{"epochs": 3}])
+    with pytest.raises(MsakitError, match=r"stages\[b\].start must be one of restore_best, continue"):
+        TrainConfig(stages=[{"name": "a", "epochs": 1}, {"name": "b", "epochs": 1, "start": "best"}])
+    with pytest.raises(MsakitError, match=r"stages\[a\].start: continue needs a stage before it"):
+        TrainConfig(stages=[{"name": "a", "epochs": 1, "start": "continue"}])
+
+
+@pytest.mark.parametrize(("epochs", "total", "expected"), [
+    ([3, 27], 10, [1, 9]), ([3, 27], 2, [1, 1]), ([3, 27], 30, [3, 27]), ([9, 21], 7, [2, 5]),
+    ([1, 1, 1], 4, [2, 1, 1]), ([3, 27], 5, [1, 4]),
+])
+def test_scaled_stages_keep_their_proportions_and_one_epoch_each(epochs, total, expected):
+    stages = [Stage(name=str(i), epochs=e, start="continue" if i else "restore_best")
+              for i, e in enumerate(epochs)]
+    scaled = scale_stages(stages, total)
+    assert [s.epochs for s in scaled] == expected
+    assert [(s.name, s.start) for s in scaled] == [(s.name, s.start) for s in stages]
+    with pytest.raises(MsakitError, match="need at least"):
+        scale_stages(stages, len(stages) - 1)
+
+
+def test_a_continued_stage_keeps_the_last_weights_and_the_optimizer(tiny_dataset):
+    trainer = _trainer(tiny_dataset, patience=None, stages=[
+        {"name": "a", "epochs": 3}, {"name": "b", "epochs": 1, "start": "continue"}])
+    seen, original = [], trainer.train_epoch
+
+    def spy(split, optimizer, *args, **kwargs):
+        weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        moments = {id(p): {k: v.clone() for k, v in s.items()} for p, s in optimizer.state.items()}
+        seen.append((weights, optimizer, moments))
+        loss = original(split, optimizer, *args, **kwargs)
+        seen.append(({k: v.clone() for k, v in trainer.model.state_dict().items()}, optimizer,
+                     {id(p): {k: v.clone() for k, v in s.items()} for p, s in optimizer.state.items()}))
+        return loss
+
+    trainer.train_epoch = spy
+    trainer.fit(tiny_dataset.train, tiny_dataset.valid, seed=1)
+    (end_weights, end_optimizer, end_moments), (start_weights, start_optimizer, start_moments) = seen[5:7]
+    assert start_optimizer is end_optimizer and start_moments.keys() == end_moments.keys()
+    for key, value in end_weights.items():
+        assert torch.equal(start_weights[key], value), key
+    for param, state in end_moments.items():
+        for key, value in state.items():
+            assert torch.equal(start_moments[param][key], value), key
+    assert all(s["step"] == 3 * 3 for s in end_moments.values())  # 48 clips / 16, three epochs
 
 
 @pytest.mark.parametrize(("stages", "stop_after"), [
@@ -269,6 +332,8 @@ def test_stages_need_a_name_and_epochs():
     ([{"name": "a", "epochs": 2}, {"name": "b", "epochs": 3, "lr": 1e-3}], 1),
     ([{"name": "a", "epochs": 2}, {"name": "b", "epochs": 3, "lr": 1e-3}], 2),
     ([{"name": "a", "epochs": 2}, {"name": "b", "epochs": 3, "lr": 1e-3}], 3),
+    ([{"name": "a", "epochs": 2}, {"name": "b", "epochs": 2, "lr": 1e-3, "start": "continue"}], 2),
+    ([{"name": "a", "epochs": 2}, {"name": "b", "epochs": 2, "lr": 1e-3, "start": "continue"}], 3),
 ])
 def test_an_interrupted_fit_resumes_to_exactly_the_uninterrupted_result(tiny_dataset, tmp_path, stages,
                                                                         stop_after):

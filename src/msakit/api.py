@@ -35,6 +35,7 @@ from msakit.models.layers.text import special_token_ids
 from msakit.models.registry import build_config, create_model, get_model_class
 from msakit.models.registry import list_models as _list_models
 from msakit.training.checkpoint import check_dims_match, load_checkpoint, save_checkpoint
+from msakit.training.settings import scale_stages
 from msakit.training.trainer import FitResult, Trainer, first_difference, seed_everything
 
 
@@ -148,12 +149,19 @@ def _check_seeds(seeds: Sequence[int]) -> None:
 def _resolved_config(
     model: str, data: MultimodalDataset, overrides: Sequence[str], epochs: int | None
 ) -> dict[str, Any]:
-    """Every setting in force, defaults included, as results.json records it."""
-    overrides = list(overrides) + ([f"training.epochs={epochs}"] if epochs is not None else [])
-    layered = resolve_config(model, data.family, overrides)
+    """Every setting in force, defaults included, as results.json records it. `epochs` on a model
+    that trains in stages scales the stages to that many epochs in all."""
+    layered = resolve_config(model, data.family, list(overrides))
+    training = training_config(layered["training"])
+    if training.stages and "epochs" in parse_overrides(list(overrides))["training"]:
+        raise MsakitError(f"training.epochs does not apply to {model}, which trains in training.stages: "
+                          "use --epochs N to scale the stages to N epochs in all, or set training.stages")
+    if epochs is not None:
+        training = dataclasses.replace(training, epochs=epochs,
+                                       stages=scale_stages(training.stages, epochs))
     return {
         "model": dataclasses.asdict(build_config(model, layered["model"])),
-        "training": dataclasses.asdict(training_config(layered["training"])),
+        "training": dataclasses.asdict(training),
     }
 
 

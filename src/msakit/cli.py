@@ -100,7 +100,8 @@ def cli(quiet: bool) -> None:
 @with_dataset_options
 @click.option("--seeds", default=None,
               help="one run per seed, e.g. '1111 1112 1113' [default: 1111; the paper's with --reproduce]")
-@click.option("--epochs", type=int, default=None, help="override training.epochs")
+@click.option("--epochs", type=int, default=None,
+              help="override training.epochs (a staged model's stages are scaled to it)")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="override a setting, e.g. --set training.lr=1e-3 --set model.hidden=64")
 @click.option("--reproduce", is_flag=True,
@@ -177,7 +178,8 @@ def _names(text: str, option: str) -> list[str]:
 @click.option("--data-dir", default=None, help="folder (or file) holding the dataset(s)")
 @click.option("--aligned", is_flag=True, help="read the word-aligned pickles (MMSA aligned_*.pkl)")
 @click.option("--seeds", default="1111", show_default=True, help="one run per seed, e.g. '1111 1112 1113'")
-@click.option("--epochs", type=int, default=None, help="override training.epochs")
+@click.option("--epochs", type=int, default=None,
+              help="override training.epochs (a staged model's stages are scaled to it)")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="override a setting, e.g. --set training.lr=1e-3")
 @click.option("--output", "-o", default=None, help="folder for dg.json, dg.csv, dg.md, checkpoints")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from msakit.errors import MsakitError
 
 SELECT_PROTOCOLS = ("none", "intra", "inter")  # the protocols a single rate describes
+STAGE_STARTS = ("restore_best", "continue")
 
 
 @dataclass
@@ -14,13 +17,17 @@ class Stage:
     """One stage of a multi-stage recipe: the same loop, run for `epochs` with these changes.
 
     `name` is handed to the model's `set_stage` hook (e.g. "teacher", "student"); `lr` and
-    `encoder_lr` override the learning rates for this stage when given.
+    `encoder_lr` override the learning rates for this stage when given. `start` says what the stage
+    begins from: "restore_best", the previous stage's best-validation weights and a fresh optimizer;
+    "continue", the weights and the optimizer (its moments and step counts) exactly as the previous
+    stage's last epoch left them, as one uninterrupted run (the schedule starts over for the stage).
     """
 
     name: str
     epochs: int
     lr: float | None = None
     encoder_lr: float | None = None
+    start: str = "restore_best"
 
 
 @dataclass
@@ -46,6 +53,9 @@ class TrainConfig:
     noise: str = "none"  # training-time missing data: none | lnln | inter (see msakit.missing.noise)
     noise_rate: float = 0.0  # the missing rate of "inter" noise
     stages: list[Stage] = field(default_factory=list)  # empty = one stage of `epochs`
+    # weight-decay the model's own biases and normalisation gains too (the pretrained text
+    # encoder's keep the usual exemption); some official codes decay every parameter
+    decay_norms_and_biases: bool = False
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size", "eval_batch_size"):
@@ -68,11 +78,40 @@ class TrainConfig:
             self.stages = [s if isinstance(s, Stage) else Stage(**s) for s in self.stages]
         except TypeError as exc:
             raise MsakitError(f"training.stages: each stage needs name and epochs ({exc})") from None
-        for stage in self.stages:
+        if not isinstance(self.decay_norms_and_biases, bool):
+            raise MsakitError("training.decay_norms_and_biases must be true or false, "
+                              f"not {self.decay_norms_and_biases!r}")
+        for index, stage in enumerate(self.stages):
             _check_number(f"stages[{stage.name}].epochs", stage.epochs, integer=True, low=1)
+            if stage.start not in STAGE_STARTS:
+                raise MsakitError(f"training.stages[{stage.name}].start must be one of "
+                                  f"{', '.join(STAGE_STARTS)}, not {stage.start!r}")
+            if index == 0 and stage.start == "continue":
+                raise MsakitError(f"training.stages[{stage.name}].start: continue needs a stage "
+                                  "before it; the first stage starts from scratch")
             for key in ("lr", "encoder_lr"):
                 if getattr(stage, key) is not None:
                     _check_number(f"stages[{stage.name}].{key}", getattr(stage, key), low=0)
+
+
+def scale_stages(stages: list[Stage], total: int) -> list[Stage]:
+    """The stages with their epochs scaled to `total` in all, in proportion (largest remainders
+    round up), at least one each: `--epochs` on a staged model."""
+    if not stages:
+        return stages
+    if isinstance(total, bool) or not isinstance(total, int) or total < len(stages):
+        raise MsakitError(f"--epochs {total!r}: the {len(stages)} training.stages need at least "
+                          f"{len(stages)} epochs in all (one per stage)")
+    whole = sum(s.epochs for s in stages)
+    exact = [total * s.epochs / whole for s in stages]
+    epochs = [max(1, math.floor(e)) for e in exact]
+    while sum(epochs) < total:
+        i = max(range(len(epochs)), key=lambda k: exact[k] - epochs[k])
+        epochs[i] += 1
+    while sum(epochs) > total:  # only when a stage was raised to its one epoch
+        i = max((k for k in range(len(epochs)) if epochs[k] > 1), key=lambda k: epochs[k] - exact[k])
+        epochs[i] -= 1
+    return [dataclasses.replace(s, epochs=n) for s, n in zip(stages, epochs, strict=True)]
 
 
 def _check_number(

@@ -3,7 +3,9 @@
 AdamW (pretrained text-encoder weights get their own learning rate), linear warm-up then a constant,
 linear or cosine schedule, optional gradient clipping, early stopping and checkpoint selection on the
 VALIDATION split, best weights restored at the end of each stage. A multi-stage method declares its
-stages as data (`TrainConfig.stages`); each stage is this same loop, after `model.set_stage(name)`.
+stages as data (`TrainConfig.stages`); each stage is this same loop, after `model.set_stage(name)`,
+and starts either from the previous stage's best weights with a fresh optimizer or, declared
+`start: continue`, from its last weights with its optimizer as it was.
 Before each epoch the model may look at the whole clean training split (`on_train_epoch_start`, for
 memory banks and neighbour indexes); models that compare noisy and clean input get the clean batch
 as `batch.clean`. Optionally, validation is scored under a transform (a missing-data protocol) and
@@ -105,7 +107,8 @@ def build_optimizer(
     model: nn.Module, config: TrainConfig, lr: float | None = None, encoder_lr: float | None = None
 ) -> torch.optim.AdamW:
     """AdamW with four groups: (pretrained encoder | rest) x (decayed | not decayed); `lr` and
-    `encoder_lr` replace the config's rates when given (a stage's own)."""
+    `encoder_lr` replace the config's rates when given (a stage's own). Biases and norms are not
+    decayed, except the model's own with `decay_norms_and_biases`."""
     pretrained = {
         id(p)
         for module in model.modules()
@@ -117,7 +120,9 @@ def build_optimizer(
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            groups.setdefault((id(param) in pretrained, _is_no_decay(name, param)), []).append(param)
+            is_pretrained = id(param) in pretrained
+            no_decay = _is_no_decay(name, param) and (is_pretrained or not config.decay_norms_and_biases)
+            groups.setdefault((is_pretrained, no_decay), []).append(param)
     param_groups = []
     for (is_pretrained, no_decay), params in groups.items():
         decay = config.encoder_weight_decay if is_pretrained else config.weight_decay
@@ -125,10 +130,20 @@ def build_optimizer(
             "params": params,
             "lr": encoder_lr if is_pretrained else base_lr,
             "weight_decay": 0.0 if no_decay else decay,
+            "pretrained": is_pretrained,  # which rate a continued stage sets (`set_stage_rates`)
         })
     if not param_groups:
         raise MsakitError("the model has no trainable parameters")
     return torch.optim.AdamW(param_groups)
+
+
+def set_stage_rates(optimizer: torch.optim.Optimizer, config: TrainConfig, stage: Stage) -> None:
+    """Give an optimizer carried over into `stage` that stage's learning rates (the schedule built
+    next scales them from there)."""
+    for group in optimizer.param_groups:
+        own = stage.encoder_lr if group["pretrained"] else stage.lr
+        default = config.encoder_lr if group["pretrained"] else config.lr
+        group["lr"] = group["initial_lr"] = default if own is None else own
 
 
 def build_scheduler(
@@ -199,6 +214,7 @@ class _StageLoop:
     steps_per_epoch: int
     epoch: int = 0  # epochs of this stage already run
     stale: int = 0
+    final_state: dict[str, torch.Tensor] | None = None  # the last epoch's weights, for a stage that continues
 
 
 class Trainer:
@@ -271,27 +287,40 @@ class Trainer:
                      self.stages()[saved["stage_index"]].name, saved["epoch"])
         result = FitResult(best_valid={}, best_epoch=0, epochs_run=0)
         steps_per_epoch = math.ceil(len(train) / self.config.batch_size)
-        for index, stage in enumerate(self.stages()):
+        stages, previous = self.stages(), None
+        for index, stage in enumerate(stages):
             if hasattr(self.model, "set_stage"):
                 self.model.set_stage(stage.name)
             if saved is not None and index < saved["stage_index"]:
                 continue
             resume = saved if saved is not None and index == saved["stage_index"] else None
-            loop = self._start_stage(stage, steps_per_epoch, resume)
+            loop = self._start_stage(stage, steps_per_epoch, resume, previous)
             save = None if state_file is None else partial(
                 self._write_state, state_file, state_meta or {}, index, loop, generator,
                 history, reports,
             )
-            result = self._fit_stage(stage, loop, train, valid, generator, history, save)
+            keep_final = index + 1 < len(stages) and stages[index + 1].start == "continue"
+            result = self._fit_stage(stage, loop, train, valid, generator, history, save, keep_final)
+            previous = loop
             if after_stage is not None:
                 reports.append(after_stage(result))
         result.history = history
         result.stage_reports = reports
         return result
 
-    def _start_stage(self, stage: Stage, steps_per_epoch: int, resume: dict[str, Any] | None) -> _StageLoop:
-        """A stage's fresh optimizer and schedule, or everything as `resume` (a state file) left it."""
-        optimizer = build_optimizer(self.model, self.config, stage.lr, stage.encoder_lr)
+    def _start_stage(
+        self, stage: Stage, steps_per_epoch: int, resume: dict[str, Any] | None,
+        previous: _StageLoop | None,
+    ) -> _StageLoop:
+        """A stage's fresh optimizer and schedule; with `start: continue`, the previous stage's last
+        weights and its optimizer, at this stage's rates; or everything as `resume` (a state file)
+        left it."""
+        if stage.start == "continue" and resume is None:
+            self.model.load_state_dict(previous.final_state)
+            optimizer = previous.optimizer
+            set_stage_rates(optimizer, self.config, stage)
+        else:
+            optimizer = build_optimizer(self.model, self.config, stage.lr, stage.encoder_lr)
         scheduler = build_scheduler(optimizer, self.config, steps_per_epoch * stage.epochs)
         if resume is None:
             self.best_by_metric = {}
@@ -314,9 +343,10 @@ class Trainer:
     def _fit_stage(
         self, stage: Stage, loop: _StageLoop, train: Split, valid: Split,
         generator: torch.Generator, history: list[EpochRecord],
-        save: Callable[[], None] | None = None,
+        save: Callable[[], None] | None = None, keep_final: bool = False,
     ) -> FitResult:
-        """Run the stage's remaining epochs; `save` is called after each one."""
+        """Run the stage's remaining epochs; `save` is called after each one. The best weights are
+        restored at the end; with `keep_final` the last ones are kept in `loop.final_state`."""
         cfg = self.config
         metric = cfg.select_metric
         best = loop.best
@@ -355,6 +385,8 @@ class Trainer:
                         log.info("early stop after %d epochs without improvement", loop.stale)
                 if save is not None:
                     save()
+        if keep_final:
+            loop.final_state = copy.deepcopy(self.model.state_dict())
         self.model.load_state_dict(loop.best_state)
         return best
 
