@@ -16,7 +16,7 @@ from msakit.data import (
     make_batch,
     save_mmsa,
 )
-from msakit.data.mmsa import dataset_from_raw, guess_family
+from msakit.data.mmsa import dataset_from_raw
 from msakit.data.schema import SPLITS
 from msakit.data.synthetic import generate_synthetic
 from msakit.errors import MsakitError
@@ -194,15 +194,30 @@ def test_aligned_and_unaligned_shapes(tmp_path):
         assert u.audio_lengths is not None and u.vision_lengths is not None
 
 
-def test_family_and_name_come_from_arguments_or_the_path(tmp_path):
-    raw = tiny_raw()
-    assert load_mmsa(write(raw, tmp_path / "MOSEI" / "Processed" / "a.pkl")).family == "mosei"
-    assert load_mmsa(write(raw, tmp_path / "ch-sims-v2" / "b.pkl")).family == "simsv2"
-    plain = load_mmsa(write(raw, tmp_path / "features.pkl"))
-    assert (plain.family, plain.name) == ("mosi", "features")
-    given = load_mmsa(tmp_path / "features.pkl", family="sims", name="mine")
+def test_the_family_is_given_or_recognised_from_the_data_never_from_the_file_name(tmp_path):
+    raw = tiny_raw(audio_dim=6)
+    # a folder named MOSEI does not make a pickle MOSEI: its content is none of the benchmarks
+    named = load_mmsa(write(raw, tmp_path / "MOSEI" / "Processed" / "a.pkl"))
+    assert (named.family, named.name, named.metric_family) == ("custom", "a", "mosi")
+    assert "not recognised" in named.family_source and "--family" in named.family_source
+    given = load_mmsa(tmp_path / "MOSEI" / "Processed" / "a.pkl", family="sims", name="mine")
     assert (given.family, given.name, given.metric_family) == ("sims", "mine", "sims")
-    assert guess_family("SIMS") == "sims" and guess_family("x", None) is None
+    # MOSEI's feature widths (COVAREP 74, FACET 35) are recognised whatever the file is called
+    mosei_like = load_mmsa(write(tiny_raw(audio_dim=74, vision_dim=35), tmp_path / "x.pkl"))
+    assert mosei_like.family == "mosei" and "widths 74 and 35" in mosei_like.family_source
+    # SIMS' widths with labels beyond [-1, 1] are not SIMS
+    assert load_mmsa(write(tiny_raw(audio_dim=33, vision_dim=709), tmp_path / "y.pkl")).family == "custom"
+    # the synthetic default has MOSI's widths
+    assert load_mmsa(write(tiny_raw(), tmp_path / "z.pkl")).family == "mosi"
+
+
+def test_a_catalog_name_or_family_option_chooses_the_family(tmp_path):
+    path = write(tiny_raw(), tmp_path / "mine.pkl")
+    assert load_dataset("mosei", data_dir=str(path)).family == "mosei"
+    chosen = load_dataset(str(path), family="simsv2")
+    assert (chosen.family, chosen.family_source) == ("simsv2", "given with --family")
+    with pytest.raises(MsakitError, match="unknown dataset family 'imdb'"):
+        load_dataset(str(path), family="imdb")
 
 
 def test_unimodal_labels_are_read(tmp_path):
@@ -393,8 +408,8 @@ def test_catalog_accepts_file_paths(tmp_path):
 
 def test_list_datasets_says_what_each_needs():
     rows = list_datasets()
-    assert [r["name"] for r in rows] == ["synthetic", "synthetic-dg", "mosi", "mosei", "sims",
-                                         "simsv2", "mosi-text"]
+    assert [r["name"] for r in rows] == ["synthetic", "synthetic-raw", "synthetic-dg", "mosi", "mosei",
+                                         "sims", "simsv2", "mosi-text"]
     assert all(r["description"] and r["needs"] for r in rows)
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import math
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -16,20 +18,21 @@ from pathlib import Path
 from typing import Any
 
 from msakit import __version__
-from msakit.config import model_yaml, parse_overrides, resolve_config, training_config
+from msakit.config import data_config, model_yaml, parse_overrides, resolve_config, training_config
 from msakit.data.catalog import check_synthetic_sizes
 from msakit.data.catalog import list_datasets as _list_datasets
 from msakit.data.catalog import load_dataset as _load_dataset
 from msakit.data.mmsa import save_mmsa
+from msakit.data.normalize import fit_normalization, normalize_dataset, normalize_split, scale_warnings
 from msakit.data.schema import SPLITS, Batch, MultimodalDataset
 from msakit.data.synthetic import generate_synthetic
 from msakit.errors import MsakitError
 from msakit.evaluation.domains import check_model, dataset_task, group_task, score_task, summarise, write_dg
-from msakit.evaluation.metrics import LOWER_IS_BETTER, METRIC_KEYS
+from msakit.evaluation.metrics import LOWER_IS_BETTER, METRIC_KEYS, UNDEFINED_REASONS, prediction_warnings
 from msakit.evaluation.protocols import plot_curves, run_protocol, write_robustness
 from msakit.evaluation.report import LABELS, csv_text, format_value, mean_std
 from msakit.evaluation.reproduce import load_recipe, per_metric_scores, tracked_metrics
-from msakit.fileio import atomic_write_text
+from msakit.fileio import atomic_write_json, atomic_write_text
 from msakit.missing import MissingSpec, apply_missing, build_noise
 from msakit.models.layers.text import special_token_ids
 from msakit.models.registry import build_config, create_model, get_model_class
@@ -37,6 +40,8 @@ from msakit.models.registry import list_models as _list_models
 from msakit.training.checkpoint import check_dims_match, load_checkpoint, save_checkpoint
 from msakit.training.settings import scale_stages
 from msakit.training.trainer import FitResult, Trainer, first_difference, seed_everything
+
+logger = logging.getLogger(__name__)
 
 
 def list_models() -> list[dict[str, str]]:
@@ -54,12 +59,18 @@ def list_datasets() -> list[dict[str, str]]:
 
 
 def load_dataset(
-    dataset: str | MultimodalDataset, data_dir: str | None = None, **options: Any
+    dataset: str | MultimodalDataset, data_dir: str | None = None, family: str | None = None,
+    **options: Any
 ) -> MultimodalDataset:
-    """A dataset by name or path (see `msakit datasets`), or the given one unchanged."""
+    """A dataset by name or path (see `msakit datasets`), or the given one (its `family` replaced
+    when one is given). The family (settings section and metric rules) is logged."""
     if isinstance(dataset, MultimodalDataset):
-        return dataset
-    return _load_dataset(dataset, data_dir=data_dir, **options)
+        if family is not None:
+            dataset = dataclasses.replace(dataset, family=family, family_source="given with --family")
+    else:
+        dataset = _load_dataset(dataset, data_dir=data_dir, family=family, **options)
+    logger.info("%s: family %s (%s)", dataset.name, dataset.family, dataset.family_source or "given")
+    return dataset
 
 
 def write_synthetic(
@@ -72,6 +83,18 @@ def write_synthetic(
     return {"path": str(path), "sizes": {s: len(raw[s]["id"]) for s in ("train", "valid", "test")}}
 
 
+def _normalized(data: MultimodalDataset, config: dict[str, Any]
+                ) -> tuple[MultimodalDataset, dict[str, Any], list[str]]:
+    """`data` normalised as `config["data"]` says (statistics from the training split), those
+    statistics (saved in every checkpoint), and the scale warnings of the modalities left raw."""
+    settings = data_config(config["data"])
+    stats = fit_normalization(data.train, settings)
+    warnings = scale_warnings(data.train, settings)
+    for line in warnings:
+        logger.warning("%s: %s", data.name, line)
+    return normalize_dataset(data, stats), stats, warnings
+
+
 def _this_command() -> str:
     """The command line of this process, for results that did not get one from the CLI."""
     return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
@@ -79,8 +102,8 @@ def _this_command() -> str:
 
 def _dataset_info(data: MultimodalDataset) -> dict[str, Any]:
     return {
-        "name": data.name, "family": data.family, "metric_family": data.metric_family,
-        "source": data.source,
+        "name": data.name, "family": data.family, "family_source": data.family_source,
+        "metric_family": data.metric_family, "source": data.source,
         "sizes": {s: len(data.split(s)) for s in ("train", "valid", "test")},
         "replaced_nonfinite": data.replaced_nonfinite,
         **({"features": data.features} if data.features is not None else {}),
@@ -93,6 +116,7 @@ def train(
     *,
     data_dir: str | None = None,
     aligned: bool = False,
+    family: str | None = None,
     seeds: Sequence[int] = (1111,),
     epochs: int | None = None,
     overrides: Sequence[str] = (),
@@ -113,8 +137,9 @@ def train(
     """
     get_model_class(model)
     _check_seeds(seeds)
-    data = load_dataset(dataset, data_dir, aligned=aligned)
+    data = load_dataset(dataset, data_dir, family, aligned=aligned)
     config = _resolved_config(model, data, overrides, epochs)
+    data, normalization, data_warnings = _normalized(data, config)
     out_dir = Path(output) if output is not None else None
     multi_stage = len(config["training"]["stages"]) > 1
 
@@ -134,8 +159,9 @@ def train(
         return trainer, run, {"valid": run["valid"], "test": run["test"]}
 
     runs = _seed_runs(seeds, out_dir, resume, config, data, _run_meta("train", model, config, data),
-                      train_seed)
+                      train_seed, normalization)
     results = _summarise(model, data, config, runs, command)
+    results["warnings"] = _run_warnings(data_warnings, runs)
     if out_dir is not None:
         write_results(out_dir, results)
     return results
@@ -162,6 +188,7 @@ def _resolved_config(
     return {
         "model": dataclasses.asdict(build_config(model, layered["model"])),
         "training": dataclasses.asdict(training),
+        "data": dataclasses.asdict(data_config(layered["data"])),
     }
 
 
@@ -213,11 +240,14 @@ def _run_meta(command: str, model: str, config: dict[str, Any], data: Multimodal
 def _seed_runs(
     seeds: Sequence[int], out_dir: Path | None, resume: bool, config: dict[str, Any],
     data: MultimodalDataset, meta: dict[str, Any], train_seed: SeedTraining,
+    normalization: dict[str, Any],
 ) -> list[dict[str, Any]]:
     """Each seed's results: with `resume`, read back from the checkpoint this same run already
     wrote; otherwise from `train_seed(seed, state)`, which passes `state` (the resumable training
     state) on to `_fit_one_seed` and returns the trainer, the seed's results and the metrics its
-    checkpoint keeps. The checkpoint is then written into `out_dir`, when given."""
+    checkpoint keeps. The selected model's validation predictions are checked (a constant model is
+    a warning in the seed's results). The checkpoint, with the input `normalization`, is then
+    written into `out_dir`, when given."""
     runs = []
     for seed in seeds:
         seed_meta = {**meta, "seed": seed}
@@ -225,8 +255,12 @@ def _seed_runs(
         if run is None:
             state = {"state_file": _state_file(out_dir, seed, resume), "state_meta": seed_meta}
             trainer, run, metrics = train_seed(seed, state)
+            preds, labels = trainer.predict(data.valid)
+            run["warnings"] = prediction_warnings(preds, labels, data.train.labels)
+            for line in run["warnings"]:
+                logger.warning("seed %d: %s", seed, line)
             if out_dir is not None:
-                _save_seed(out_dir, trainer, config, data, metrics, run, seed_meta)
+                _save_seed(out_dir, trainer, config, data, metrics, run, seed_meta, normalization)
         runs.append(run)
     return runs
 
@@ -261,9 +295,14 @@ def _finished_run(out_dir: Path | None, meta: dict[str, Any], resume: bool) -> d
     return saved["run"]
 
 
+def _run_warnings(data_warnings: list[str], runs: list[dict[str, Any]]) -> list[str]:
+    """What a run's results must say besides its numbers: raw feature scales, degenerate seeds."""
+    return data_warnings + [f"seed {r['seed']}: {line}" for r in runs for line in r.get("warnings", [])]
+
+
 def _save_seed(
     out_dir: Path, trainer: Trainer, config: dict[str, Any], data: MultimodalDataset,
-    metrics: dict[str, Any], run: dict[str, Any], meta: dict[str, Any],
+    metrics: dict[str, Any], run: dict[str, Any], meta: dict[str, Any], normalization: dict[str, Any],
 ) -> None:
     """The seed's checkpoint, named in `run`, with its results and settings (what `resume` reads
     back); the seed's training state is then no longer needed."""
@@ -272,7 +311,8 @@ def _save_seed(
     run["checkpoint"] = checkpoint.name
     save_checkpoint(checkpoint, trainer.model.cpu(), training=config["training"],
                     dataset=_dataset_info(data),
-                    extra={"seed": seed, "metrics": metrics, "run": run, "run_meta": meta})
+                    extra={"seed": seed, "metrics": metrics, "run": run, "run_meta": meta,
+                           "normalization": normalization})
     (out_dir / f"seed-{seed}.state.pt").unlink(missing_ok=True)
 
 
@@ -282,6 +322,7 @@ def reproduce(
     *,
     data_dir: str | None = None,
     aligned: bool = False,
+    family: str | None = None,
     seeds: Sequence[int] | None = None,
     epochs: int | None = None,
     overrides: Sequence[str] = (),
@@ -302,8 +343,9 @@ def reproduce(
     recipe = load_recipe(model_yaml(model).get("reproduce"), model)
     if seeds is not None:  # `replace` runs the Recipe's checks on the given seeds too
         recipe = dataclasses.replace(recipe, seeds=tuple(seeds))
-    data = load_dataset(dataset, data_dir, aligned=aligned)
+    data = load_dataset(dataset, data_dir, family, aligned=aligned)
     config = _resolved_config(model, data, overrides, epochs)
+    data, normalization, data_warnings = _normalized(data, config)
     if recipe.selection_rate:
         config["training"].update(select_protocol=recipe.protocol, select_rate=recipe.selection_rate)
     out_dir = Path(output) if output is not None else None
@@ -316,7 +358,7 @@ def reproduce(
         return trainer, run, {"test": run["mean"]}
 
     runs = _seed_runs(recipe.seeds, out_dir, resume, config, data,
-                      _run_meta("reproduce", model, config, data), train_seed)
+                      _run_meta("reproduce", model, config, data), train_seed, normalization)
     mean, std = mean_std([r["mean"] for r in runs])
     conditions = [row["condition"] for row in runs[0]["rows"]]
     per_condition = [
@@ -338,11 +380,12 @@ def reproduce(
         "rows": per_condition,
         "mean": mean,
         "std": std,
+        "warnings": _run_warnings(data_warnings, runs),
     }
     if out_dir is not None:
         rows = [{"seed": r["seed"], **r["mean"]} for r in runs]
         rows += [{"seed": "mean", **mean}, {"seed": "std", **std}]
-        atomic_write_text(out_dir / "reproduce.json", json.dumps(result, indent=2) + "\n")
+        atomic_write_json(out_dir / "reproduce.json", result, UNDEFINED_REASONS)
         atomic_write_text(out_dir / "reproduce.csv", csv_text(rows))
     return result
 
@@ -359,6 +402,7 @@ def dg(
     target_splits: Sequence[str] = SPLITS,
     data_dir: str | None = None,
     aligned: bool = False,
+    family: str | None = None,
     seeds: Sequence[int] = (1111,),
     epochs: int | None = None,
     overrides: Sequence[str] = (),
@@ -391,10 +435,13 @@ def dg(
     else:
         if isinstance(target, MultimodalDataset):
             raise MsakitError("with a dataset, the target is the name of one of its domains")
-        task = group_task(load_dataset(dataset, data_dir, aligned=aligned), target, by=group_by,
+        task = group_task(load_dataset(dataset, data_dir, family, aligned=aligned), target, by=group_by,
                           sources=None if sources is None else [str(s) for s in sources],
                           n_groups=n_groups, seed=split_seed, target_splits=target_splits)
     config = _resolved_config(model, task.data, overrides, epochs)
+    normalized, normalization, data_warnings = _normalized(task.data, config)
+    # the target is scaled with the SOURCES' training statistics: it never feeds them
+    task = dataclasses.replace(task, data=normalized, target=normalize_split(task.target, normalization))
     check_model(task, model, model_class.modalities, config["model"]["text_source"])
     out_dir = Path(output) if output is not None else None
 
@@ -408,7 +455,8 @@ def dg(
         return trainer, run, {"valid": run["valid"]}
 
     runs = _seed_runs(seeds, out_dir, resume, config, task.data,
-                      {**_run_meta("dg", model, config, task.data), "task": task.describe()}, train_seed)
+                      {**_run_meta("dg", model, config, task.data), "task": task.describe()}, train_seed,
+                      normalization)
     metric = config["training"]["select_metric"]
     direction = "lower" if metric in LOWER_IS_BETTER else "higher"
     result = {
@@ -422,6 +470,7 @@ def dg(
         "config": config,
         "seeds": runs,
         **summarise(runs),
+        "warnings": _run_warnings(data_warnings, runs),
     }
     if out_dir is not None:
         write_dg(out_dir, result)
@@ -486,25 +535,27 @@ def write_results(out_dir: Path, results: dict[str, Any]) -> None:
         for split in ("valid", "test"):
             row.update({f"{split}_{k}": v for k, v in metrics[split].items()})
         rows.append(row)
-    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_json(out_dir / "results.json", results, UNDEFINED_REASONS)
     atomic_write_text(out_dir / "results.csv", csv_text(rows))
 
 
 def _checkpoint_trainer(
     checkpoint: str | Path, data: MultimodalDataset, device: str, overrides: Sequence[str] = ()
-) -> tuple[Trainer, dict[str, Any]]:
-    """A trainer around the checkpoint's model; `overrides` (model.KEY=VALUE) change test-time
-    settings of the saved model, never its weights."""
+) -> tuple[Trainer, dict[str, Any], MultimodalDataset]:
+    """A trainer around the checkpoint's model, its metadata, and `data` normalised with the
+    checkpoint's input statistics; `overrides` (model.KEY=VALUE) change test-time settings of the
+    saved model, never its weights."""
     parsed = parse_overrides(list(overrides))
-    if parsed["training"]:
-        first = next(iter(parsed["training"]))
-        raise MsakitError(
-            f"scoring a checkpoint takes model settings only (model.KEY=VALUE), not training.{first}"
-        )
+    for section in ("training", "data"):
+        if parsed[section]:
+            first = next(iter(parsed[section]))
+            raise MsakitError(f"scoring a checkpoint takes model settings only (model.KEY=VALUE), "
+                              f"not {section}.{first}")
     net, meta = load_checkpoint(checkpoint, parsed["model"])
     check_dims_match(checkpoint, net, data.dims)
     settings = training_config({**meta["training_config"], "device": device})
-    return Trainer(net, settings, data.metric_family, progress=False), meta
+    data = normalize_dataset(data, meta.get("normalization") or {})
+    return Trainer(net, settings, data.metric_family, progress=False), meta, data
 
 
 def evaluate(
@@ -513,14 +564,15 @@ def evaluate(
     *,
     data_dir: str | None = None,
     aligned: bool = False,
+    family: str | None = None,
     split: str = "test",
     device: str = "auto",
     overrides: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Metrics of a saved checkpoint on one split of a dataset (`overrides`: model.KEY=VALUE
     test-time settings that replace the saved ones)."""
-    data = load_dataset(dataset, data_dir, aligned=aligned)
-    trainer, meta = _checkpoint_trainer(checkpoint, data, device, overrides)
+    data = load_dataset(dataset, data_dir, family, aligned=aligned)
+    trainer, meta, data = _checkpoint_trainer(checkpoint, data, device, overrides)
     return {
         "checkpoint": str(checkpoint),
         "model": meta["model_name"],
@@ -538,6 +590,7 @@ def robustness(
     protocol: str,
     data_dir: str | None = None,
     aligned: bool = False,
+    family: str | None = None,
     rates: Sequence[float] | None = None,
     subsets: Sequence[str] | None = None,
     seeds: Sequence[int] = (0,),
@@ -551,8 +604,8 @@ def robustness(
     `overrides` (model.KEY=VALUE) replace saved test-time settings, as in `evaluate`. Writes
     robustness.json, robustness.csv and robustness.png into `output` when given.
     """
-    data = load_dataset(dataset, data_dir, aligned=aligned)
-    trainer, meta = _checkpoint_trainer(checkpoint, data, device, overrides)
+    data = load_dataset(dataset, data_dir, family, aligned=aligned)
+    trainer, meta, data = _checkpoint_trainer(checkpoint, data, device, overrides)
     result = {
         "msakit_version": __version__,
         "command": command or _this_command(),
@@ -579,6 +632,8 @@ def compare(run_dirs: Sequence[str | Path], output: str | Path) -> dict[str, Any
         if not path.is_file():
             raise MsakitError(f"{path} not found: run `msakit robustness ... --output {run_dir}` first")
         result = json.loads(path.read_text())
+        for metrics in [result["mean"], *(row["metrics"] for row in result["rows"])]:
+            metrics.update({k: math.nan for k, v in metrics.items() if v is None})  # strict JSON's null
         label = f"{result['model']} ({run_dir})"
         if label in results:
             raise MsakitError(f"{run_dir} is given twice")

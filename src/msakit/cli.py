@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import shlex
 import sys
@@ -18,9 +17,12 @@ from rich.table import Table
 
 from msakit import __version__, api
 from msakit.cues.pipeline import BACKENDS, run_cues
+from msakit.data.mmsa import FAMILIES
 from msakit.errors import MsakitError
 from msakit.evaluation.domains import modality_lines, part_labels
+from msakit.evaluation.metrics import UNDEFINED_REASONS
 from msakit.evaluation.report import metrics_table
+from msakit.fileio import strict_json
 from msakit.missing import parse_rates
 
 # piped or logged output gets wide tables instead of rich's 80-column default
@@ -64,11 +66,14 @@ def _command_line() -> str:
     return shlex.join(["msakit", *click.get_current_context().meta["msakit.argv"]])
 
 
+FAMILY_HELP = ("which benchmark's settings section and metric rules apply [default: the catalog name's, "
+               "or recognised from the data; else custom: the model's defaults, MOSI's rules]")
 dataset_options = [
     click.option("--dataset", "-d", required=True,
                  help="synthetic, mosi, mosei, sims, simsv2, mosi-text, or a .pkl/.csv path"),
     click.option("--data-dir", default=None, help="folder (or file) holding the dataset"),
     click.option("--aligned", is_flag=True, help="read the word-aligned pickle (MMSA aligned_*.pkl)"),
+    click.option("--family", type=click.Choice(FAMILIES), default=None, help=FAMILY_HELP),
 ]
 
 
@@ -111,12 +116,12 @@ def cli(quiet: bool) -> None:
 @click.option("--resume", is_flag=True, help=RESUME_HELP)
 @click.option("--no-progress", is_flag=True, help="no progress bars")
 @_user_errors
-def train(model: str, dataset: str, data_dir: str | None, aligned: bool, seeds: str | None,
-          epochs: int | None, overrides: tuple[str, ...], reproduce: bool, output: str | None,
-          resume: bool, no_progress: bool) -> None:
+def train(model: str, dataset: str, data_dir: str | None, aligned: bool, family: str | None,
+          seeds: str | None, epochs: int | None, overrides: tuple[str, ...], reproduce: bool,
+          output: str | None, resume: bool, no_progress: bool) -> None:
     """Train MODEL, select on validation, report valid and test metrics (mean ± std over seeds)."""
     output = output or f"runs/{model}-{Path(dataset).stem}{'-reproduce' if reproduce else ''}"
-    common = dict(data_dir=data_dir, aligned=aligned, epochs=epochs, overrides=list(overrides),
+    common = dict(data_dir=data_dir, aligned=aligned, family=family, epochs=epochs, overrides=list(overrides),
                   output=output, progress=not no_progress, command=_command_line(), resume=resume)
     if reproduce:
         results = api.reproduce(model, dataset, seeds=_parse_seeds(seeds) if seeds else None, **common)
@@ -177,6 +182,8 @@ def _names(text: str, option: str) -> list[str]:
               help="which splits of the target domain are tested")
 @click.option("--data-dir", default=None, help="folder (or file) holding the dataset(s)")
 @click.option("--aligned", is_flag=True, help="read the word-aligned pickles (MMSA aligned_*.pkl)")
+@click.option("--family", type=click.Choice(FAMILIES), default=None,
+              help="with --dataset: " + FAMILY_HELP)
 @click.option("--seeds", default="1111", show_default=True, help="one run per seed, e.g. '1111 1112 1113'")
 @click.option("--epochs", type=int, default=None,
               help="override training.epochs (a staged model's stages are scaled to it)")
@@ -188,6 +195,7 @@ def _names(text: str, option: str) -> list[str]:
 @_user_errors
 def dg(model: str, target: str, sources: str | None, dataset: str | None, group_by: str,
        n_groups: int | None, split_seed: int, target_splits: str, data_dir: str | None, aligned: bool,
+       family: str | None,
        seeds: str, epochs: int | None, overrides: tuple[str, ...], output: str | None,
        resume: bool, no_progress: bool) -> None:
     """Domain generalization: train MODEL on source domains, select on their validation data, and
@@ -198,7 +206,7 @@ def dg(model: str, target: str, sources: str | None, dataset: str | None, group_
         model, target, sources=_names(sources, "--sources") if sources is not None else None,
         dataset=dataset, group_by=group_by, n_groups=n_groups, split_seed=split_seed,
         target_splits=_names(target_splits, "--target-splits"), data_dir=data_dir, aligned=aligned,
-        seeds=_parse_seeds(seeds), epochs=epochs, overrides=list(overrides), output=output,
+        family=family, seeds=_parse_seeds(seeds), epochs=epochs, overrides=list(overrides), output=output,
         progress=not no_progress, command=_command_line(), resume=resume,
     )
     task, family = result["task"], result["dataset"]["metric_family"]
@@ -225,13 +233,13 @@ def dg(model: str, target: str, sources: str | None, dataset: str | None, group_
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 @click.option("--set", "overrides", multiple=True, metavar="model.KEY=VALUE", help=SCORING_SET_HELP)
 @_user_errors
-def evaluate(checkpoint: str, dataset: str, data_dir: str | None, aligned: bool, split: str,
-             device: str, as_json: bool, overrides: tuple[str, ...]) -> None:
+def evaluate(checkpoint: str, dataset: str, data_dir: str | None, aligned: bool, family: str | None,
+             split: str, device: str, as_json: bool, overrides: tuple[str, ...]) -> None:
     """Score a saved CHECKPOINT on one split of a dataset."""
-    result = api.evaluate(checkpoint, dataset, data_dir=data_dir, aligned=aligned, split=split,
-                          device=device, overrides=overrides)
+    result = api.evaluate(checkpoint, dataset, data_dir=data_dir, aligned=aligned, family=family,
+                          split=split, device=device, overrides=overrides)
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(strict_json(result, UNDEFINED_REASONS), nl=False)
         return
     family = result["dataset"]["metric_family"]
     console.print(metrics_table(f"{result['model']} on {result['dataset']['name']}", {
@@ -252,13 +260,14 @@ def evaluate(checkpoint: str, dataset: str, data_dir: str | None, aligned: bool,
 @click.option("--device", default="auto", show_default=True)
 @click.option("--set", "overrides", multiple=True, metavar="model.KEY=VALUE", help=SCORING_SET_HELP)
 @_user_errors
-def robustness(checkpoint: str, dataset: str, data_dir: str | None, aligned: bool, protocol: str,
+def robustness(checkpoint: str, dataset: str, data_dir: str | None, aligned: bool, family: str | None,
+               protocol: str,
                rates: str | None, subsets: str | None, seeds: str, output: str | None,
                device: str, overrides: tuple[str, ...]) -> None:
     """Score CHECKPOINT on the test split under a missing-modality protocol."""
     output = output or str(Path(checkpoint).parent / f"robustness-{protocol}")
     result = api.robustness(
-        checkpoint, dataset, protocol=protocol, data_dir=data_dir, aligned=aligned,
+        checkpoint, dataset, protocol=protocol, data_dir=data_dir, aligned=aligned, family=family,
         rates=parse_rates(rates) if rates else None,
         subsets=[s.strip() for s in subsets.split(",")] if subsets else None,
         seeds=_parse_seeds(seeds), output=output, device=device, command=_command_line(),
@@ -376,7 +385,7 @@ def predict(files: tuple[str, ...], checkpoint: str, text: str | None, features:
     results = api.predict(list(files), checkpoint, text=text, features=features,
                           overrides=list(overrides), device=device)
     if as_json:
-        click.echo(json.dumps(results, indent=2))
+        click.echo(strict_json(results), nl=False)
     else:
         table = Table("file", "score", "class", "label", "modalities", "transcript")
         for result in results:

@@ -10,13 +10,13 @@ from __future__ import annotations
 from importlib import resources
 from typing import Any
 
-import yaml
-
+from msakit.data.normalize import DataConfig
 from msakit.errors import MsakitError, reject_unknown_keys
+from msakit.fileio import load_yaml
 from msakit.models.registry import build_config, get_model_class
 from msakit.training.settings import TrainConfig
 
-SECTIONS = ("model", "training")
+SECTIONS = ("model", "training", "data")
 
 
 def model_yaml(model: str) -> dict[str, Any]:
@@ -25,27 +25,30 @@ def model_yaml(model: str) -> dict[str, Any]:
     path = resources.files("msakit") / "configs" / f"{model}.yaml"
     if not path.is_file():
         return {}
-    return yaml.safe_load(path.read_text()) or {}
+    return load_yaml(path.read_text(), f"configs/{model}.yaml") or {}
 
 
 def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
-    """`["model.hidden=64", "training.lr=1e-3"]` -> {"model": {...}, "training": {...}}."""
+    """`["model.hidden=64", "training.lr=1e-3"]` -> {"model": {...}, "training": {...}, "data": {}}.
+
+    Values are YAML (numbers in any spelling: `5e-4`, `1E3`, `.5`)."""
     out: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     for item in items:
         key, sep, raw = item.partition("=")
         section, dot, name = key.strip().partition(".")
         if not sep or not dot or section not in SECTIONS or not name:
             raise MsakitError(
-                f"bad --set {item!r}: expected model.KEY=VALUE or training.KEY=VALUE"
+                f"bad --set {item!r}: expected model.KEY=VALUE, training.KEY=VALUE or data.KEY=VALUE"
             )
-        out[section][name] = yaml.safe_load(raw) if raw.strip() else raw
+        out[section][name] = load_yaml(raw, f"--set {item!r}") if raw.strip() else raw
     return out
 
 
 def resolve_config(
     model: str, family: str, overrides: list[str] | None = None
 ) -> dict[str, dict[str, Any]]:
-    """The merged `{"model": ..., "training": ...}` dict for `model` on a dataset `family`."""
+    """The merged `{"model": ..., "training": ..., "data": ...}` dict for `model` on a dataset
+    `family` (a family without a section of its own gets the defaults)."""
     doc = model_yaml(model)
     layers = [doc.get("defaults") or {}, (doc.get("datasets") or {}).get(family) or {}]
     layers.append(parse_overrides(overrides or []))
@@ -55,6 +58,7 @@ def resolve_config(
             merged[section].update(layer.get(section) or {})
     build_config(model, merged["model"])  # validates model keys
     reject_unknown_keys(merged["training"], TrainConfig, f"training setting(s) for {model}")
+    data_config(merged["data"])
     return merged
 
 
@@ -62,3 +66,9 @@ def training_config(values: dict[str, Any]) -> TrainConfig:
     """A validated TrainConfig from a plain dict (unknown keys and bad values: one-line errors)."""
     reject_unknown_keys(values, TrainConfig, "training setting(s)")
     return TrainConfig(**values)
+
+
+def data_config(values: dict[str, Any]) -> DataConfig:
+    """A validated DataConfig from a plain dict (unknown keys and bad values: one-line errors)."""
+    reject_unknown_keys(values, DataConfig, "data setting(s)")
+    return DataConfig(**values)

@@ -1,13 +1,20 @@
-"""Atomic file writes: a temp file in the target's folder, then a rename, so a crash or a bad input
-never leaves a half-written file where a good one was."""
+"""Atomic file writes (a temp file in the target's folder, then a rename, so a crash or a bad input
+never leaves a half-written file where a good one was), strict JSON and safe YAML."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
+
+import yaml
+
+from msakit.errors import MsakitError
 
 
 def _read_umask() -> int:
@@ -52,3 +59,60 @@ def atomic_write_bytes(path: Path, write: Callable[[IO[bytes]], object]) -> None
 def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` as UTF-8 to `path` with `atomic_write_bytes`."""
     atomic_write_bytes(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def strict_json(document: Any, reasons: dict[str, str] | None = None) -> str:
+    """`document` as strict JSON (RFC 8259: no NaN or Infinity tokens, which strict parsers reject).
+
+    A non-finite number becomes null; inside a mapping a sibling key `<key>_null` then says why:
+    `reasons[key]` when given (e.g. why a metric is undefined), else "NaN" or "infinite".
+    """
+    reasons = reasons or {}
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, dict):
+            out = {}
+            for key, item in value.items():
+                out[key] = clean(item)
+                if isinstance(item, float) and not math.isfinite(item):
+                    out[f"{key}_null"] = reasons.get(key, "NaN" if math.isnan(item) else "infinite")
+            return out
+        if isinstance(value, (list, tuple)):
+            return [clean(item) for item in value]
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        return value
+
+    return json.dumps(clean(document), indent=2, allow_nan=False) + "\n"
+
+
+def atomic_write_json(path: Path, document: Any, reasons: dict[str, str] | None = None) -> None:
+    """`strict_json(document, reasons)` written atomically to `path`."""
+    atomic_write_text(path, strict_json(document, reasons))
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 floats: `5e-4`, `1E3` and `.5` are numbers (YAML 1.1
+    reads the first two as strings, so `--set training.lr=5e-4` was refused)."""
+
+
+_FLOAT = "tag:yaml.org,2002:float"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != _FLOAT]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_FLOAT, re.compile(r"""^(?:
+    [-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+  | [-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+  | [-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+  | [-+]?\.(?:inf|Inf|INF)
+  | \.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """Parse YAML text safely (plain data only, never objects), numbers as YAML 1.2 reads them;
+    invalid YAML is a one-line MsakitError naming `source`."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    except yaml.YAMLError as exc:
+        raise MsakitError(f"{source} is not valid YAML ({' '.join(str(exc).split())})") from None

@@ -9,11 +9,12 @@ layout (`<data_dir>/MOSI/Processed/unaligned_50.pkl`).
 from __future__ import annotations
 
 import inspect
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from msakit.data.labelcsv import load_label_csv
-from msakit.data.mmsa import load_mmsa
+from msakit.data.mmsa import check_family, load_mmsa
 from msakit.data.schema import MultimodalDataset
 from msakit.data.synthetic import generate_synthetic, synthetic_dataset
 from msakit.errors import MsakitError
@@ -22,6 +23,12 @@ DATASETS: dict[str, dict[str, Any]] = {
     "synthetic": {
         "description": "MOSI-sized synthetic data with planted text/audio/vision signal, "
                        "generated in memory (the default and demo dataset)",
+        "needs": "nothing (sizes and seed optional)",
+    },
+    "synthetic-raw": {
+        "description": "the synthetic data with raw, unnormalised feature scales (audio and vision "
+                       "dims scaled from 1e-2 to 1e3 with offsets, -inf in most clips' first audio "
+                       "dim, labels with std 0.13): the real-scale test bed",
         "needs": "nothing (sizes and seed optional)",
     },
     "synthetic-dg": {
@@ -67,6 +74,7 @@ DATASETS: dict[str, dict[str, Any]] = {
 # attention included, trains on it in minutes on a CPU; four domains leave three sources per target
 SYNTHETIC_DG = {"n_train": 1200, "n_valid": 300, "n_test": 600, "text_len": 32, "audio_len": 50,
                 "vision_len": 50, "text_dim": 64, "domains": 4}
+SYNTHETIC = {"synthetic": {}, "synthetic-dg": SYNTHETIC_DG, "synthetic-raw": {"real_scale": True}}
 
 
 def check_synthetic_sizes(sizes: dict[str, Any]) -> None:
@@ -107,23 +115,35 @@ def load_dataset(
     data_dir: str | None = None,
     aligned: bool = False,
     seed: int = 0,
+    family: str | None = None,
     **synthetic_sizes: int,
 ) -> MultimodalDataset:
     """Load a catalog dataset by name, or a `.pkl` / `.csv` file by path.
 
-    `synthetic_sizes` (n_train, text_len, audio_dim, domains, ...) apply to "synthetic" and
-    "synthetic-dg" only; `seed` seeds their generator.
+    `synthetic_sizes` (n_train, text_len, audio_dim, domains, ...) apply to the synthetic datasets
+    only; `seed` seeds their generator. `family` (mosi, mosei, sims, simsv2, synthetic, custom)
+    chooses the settings section and metric rules; without it a catalog name gives its own, a
+    pickle is recognised from its data (see `msakit.data.mmsa.recognise_family`).
     """
+    if family is not None:
+        check_family(family)
+        return replace(_load(name_or_path, data_dir, aligned, seed, synthetic_sizes),
+                       family=family, family_source="given with --family")
+    return _load(name_or_path, data_dir, aligned, seed, synthetic_sizes)
+
+
+def _load(name_or_path: str, data_dir: str | None, aligned: bool, seed: int,
+          synthetic_sizes: dict[str, int]) -> MultimodalDataset:
     key = str(name_or_path).strip().lower()
-    if synthetic_sizes and key not in ("synthetic", "synthetic-dg"):
+    if synthetic_sizes and key not in SYNTHETIC:
         raise MsakitError(
             f"size options ({', '.join(sorted(synthetic_sizes))}) apply only to the synthetic "
             f"datasets, not {name_or_path!r}"
         )
-    if key in ("synthetic", "synthetic-dg"):
+    if key in SYNTHETIC:
         check_synthetic_sizes(synthetic_sizes)
-        defaults = SYNTHETIC_DG if key == "synthetic-dg" else {}
-        return synthetic_dataset(name=key, aligned=aligned, seed=seed, **{**defaults, **synthetic_sizes})
+        options = {**SYNTHETIC[key], **synthetic_sizes}
+        return synthetic_dataset(name=key, aligned=aligned, seed=seed, **options)
     if key == "mosi-text":
         if data_dir is None:
             raise MsakitError(f"dataset 'mosi-text' needs data_dir ({DATASETS[key]['needs']})")
@@ -136,11 +156,12 @@ def load_dataset(
         if data_dir is None:
             raise MsakitError(f"dataset {key!r} needs data_dir ({DATASETS[key]['needs']})")
         root = Path(data_dir).expanduser()
+        named = f"the dataset name {key!r}"
         if root.is_file():
-            return load_mmsa(root, family=key, name=key)
+            return load_mmsa(root, family=key, name=key, family_source=named)
         kind = "aligned" if aligned else "unaligned"
         path = _first_existing(_candidates(key, root, aligned), f"{kind} {key!r} pickle")
-        return load_mmsa(path, family=key, name=key)
+        return load_mmsa(path, family=key, name=key, family_source=named)
 
     path = Path(str(name_or_path)).expanduser()
     if path.suffix.lower() == ".pkl":

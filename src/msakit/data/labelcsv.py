@@ -110,4 +110,5 @@ def load_label_csv(
             "regression_labels": np.array(split["label"], dtype=np.float32),
         }
     name = path.parent.name if path.stem == "label" and path.parent.name else path.stem
-    return dataset_from_raw(raw, source=str(path), family="mosi", name=name)
+    return dataset_from_raw(raw, source=str(path), family="mosi", name=name,
+                            family_source="a label.csv (MOSI's label scale)")

@@ -30,32 +30,45 @@ from msakit.fileio import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("mosi", "mosei", "sims", "simsv2", "synthetic")
+# "custom": none of the benchmarks (the model's default settings, MOSI's metric rules)
+FAMILIES = ("mosi", "mosei", "sims", "simsv2", "synthetic", "custom")
 FEATURE_KEYS = ("text", "audio", "vision")
 MODALITY_KEYS = ("text", "text_bert", "audio", "vision")
 LENGTH_KEYS = {"audio": "audio_lengths", "vision": "vision_lengths"}
 UNIMODAL_LABEL_KEYS = {"T": "regression_labels_T", "A": "regression_labels_A",
                        "V": "regression_labels_V"}
-# what a path or name must contain to say which benchmark it is; v2 before v1, mosei before mosi
-_FAMILY_HINTS = (
-    ("simsv2", ("simsv2", "sims_v2", "sims-v2", "sims2")),
-    ("mosei", ("mosei",)),
-    ("sims", ("sims",)),
-    ("mosi", ("mosi",)),
-)
+# what the MMSA releases of the benchmarks look like: (train, valid, test) sizes, (audio, vision)
+# feature widths and the label range; a pickle is recognised by its sizes or by its widths, never
+# by its file name
+SIGNATURES = {
+    "mosi": {"sizes": (1284, 229, 686), "widths": (5, 20), "labels": 3.0},
+    "mosei": {"sizes": (16326, 1871, 4659), "widths": (74, 35), "labels": 3.0},
+    "sims": {"sizes": (1368, 456, 457), "widths": (33, 709), "labels": 1.0},
+    "simsv2": {"sizes": (2722, 647, 1034), "widths": (25, 177), "labels": 1.0},
+}
 _CHUNK = 512  # samples per step when scanning features, to bound the temporary mask's size
 
 
-def guess_family(*hints: str | os.PathLike[str] | None) -> str | None:
-    """The benchmark a name or path points to ("mosi", "mosei", "sims", "simsv2"), or None."""
-    for hint in hints:
-        if hint is None:
+def recognise_family(splits: dict[str, Split]) -> tuple[str | None, str]:
+    """The benchmark whose MMSA release `splits` match, and the evidence; (None, why not) when none.
+
+    A family matches when its labels' range holds every label and either the split sizes or the
+    audio and vision widths are that release's.
+    """
+    sizes = tuple(len(splits[s]) for s in SPLITS)
+    train = splits["train"]
+    widths = tuple(None if a is None else int(a.shape[-1]) for a in (train.audio, train.vision))
+    largest = max(float(np.abs(splits[s].labels).max(initial=0.0)) for s in SPLITS)
+    for family, signature in SIGNATURES.items():
+        if largest > signature["labels"]:
             continue
-        text = str(hint).lower()
-        for family, needles in _FAMILY_HINTS:
-            if any(needle in text for needle in needles):
-                return family
-    return None
+        if sizes == signature["sizes"]:
+            return family, f"recognised from its split sizes {'/'.join(map(str, sizes))}"
+        if widths == signature["widths"]:
+            return family, f"recognised from its audio and vision widths {widths[0]} and {widths[1]}"
+    return None, (f"not recognised (sizes {'/'.join(map(str, sizes))}, audio/vision widths "
+                  f"{widths[0]}/{widths[1]}): the model's default settings and MOSI's metric rules; "
+                  "give --family to choose")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -251,17 +264,25 @@ def _check_shapes(splits: dict[str, Split], source: str) -> None:
             )
 
 
-def dataset_from_raw(
-    raw: Any, *, source: str, family: str, name: str, latin1: bool = False
-) -> MultimodalDataset:
-    """Check and clean an MMSA-layout dict into a `MultimodalDataset`.
-
-    Feature arrays that already are float32 are used as they are and cleaned in place.
-    """
+def check_family(family: str) -> None:
     if family not in FAMILIES:
         raise MsakitError(
             f"unknown dataset family {family!r}; expected one of {', '.join(FAMILIES)}"
         )
+
+
+def dataset_from_raw(
+    raw: Any, *, source: str, family: str | None, name: str, latin1: bool = False,
+    family_source: str = "",
+) -> MultimodalDataset:
+    """Check and clean an MMSA-layout dict into a `MultimodalDataset`.
+
+    `family` None recognises it from the data (`recognise_family`), else "custom"; `family_source`
+    says where a given family came from. Feature arrays that already are float32 are used as they
+    are and cleaned in place.
+    """
+    if family is not None:
+        check_family(family)
     if not isinstance(raw, dict):
         raise MsakitError(
             f"{source} holds a {type(raw).__name__}, not a dict with 'train', 'valid' and 'test'"
@@ -279,28 +300,29 @@ def dataset_from_raw(
     _check_shapes(splits, source)
     if replaced:
         logger.info("%s: set %d non-finite feature values (-inf/inf/NaN) to 0", source, replaced)
+    if family is None:
+        family, family_source = recognise_family(splits)
+        family = family or "custom"
     features = raw.get("features")  # written by `msakit extract`: its feature configuration
     return MultimodalDataset(
-        name=name, family=family, source=source, replaced_nonfinite=replaced,
+        name=name, family=family, family_source=family_source, source=source, replaced_nonfinite=replaced,
         features=features if isinstance(features, dict) else None, **splits
     )
 
 
 def load_mmsa(
-    path: str | os.PathLike[str], family: str | None = None, name: str | None = None
+    path: str | os.PathLike[str], family: str | None = None, name: str | None = None,
+    family_source: str = "given",
 ) -> MultimodalDataset:
     """Load an MMSA pickle (`unaligned_50.pkl`, `aligned_50.pkl`, ...) as a `MultimodalDataset`.
 
-    `family` picks the metric rules; when not given it is guessed from `name` or the path
-    ("mosi", "mosei", "sims", "simsv2") and falls back to "mosi".
+    `family` picks the metric rules and the settings section; when not given it is recognised from
+    the data (`recognise_family`), and a pickle that is none of the benchmarks is "custom".
     """
     path = Path(path).expanduser()
-    guessed = guess_family(name, path)
-    family = family or guessed or "mosi"
     raw, latin1 = _read_pickle(path)
-    return dataset_from_raw(
-        raw, source=str(path), family=family, name=name or guessed or path.stem, latin1=latin1
-    )
+    return dataset_from_raw(raw, source=str(path), family=family, name=name or path.stem, latin1=latin1,
+                            family_source=family_source if family else "")
 
 
 def save_mmsa(raw: dict[str, Any], path: str | os.PathLike[str]) -> Path:

@@ -110,7 +110,7 @@ class MultimodalDataset:
     """Three splits plus what is needed to score them.
 
     `family` picks the metric rules and the per-dataset section of a model's YAML:
-    "mosi", "mosei", "sims", "simsv2" or "synthetic" (scored with the MOSI rules).
+    "mosi", "mosei", "sims", "simsv2", "synthetic" or "custom" (both scored with the MOSI rules).
     """
 
     name: str
@@ -119,6 +119,7 @@ class MultimodalDataset:
     valid: Split
     test: Split
     source: str = ""  # file or generator that produced it, for reports
+    family_source: str = ""  # how the family was chosen (given, or recognised from the data), for reports
     replaced_nonfinite: int = 0  # -inf/NaN feature values set to 0 on load
     features: dict[str, Any] | None = None  # feature configuration of a `msakit extract` pickle
 

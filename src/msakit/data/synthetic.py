@@ -41,6 +41,17 @@ others; what changes is the input (`domain_shift` scales every shift, 0 turns th
 
 The shifts come from their own generator seeded by (seed, domain stream), so `domains=1` data is
 exactly the data without the option.
+
+`real_scale=True` makes the features look like raw utterance features of a real corpus, which are
+neither normalised nor on one scale (time-averaged COVAREP and OpenFace): every audio and vision
+feature dimension d becomes s_d * x + o_d on the valid frames, with magnitudes m_d spread evenly (in
+log) over [1e-2, 1e3], an offset o_d uniform in [-m_d, m_d] and a spread s_d between 1% and 100% of m_d (so
+some dimensions sit nearly constant far from zero; OpenFace values reach about 1,200); one audio
+dimension is -inf in most clips (COVAREP's unvoiced columns); the labels keep their order but
+shrink to a small range (standard deviation about 0.13, like a user's own ratings on a narrow
+scale). Text features are left as they are (frozen BERT states are on one scale). This is the test
+bed on which every model must stay finite and non-constant; its draws come from their own generator
+seeded by (seed, real-scale stream), so the data without the option is unchanged.
 """
 
 from __future__ import annotations
@@ -84,6 +95,12 @@ DOMAIN_STREAM = 7919  # second seed word of the domain generator, apart from the
 DOMAIN_OFFSET = {"text": 0.5, "audio": 1.0, "vision": 1.0}  # root mean square of the offset per dim
 DOMAIN_GAIN_STD = 0.2  # std of the log gain
 UNRELIABLE_NOISE = 1.0  # std of the extra noise on the unreliable modality's view
+
+# Real-scale features (see the module docstring).
+REAL_SCALE_STREAM = 104729
+REAL_SCALE_RANGE = (1e-2, 1e3)  # per-dimension scales, log-uniform
+REAL_SCALE_INF_ROWS = 0.7  # share of clips whose first audio dimension is -inf on every valid frame
+REAL_SCALE_LABEL_STD = 0.13
 _MODALITIES = ("text", "audio", "vision")
 
 _ADJECTIVES = (
@@ -366,6 +383,26 @@ def _shift_features(
             x[rows] = block
 
 
+def _real_scale(
+    rng: np.random.Generator, labels: np.ndarray, features: dict[str, tuple[np.ndarray, np.ndarray]]
+) -> np.ndarray:
+    """Raw, mixed feature scales in place (padding stays zero) and the labels on a small range."""
+    low, high = np.log10(REAL_SCALE_RANGE)
+    for x, valid in features.values():
+        # evenly spread over the range, so that every modality has dims at both ends
+        magnitude = 10.0 ** rng.permutation(np.linspace(low, high, x.shape[-1]))
+        # the spread is 1% to 100% of the magnitude: some dims are nearly constant far from zero,
+        # like a face's position in pixels
+        spread = (magnitude * 10.0 ** rng.uniform(-2.0, 0.0, x.shape[-1])).astype(np.float32)
+        offset = (magnitude * rng.uniform(-1.0, 1.0, x.shape[-1])).astype(np.float32)
+        x *= spread
+        x += valid[..., None] * offset
+    audio, valid = features["audio"]
+    rows = rng.random(len(audio)) < REAL_SCALE_INF_ROWS
+    audio[rows, :, 0] = np.where(valid[rows], -np.inf, 0.0)
+    return (labels * (REAL_SCALE_LABEL_STD / LABEL_STD)).astype(np.float32)
+
+
 def _check_sizes(sizes: dict[str, int]) -> None:
     minimum = {"text_len": 3, "audio_dim": 1, "vision_dim": 2}
     for key, value in sizes.items():
@@ -388,6 +425,7 @@ def generate_synthetic(
     text_dim: int = 768,
     domains: int = 1,
     domain_shift: float = 1.0,
+    real_scale: bool = False,
     aligned: bool = False,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -396,6 +434,7 @@ def generate_synthetic(
     `aligned=True` puts every modality at `text_len` steps without `*_lengths` keys, like
     `aligned_50.pkl`. Audio keeps its planted -inf values: loading cleans them. With `domains` > 1
     each split also has a `domains` array (N,) of domain indexes, shifted as the module describes.
+    `real_scale` gives audio and vision raw, mixed feature scales and the labels a small range.
     """
     sizes = (n_train, n_valid, n_test)
     _check_sizes({"n_train": n_train, "n_valid": n_valid, "n_test": n_test, "text_len": text_len,
@@ -404,6 +443,8 @@ def generate_synthetic(
     if isinstance(domain_shift, bool) or not isinstance(domain_shift, (int, float)) or not (
             0 <= domain_shift < float("inf")):
         raise MsakitError(f"synthetic domain_shift must be a number >= 0, not {domain_shift!r}")
+    if not isinstance(real_scale, (bool, np.bool_)) and real_scale not in (0, 1):
+        raise MsakitError(f"synthetic real_scale must be true or false, not {real_scale!r}")
     n = sum(sizes)
     rng = np.random.default_rng(seed)
     shared, u_text, u_audio, u_vision = rng.standard_normal((4, n))
@@ -450,6 +491,11 @@ def generate_synthetic(
             "audio": (audio, np.arange(audio_len) < audio_lengths[:, None]),
             "vision": (vision, np.arange(vision_len) < vision_lengths[:, None]),
         }, domain, domains, domain_shift)
+    if real_scale:
+        labels = _real_scale(np.random.default_rng([seed, REAL_SCALE_STREAM]), labels, {
+            "audio": (audio, np.arange(audio_len) < audio_lengths[:, None]),
+            "vision": (vision, np.arange(vision_len) < vision_lengths[:, None]),
+        })
 
     columns: dict[str, np.ndarray] = {
         "id": ids,
@@ -485,4 +531,7 @@ def synthetic_dataset(*, name: str = "synthetic", **options: Any) -> MultimodalD
     source = f"synthetic(seed={args['seed']}, {'aligned' if args['aligned'] else 'unaligned'}"
     if args["domains"] > 1:
         source += f", domains={args['domains']}, domain_shift={args['domain_shift']:g}"
-    return dataset_from_raw(raw, source=source + ")", family="synthetic", name=name)
+    if args["real_scale"]:
+        source += ", real_scale"
+    return dataset_from_raw(raw, source=source + ")", family="synthetic", name=name,
+                            family_source="the synthetic generator")

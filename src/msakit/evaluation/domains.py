@@ -28,7 +28,6 @@ the target's metric rules.
 from __future__ import annotations
 
 import csv
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -39,9 +38,9 @@ import numpy as np
 
 from msakit.data.schema import MODALITIES, SPLITS, MultimodalDataset, Split, concat_splits
 from msakit.errors import MsakitError
-from msakit.evaluation.metrics import LOWER_IS_BETTER, METRIC_KEYS, compute_metrics
+from msakit.evaluation.metrics import LOWER_IS_BETTER, METRIC_KEYS, UNDEFINED_REASONS, compute_metrics
 from msakit.evaluation.report import LABELS, csv_text, format_value, mean_std
-from msakit.fileio import atomic_write_text
+from msakit.fileio import atomic_write_json, atomic_write_text
 from msakit.training.trainer import Trainer
 
 GROUPINGS = ("domains", "video", "cluster")  # or "FILE.csv:COLUMN"
@@ -608,6 +607,6 @@ def write_dg(out_dir: Path, result: dict[str, Any]) -> None:
     for name, scores in result["per_domain"].items():
         for stat in ("mean", "std"):
             rows.append({**base, "seed": stat, "part": f"domain {name}", **scores[stat]})
-    atomic_write_text(out_dir / "dg.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_json(out_dir / "dg.json", result, UNDEFINED_REASONS)
     atomic_write_text(out_dir / "dg.csv", csv_text(rows))
     atomic_write_text(out_dir / "dg.md", dg_markdown(result))

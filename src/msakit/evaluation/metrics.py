@@ -31,9 +31,11 @@ __all__ = [
     "LOWER_IS_BETTER",
     "METRIC_KEYS",
     "MetricWarning",
+    "UNDEFINED_REASONS",
     "compute_metrics",
     "is_better",
     "metric_family",
+    "prediction_warnings",
 ]
 
 
@@ -46,6 +48,13 @@ METRIC_KEYS: dict[str, tuple[str, ...]] = {
     "sims": ("acc2", "acc3", "acc5", "f1", "mae", "corr"),
 }
 LOWER_IS_BETTER: frozenset[str] = frozenset({"mae"})
+# why a metric can be undefined (NaN), for the `<key>_null` notes of strict JSON results
+UNDEFINED_REASONS: dict[str, str] = {
+    "corr": "undefined: the predictions or the labels are constant (or fewer than 2 samples)",
+    "acc2_non0": "undefined: no sample has a non-zero label",
+    "f1_non0": "undefined: no sample has a non-zero label",
+}
+CONSTANT_SPREAD = 0.01  # predictions whose std is below this share of the labels' std are constant
 
 _SIMS_DATASETS = frozenset({"sims", "simsv2"})
 # Left-open, right-closed bins; the outer edges sit just past +-1 so every clipped value lands.
@@ -207,3 +216,24 @@ def _pearson(pred: np.ndarray, true: np.ndarray, notes: list[str]) -> float:
         notes.append("corr is NaN: the spread of the values is too small to compute it")
         return math.nan
     return corr
+
+
+def prediction_warnings(preds: np.ndarray, labels: np.ndarray, train_labels: np.ndarray,
+                        split: str = "validation") -> list[str]:
+    """One line for each way the predictions of a selected model are degenerate: (near) constant
+    (std below CONSTANT_SPREAD of the labels' std, or Corr undefined), or no better than a
+    constant (MAE not below that of always predicting the training labels' median)."""
+    preds, labels = np.asarray(preds, dtype=np.float64), np.asarray(labels, dtype=np.float64)
+    lines = []
+    spread, label_spread = float(preds.std()), float(labels.std())
+    if spread <= CONSTANT_SPREAD * label_spread or not math.isfinite(
+            _pearson(preds, labels, [])):
+        lines.append(f"the selected model's {split} predictions are (nearly) constant: std "
+                     f"{spread:.3g} against the labels' {label_spread:.3g}; it has not learnt to "
+                     "rank the samples (check the feature scales, --set data.normalize=zscore)")
+    baseline = float(np.median(train_labels))
+    mae, constant_mae = float(np.abs(preds - labels).mean()), float(np.abs(baseline - labels).mean())
+    if mae >= constant_mae:
+        lines.append(f"the selected model's {split} MAE {mae:.4g} is no better than always "
+                     f"predicting the training labels' median {baseline:.3g} (MAE {constant_mae:.4g})")
+    return lines

@@ -2,13 +2,12 @@
 
 Intra-modal (LNLN) and inter-modal (HME/CyIN) missing are evaluated at each rate, fixed missing at
 each subset of available modalities; each row is the mean over the mask seeds, and the summary row
-is the mean over rows (the field's headline number). Masks come from `msakit.missing`, so every
-model is scored on exactly the same corrupted inputs.
+is the mean over rows (the field's headline number; NaN when a metric is undefined in any row).
+Masks come from `msakit.missing`, so every model is scored on exactly the same corrupted inputs.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,9 +16,9 @@ import numpy as np
 
 from msakit.data.schema import Batch, MultimodalDataset
 from msakit.errors import MsakitError
-from msakit.evaluation.metrics import METRIC_KEYS
+from msakit.evaluation.metrics import METRIC_KEYS, UNDEFINED_REASONS
 from msakit.evaluation.report import LABELS, csv_text, mean_std
-from msakit.fileio import atomic_write_bytes, atomic_write_text
+from msakit.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from msakit.missing import DEFAULT_RATES, FIXED_SUBSETS, MissingSpec, apply_missing
 from msakit.missing import PROTOCOLS as MASK_PROTOCOLS
 from msakit.models.layers.text import special_token_ids
@@ -70,7 +69,7 @@ def run_protocol(
 
 def write_robustness(out_dir: Path, result: dict[str, Any], title: str) -> None:
     """robustness.json, robustness.csv (one row per condition plus the mean) and robustness.png."""
-    atomic_write_text(out_dir / "robustness.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_json(out_dir / "robustness.json", result, UNDEFINED_REASONS)
     rows = [{"condition": r["condition"], **r["metrics"]} for r in result["rows"]]
     rows.append({"condition": "mean", **result["mean"]})
     atomic_write_text(out_dir / "robustness.csv", csv_text(rows))

@@ -20,12 +20,13 @@ LABELS = {
 
 
 def mean_std(runs: Sequence[dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
-    """Per-metric mean and (population) standard deviation over runs, NaN-aware."""
+    """Per-metric mean and (population) standard deviation over runs. A metric that is undefined
+    (NaN) in any run is NaN in the mean too: a mean over the other rows would pass for the mean of
+    all of them."""
     keys = list(runs[0])
     values = {k: np.array([r[k] for r in runs], dtype=float) for k in keys}
-    mean = {k: float(np.nanmean(v)) if np.isfinite(v).any() else math.nan for k, v in values.items()}
-    std = {k: float(np.nanstd(v)) if np.isfinite(v).any() else math.nan for k, v in values.items()}
-    return mean, std
+    return ({k: float(v.mean()) for k, v in values.items()},
+            {k: float(v.std()) for k, v in values.items()})
 
 
 def format_value(key: str, value: float, std: float | None = None) -> str:

@@ -13,9 +13,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from msakit.errors import MsakitError, reject_unknown_keys
+from msakit.fileio import load_yaml
 
 TRANSCRIPT_SOURCES = ("auto", "text", "file", "asr")
 ACOUSTIC_BACKENDS = ("opensmile", "librosa")
@@ -133,7 +132,7 @@ _SECTION_CLASSES: dict[str, type] = {
 
 
 def _default_document() -> dict[str, Any]:
-    return yaml.safe_load((resources.files("msakit.features") / "default.yaml").read_text())
+    return load_yaml((resources.files("msakit.features") / "default.yaml").read_text(), "default.yaml")
 
 
 def _merge(base: dict[str, Any], layer: dict[str, Any], source: str) -> None:
@@ -153,7 +152,7 @@ def parse_feature_overrides(items: list[str] | tuple[str, ...]) -> dict[str, dic
         section, dot, name = key.strip().partition(".")
         if not sep or not dot or not section or not name:
             raise MsakitError(f"bad --set {item!r}: expected SECTION.KEY=VALUE, e.g. visual.fps=5")
-        out.setdefault(section, {})[name] = yaml.safe_load(raw) if raw.strip() else raw
+        out.setdefault(section, {})[name] = load_yaml(raw, f"--set {item!r}") if raw.strip() else raw
     return out
 
 
@@ -167,10 +166,7 @@ def load_feature_config(
         path = Path(path).expanduser()
         if not path.is_file():
             raise MsakitError(f"feature configuration file not found: {path}")
-        try:
-            layer = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise MsakitError(f"{path} is not valid YAML ({' '.join(str(exc).split())})") from None
+        layer = load_yaml(path.read_text(), str(path)) or {}
         if not isinstance(layer, dict):
             raise MsakitError(f"{path} must hold a mapping of sections, not a {type(layer).__name__}")
         _merge(document, layer, str(path))

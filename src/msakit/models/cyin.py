@@ -76,6 +76,10 @@ Where this differs from the official code, and why:
   last epoch. The temporal convolution keeps the sequence length ("same" padding; the official
   one shortens it by k - 1).
 - msakit clips the global gradient norm; the official code clips each gradient value.
+- The log-variance is clamped to [-LOGVAR_BOUND, LOGVAR_BOUND] before use (the official code uses
+  it as it comes): on raw, unnormalised features (values in the thousands) the first forward pass
+  gave log-variances near 30, so exp(logvar) in the KL term overflowed and no learning rate could
+  train the model. Inside the bound, values and gradients are the official ones.
 """
 
 from __future__ import annotations
@@ -99,6 +103,7 @@ from msakit.models.layers.transformer import (
 )
 from msakit.models.registry import register_model
 
+LOGVAR_BOUND = 10.0  # sigma between e^-5 and e^5: a KL term that cannot overflow (see the docstring)
 STAGES = ("informative", "translation")
 PAIRS = (("text", "audio"), ("text", "vision"), ("audio", "vision"))
 EVAL_BOTTLENECKS = ("sample", "mean")
@@ -320,6 +325,7 @@ class CyIN(MSAModel):
         kl = []
         for m in MODALITIES:
             mu, logvar = self.ib_encoders[m](inputs[m]).chunk(2, dim=-1)
+            logvar = logvar.clamp(-LOGVAR_BOUND, LOGVAR_BOUND)
             if self.training:
                 latents[m] = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
                 weight = token * present[m][:, None]
