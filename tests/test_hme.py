@@ -14,11 +14,12 @@ import torch.nn.functional as F
 
 from model_inputs import N, contract_split, pad_noise
 from msakit.config import resolve_config
-from msakit.data.batching import make_batch
+from msakit.data.batching import iterate_batches, make_batch
 from msakit.errors import MsakitError
 from msakit.missing import MissingSpec, apply_missing, build_noise, drop_whole_modalities
 from msakit.models import create_model
 from msakit.models.hme import HME, UncertaintyGate, id_hashes, retrieve
+from msakit.models.layers.transformer import sinusoidal_positions
 from msakit.models.registry import build_config
 from msakit.training.checkpoint import load_checkpoint, save_checkpoint
 from msakit.training.settings import TrainConfig
@@ -46,6 +47,57 @@ def _banked(dims, split, **settings) -> HME:
     model = _model(dims, **settings)
     model.on_train_epoch_start(1, lambda: iter([make_batch(split, np.arange(N))]))
     return model
+
+
+# encoders ----------------------------------------------------------------------------------------
+
+def _encoder_reference(model: HME, batch, keys_from_input: bool) -> torch.Tensor:
+    """H (B, 3, d) written out: X_{i+1} = X_i + Attn(LN(X_i), LN(K), LN(K)) + FFN, K = X_0 (the
+    official `l2l(x, x, x)`: keys and values are the embedded input) or K = X_i (self-attention)."""
+    pooled = []
+    for column, m in enumerate(("text", "audio", "vision")):
+        x, mask = getattr(batch, m), getattr(batch, f"{m}_mask")
+        x = x.masked_fill(~(mask & batch.presence[:, column].unsqueeze(1)).unsqueeze(-1), 0.0)
+        encoder = model.encoders[m]
+        x0 = state = encoder._embed(model.project[m](x), mask)
+        for layer in encoder.layers:
+            keys = layer.attn_norm(x0 if keys_from_input else state)
+            h, _ = layer.attn(layer.attn_norm(state), keys, keys, key_padding_mask=~mask, need_weights=False)
+            state = state + h
+            state = state + layer.fc2(F.relu(layer.fc1(layer.ffn_norm(state))))
+        out = encoder.norm(state).masked_fill(~mask.unsqueeze(-1), float("-inf"))
+        pooled.append(out.amax(dim=1))
+    return torch.stack(pooled, dim=1)
+
+
+@pytest.mark.parametrize("attention", ["input", "self"])
+def test_each_encoder_layer_reads_the_embedded_input_as_keys_and_values(dims, batch, attention):
+    """The default (`input`) is the official rule; a true self-attention encoder fails it."""
+    model = _model(dims, encoder_layers=3, encoder_attention=attention).eval()
+    dropped = apply_missing(batch, MissingSpec("inter", rate=0.4, seed=0))
+    with torch.no_grad():
+        h, _ = model.encode(dropped)
+        official = _encoder_reference(model, dropped, keys_from_input=True)
+        self_attention = _encoder_reference(model, dropped, keys_from_input=False)
+    assert not torch.allclose(official, self_attention, atol=1e-3)
+    torch.testing.assert_close(h, official if attention == "input" else self_attention)
+    assert build_config("hme", {}).encoder_attention == "input"
+
+
+def test_official_positions_skip_a_missing_modalitys_zero_steps(dims, batch):
+    """Positions are numbered from 1; with position_zero_steps false a zeroed (missing) modality
+    gets none, so every sample missing it has the very same all-zero embedded input."""
+    no_audio = apply_missing(batch, MissingSpec("fixed", subset="tv"))
+    for zero_steps, expect_zero in ((True, False), (False, True)):
+        model = _model(dims, position_zero_steps=zero_steps).eval()
+        encoder, mask = model.encoders["audio"], no_audio.audio_mask
+        with torch.no_grad():
+            embedded = encoder._embed(model.project["audio"](torch.zeros_like(no_audio.audio)), mask)
+        assert bool((embedded == 0).all()) == expect_zero
+    with torch.no_grad():
+        steps = torch.ones(1, 2, dtype=torch.bool)
+        first = _model(dims).encoders["audio"]._embed(torch.zeros(1, 2, 8), steps)
+    torch.testing.assert_close(first[0, 0], sinusoidal_positions(2, 8)[1])
 
 
 # retrieval ---------------------------------------------------------------------------------------
@@ -78,6 +130,44 @@ def test_retrieval_falls_back_to_the_mean_of_the_other_present_samples():
                                  threshold, None)
         assert counts.item() == 0
         torch.testing.assert_close(means[0], others)
+
+
+def test_the_official_fallback_averages_every_key():
+    q, q_id, keys, key_ids, present = _keys()
+    means, counts = retrieve(q, q_id, torch.tensor([True]), keys, key_ids, present, 0.999, None,
+                             fallback_all=True)
+    assert counts.item() == 0
+    torch.testing.assert_close(means[0], keys.mean(0))  # the query itself and the absent one included
+
+
+def test_retrieve_missing_makes_a_missing_query_retrieve_like_any_other(dims, split, batch):
+    """Official rule: the samples missing audio (all of one length) share one encoding and
+    retrieve each other; msakit's rule gives a missing query the fallback mean."""
+    no_audio = apply_missing(batch, MissingSpec("fixed", subset="tv"))
+    no_audio = no_audio.with_updates(audio_mask=torch.ones_like(no_audio.audio_mask))
+    settings = {"retrieval": "batch", "retrieval_k": None, "similarity_threshold": 0.99}
+    with torch.no_grad():
+        for official in (False, True):
+            model = _model(dims, retrieve_missing=official, **settings).eval()
+            h, present = model.encode(no_audio)
+            c = model.retrieved(h, present, no_audio.ids)
+            others = h[1:, 1].mean(0)  # every other sample's (identical) audio encoding
+            assert torch.allclose(c[0, 1], others, atol=1e-5) == official
+
+
+def test_the_official_gate_multiplies_the_enhanced_logit():
+    torch.manual_seed(0)
+    gate = UncertaintyGate(8, lower=0.2, upper=1.0, dropout=0.0, rule="multiply")
+    original, enhanced, sigma = torch.randn(16, 8), torch.randn(16, 8), torch.full((16, 8), 2.0)
+    logits = gate.mlp(torch.cat([original, enhanced], dim=-1))
+    expected = (logits * torch.tensor([1.0, 0.5]) / 8**0.5).softmax(dim=1)
+    torch.testing.assert_close(gate.weights(original, enhanced, sigma), expected)
+
+
+def test_sample_at_eval_makes_the_bottleneck_sample_in_evaluation(dims, split, batch):
+    model = _banked(dims, split, sample_at_eval=True).eval()
+    with torch.no_grad():
+        assert not torch.allclose(model(batch).pred, model(batch).pred)
 
 
 def test_retrieval_in_blocks_matches_one_block():
@@ -247,7 +337,8 @@ def test_short_training_under_inter_modal_noise_reduces_the_loss(tiny_dataset):
     trainer = Trainer(model, config, tiny_dataset.metric_family, train_transform=noise, progress=False)
     fit = trainer.fit(tiny_dataset.train, tiny_dataset.valid, seed=0)
     losses = [record.train_loss for record in fit.history]
-    assert len(refreshed) == 8 and model.bank.shape == (3, len(tiny_dataset.train), 16)
+    # built before epoch 1, refreshed after each of the 8 epochs
+    assert len(refreshed) == 9 and model.bank.shape == (3, len(tiny_dataset.train), 16)
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:2])
 
 
@@ -264,13 +355,31 @@ def test_a_resumed_training_continues_with_the_bank_it_had(tiny_dataset, tmp_pat
     assert_resumed_fit_is_the_straight_fit(trainer, tiny_dataset, 0, tmp_path / "state.pt", epochs=1)
 
 
-def test_the_bank_is_refreshed_every_k_epochs(dims, split):
+def test_the_bank_is_built_before_the_first_epoch_and_refreshed_after_every_kth(dims, split):
     model = _model(dims, refresh_every=2)
-    built = []
+    refreshed = []
+    refresh = model.refresh_bank
     for epoch in range(1, 6):
-        model.on_train_epoch_start(epoch, lambda: iter([make_batch(split, np.arange(N))]))
-        built.append(model.bank.data_ptr())
-    assert built[0] == built[1] != built[2] == built[3] != built[4]
+        for when, hook in (("start", model.on_train_epoch_start), ("end", model.on_train_epoch_end)):
+            model.refresh_bank = lambda batches, at=(when, epoch): refreshed.append(at) or refresh(batches)
+            hook(epoch, lambda: iter([make_batch(split, np.arange(N))]))
+    assert refreshed == [("start", 1), ("end", 2), ("end", 4)]
+
+
+def test_validation_and_the_checkpoint_use_the_bank_of_their_own_weights(tiny_dataset):
+    """The selected weights' bank is the training split encoded by those very weights, and their
+    recorded validation score is what they score now (a bank one epoch old fails both)."""
+    seed_everything(0)
+    model = create_model("hme", {**TINY, "hidden": 16, "fusion_ffn": 16}, tiny_dataset.dims)
+    config = TrainConfig(epochs=3, batch_size=16, lr=3e-3, device="cpu", patience=None,
+                         noise="inter", noise_rate=0.3)
+    trainer = Trainer(model, config, tiny_dataset.metric_family, progress=False,
+                      train_transform=build_noise(config.noise, config.noise_rate, 0))
+    fit = trainer.fit(tiny_dataset.train, tiny_dataset.valid, seed=0)
+    saved = model.bank.clone()
+    model.refresh_bank(iterate_batches(tiny_dataset.train, config.eval_batch_size))
+    torch.testing.assert_close(model.bank, saved)
+    assert trainer.evaluate(tiny_dataset.valid) == pytest.approx(fit.best_valid)
 
 
 # settings ---------------------------------------------------------------------------------------
@@ -297,7 +406,11 @@ def test_yaml_holds_the_published_values():
      ({"retrieval_k": 0}, "retrieval_k"), ({"similarity_threshold": 1.5}, "similarity_threshold"),
      ({"uncertainty_lower": 0.0}, "uncertainty_lower"), ({"uncertainty_lower": 2.0}, "uncertainty_lower"),
      ({"kl_weight": -1}, "kl_weight"), ({"attn_dropout": 1.0}, "attn_dropout"),
-     ({"latent_layers": 0}, "latent_layers"), ({"refresh_every": 0}, "refresh_every")],
+     ({"latent_layers": 0}, "latent_layers"), ({"refresh_every": 0}, "refresh_every"),
+     ({"encoder_attention": "cross"}, "encoder_attention"),
+     ({"retrieval_fallback": "x"}, "retrieval_fallback"),
+     ({"uncertainty_gate": "scale"}, "uncertainty_gate"), ({"retrieve_missing": 1}, "retrieve_missing"),
+     ({"position_zero_steps": "no"}, "position_zero_steps"), ({"sample_at_eval": None}, "sample_at_eval")],
 )
 def test_bad_settings_are_user_errors(settings, key):
     with pytest.raises(MsakitError, match=key):

@@ -59,6 +59,9 @@ class MSAModel(nn.Module):
     registry_name: str = ""  # set by @register_model
     # True: training batches carry `batch.clean`, the same samples before training noise
     needs_clean_input: bool = False
+    # True: the paper trained on word-aligned input (MMSA aligned_*.pkl), which the CLI and api
+    # then read for this model unless told otherwise (`--unaligned`, aligned=False)
+    aligned_input: bool = False
 
     def __init__(self, config: ModelConfig, dims: FeatureDims) -> None:
         super().__init__()
@@ -81,6 +84,12 @@ class MSAModel(nn.Module):
         `train_batches()` yields the whole training split in file order, without training noise,
         already on the model's device: what a model needs to refresh a memory bank or a neighbour
         index of training-set representations. The default does nothing.
+        """
+
+    def on_train_epoch_end(self, epoch: int, train_batches: Callable[[], Iterator[Batch]]) -> None:
+        """Called by the trainer after every training epoch, before validation: what a model
+        refreshes here (a memory bank) is what validation, test and the saved weights see. Same
+        arguments as `on_train_epoch_start`; the default does nothing.
         """
 
     def training_state(self) -> dict[str, Any]:

@@ -1,17 +1,24 @@
 """HME: Hyper-Modality Enhancement (Zhuang et al., "Hyper-Modality Enhancement for Multimodal
-Sentiment Analysis with Missing Modalities", NeurIPS 2025; official code YetZzzzzz/HME).
+Sentiment Analysis with Missing Modalities", NeurIPS 2025; official code YetZzzzzz/HME @6f0c9a7).
 
-Every width below is d (`hidden`); a modality m is one of text l, audio a, vision v.
+Every width below is d (`hidden`); a modality m is one of text l, audio a, vision v. The paper
+trained on the word-aligned 50-step pickles, so msakit reads aligned_*.pkl for this model unless
+told `--unaligned` (`aligned_input`).
 
 1. Encoders. Text states (a fine-tuned BERT-style encoder or precomputed features), audio and
    vision frames: a missing modality (`presence` False) is zeroed whole, then a bias-free linear
-   map to d (the official 1x1 Conv1d), MulT's self-attention transformer (`CrossModalEncoder`:
-   sqrt(d) scaling, sinusoidal positions, pre-LN layers) and a max-pool over time: H_m (B, d).
+   map to d (the official 1x1 Conv1d), a MulT-style transformer (`CrossModalEncoder`: sqrt(d)
+   scaling, sinusoidal positions numbered from 1, pre-LN layers) and a max-pool over time: H_m
+   (B, d). With `encoder_attention: input` (the default, and what the published numbers used:
+   the official code calls `l2l(x, x, x)`) every layer's keys and values are the embedded input
+   X_0 and only the queries evolve: X_{i+1} = X_i + Attn(LN_i(X_i), LN_i(X_0), LN_i(X_0)) + FFN.
+   `encoder_attention: self` is ordinary self-attention (keys and values = X_i).
 2. Cross-sample enhancement. Each H_m is the query of a cosine search over OTHER samples' H_m,
    among samples where m is present: the mean of the retrieved representations whose similarity is
    at least `similarity_threshold` (the `retrieval_k` most similar, or all of them when
    `retrieval_k` is null) is C_m. When nothing passes the threshold, or m is missing for the
-   query, C_m is the mean over the candidates (samples where m is present).
+   query, C_m is the fallback mean over the candidates (samples where m is present, the query
+   excluded).
 3. Latent enhancement. A Perceiver-style latent array (`num_latents` learned latents, depth
    `latent_layers`: cross-attention to the input, GEGLU feed-forward, latent self-attention,
    feed-forward; mean over latents, LayerNorm) per modality reads C_m: E_m. A shared one reads the
@@ -28,42 +35,60 @@ Every width below is d (`hidden`); a modality m is one of text l, audio a, visio
 7. Loss: L1(y_hat, y) + 0.8 mean_m L1(y_m, y) + 0.01 mean_m KL(N(mu_m, sigma_m) || N(0, 1)): the
    task loss is the trainer's (`training.loss: l1`), the other two are `losses["unimodal"]` and
    `losses["kl"]`, already weighted. Training at missing rate MR is `training.noise: inter` with
-   `training.noise_rate: MR` (one model per MR, as the paper).
+   `training.noise_rate: MR`; the paper trains one model per MR, selects it on validation dropped
+   at that MR and tests it at that MR (the YAML's `reproduce:` recipe, `one_model_per_rate`).
 
-Where this differs from the official code, and why:
-- Retrieval source. The official `get_similar_embeddings` searches only the current batch (every
-  sample of the batch with cosine >= 0.6, the query excluded), so a sample's enhancement depends
-  on which samples share its batch, and a batch of one has nothing to retrieve. The published
-  numbers were obtained with that in-batch rule (`retrieval: batch`, `retrieval_k: null`). The
+Where this differs from the official code, and the switch that restores the official behaviour
+(benchmarks/parity/hme.py sets every one of them and matches the official model):
+- Retrieval source (`retrieval: batch`, `retrieval_k: null`). The official `get_similar_embeddings`
+  searches only the current batch (every sample of the batch with cosine >= 0.6, the query
+  excluded), so a sample's enhancement depends on which samples share its batch, and a batch of one
+  has nothing to retrieve. The published numbers were obtained with that in-batch rule. The
   default here (`retrieval: bank`) searches a memory bank of the whole training split: H_m of every
   training sample, its presence and a hash of its id, recomputed (eval mode, no gradient) before
-  every `refresh_every`-th epoch by `on_train_epoch_start`, stored as buffers so that a checkpoint
-  predicts alone, a single sample with a missing modality included. The bank holds the CLEAN
-  training split (the hook's batches carry no training noise) and a sample never retrieves itself
-  (matched by id, so its clean modalities cannot leak into its own noisy batch); bank entries carry
-  no gradient, the in-batch ones do (as in the official code). Retrieval is a blocked cosine
-  top-k (`layers/neighbours.py`), never a dense N x N matrix. Before the first refresh (an
-  untrained model) the bank is empty and the in-batch rule is used.
-- Missing queries and missing candidates. In the official code a missing modality is zeroed
-  before the encoder, so its H_m is the encoder's response to zeros: the same vector for every
-  sample missing m, which then retrieves (and is retrieved by) the other samples missing m. Here
-  a candidate must have m present, and a query missing m takes the fallback mean, which is what
-  the official fallback intends for zero vectors.
-- Uncertainty gate. The official `Attention_Uncertainty_2` MULTIPLIES the enhanced logit by w_m,
-  which moves weight TOWARDS the enhanced representation whenever that logit is negative. Here
-  log(w_m) is added to it, i.e. the enhanced softmax weight is multiplied by w_m before
-  renormalising: higher uncertainty always moves the mix towards the original H_m.
-- The bottleneck samples Z_m = mu + eps * sigma in training only; in evaluation Z_m = mu, so a
-  prediction is deterministic (the official code samples at test time too).
-- Padding. Attention masks hide padded tokens and frames, and the max-pool runs over valid steps
-  only (the official aligned 50-step inputs are pooled over padding too).
+  the first epoch and after every `refresh_every`-th epoch (`on_train_epoch_end`, before
+  validation, so validation, test and the saved checkpoint use the bank of the weights they
+  score), stored as buffers so that a checkpoint predicts alone, a single sample with a missing
+  modality included. The bank holds the CLEAN training split (the hook's batches carry no training
+  noise) and a sample never retrieves itself (matched by id, so its clean modalities cannot leak
+  into its own noisy batch); bank entries carry no gradient, the in-batch ones do (as in the
+  official code). Retrieval is a blocked cosine top-k (`layers/neighbours.py`), never a dense
+  N x N matrix. Before the first refresh (an untrained model) the bank is empty and the in-batch
+  rule is used.
+- Missing queries and candidates (`retrieve_missing: true`). In the official code a missing
+  modality is zeroed before the encoder, so its H_m is the encoder's response to zeros: the same
+  vector for every sample missing m, an ordinary query that retrieves (and is retrieved by) the
+  other samples missing m. Here a candidate must have m present, and a query missing m takes the
+  fallback mean, which is what the official fallback intends for zero vectors.
+- Fallback mean (`retrieval_fallback: all`). Here the mean over the candidates (m present, the
+  query excluded); the official code averages the whole batch, the query and the samples missing m
+  included.
+- Positions on a missing modality (`position_zero_steps: false`). The official MulT code gives no
+  position to a step whose projected input's first channel is exactly 0, i.e. to every step of a
+  zeroed modality (and to the zero steps of the aligned pickles); msakit adds positions to every
+  valid step, so a missing modality's steps carry positions only.
+- Uncertainty gate (`uncertainty_gate: multiply`). The official `Attention_Uncertainty_2`
+  MULTIPLIES the enhanced logit by w_m, which moves weight TOWARDS the enhanced representation
+  whenever that logit is negative. Here (`log`) log(w_m) is added to it, i.e. the enhanced softmax
+  weight is multiplied by w_m before renormalising: higher uncertainty always moves the mix
+  towards the original H_m.
+- Bottleneck at test time (`sample_at_eval: true`). The bottleneck samples Z_m = mu + eps * sigma
+  in training only; in evaluation Z_m = mu, so a prediction is deterministic (the official code
+  samples at test time too).
+- Padding (no switch). Attention masks hide padded tokens and frames, and the max-pool runs over
+  valid steps only (the official aligned 50-step inputs are attended and pooled over padding too;
+  the parity check feeds unpadded inputs).
+- Embedding dropout (no switch; random draws only). The official encoder draws separate
+  embedding-dropout masks for the queries, the keys and the values; here the keys and values
+  share one.
 - Not differences, but easy to miss: the official audio/vision/text encoders all use the text's
   attention dropout (its per-modality choice is computed and then ignored), and the Perceiver and
   hyper-modality cross-attentions over a single context vector (C_m, E_x) reduce to a projection
   of that vector (a softmax over one key is 1), so their query projections, query LayerNorms
   and key projections never receive a gradient. Both are kept.
-- Optimiser. msakit's one trainer builds AdamW once per stage; the official code re-creates it
-  every epoch, which resets Adam's moments. There is nothing to reproduce that here.
+- Training loop (not model settings): the official code re-creates AdamW every epoch (resetting
+  Adam's moments), clips gradient VALUES at 0.8 and selects on the validation loss; msakit builds
+  AdamW once, clips no gradients for HME and selects on validation MAE (hme.yaml).
 """
 
 from __future__ import annotations
@@ -87,6 +112,9 @@ from msakit.models.layers.transformer import CrossModalEncoder
 from msakit.models.registry import register_model
 
 RETRIEVALS = ("bank", "batch")
+ENCODER_ATTENTIONS = ("input", "self")
+FALLBACKS = ("candidates", "all")
+GATES = ("log", "multiply")
 PAIRS = {"text": ("audio", "vision"), "audio": ("text", "vision"), "vision": ("text", "audio")}
 
 
@@ -116,6 +144,13 @@ class HMEConfig(ModelConfig):
     retrieval_k: int | None = 32  # neighbours kept per query; null = every one above the threshold
     refresh_every: int = 1  # epochs between memory-bank refreshes
     retrieval_block: int = DEFAULT_BLOCK  # query rows per block of the bank search
+    # the official behaviour of each switch is in the class docstring's list of differences
+    encoder_attention: str = "input"  # input (official: keys/values = the embedded input) | self
+    retrieve_missing: bool = False  # true: a sample missing m is an ordinary query and candidate
+    retrieval_fallback: str = "candidates"  # candidates | all (official: the whole batch)
+    position_zero_steps: bool = True  # false: zero (missing) steps get no position (official)
+    uncertainty_gate: str = "log"  # log | multiply (official)
+    sample_at_eval: bool = False  # true: the bottleneck samples at test time too (official)
 
     def __post_init__(self) -> None:
         check_settings(
@@ -128,10 +163,15 @@ class HMEConfig(ModelConfig):
             raise MsakitError(
                 f"hme: model.hidden ({self.hidden}) must be divisible by model.heads ({self.heads})"
             )
-        if self.retrieval not in RETRIEVALS:
-            raise MsakitError(
-                f"hme: model.retrieval must be one of {', '.join(RETRIEVALS)}, not {self.retrieval!r}"
-            )
+        for key, allowed in (("retrieval", RETRIEVALS), ("encoder_attention", ENCODER_ATTENTIONS),
+                             ("retrieval_fallback", FALLBACKS), ("uncertainty_gate", GATES)):
+            if getattr(self, key) not in allowed:
+                raise MsakitError(
+                    f"hme: model.{key} must be one of {', '.join(allowed)}, not {getattr(self, key)!r}"
+                )
+        for key in ("retrieve_missing", "position_zero_steps", "sample_at_eval"):
+            if not isinstance(getattr(self, key), bool):
+                raise MsakitError(f"hme: model.{key} must be true or false, not {getattr(self, key)!r}")
         k = self.retrieval_k
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
             raise MsakitError(f"hme: model.retrieval_k must be a positive integer or null, not {k!r}")
@@ -172,13 +212,15 @@ def retrieve(
     threshold: float,
     k: int | None,
     block_size: int = DEFAULT_BLOCK,
+    fallback_all: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """What each query retrieves from `keys` (N, D): (means (Q, D), counts (Q,)).
 
     A key is a candidate for a query when `key_present` and its id differs from the query's. The
     retrieved keys are the `k` most cosine-similar candidates (all of them for k=None) with
     similarity >= `threshold`, and the mean is theirs. A query retrieving nothing, or one whose
-    `query_present` is False, gets the mean of all its candidates instead, and count 0.
+    `query_present` is False, gets the mean of all its candidates instead (of every key, itself
+    included, with `fallback_all`), and count 0.
     """
     means, counts = [], []
     for rows, scores in similarity_blocks(queries, keys, block_size):
@@ -191,7 +233,7 @@ def retrieve(
             weights = ((index >= 0) & (values >= threshold)).to(keys.dtype)  # NaN compares False
             found = (keys[index.clamp(min=0)] * weights.unsqueeze(-1)).sum(1)
         count = weights.sum(1) * query_present[rows].to(keys.dtype)
-        every = candidates.to(keys.dtype)
+        every = (torch.ones_like(candidates) if fallback_all else candidates).to(keys.dtype)
         fallback = every @ keys / every.sum(1, keepdim=True).clamp(min=1)
         mean = found / weights.sum(1, keepdim=True).clamp(min=1)
         means.append(torch.where((count > 0).unsqueeze(1), mean, fallback))
@@ -294,8 +336,9 @@ class HyperCross(nn.Module):
 class Bottleneck(nn.Module):
     """Variational information bottleneck: (mu, sigma, Z, unimodal prediction, KL) of a (B, d) input."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, sample_at_eval: bool = False) -> None:
         super().__init__()
+        self.sample_at_eval = sample_at_eval
         self.encode = nn.Sequential(
             nn.Linear(dim, 2 * dim), nn.ReLU(),
             nn.Linear(2 * dim, 2 * dim), nn.ReLU(),
@@ -306,7 +349,7 @@ class Bottleneck(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         mu, s = self.encode(x).chunk(2, dim=-1)
         sigma = F.softplus(s - 5.0)
-        z = mu + torch.randn_like(sigma) * sigma if self.training else mu
+        z = mu + torch.randn_like(sigma) * sigma if self.training or self.sample_at_eval else mu
         kl = 0.5 * (mu.pow(2) + sigma.pow(2) - 2 * sigma.log() - 1).mean()
         return sigma, z, self.head(z).squeeze(-1), kl
 
@@ -319,20 +362,25 @@ def _gate_mlp(inputs: int, dim: int, outputs: int, dropout: float) -> nn.Sequent
 
 class UncertaintyGate(nn.Module):
     """S = a_0 H + a_1 Z, (a_0, a_1) = softmax(logits / sqrt(d) + (0, log w)),
-    w = clamp(1 / mean(sigma), lower, upper): the more uncertain Z, the more weight on H."""
+    w = clamp(1 / mean(sigma), lower, upper): the more uncertain Z, the more weight on H.
+    rule "multiply" (official): (a_0, a_1) = softmax((logit_0, w logit_1) / sqrt(d))."""
 
-    def __init__(self, dim: int, lower: float, upper: float, dropout: float) -> None:
+    def __init__(self, dim: int, lower: float, upper: float, dropout: float, rule: str = "log") -> None:
         super().__init__()
         self.scale = dim**-0.5
         self.lower, self.upper = lower, upper
+        self.rule = rule
         self.mlp = _gate_mlp(2, dim, 2, dropout)
 
     def weights(self, original: torch.Tensor, enhanced: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """(B, 2) softmax weights of (original, enhanced)."""
         certainty = (1.0 / (sigma.mean(dim=1) + 1e-8)).clamp(self.lower, self.upper)
-        logits = self.mlp(torch.cat([original, enhanced], dim=-1)) * self.scale
+        logits = self.mlp(torch.cat([original, enhanced], dim=-1))
+        if self.rule == "multiply":
+            factor = torch.stack([torch.ones_like(certainty), certainty], dim=1)
+            return (logits * factor * self.scale).softmax(dim=1)
         shift = torch.stack([torch.zeros_like(certainty), certainty.log()], dim=1)
-        return (logits + shift).softmax(dim=1)
+        return (logits * self.scale + shift).softmax(dim=1)
 
     def forward(self, original: torch.Tensor, enhanced: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         a = self.weights(original, enhanced, sigma)
@@ -358,6 +406,7 @@ class HME(MSAModel):
     """Cross-sample enhancement, hyper-modalities, bottlenecks and uncertainty-aware fusion."""
 
     config_class = HMEConfig
+    aligned_input = True  # the official code reads aligned_{mosi,mosei}.pkl only
 
     def __init__(self, config: HMEConfig, dims: FeatureDims) -> None:
         super().__init__(config, dims)
@@ -367,7 +416,8 @@ class HME(MSAModel):
         self.project = nn.ModuleDict({m: nn.Linear(widths[m], d, bias=False) for m in MODALITIES})
         self.encoders = nn.ModuleDict({
             m: CrossModalEncoder(d, heads, config.encoder_layers, config.attn_dropout, config.relu_dropout,
-                                 config.res_dropout, config.embed_dropout)
+                                 config.res_dropout, config.embed_dropout, first_position=1,
+                                 position_zero_steps=config.position_zero_steps)
             for m in MODALITIES
         })
         enhancer = (heads, config.num_latents, config.latent_layers)
@@ -377,9 +427,10 @@ class HME(MSAModel):
             f"{m}_{x}": HyperCross(d, heads, config.hyper_depth) for m in MODALITIES for x in PAIRS[m]
         })
         self.hyper = nn.ModuleDict({m: HyperCross(d, heads, config.hyper_depth) for m in MODALITIES})
-        self.bottlenecks = nn.ModuleDict({m: Bottleneck(d) for m in MODALITIES})
+        self.bottlenecks = nn.ModuleDict({m: Bottleneck(d, config.sample_at_eval) for m in MODALITIES})
         self.gates = nn.ModuleDict({
-            m: UncertaintyGate(d, config.uncertainty_lower, config.uncertainty_upper, config.gate_dropout)
+            m: UncertaintyGate(d, config.uncertainty_lower, config.uncertainty_upper, config.gate_dropout,
+                               config.uncertainty_gate)
             for m in MODALITIES
         })
         self.hyper_fusion = HyperFusion(d, config.gate_dropout)
@@ -412,8 +463,10 @@ class HME(MSAModel):
             x, mask = inputs[m]
             available = batch.presence[:, column]
             # as in the official code a missing modality is zeroed whole, and still encoded
-            x = x.masked_fill(~(mask & available.unsqueeze(1)).unsqueeze(-1), 0.0)
-            pooled.append(masked_max(self.encoders[m](self.project[m](x), mask), mask))
+            x = self.project[m](x.masked_fill(~(mask & available.unsqueeze(1)).unsqueeze(-1), 0.0))
+            # "input": the embedded input is every layer's keys and values (the official l2l(x, x, x))
+            source = (x, mask) if self.config.encoder_attention == "input" else ()
+            pooled.append(masked_max(self.encoders[m](x, mask, *source), mask))
             present.append(available & mask.any(dim=1))
         return torch.stack(pooled, dim=1), torch.stack(present, dim=1)
 
@@ -423,13 +476,18 @@ class HME(MSAModel):
         query_ids = id_hashes(ids, h.device)
         use_bank = cfg.retrieval == "bank" and self.bank.shape[1] > 0
         out = []
+        if cfg.retrieve_missing:  # the official rule: presence plays no part in retrieval
+            present = torch.ones_like(present)
         for column in range(len(MODALITIES)):
             if use_bank:
                 keys, key_ids, key_present = self.bank[column], self.bank_ids, self.bank_present[column]
+                if cfg.retrieve_missing:
+                    key_present = torch.ones_like(key_present)
             else:
                 keys, key_ids, key_present = h[:, column], query_ids, present[:, column]
             means, _ = retrieve(h[:, column], query_ids, present[:, column], keys, key_ids, key_present,
-                                cfg.similarity_threshold, cfg.retrieval_k, cfg.retrieval_block)
+                                cfg.similarity_threshold, cfg.retrieval_k, cfg.retrieval_block,
+                                fallback_all=cfg.retrieval_fallback == "all")
             out.append(means)
         return torch.stack(out, dim=1)
 
@@ -480,7 +538,14 @@ class HME(MSAModel):
         self.bank_ids = id_hashes(ids, self.bank.device)
 
     def on_train_epoch_start(self, epoch: int, train_batches: Callable[[], Iterator[Batch]]) -> None:
-        """Refresh the memory bank before epochs 1, 1 + K, 1 + 2K, ... (K = refresh_every)."""
-        if self.config.retrieval == "bank" and (epoch - 1) % self.config.refresh_every == 0:
+        """Build the memory bank before the first epoch (from the untrained model)."""
+        if self.config.retrieval == "bank" and epoch == 1:
+            self.refresh_bank(train_batches())
+
+    def on_train_epoch_end(self, epoch: int, train_batches: Callable[[], Iterator[Batch]]) -> None:
+        """Refresh the memory bank after epochs K, 2K, ... (K = refresh_every), before validation:
+        validation and the checkpoint then hold the bank of their own weights, and the next
+        epochs train with it."""
+        if self.config.retrieval == "bank" and epoch % self.config.refresh_every == 0:
             self.refresh_bank(train_batches())
 

@@ -6,10 +6,11 @@ VALIDATION split, best weights restored at the end of each stage. A multi-stage 
 stages as data (`TrainConfig.stages`); each stage is this same loop, after `model.set_stage(name)`,
 and starts either from the previous stage's best weights with a fresh optimizer or, declared
 `start: continue`, from its last weights with its optimizer as it was.
-Before each epoch the model may look at the whole clean training split (`on_train_epoch_start`, for
-memory banks and neighbour indexes); models that compare noisy and clean input get the clean batch
-as `batch.clean`. Optionally, validation is scored under a transform (a missing-data protocol) and
-each of several metrics keeps its own best epoch (`best_by_metric`, for per-metric checkpoints).
+Before and after each epoch the model may look at the whole clean training split
+(`on_train_epoch_start`, `on_train_epoch_end`: memory banks and neighbour indexes); models that
+compare noisy and clean input get the clean batch as `batch.clean`. Optionally, validation is
+scored under a transform (a missing-data protocol) and each of several metrics keeps its own best
+epoch (`best_by_metric`, for per-metric checkpoints).
 With a state file, everything the loop carries between epochs is saved after each epoch, and a fit
 handed an existing state file continues from it: an interrupted run resumes where it stopped and ends
 with the same weights as an uninterrupted one.
@@ -361,6 +362,7 @@ class Trainer:
                     train, loop.optimizer, loop.scheduler, generator, epoch=len(history) + 1,
                     on_step=lambda: bar.advance(task),
                 )
+                self.model.on_train_epoch_end(len(history) + 1, lambda: self._plain_batches(train))
                 valid_metrics = self.evaluate(valid, self.valid_transform)
                 self._track(epoch, valid_metrics)
                 improved = is_better(metric, valid_metrics[metric], best.best_valid.get(metric))

@@ -9,6 +9,11 @@ Without a source the block is ordinary self-attention. Before the first block bo
 scaled by sqrt(d), given sinusoidal positions and embedding dropout; a LayerNorm ends the stack.
 As in MulT, every block reads the same (embedded) source: only the target is updated.
 
+Positions: step t gets position t + `first_position`. MulT's own (fairseq) code numbers steps from 1
+and gives no position to a step whose input's first channel is exactly 0 (its test for padding,
+which also catches a zeroed missing modality); `first_position=1, position_zero_steps=False`
+reproduces that rule.
+
 Padding: padded keys are masked out of every attention, padded inputs are zeroed before use and
 padded target positions come out as zeros, so nothing a padded step holds reaches a valid one. A
 query with no key it may attend to (a sample whose source is entirely missing) gets a zero
@@ -138,12 +143,16 @@ class CrossModalEncoder(nn.Module):
         res_dropout: float = 0.0,
         embed_dropout: float = 0.0,
         causal: bool = False,
+        first_position: int = 0,
+        position_zero_steps: bool = True,
     ) -> None:
         super().__init__()
         self.dim = dim
         self.num_heads = num_heads
         self.embed_dropout = embed_dropout
         self.causal = causal
+        self.first_position = first_position
+        self.position_zero_steps = position_zero_steps
         self.layers = nn.ModuleList(
             CrossModalLayer(dim, num_heads, attn_dropout, relu_dropout, res_dropout)
             for _ in range(layers)
@@ -152,8 +161,11 @@ class CrossModalEncoder(nn.Module):
 
     def _embed(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = x.masked_fill(~mask.unsqueeze(-1), 0.0)
-        x = math.sqrt(self.dim) * x + sinusoidal_positions(x.shape[1], self.dim, x.device, x.dtype)
-        return F.dropout(x, self.embed_dropout, self.training)
+        start = self.first_position
+        positions = sinusoidal_positions(x.shape[1] + start, self.dim, x.device, x.dtype)[start:]
+        if not self.position_zero_steps:
+            positions = positions * (x[..., :1] != 0)
+        return F.dropout(math.sqrt(self.dim) * x + positions, self.embed_dropout, self.training)
 
     def forward(
         self,
