@@ -22,33 +22,49 @@ one training loop (`training.stages: teacher, student`):
    where A_m are the last cross layer's attention maps and F the fusion tokens; alpha, beta, gamma =
    1, 60, 8 (SIMS, the published setting). alpha is the trainer's task-loss weight (1).
 
-Where this follows the official code rather than the paper's text, or departs from both:
+Parity: with BERT and the prompt encoder replaced by the identity, the teacher and student equal
+the official ones at MOSI, MOSEI and SIMS sizes (predictions, attention maps, fusion tokens, every
+loss term and gradient, dropout included) to 1e-6: benchmarks/parity/mmslf.py, results in
+benchmarks/results/parity/mmslf.md. Every place where msakit follows the official code rather than
+the paper's text, or departs from the code, with the setting that decides it:
 - Attention target. The official teacher returns, as the map the student imitates, the softmax of
   the UNMODULATED logits Q K^T (computed before the prompt term multiplies them); the modulated map
   only drives the teacher's output. `attention_target: unmodulated` (default) follows the code;
   `modulated` distils the map the teacher actually used.
-- Prompt encoder. A frozen Hugging Face encoder (`prompt_encoder`, default the packaged
-  all-MiniLM-L6-v2; the paper uses bert-base). Its outputs never change, so they are computed once
-  per cue text and cached; it is not part of the model's parameters or checkpoint.
-- Teacher augmentation. The official teacher trains on inputs thinned at a per-sample keep rate
-  r ~ U(0.5, 1): audio/vision features zeroed element-wise, text tokens replaced by [UNK] (here:
-  special tokens and padding are kept; precomputed text features lose whole token vectors).
-  `augment_min_keep` sets the lower bound (1 = off). The student trains on plain inputs, as there.
 - Teacher mode. While the student trains, the official code leaves the frozen teacher in training
   mode (train_student.py never calls its eval()), so the cross transformers' dropout (0.5) is on
   when it writes the targets; its pretrained BERTs stay in the evaluation mode `from_pretrained`
   puts them in. `teacher_mode: train` (default) does the same (the teacher's text encoder in
   evaluation mode); `eval` gives deterministic targets (no dropout anywhere in the teacher).
-- Padding is masked: padded audio/vision frames are not attended to, padded text positions are not
-  read by the fusion transformer, padded prompt tokens are not read by the prompt transformer. The
-  official code attends to all of them.
-- The teacher and student each have their own text encoder, as in the official code; the teacher's
-  is frozen with the rest of it while the student trains.
 - Prompt positions. The official code draws the prompt path's learned positions (the prompt
   transformer's and each cross transformer's) from N(0, 1), while the projected cue states they
   are added to are about 0.2 in size, so the prompt summary P starts (and, in msakit's synthetic
   runs, stays) almost the same for every clip. `prompt_position_std` scales that init; the default
   1 is the official one.
+- Encoders. msakit's default text and prompt encoder is the packaged all-MiniLM-L6-v2; the official
+  code (and the paper) use bert-base-uncased (bert-base-chinese for SIMS): name a local folder with
+  `text_encoder` / `prompt_encoder`. The teacher and student each have their own text encoder, as
+  there; the teacher's is fine-tuned (`finetune_text`), the student's frozen
+  (`student_finetune_text`), and the teacher's is frozen with the rest of it while the student trains.
+- Prompt encoder reads. The prompt encoder is frozen, so its states are computed once per cue text
+  (in evaluation mode) and cached; it is not part of the model's parameters or checkpoint. The
+  official code runs it on every batch, and while the teacher trains it is in training mode, so its
+  BERT dropout is on (without gradients). No switch: the cache needs fixed states.
+- Frozen student text encoder. The official student's BERT is frozen but, with the rest of the
+  student, in training mode (dropout on); msakit keeps a frozen encoder in evaluation mode. No switch.
+- Teacher augmentation. The official teacher trains on inputs thinned at a per-sample keep rate
+  r ~ U(0.5, 1): audio/vision features zeroed element-wise, text tokens replaced by [UNK] (here:
+  special tokens and padding are kept; precomputed text features lose whole token vectors).
+  `augment_min_keep` sets the lower bound (1 = off). The student trains on plain inputs, as there.
+- Padding is masked: padded audio/vision frames are not attended to, padded text positions are not
+  read by the fusion transformer, padded prompt tokens are not read by the prompt transformer. The
+  official code (which pads text to 50 and cues to 512 tokens) attends to all of them. No switch;
+  on unpadded inputs the two are the same.
+- Weight decay. The official AdamW decays every parameter; mmslf.yaml sets
+  `training.decay_norms_and_biases: true`, which leaves only the pretrained text encoder's biases
+  and norms undecayed.
+- Schedule. Warm-up then cosine as the official scheduler, but stepped per batch (the official
+  steps per epoch). No switch.
 """
 
 from __future__ import annotations
