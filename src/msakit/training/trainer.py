@@ -218,6 +218,22 @@ class _StageLoop:
     final_state: dict[str, torch.Tensor] | None = None  # the last epoch's weights, for a stage that continues
 
 
+def nonfinite_at_initialisation(batch: Batch, losses: dict[str, torch.Tensor]) -> str:
+    """Why the very first loss is not finite: the loss terms that are not, and the largest input
+    value of each modality (raw feature scales are the usual cause, not the learning rate)."""
+    bad = ", ".join(f"{name} {value.item():.3g}" for name, value in losses.items()
+                    if not torch.isfinite(value))
+    scales = []
+    for modality in ("text", "audio", "vision"):
+        x, mask = getattr(batch, modality), getattr(batch, f"{modality}_mask")
+        if x is not None and x.is_floating_point():
+            valid = x[mask] if mask is not None else x
+            scales.append(f"{modality} max |x| {valid.abs().max().item() if valid.numel() else 0:.3g}")
+    return (f"the loss is not finite at initialisation, before any update ({bad}), so lowering "
+            f"training.lr cannot help; input scales: {', '.join(scales)}. Raw features on large "
+            "scales are the usual cause: try --set data.normalize=zscore")
+
+
 class Trainer:
     """Trains one model on one dataset; `fit` then `evaluate` or `predict` any split."""
 
@@ -450,10 +466,14 @@ class Trainer:
                 batch = batch.with_updates(clean=clean)
             batch = batch.to(self.device)
             output = self.model(batch)
-            loss = self.loss_fn(output.pred, batch.labels)
+            task_loss = self.loss_fn(output.pred, batch.labels)
+            loss = task_loss
             for aux in output.losses.values():
                 loss = loss + aux
             if not torch.isfinite(loss):
+                if epoch == 1 and not optimizer.state:  # no update yet: the rate cannot be the cause
+                    raise MsakitError(nonfinite_at_initialisation(batch, {"task": task_loss,
+                                                                          **output.losses}))
                 raise MsakitError(
                     f"training diverged at epoch {epoch} (loss {loss.item()}); lower training.lr"
                 )
