@@ -20,12 +20,16 @@ from click.testing import CliRunner
 from msakit import api
 from msakit.cli import cli
 from msakit.data.mmsa import load_mmsa, save_mmsa
+from msakit.data.normalize import normalize_dataset
 from msakit.errors import MsakitError
 from msakit.features import FeaturePipeline, Predictor, build_dataset, load_feature_config, read_labels
 from msakit.features.config import apply_overrides, check_compatible
 from msakit.features.dataset import assemble, index_media
 from msakit.features.extractors import GEOMETRY, face_geometry
 from msakit.features.predict import sentiment_classes
+from msakit.training.checkpoint import load_checkpoint
+from msakit.training.settings import TrainConfig
+from msakit.training.trainer import Trainer
 
 EXTRA = all(importlib.util.find_spec(m) for m in ("av", "mediapipe", "opensmile", "faster_whisper"))
 needs_extra = pytest.mark.skipif(not EXTRA, reason="the extract extra is not installed")
@@ -341,6 +345,16 @@ def test_extract_resume_train_predict(tmp_path: Path) -> None:
     assert cli_run.exit_code == 2
     assert json.loads(cli_run.stdout)[0]["present"]["audio"]
     assert "1 of 2 file(s) could not be read" in cli_run.stderr
+
+    # a checkpoint trained on z-scored features scores a new file with the training statistics
+    api.train("tfn", data, epochs=1, output=tmp_path / "zscore", progress=False,
+              overrides=["data.normalize=zscore"])
+    normalized_checkpoint = tmp_path / "zscore" / "seed-1111.pt"
+    score = api.predict([clips / "v1" / "3.mp4"], normalized_checkpoint, text="great")[0]["score"]
+    model, meta = load_checkpoint(normalized_checkpoint)
+    trainer = Trainer(model, TrainConfig(device="cpu"), "mosi", progress=False)
+    expected, _ = trainer.predict(normalize_dataset(data, meta["normalization"]).test)  # clip 3
+    assert score == pytest.approx(float(expected[0]), abs=1e-5)
 
 
 @needs_extra

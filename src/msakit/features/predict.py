@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from msakit.data.batching import make_batch
+from msakit.data.normalize import normalize_split
 from msakit.data.schema import MODALITIES, Split
 from msakit.errors import MsakitError
 from msakit.evaluation.metrics import metric_family
@@ -77,6 +78,7 @@ class Predictor:
         check_compatible(trained, given, str(checkpoint))
         self.config = given
         self.family = meta["dataset"]["family"]
+        self.normalization = meta.get("normalization") or {}  # the training split's statistics
         self.model_name = meta["model_name"]
         self.pipeline = FeaturePipeline(given)
         self._check_widths()
@@ -121,7 +123,8 @@ class Predictor:
         )
 
     def predict_features(self, features: dict[str, Any]) -> float:
-        batch = make_batch(self._split(features), np.zeros(1, dtype=np.int64))
+        split = normalize_split(self._split(features), self.normalization)
+        batch = make_batch(split, np.zeros(1, dtype=np.int64))
         present = [features["present"][m] for m in MODALITIES]
         batch = batch.with_updates(presence=batch.presence & torch.tensor(present).unsqueeze(0))
         with torch.inference_mode():
