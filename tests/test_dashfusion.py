@@ -124,10 +124,10 @@ def test_runs_under_every_protocol(dims, split, batch, spec):
 def test_absent_streams_take_no_part_in_the_contrastive_loss(dims, split, batch, monkeypatch):
     seen = {}
 
-    def spy(anchors, positives, negatives, positive_mask, negative_mask, temperature):
+    def spy(anchors, positives, negatives, positive_mask, negative_mask, temperature, count):
         seen["mask"] = positive_mask.view(4, N, -1)  # views (text, audio, vision, fused) x samples
         return neighbour_contrastive_loss(anchors, positives, negatives, positive_mask, negative_mask,
-                                          temperature)
+                                          temperature, count)
 
     monkeypatch.setattr(dashfusion, "neighbour_contrastive_loss", spy)
     model = _indexed(dims, split, label_bucket=2.0).train()  # every bucket holds 3 samples
@@ -236,6 +236,93 @@ def test_retrieved_neighbours_are_the_right_training_samples(tiny_dataset):
         assert similarity[i, hard].min() >= similarity[i, model.neighbours.easy_negatives[i]].max()
 
 
+def _pre_sample(features: torch.Tensor, buckets: torch.Tensor, k: int) -> dict[str, list[list[int]]]:
+    """The official `__pre_sample` (MOSI loader), loop for loop: rank positions, not samples."""
+    unit = torch.nn.functional.normalize(features, dim=1)
+    rank = (unit @ unit.T).argsort(dim=1, descending=True, stable=True)
+    n = len(features)
+    lists = {"ss": [], "sd": [], "dd": []}
+    for i in range(n):
+        ss, sd, dd = [], [], []
+        for j in range(n):
+            if i != j:
+                (ss if buckets[i] == buckets[rank[i][j]] else sd).append(j)
+        for j in range(-1, -n, -1):
+            if buckets[i] != buckets[rank[i][j]]:
+                dd.append(n + j)  # a negative position indexes the data from its end
+        for key, found in (("ss", ss), ("sd", sd), ("dd", dd)):
+            lists[key].append(found[:k] + [-1] * (k - len(found[:k])))
+    return lists
+
+
+def test_official_neighbour_index_keeps_rank_positions(tiny_dataset):
+    train = tiny_dataset.train
+    built = {}
+    for mode in ("official", "fixed"):
+        model = _model(tiny_dataset.dims, neighbour_pool=4, neighbour_index=mode)
+        model.on_train_epoch_start(1, lambda: iter([make_batch(train, np.arange(len(train)))]))
+        built[mode] = model.neighbours
+    expected = _pre_sample(model.bank[:, :3].flatten(1), label_buckets(torch.from_numpy(train.labels)), 4)
+    official = built["official"]
+    assert official.positives.tolist() == expected["ss"]
+    assert official.hard_negatives.tolist() == expected["sd"]
+    assert official.easy_negatives.tolist() == expected["dd"]
+    assert official.positives.tolist() != built["fixed"].positives.tolist()
+
+
+def test_live_neighbour_views_carry_the_gradient_the_bank_does_not(dims, split, batch):
+    """Without dropout and with the weights the index was built with, live views equal the bank's:
+    the same loss, but only the live one reaches the weights through the neighbours."""
+    losses, grads = {}, {}
+    for mode in ("live", "bank"):
+        model = _indexed(dims, split, neighbour_views=mode).train()
+        torch.manual_seed(3)
+        out = model(batch)
+        out.losses["contrastive"].backward()
+        losses[mode] = out.losses["contrastive"].item()
+        grads[mode] = model.frames["audio"].project.weight.grad.clone()
+    assert losses["live"] == pytest.approx(losses["bank"], rel=1e-5)
+    assert not torch.allclose(grads["live"], grads["bank"])
+
+
+def test_live_neighbour_views_need_the_training_split(dims, split, batch):
+    model = _indexed(dims, split).train()
+    model.store = None
+    with pytest.raises(MsakitError, match="live neighbour views"):
+        model(batch)
+
+
+def test_contrastive_mean_all_pairs_divides_by_the_official_pair_count(dims, split, batch, monkeypatch):
+    seen = {}
+
+    def spy(*args):
+        seen["pairs"] = args[3].sum().item()
+        return neighbour_contrastive_loss(*args)
+
+    monkeypatch.setattr(dashfusion, "neighbour_contrastive_loss", spy)
+    losses = {}
+    for mode in ("all_pairs", "loss_pairs"):
+        model = _indexed(dims, split, contrastive_mean=mode).train()
+        torch.manual_seed(3)
+        losses[mode] = model(batch).losses["contrastive"].item()
+    # per anchor: 4 views x 2 positives + 2 cross-modal pairs + each of the 2 + 2 x 1 neighbours'
+    # own 2 cross-modal pairs
+    official_pairs = N * (4 * 2 + 2 + 2 * (2 + 2 * 1))
+    assert 0 < seen["pairs"] < official_pairs
+    assert losses["all_pairs"] == pytest.approx(losses["loss_pairs"] * seen["pairs"] / official_pairs,
+                                                rel=1e-5)
+
+
+def test_attend_padding_lets_padding_change_the_prediction(dims, batch):
+    official, ours = _model(dims, attend_padding=True).eval(), _model(dims).eval()
+    unpadded = batch.with_updates(**{f"{m}_mask": torch.ones_like(getattr(batch, f"{m}_mask"))
+                                     for m in ("text", "audio", "vision")})
+    with torch.no_grad():
+        # the same weights: with nothing to mask, the switch changes nothing
+        torch.testing.assert_close(official(unpadded).pred, ours(unpadded).pred)
+        assert not torch.allclose(official(padded_longer(batch)).pred, official(batch).pred)
+
+
 def test_index_is_rebuilt_every_k_epochs(dims, split):
     model = _model(dims, refresh_every=2)
     built = []
@@ -283,13 +370,16 @@ def test_yaml_holds_the_published_values():
     assert mosi["training"]["encoder_lr"] == mosi["training"]["lr"]
     assert (mosi["training"]["weight_decay"], mosi["training"]["schedule"]) == (1e-3, "linear")
     assert (mosi["model"]["temperature"], mosi["model"]["contrastive_weight"]) == (0.5, 0.2)
+    assert [c["model"]["label_bucket"] for c in (mosi, mosei, sims)] == [1.0, 1.0, 0.2]
 
 
 @pytest.mark.parametrize(
     ("settings", "key"),
     [({"hidden": 10, "heads": 4}, "heads"), ({"temperature": 0.0}, "temperature"),
      ({"num_positives": 11}, "num_positives"), ({"encoder_dropout": 1.0}, "encoder_dropout"),
-     ({"fusion_depth": 0}, "fusion_depth"), ({"label_bucket": -1}, "label_bucket")],
+     ({"fusion_depth": 0}, "fusion_depth"), ({"label_bucket": -1}, "label_bucket"),
+     ({"neighbour_index": "ranks"}, "neighbour_index"), ({"neighbour_views": "cache"}, "neighbour_views"),
+     ({"contrastive_mean": "mean"}, "contrastive_mean"), ({"attend_padding": "yes"}, "attend_padding")],
 )
 def test_bad_settings_are_user_errors(settings, key):
     with pytest.raises(MsakitError, match=key):

@@ -15,9 +15,15 @@ IEEE TNNLS 36(10), 2025; official code ultramarineX/DashFusion). Every width bel
        l(x, p) = -log( e^{s(x,p)/tau} / (e^{s(x,p)/tau} + sum_n e^{s(x,n)/tau}) ),  s = cosine
    positives: 2 of the view's label-matched neighbours and, for the text view, this sample's own
    z_a and z_v (cross-modal alignment); negatives: 2 hard (most similar, other label) and 2 easy
-   (least similar, other label) neighbours. The loss is the mean over all positive pairs, weighted
-   0.2. Neighbours come from an index over the whole training split (cosine of [z_t; z_a; z_v],
-   label buckets round(y)), rebuilt every 2 epochs from the model itself (`on_train_epoch_start`).
+   (least similar, other label) neighbours, drawn at every step from lists of 10. The neighbours'
+   views are computed by the model at every step, like the anchor's (6 more samples per anchor,
+   with gradient). The loss is the sum of these 10 terms per anchor divided by 22, the pairs the
+   official pair list holds (it also pairs each neighbour's own z_t with its z_a and z_v; those
+   12 pairs have no negatives and cost exactly 0), averaged over the batch and weighted 0.2.
+   Neighbours come from an index over the whole training split (cosine of [z_t; z_a; z_v], label
+   buckets round(y / label_bucket): 1 for MOSI/MOSEI, as np.round; 0.2 for SIMS, whose labels,
+   multiples of 0.2, the official loader compares as they are), rebuilt every 2 epochs from the
+   model itself in eval mode (`on_train_epoch_start`).
 4. Hierarchical bottleneck fusion (depth 2 for MOSI/SIMS, 3 for MOSEI): level 0 starts from H,
    every level runs one self-attention block over the bottleneck and keeps its first n_l tokens
    (n = 8, 4, 2, ...), gathers from text, audio and vision at once,
@@ -28,34 +34,50 @@ IEEE TNNLS 36(10), 2025; official code ultramarineX/DashFusion). Every width bel
    concatenated without an output projection, logits scaled by 1/sqrt(d) (not 1/sqrt(d/heads)).
 5. Head: [B[:, 0]; X_t[:, 0]; X_a[:, 0]; X_v[:, 0]] -> 2d -> d -> 1 (GELU). Loss: MSE + 0.2 L_con.
 
-Where this differs from the official code, and why:
-- Neighbour index. The official `__pre_sample` stores the RANK POSITION j of each neighbour
-  instead of its sample id rank[i][j] (and compares the sample i with a rank position to skip
-  itself), and the positions are then used as sample ids: its positives and hard negatives are
-  samples among the first few dozen of the file, its easy negatives (negative positions) the
-  last few, whatever their labels and features. Here the index holds sample positions, and it is
-  built block by block (`layers/neighbours.py`) instead of from two dense N x N matrices
-  (similarities and ranks, 1 GB each at MOSEI size) and a Python loop over all N^2 pairs.
-- Neighbour embeddings. The official code runs the 6 neighbours of every anchor through the whole
-  model again at every step (7x the compute, BERT included). Here the neighbours' views are read
-  from a memory bank of the whole training split, computed (eval mode, no gradient) together with
-  the index every `refresh_every` epochs; the anchor's own views carry the gradient. The
-  neighbours' own cross-modal pairs, which the official code includes in its mean but which have
-  no negatives and so contribute exactly zero, are not counted: the mean runs over the 10 pairs
-  that carry a loss (the official mean divides the same sum by 22, so at the same weight 0.2 this
-  term is about 2.2x as strong).
-- Padding. The official temporal alignment and fusion attend to padded text tokens and padded
-  frames (and derive the frame masks from all-zero frames); here padding is masked out of every
-  attention, so it cannot change a prediction. A text shorter than the bottleneck is padded up to
-  it so that the bottleneck never depends on how much padding a batch carries.
+Where this differs from the official code, and the setting that restores the official behaviour
+(benchmarks/parity/dashfusion.py checks the rest to float precision):
+- Neighbour index (a bug fix; `neighbour_index: official` restores the bug). The official
+  `__pre_sample` stores the RANK POSITION j of each neighbour instead of its sample id rank[i][j]
+  (and compares the sample i with a rank position to skip itself), and the positions are then
+  used as sample ids: its positives and hard negatives are samples among the first few dozen of
+  the file, its easy negatives (negative positions) the last few, whatever their labels and
+  features. Here the index holds sample positions (`fixed`, the default). Either is built block
+  by block instead of from two dense N x N matrices (similarities and ranks, 1 GB each at MOSEI
+  size) and a Python loop over all N^2 pairs. The official MOSEI and SIMS loaders scan only part
+  of each ranking (top N/2 and bottom N/8; top N/1.6 and bottom N/2); with lists of 10 over
+  thousands of samples that limit never binds, so it is not reproduced.
+- Neighbour embeddings (`neighbour_views: bank`, a saving; the default `live` is the official
+  behaviour). The neighbours' views are read from a memory bank of the whole training split,
+  computed in eval mode without gradient together with the index every `refresh_every` epochs,
+  instead of running the 6 neighbours of every anchor through the model at every step (7x the
+  compute, BERT included); only the anchor's own views carry the gradient. `live` keeps the
+  training split's inputs in CPU memory as well.
+- Contrastive mean (`contrastive_mean: loss_pairs`; the default `all_pairs` is official). The sum
+  is divided by the number of pairs that carry a loss (10 per anchor) instead of 22, so at the
+  same weight 0.2 the term is about 2.2x as strong.
+- Padding (a bug fix; `attend_padding: true` restores the official behaviour). The official
+  temporal alignment and fusion attend to padded text tokens and padded frames; here padding is
+  masked out of every attention, so it cannot change a prediction. The official loader also
+  takes the frame masks from all-zero frames, msakit from the recorded lengths (the same on
+  zero-padded files, unless a real frame sums to 0). A text shorter than the bottleneck is
+  padded up to it so that the bottleneck never depends on how much padding a batch carries.
 - Missing modalities (absent from the official code). An audio or vision stream whose `presence`
   is False is masked out entirely (only its CLS token remains, so it contributes a learned
-  constant); absent modalities take no part in the contrastive loss.
+  constant; with `attend_padding` its zeroed frames are attended as padding); absent modalities
+  take no part in the contrastive loss. `all_pairs` still divides by 22 per anchor.
 - Text comes from msakit's `TextEncoder` over the dataset's `text_bert` ids (the official code
   re-tokenises the raw text up to 128 tokens with bert-base-uncased / bert-base-chinese), or from
   precomputed features. The official `TemporalAlignment` also builds a feed-forward block and two
-  LayerNorms that its forward never uses, and the projector a dropout whose result is discarded:
+  LayerNorms that its forward never uses, the projector a dropout whose result is discarded, and
+  the audio and vision encoders `fc`, `dense` and `cls_embedding` layers that are never called:
   they are left out.
+- Names only: the official fusion is called as HBF(H, X_t, X_v, X_a), so its modules named for
+  audio read vision and the other way round, and its head reads [B; X_t; X_v; X_a]. msakit names
+  each module by what it reads and its head reads [B; X_t; X_a; X_v]: the same function, with
+  the head's input columns exchanged (this matters only when porting weights).
+- Training (not a model setting): the official AdamW spares from weight decay every bias and only
+  BERT's LayerNorm weights (its name filter is "LayerNorm.weight"); msakit's trainer spares every
+  bias and every norm.
 """
 
 from __future__ import annotations
@@ -73,13 +95,22 @@ from msakit.data.schema import Batch, FeatureDims
 from msakit.errors import MsakitError
 from msakit.models.base import ModelConfig, MSAModel, Output, check_settings
 from msakit.models.layers.attention import multi_head_attention
-from msakit.models.layers.neighbours import LabelNeighbours, label_buckets, label_neighbours
+from msakit.models.layers.neighbours import (
+    LabelNeighbours,
+    label_buckets,
+    label_neighbours,
+    masked_topk,
+    similarity_blocks,
+)
 from msakit.models.layers.pooling import masked_mean
 from msakit.models.layers.text import TextEncoder
 from msakit.models.registry import register_model
 
 FRAME_MODALITIES = ("audio", "vision")
 VIEWS = ("text", "audio", "vision", "fused")  # pooled views of the contrastive loss, in bank order
+NEIGHBOUR_INDEXES = ("fixed", "official")
+NEIGHBOUR_VIEWS = ("live", "bank")
+CONTRASTIVE_MEANS = ("all_pairs", "loss_pairs")
 
 
 @dataclass
@@ -106,6 +137,10 @@ class DashFusionConfig(ModelConfig):
     num_negatives: int = 2  # hard ones and as many easy ones, drawn at every step
     label_bucket: float = 1.0  # positives share round(label / label_bucket)
     index_block: int = 1024  # query rows per block of the neighbour search
+    neighbour_index: str = "fixed"  # "fixed" (sample ids) or "official" (rank positions used as ids)
+    neighbour_views: str = "live"  # "live" (official: neighbours run through the model) or "bank"
+    contrastive_mean: str = "all_pairs"  # "all_pairs" (official: 22 pairs per anchor) or "loss_pairs"
+    attend_padding: bool = False  # True: alignment and fusion attend to padding, as the official code
 
     def __post_init__(self) -> None:
         check_settings(
@@ -125,6 +160,15 @@ class DashFusionConfig(ModelConfig):
                     f"dashfusion: model.{key} ({getattr(self, key)}) cannot exceed "
                     f"model.neighbour_pool ({self.neighbour_pool})"
                 )
+        if not isinstance(self.attend_padding, bool):
+            raise MsakitError(
+                f"dashfusion: model.attend_padding must be true or false, not {self.attend_padding!r}"
+            )
+        for key, choices in (("neighbour_index", NEIGHBOUR_INDEXES), ("neighbour_views", NEIGHBOUR_VIEWS),
+                             ("contrastive_mean", CONTRASTIVE_MEANS)):
+            if getattr(self, key) not in choices:
+                raise MsakitError(f"dashfusion: model.{key} must be one of {', '.join(choices)}, "
+                                  f"not {getattr(self, key)!r}")
         for key, low_open in (("contrastive_weight", False), ("temperature", True), ("label_bucket", True)):
             value = getattr(self, key)
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -341,10 +385,11 @@ def neighbour_contrastive_loss(
     positive_mask: torch.Tensor,
     negative_mask: torch.Tensor,
     temperature: float,
+    count: float | None = None,
 ) -> torch.Tensor:
     """NT-Xent over explicit pairs: the mean, over valid positive pairs (a, p), of
     -log(e^{s(a,p)/t} / (e^{s(a,p)/t} + sum_n e^{s(a,n)/t})) with s the cosine similarity and n
-    running over a's valid negatives.
+    running over a's valid negatives; with `count`, their sum divided by `count` instead.
 
     anchors (A, D); positives (A, P, D) with positive_mask (A, P); negatives (A, N, D) with
     negative_mask (A, N). A pair whose anchor has no valid negative costs exactly 0 (so does a
@@ -358,7 +403,51 @@ def neighbour_contrastive_loss(
     # the positive's own logit is always finite, so the log-sum-exp is too
     losses = torch.logsumexp(logits, dim=-1) - pos
     weights = positive_mask.to(losses.dtype)
-    return (losses * weights).sum() / weights.sum().clamp(min=1.0)
+    return (losses * weights).sum() / (weights.sum().clamp(min=1.0) if count is None else count)
+
+
+def rank_position_neighbours(
+    features: torch.Tensor, buckets: torch.Tensor, k: int, block_size: int
+) -> LabelNeighbours:
+    """The official `__pre_sample`, bug included: for sample i it walks the ranking of all samples
+    by similarity to i and keeps the rank POSITIONS j (not the samples at them), which are then
+    used as sample ids. Positives: the first k positions j whose sample shares i's bucket, hard
+    negatives the first k whose sample does not (both skipping the position j = i, not the sample
+    i); easy negatives: the last k positions from the bottom (n - 1 down to 1) whose sample does
+    not. Returns the positions as `LabelNeighbours` (-1 = fewer than k)."""
+    n = features.shape[0]
+    positions = torch.arange(n, device=features.device)
+    buckets = buckets.to(features.device)
+    lists: dict[str, list[torch.Tensor]] = {"positives": [], "hard": [], "easy": []}
+    for rows, scores in similarity_blocks(features, features, block_size):
+        ranked = scores.argsort(dim=1, descending=True, stable=True)
+        same = buckets[ranked] == buckets[rows].unsqueeze(1)  # (R, n) by rank position
+        not_i = positions.unsqueeze(0) != torch.arange(rows.start, rows.stop, device=features.device)[:, None]
+        earliest = -positions.float().expand(len(same), -1)
+        lists["positives"].append(masked_topk(earliest, same & not_i, k)[0])
+        lists["hard"].append(masked_topk(earliest, ~same & not_i, k)[0])
+        lists["easy"].append(masked_topk(-earliest, ~same & (positions > 0), k)[0])
+    return LabelNeighbours(positives=torch.cat(lists["positives"]),
+                           hard_negatives=torch.cat(lists["hard"]), easy_negatives=torch.cat(lists["easy"]))
+
+
+def stack_batches(batches: list[Batch]) -> Batch:
+    """One CPU batch holding `batches` in order (a split's batches share their padded lengths)."""
+    def cat(name: str) -> torch.Tensor | None:
+        values = [getattr(b, name) for b in batches]
+        return None if values[0] is None else torch.cat([v.cpu() for v in values])
+
+    tensors = ("labels", "index", "presence", "text", "text_ids", "text_mask", "audio", "audio_mask",
+               "vision", "vision_mask")
+    return Batch(ids=[i for b in batches for i in b.ids], **{name: cat(name) for name in tensors})
+
+
+def select_rows(batch: Batch, rows: torch.Tensor) -> Batch:
+    """The samples of `batch` at `rows` (positions in it)."""
+    changes: dict[str, Any] = {name: value[rows] for name, value in vars(batch).items()
+                               if isinstance(value, torch.Tensor)}
+    return batch.with_updates(ids=[batch.ids[i] for i in rows.tolist()], unimodal_labels={},
+                              dropped={}, clean=None, **changes)
 
 
 def draw(pool: torch.Tensor, count: int) -> torch.Tensor:
@@ -397,6 +486,7 @@ class DashFusion(MSAModel):
         self.bank: torch.Tensor | None = None  # (N, 4, d) views in VIEWS order
         self.bank_ids: np.ndarray | None = None  # (N,) sample ids, to check batches against
         self.neighbours: LabelNeighbours | None = None
+        self.store: Batch | None = None  # the training split's inputs (CPU), for live neighbour views
 
     def encode(self, batch: Batch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """modality -> (states, mask): X_t (B, L_t, d), X_a and X_v with their CLS steps."""
@@ -420,16 +510,27 @@ class DashFusion(MSAModel):
         pooled = [masked_mean(*states[m]) for m in ("text", *FRAME_MODALITIES)]
         return torch.stack([*pooled, aligned[:, 0]], dim=1)
 
+    def attention_masks(
+        self, states: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The states with the masks the alignment and the fusion attend under: their own, or every
+        step (padding and an absent stream's zeroed frames included) with `attend_padding`."""
+        if not self.config.attend_padding:
+            return states
+        return {m: (x, torch.ones_like(mask)) for m, (x, mask) in states.items()}
+
     def batch_views(self, batch: Batch) -> torch.Tensor:
         """(B, 4, d) contrastive views of a batch, without the fusion (what the memory bank holds)."""
         states = self.encode(batch)
-        return self.views(states, self.align(states["text"][0], {m: states[m] for m in FRAME_MODALITIES}))
+        seen = self.attention_masks(states)
+        return self.views(states, self.align(seen["text"][0], {m: seen[m] for m in FRAME_MODALITIES}))
 
     def forward(self, batch: Batch) -> Output:
         states = self.encode(batch)
-        text, text_mask = states["text"]
-        aligned = self.align(text, {m: states[m] for m in FRAME_MODALITIES})
-        bottleneck, fused = self.fusion(aligned, text_mask, states)
+        seen = self.attention_masks(states)
+        text, text_mask = seen["text"]
+        aligned = self.align(text, {m: seen[m] for m in FRAME_MODALITIES})
+        bottleneck, fused = self.fusion(aligned, text_mask, seen)
         head_in = torch.cat([bottleneck[:, 0], *(fused[m][0][:, 0] for m in ("text", *FRAME_MODALITIES))], -1)
         pred = self.head(head_in).squeeze(-1)
         features = {"fused": head_in}
@@ -457,9 +558,9 @@ class DashFusion(MSAModel):
         neg = torch.cat([draw(neighbours.hard_negatives[index], cfg.num_negatives),
                          draw(neighbours.easy_negatives[index], cfg.num_negatives)], dim=1)
         present = torch.cat([batch.presence, batch.presence.new_ones(len(batch), 1)], dim=1)  # (B, 4)
-        # bank rows, view-major: (4, B, K, d)
-        positives = bank[pos.clamp(min=0)].permute(2, 0, 1, 3)
-        negatives = bank[neg.clamp(min=0)].permute(2, 0, 1, 3)
+        # the neighbours' views, view-major: (4, B, K, d)
+        positives, negatives = self.neighbour_views(torch.cat([pos, neg], dim=1), bank).split(
+            [pos.shape[1], neg.shape[1]], dim=2)
         positive_ok = (pos >= 0).unsqueeze(0) & present.T.unsqueeze(-1)
         negative_ok = (neg >= 0).unsqueeze(0).expand(len(VIEWS), -1, -1)
         # cross-modal pairs of the same sample: the text view with this sample's audio and vision
@@ -469,10 +570,28 @@ class DashFusion(MSAModel):
         cross_ok[0] = present[:, 1:3] & present[:, :1]
         positives = torch.cat([positives, cross], dim=2)
         positive_ok = torch.cat([positive_ok, cross_ok], dim=2)
+        # the official pair list also holds every neighbour's own text-audio and text-vision pairs,
+        # which have no negatives and cost 0, but count in its mean
+        neighbour_pairs = 2 * (cfg.num_positives + 2 * cfg.num_negatives)
+        per_anchor = len(VIEWS) * cfg.num_positives + 2 + neighbour_pairs
+        count = len(batch) * per_anchor if cfg.contrastive_mean == "all_pairs" else None
         return neighbour_contrastive_loss(
             views.transpose(0, 1).flatten(0, 1), positives.flatten(0, 1), negatives.flatten(0, 1),
-            positive_ok.flatten(0, 1), negative_ok.flatten(0, 1), cfg.temperature,
+            positive_ok.flatten(0, 1), negative_ok.flatten(0, 1), cfg.temperature, count,
         )
+
+    def neighbour_views(self, rows: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+        """(B, K) sample positions (-1 = none: any row, masked later) -> their views (4, B, K, d):
+        read from the bank, or (`neighbour_views: live`) computed by the model as it is now, in its
+        current mode and with gradient, from the stored inputs."""
+        rows = rows.clamp(min=0)
+        if self.config.neighbour_views == "bank":
+            return bank[rows].permute(2, 0, 1, 3)
+        if self.store is None:
+            raise MsakitError("dashfusion: live neighbour views need the training split "
+                              "(on_train_epoch_start)")
+        inputs = select_rows(self.store, rows.flatten().cpu()).to(bank.device)
+        return self.batch_views(inputs).view(*rows.shape, len(VIEWS), -1).permute(2, 0, 1, 3)
 
     @torch.no_grad()
     def build_index(self, batches: Iterator[Batch]) -> None:
@@ -480,24 +599,32 @@ class DashFusion(MSAModel):
         cfg = self.config
         was_training = self.training
         self.eval()
-        views, labels, ids = [], [], []
+        views, labels, ids, kept = [], [], [], []
         for batch in batches:
             views.append(self.batch_views(batch))
             labels.append(batch.labels.to(views[-1].device))
             ids.extend(batch.ids)
+            if cfg.neighbour_views == "live":
+                kept.append(batch.to("cpu"))
         self.train(was_training)
         bank = torch.cat(views)
         # as in the official code, neighbours are judged on the concatenated pooled t, a, v views
-        self.neighbours = label_neighbours(
+        search = rank_position_neighbours if cfg.neighbour_index == "official" else label_neighbours
+        self.neighbours = search(
             bank[:, :3].flatten(1), label_buckets(torch.cat(labels), cfg.label_bucket),
             cfg.neighbour_pool, cfg.index_block,
         )
         self.bank, self.bank_ids = bank, np.asarray(ids)
+        self.store = stack_batches(kept) if kept else None
 
     def on_train_epoch_start(self, epoch: int, train_batches: Callable[[], Iterator[Batch]]) -> None:
         """Rebuild the bank and the index before epochs 1, 1 + K, 1 + 2K, ... (K = refresh_every)."""
-        if self.config.contrastive_weight > 0 and (epoch - 1) % self.config.refresh_every == 0:
+        cfg = self.config
+        if cfg.contrastive_weight > 0 and (epoch - 1) % cfg.refresh_every == 0:
             self.build_index(train_batches())
+        elif cfg.contrastive_weight > 0 and cfg.neighbour_views == "live" and self.store is None:
+            # resumed between refreshes: the index came back with the training state, the inputs not
+            self.store = stack_batches([batch.to("cpu") for batch in train_batches()])
 
     def training_state(self) -> dict[str, Any]:
         """The bank and its index: between refreshes a resumed training needs the ones it had."""
