@@ -8,7 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
+from msakit.cli import cli
 from msakit.data import (
     list_datasets,
     load_dataset,
@@ -419,3 +421,38 @@ def test_domain_labels_survive_a_pickle_round_trip(tmp_path):
     loaded = load_dataset(str(save_mmsa(raw, tmp_path / "dg.pkl")))
     for split in ("train", "valid", "test"):
         np.testing.assert_array_equal(loaded.split(split).domains, raw[split]["domains"])
+
+
+class _Evil:
+    """Unpickling this runs a shell command: what a hostile 'dataset' would hold."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_pickle_that_would_run_code_is_refused_before_it_runs(tmp_path):
+    marker = tmp_path / "ran"
+    raw = tiny_raw()
+    raw["train"]["payload"] = _Evil(marker)
+    path = write(raw, tmp_path / "evil.pkl")
+    result = CliRunner().invoke(cli, ["train", "tfn", "--dataset", str(path)])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("msakit: error:")
+    assert "evil.pkl" in lines[0] and ("posix.system" in lines[0] or "os.system" in lines[0])
+    assert not marker.exists()
+
+
+def test_plain_pickles_of_every_protocol_still_load(tmp_path):
+    raw = tiny_raw()
+    raw["train"]["extra"] = {"nested": [1, 2.5, "s", b"b", None, True, (1, 2)], "n": np.int64(3)}
+    for protocol in (2, 4, 5):
+        path = tmp_path / f"p{protocol}.pkl"
+        path.write_bytes(pickle.dumps(raw, protocol=protocol))
+        np.testing.assert_array_equal(load_mmsa(path).train.audio,
+                                      dataset_from_raw(raw, source="x", family="mosi", name="x").train.audio)

@@ -10,7 +10,9 @@ through it, so every source obeys the same rules:
 - labels must be finite, every array of a split must have one row per sample, and feature shapes
   must agree between splits (models are sized on the train split).
 
-Pickles run code when loaded: only read files from sources you trust.
+Pickles can run code when loaded, so they are read with a restricted unpickler that allows only
+the globals plain data needs (`PLAIN_GLOBALS`: containers, numbers, strings, numpy arrays and
+dtypes) and refuses anything else, naming it, before any of it runs.
 """
 
 from __future__ import annotations
@@ -75,28 +77,50 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
-def _read_pickle(path: Path) -> tuple[Any, bool]:
-    """The unpickled object and whether the python2-era latin1 fallback was needed."""
+# the only globals a pickle of dicts, lists, strings, numbers and numpy arrays refers to (numpy 1 and
+# 2 module names; `_codecs.encode` rebuilds bytes in protocol-2 pickles)
+PLAIN_GLOBALS = frozenset({
+    *(f"{core}.multiarray.{name}" for core in ("numpy.core", "numpy._core")
+      for name in ("_reconstruct", "scalar")),
+    "numpy.core.numeric._frombuffer", "numpy._core.numeric._frombuffer",
+    "numpy.ndarray", "numpy.dtype", "_codecs.encode", "collections.OrderedDict",
+    *(f"builtins.{name}" for name in ("dict", "list", "tuple", "set", "frozenset", "bytearray",
+                                      "complex", "int", "float", "str", "bytes", "bool")),
+})
+
+
+class RefusedGlobal(pickle.UnpicklingError):
+    """A pickle asked for something other than plain data (which could run code)."""
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if f"{module}.{name}" not in PLAIN_GLOBALS:
+            raise RefusedGlobal(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+def read_plain_pickle(path: Path, what: str = "pickle") -> tuple[Any, bool]:
+    """The object in the pickle `path`, loaded with only the globals of plain data allowed (a
+    pickle that names any other, e.g. `os.system`, is refused before anything runs), and whether
+    the python2-era latin1 fallback was needed. One-line MsakitError for a missing, damaged or
+    refused file."""
     if not path.exists():
-        raise MsakitError(f"dataset file not found: {path}")
+        raise MsakitError(f"{what} not found: {path}")
     if path.is_dir():
-        raise MsakitError(f"{path} is a folder, not an MMSA pickle file")
-    try:
-        with path.open("rb") as f:
-            return pickle.load(f), False
-    except UnicodeDecodeError:
-        pass  # python2 str pickled by old numpy: latin1 maps every byte, numpy's own advice
-    except MemoryError:
-        raise
-    except Exception as exc:  # a damaged or foreign file can fail in any unpickling step
-        raise MsakitError(f"{path} is not a readable pickle ({_one_line(exc)})") from None
-    try:
-        with path.open("rb") as f:
-            return pickle.load(f, encoding="latin1"), True
-    except MemoryError:
-        raise
-    except Exception as exc:
-        raise MsakitError(f"{path} is not a readable pickle ({_one_line(exc)})") from None
+        raise MsakitError(f"{path} is a folder, not a {what}")
+    for encoding in ("ASCII", "latin1"):
+        try:
+            with path.open("rb") as f:
+                return _PlainUnpickler(f, encoding=encoding).load(), encoding == "latin1"
+        except UnicodeDecodeError:
+            continue  # python2 str pickled by old numpy: latin1 maps every byte, numpy's own advice
+        except RefusedGlobal as exc:
+            raise MsakitError(f"{path} refused: it asks to load {exc}, which a {what} of plain data "
+                              "never does (loading it could run code)") from None
+        except (Exception, MemoryError) as exc:  # a damaged file can fail in any unpickling step
+            raise MsakitError(f"{path} is not a readable {what} ({_one_line(exc)})") from None
+    raise MsakitError(f"{path} is not a readable {what} (its strings decode neither as ASCII nor latin1)")
 
 
 def _strings(value: Any, where: str, key: str, latin1: bool) -> np.ndarray:
@@ -320,7 +344,7 @@ def load_mmsa(
     the data (`recognise_family`), and a pickle that is none of the benchmarks is "custom".
     """
     path = Path(path).expanduser()
-    raw, latin1 = _read_pickle(path)
+    raw, latin1 = read_plain_pickle(path, "dataset pickle")
     return dataset_from_raw(raw, source=str(path), family=family, name=name or path.stem, latin1=latin1,
                             family_source=family_source if family else "")
 

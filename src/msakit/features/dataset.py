@@ -18,6 +18,7 @@ import concurrent.futures as futures
 import csv
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 import pickle
@@ -30,13 +31,15 @@ import numpy as np
 
 from msakit import __version__
 from msakit.data.labelcsv import parse_label, parse_mode
-from msakit.data.mmsa import save_mmsa
+from msakit.data.mmsa import read_plain_pickle, save_mmsa
 from msakit.data.schema import MODALITIES, SPLITS
 from msakit.errors import MsakitError
 from msakit.features.config import FeatureConfig
 from msakit.features.media import MEDIA_SUFFIXES
 from msakit.features.pipeline import feature_names
 from msakit.fileio import atomic_write_bytes, atomic_write_text
+
+logger = logging.getLogger(__name__)
 
 # a label.csv without `mode`: a stable split drawn from the id, in per-mille
 _HASH_SPLIT = (("train", 800), ("valid", 900), ("test", 1000))
@@ -124,11 +127,14 @@ def _cache_key(config: FeatureConfig, media: Path, text: str) -> str:
 
 
 def _read_cache(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
     try:
-        with path.open("rb") as f:
-            return pickle.load(f)
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError):
-        return None  # absent or damaged: extract again
+        value, _ = read_plain_pickle(path, "extraction cache entry")
+    except MsakitError as exc:  # damaged, or not plain data: extract again
+        logger.warning("%s", exc)
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _one_line(exc: BaseException) -> str:
