@@ -244,7 +244,9 @@ def test_scoring_can_change_test_time_settings_but_not_weights_or_training(train
 
 def test_an_interrupted_train_resumes_with_the_seeds_it_finished(tiny_pickle: Path, tmp_path, monkeypatch,
                                                                    caplog):
-    args = ["train", "text_only", "--dataset", str(tiny_pickle), "--epochs", "3", "--seeds", "7 8", *FAST]
+    # the state is written every epoch so the resumed run continues exactly where the kill was
+    args = ["train", "text_only", "--dataset", str(tiny_pickle), "--epochs", "3", "--seeds", "7 8", *FAST,
+            "--set", "training.state_every=1"]
     code, out = run(*args, "--output", str(tmp_path / "straight"))
     assert code == 0, out
     epochs = interrupt_training(monkeypatch, after=4)  # seed 7 trained its 3 epochs, seed 8 one: a kill

@@ -251,7 +251,8 @@ def test_dg_refuses_a_model_that_needs_a_left_out_modality(tmp_path):
 
 
 def test_an_interrupted_dg_run_resumes_to_the_same_numbers(domains_data, tmp_path, monkeypatch):
-    options = dict(dataset=domains_data, seeds=[3, 4], epochs=2, overrides=FAST, progress=False)
+    options = dict(dataset=domains_data, seeds=[3, 4], epochs=2, progress=False,
+                   overrides=[*FAST, "training.state_every=1"])  # resumes exactly where killed
     straight = api.dg("tfn", "2", output=tmp_path / "straight", **options)
     epochs = interrupt_training(monkeypatch, after=3)  # seed 3 done, seed 4 after its first epoch
     with pytest.raises(Interrupted):

@@ -74,7 +74,8 @@ def test_recipes_are_checked():
 def test_an_interrupted_reproduction_resumes_to_the_same_numbers(reproduced, tiny_dataset, tmp_path,
                                                                  monkeypatch):
     epochs = interrupt_training(monkeypatch, after=4)  # seed 1 done, seed 2 after its first epoch
-    options = dict(seeds=[1, 2], epochs=3, overrides=SMALL_LNLN, output=tmp_path, progress=False)
+    options = dict(seeds=[1, 2], epochs=3, overrides=[*SMALL_LNLN, "training.state_every=1"],
+                   output=tmp_path, progress=False)
     with pytest.raises(Interrupted):
         api.reproduce("lnln", tiny_dataset, **options)
     epochs.clear()

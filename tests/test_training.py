@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,8 @@ FEATURES = {"text_source": "features", "hidden": 16}
 def _trainer(dataset, seed: int = 0, **settings) -> Trainer:
     seed_everything(seed)
     model = create_model("text_only", FEATURES, dataset.dims)
-    config = TrainConfig(**{"epochs": 3, "batch_size": 16, "lr": 1e-2, "device": "cpu", **settings})
+    config = TrainConfig(**{"epochs": 3, "batch_size": 16, "lr": 1e-2, "device": "cpu", "state_every": 1,
+                            **settings})
     return Trainer(model, config, dataset.metric_family, progress=False)
 
 
@@ -342,7 +344,8 @@ def test_an_interrupted_fit_resumes_to_exactly_the_uninterrupted_result(tiny_dat
     def trainer() -> Trainer:
         seed_everything(3)
         model = create_model("text_only", {**FEATURES, "dropout": 0.3}, tiny_dataset.dims)
-        config = TrainConfig(batch_size=16, lr=1e-2, device="cpu", warmup_ratio=0.3, **settings)
+        config = TrainConfig(batch_size=16, lr=1e-2, device="cpu", warmup_ratio=0.3, state_every=1,
+                             **settings)
         return Trainer(model, config, "mosi", progress=False, track_metrics=("mae", "corr"),
                        train_transform=lambda batch, epoch: batch.with_updates(text=batch.text * epoch))
 
@@ -393,3 +396,25 @@ def test_a_state_file_from_other_settings_or_no_state_at_all_is_refused(tiny_dat
     with pytest.raises(MsakitError, match="from stage 2, this run has 1"):
         _trainer(tiny_dataset).fit(tiny_dataset.train, tiny_dataset.valid, seed=1,
                                    state_file=tmp_path / "two.pt")
+
+
+@pytest.mark.parametrize(("every", "written_after"), [(1, [1, 2, 3, 4]), (2, [2, 4]), ("auto", [1])])
+def test_the_training_state_is_written_as_often_as_it_is_worth(tiny_dataset, tmp_path, monkeypatch,
+                                                                every, written_after):
+    written = []
+    original = Trainer._write_state
+
+    def slow_write(self, *args, **kwargs):
+        written.append(len(args[5]))  # the history: epochs done
+        time.sleep(0.2)  # a write that costs far more than a tiny epoch: "auto" writes it once
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_write_state", slow_write)
+    seed_everything(3)
+    model = create_model("text_only", FEATURES, tiny_dataset.dims)
+    trainer = Trainer(model, TrainConfig(epochs=4, batch_size=16, device="cpu", patience=None,
+                                         state_every=every), "mosi", progress=False)
+    trainer.fit(tiny_dataset.train, tiny_dataset.valid, 3, state_file=tmp_path / "s.pt", state_meta={})
+    assert written == written_after
+    with pytest.raises(MsakitError, match="state_every must be auto or an integer"):
+        TrainConfig(state_every=0)

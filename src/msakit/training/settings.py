@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from msakit.errors import MsakitError
 
 SELECT_PROTOCOLS = ("none", "intra", "inter")  # the protocols a single rate describes
+STATE_WRITE_SHARE = 0.05  # at most this share of training time goes to writing the training state
 STAGE_STARTS = ("restore_best", "continue")
 
 
@@ -56,8 +57,16 @@ class TrainConfig:
     # weight-decay the model's own biases and normalisation gains too (the pretrained text
     # encoder's keep the usual exemption); some official codes decay every parameter
     decay_norms_and_biases: bool = False
+    # how often a resumable run writes its training state: "auto" (whenever the time since the last
+    # write is at least STATE_WRITE_SHARE^-1 times what that write took, so writing costs at most
+    # about 5% of the training time) or every N epochs
+    state_every: int | str = "auto"
 
     def __post_init__(self) -> None:
+        if self.state_every != "auto" and (isinstance(self.state_every, bool) or not isinstance(
+                self.state_every, int) or self.state_every < 1):
+            raise MsakitError(
+                f"training.state_every must be auto or an integer >= 1, not {self.state_every!r}")
         for key in ("epochs", "batch_size", "eval_batch_size"):
             _check_number(key, getattr(self, key), integer=True, low=1)
         if self.patience is not None:

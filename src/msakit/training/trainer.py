@@ -22,6 +22,7 @@ import copy
 import logging
 import math
 import random
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -41,7 +42,7 @@ from msakit.fileio import atomic_write_bytes
 from msakit.models.base import MSAModel
 from msakit.models.layers.text import TextEncoder
 from msakit.training.checkpoint import read_tagged
-from msakit.training.settings import Stage, TrainConfig
+from msakit.training.settings import STATE_WRITE_SHARE, Stage, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -292,6 +293,7 @@ class Trainer:
         error. The caller removes the file once it has saved what the fit produced.
         """
         generator = torch.Generator().manual_seed(seed)
+        self._last_write = None  # (when, seconds) of this fit's last state write
         history: list[EpochRecord] = []  # its length also numbers epochs across stages for noise
         reports: list[Any] = []
         saved = None
@@ -354,7 +356,8 @@ class Trainer:
             for metric, s in resume["best_by_metric"].items()
         }
         best = FitResult(**resume["best"], stage=stage.name)
-        return _StageLoop(best, resume["best_state"], optimizer, scheduler, steps_per_epoch,
+        best_state = resume["model"] if resume["best_state"] is None else resume["best_state"]
+        return _StageLoop(best, best_state, optimizer, scheduler, steps_per_epoch,
                           resume["epoch"], resume["stale"])
 
     def _fit_stage(
@@ -401,24 +404,41 @@ class Trainer:
                     stopped = cfg.patience is not None and loop.stale >= cfg.patience
                     if stopped:
                         log.info("early stop after %d epochs without improvement", loop.stale)
-                if save is not None:
+                if save is not None and self._state_due(len(history)):
+                    started = time.perf_counter()
                     save()
+                    finished = time.perf_counter()
+                    self._last_write = (finished, finished - started)
         if keep_final:
             loop.final_state = copy.deepcopy(self.model.state_dict())
         self.model.load_state_dict(loop.best_state)
         return best
+
+    def _state_due(self, epochs_done: int) -> bool:
+        """Whether the training state is written after this epoch: every `state_every` epochs, or
+        ("auto") when the time since the last write is at least 1/STATE_WRITE_SHARE - 1 times what
+        that write took (the first epoch of a fit always writes, which measures it)."""
+        every = self.config.state_every
+        if every != "auto":
+            return epochs_done % every == 0
+        if self._last_write is None:
+            return True
+        finished, seconds = self._last_write
+        return time.perf_counter() - finished >= seconds * (1 / STATE_WRITE_SHARE - 1)
 
     def _write_state(
         self, path: Path, meta: dict[str, Any], stage_index: int, loop: _StageLoop,
         generator: torch.Generator, history: list[EpochRecord], reports: list[Any],
     ) -> None:
         # snapshots tracking several metrics share one state dict; torch.save stores it once (so
-        # no dataclasses.asdict here, which would deep-copy every tensor)
+        # no dataclasses.asdict here, which would deep-copy every tensor). Best weights found at
+        # this very epoch are the model's own: stored once (None means "the model's").
+        improved_now = loop.best.best_epoch == loop.epoch
         payload = {
             "format": STATE_FORMAT, "meta": meta, "stage_index": stage_index,
             "epoch": loop.epoch, "stale": loop.stale,
             "best": {k: getattr(loop.best, k) for k in ("best_valid", "best_epoch", "epochs_run")},
-            "best_state": loop.best_state, "model": self.model.state_dict(),
+            "best_state": None if improved_now else loop.best_state, "model": self.model.state_dict(),
             "model_extra": self.model.training_state(),
             "best_by_metric": {m: vars(s) for m, s in self.best_by_metric.items()},
             "optimizer": loop.optimizer.state_dict(), "scheduler": loop.scheduler.state_dict(),
