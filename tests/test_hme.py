@@ -132,12 +132,15 @@ def test_retrieval_falls_back_to_the_mean_of_the_other_present_samples():
         torch.testing.assert_close(means[0], others)
 
 
-def test_the_official_fallback_averages_every_key():
+def test_the_official_fallback_averages_every_nonzero_key():
     q, q_id, keys, key_ids, present = _keys()
+    keys = torch.cat([keys, torch.zeros(1, 3)])
+    key_ids, present = torch.cat([key_ids, id_hashes(["zero"])]), torch.cat([present, torch.tensor([True])])
     means, counts = retrieve(q, q_id, torch.tensor([True]), keys, key_ids, present, 0.999, None,
                              fallback_all=True)
     assert counts.item() == 0
-    torch.testing.assert_close(means[0], keys.mean(0))  # the query itself and the absent one included
+    # the query itself and the absent one included, the zero vector not
+    torch.testing.assert_close(means[0], keys[:5].mean(0))
 
 
 def test_retrieve_missing_makes_a_missing_query_retrieve_like_any_other(dims, split, batch):

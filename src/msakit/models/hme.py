@@ -62,7 +62,8 @@ Where this differs from the official code, and the switch that restores the offi
   fallback mean, which is what the official fallback intends for zero vectors.
 - Fallback mean (`retrieval_fallback: all`). Here the mean over the candidates (m present, the
   query excluded); the official code averages the whole batch, the query and the samples missing m
-  included.
+  included, but not the all-zero vectors (an untrained encoder, its biases still 0, maps a missing
+  modality to exactly 0).
 - Positions on a missing modality (`position_zero_steps: false`). The official MulT code gives no
   position to a step whose projected input's first channel is exactly 0, i.e. to every step of a
   zeroed modality (and to the zero steps of the aligned pickles); msakit adds positions to every
@@ -219,8 +220,9 @@ def retrieve(
     A key is a candidate for a query when `key_present` and its id differs from the query's. The
     retrieved keys are the `k` most cosine-similar candidates (all of them for k=None) with
     similarity >= `threshold`, and the mean is theirs. A query retrieving nothing, or one whose
-    `query_present` is False, gets the mean of all its candidates instead (of every key, itself
-    included, with `fallback_all`), and count 0.
+    `query_present` is False, gets the mean of all its candidates instead, and count 0. With
+    `fallback_all` (the official rule) that mean is over every key that is not zero, the query
+    included (the official test for a zero vector: its sum is 0).
     """
     means, counts = [], []
     for rows, scores in similarity_blocks(queries, keys, block_size):
@@ -233,7 +235,7 @@ def retrieve(
             weights = ((index >= 0) & (values >= threshold)).to(keys.dtype)  # NaN compares False
             found = (keys[index.clamp(min=0)] * weights.unsqueeze(-1)).sum(1)
         count = weights.sum(1) * query_present[rows].to(keys.dtype)
-        every = (torch.ones_like(candidates) if fallback_all else candidates).to(keys.dtype)
+        every = ((keys.sum(-1) != 0).expand_as(candidates) if fallback_all else candidates).to(keys.dtype)
         fallback = every @ keys / every.sum(1, keepdim=True).clamp(min=1)
         mean = found / weights.sum(1, keepdim=True).clamp(min=1)
         means.append(torch.where((count > 0).unsqueeze(1), mean, fallback))
