@@ -423,3 +423,25 @@ def test_bad_settings_are_user_errors(settings, key):
 def test_an_empty_training_split_is_a_user_error(dims):
     with pytest.raises(MsakitError, match="memory bank"):
         _model(dims).on_train_epoch_start(1, lambda: iter([]))
+
+
+# inputs: the paper trained on the word-aligned pickles ------------------------------------------
+
+def test_hme_reads_the_aligned_pickle_unless_told_unaligned(tmp_path):
+    from msakit import api
+
+    folder = tmp_path / "MOSI" / "Processed"
+    sizes = {"n_train": 12, "n_valid": 6, "n_test": 6, "text_len": 6, "audio_len": 9, "vision_len": 7,
+             "text_dim": 8}
+    for aligned, name in ((True, "aligned_50.pkl"), (False, "unaligned_50.pkl")):
+        api.write_synthetic(folder / name, aligned=aligned, **sizes)
+    tiny = [f"model.{k}={'null' if v is None else str(v).lower()}" for k, v in TINY.items()]
+    common = {"data_dir": str(tmp_path), "epochs": 1, "overrides": tiny, "progress": False}
+    trained = api.train("hme", "mosi", output=tmp_path / "run", **common)
+    assert trained["dataset"]["source"].endswith("aligned_50.pkl")
+    assert "unaligned" not in trained["dataset"]["source"]
+    told = api.train("hme", "mosi", aligned=False, **common)
+    assert told["dataset"]["source"].endswith("unaligned_50.pkl")
+    # scoring the checkpoint reads what the model was trained on, too
+    scored = api.evaluate(tmp_path / "run" / "seed-1111.pt", "mosi", data_dir=str(tmp_path))
+    assert "unaligned" not in scored["dataset"]["source"]

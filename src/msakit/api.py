@@ -37,7 +37,8 @@ from msakit.missing import MissingSpec, apply_missing, build_noise
 from msakit.models.layers.text import special_token_ids
 from msakit.models.registry import build_config, create_model, get_model_class
 from msakit.models.registry import list_models as _list_models
-from msakit.training.checkpoint import check_dims_match, load_checkpoint, save_checkpoint
+from msakit.training.checkpoint import FORMAT as CHECKPOINT_FORMAT
+from msakit.training.checkpoint import check_dims_match, load_checkpoint, read_tagged, save_checkpoint
 from msakit.training.settings import scale_stages
 from msakit.training.trainer import FitResult, Trainer, first_difference, seed_everything
 
@@ -95,6 +96,19 @@ def _normalized(data: MultimodalDataset, config: dict[str, Any]
     return normalize_dataset(data, stats), stats, warnings
 
 
+def _aligned(model: str, aligned: bool | None) -> bool:
+    """Whether to read the word-aligned pickles: as asked, else as the model's paper did
+    (`MSAModel.aligned_input`: HME's official code reads aligned_*.pkl only)."""
+    return get_model_class(model).aligned_input if aligned is None else aligned
+
+
+def _checkpoint_aligned(checkpoint: str | Path, aligned: bool | None) -> bool:
+    """`_aligned` for the model a checkpoint holds (a missing file is reported when it is loaded)."""
+    if aligned is not None or not Path(checkpoint).is_file():
+        return bool(aligned)
+    return _aligned(read_tagged(Path(checkpoint), CHECKPOINT_FORMAT, "checkpoint")["model_name"], None)
+
+
 def _this_command() -> str:
     """The command line of this process, for results that did not get one from the CLI."""
     return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
@@ -115,7 +129,7 @@ def train(
     dataset: str | MultimodalDataset,
     *,
     data_dir: str | None = None,
-    aligned: bool = False,
+    aligned: bool | None = None,
     family: str | None = None,
     seeds: Sequence[int] = (1111,),
     epochs: int | None = None,
@@ -137,7 +151,7 @@ def train(
     """
     get_model_class(model)
     _check_seeds(seeds)
-    data = load_dataset(dataset, data_dir, family, aligned=aligned)
+    data = load_dataset(dataset, data_dir, family, aligned=_aligned(model, aligned))
     config = _resolved_config(model, data, overrides, epochs)
     data, normalization, data_warnings = _normalized(data, config)
     out_dir = Path(output) if output is not None else None
@@ -321,7 +335,7 @@ def reproduce(
     dataset: str | MultimodalDataset,
     *,
     data_dir: str | None = None,
-    aligned: bool = False,
+    aligned: bool | None = None,
     family: str | None = None,
     seeds: Sequence[int] | None = None,
     epochs: int | None = None,
@@ -343,7 +357,7 @@ def reproduce(
     recipe = load_recipe(model_yaml(model).get("reproduce"), model)
     if seeds is not None:  # `replace` runs the Recipe's checks on the given seeds too
         recipe = dataclasses.replace(recipe, seeds=tuple(seeds))
-    data = load_dataset(dataset, data_dir, family, aligned=aligned)
+    data = load_dataset(dataset, data_dir, family, aligned=_aligned(model, aligned))
     config = _resolved_config(model, data, overrides, epochs)
     data, normalization, data_warnings = _normalized(data, config)
     if recipe.selection_rate:
@@ -401,7 +415,7 @@ def dg(
     split_seed: int = 0,
     target_splits: Sequence[str] = SPLITS,
     data_dir: str | None = None,
-    aligned: bool = False,
+    aligned: bool | None = None,
     family: str | None = None,
     seeds: Sequence[int] = (1111,),
     epochs: int | None = None,
@@ -430,12 +444,14 @@ def dg(
                               "the domains")
         if not sources:
             raise MsakitError("give the source datasets, or a dataset whose groups are the domains")
+        aligned = _aligned(model, aligned)
         task = dataset_task([load_dataset(s, data_dir, aligned=aligned) for s in sources],
                             load_dataset(target, data_dir, aligned=aligned), target_splits)
     else:
         if isinstance(target, MultimodalDataset):
             raise MsakitError("with a dataset, the target is the name of one of its domains")
-        task = group_task(load_dataset(dataset, data_dir, family, aligned=aligned), target, by=group_by,
+        task = group_task(load_dataset(dataset, data_dir, family, aligned=_aligned(model, aligned)), target,
+                          by=group_by,
                           sources=None if sources is None else [str(s) for s in sources],
                           n_groups=n_groups, seed=split_seed, target_splits=target_splits)
     config = _resolved_config(model, task.data, overrides, epochs)
@@ -563,7 +579,7 @@ def evaluate(
     dataset: str | MultimodalDataset,
     *,
     data_dir: str | None = None,
-    aligned: bool = False,
+    aligned: bool | None = None,
     family: str | None = None,
     split: str = "test",
     device: str = "auto",
@@ -571,7 +587,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Metrics of a saved checkpoint on one split of a dataset (`overrides`: model.KEY=VALUE
     test-time settings that replace the saved ones)."""
-    data = load_dataset(dataset, data_dir, family, aligned=aligned)
+    data = load_dataset(dataset, data_dir, family, aligned=_checkpoint_aligned(checkpoint, aligned))
     trainer, meta, data = _checkpoint_trainer(checkpoint, data, device, overrides)
     return {
         "checkpoint": str(checkpoint),
@@ -589,7 +605,7 @@ def robustness(
     *,
     protocol: str,
     data_dir: str | None = None,
-    aligned: bool = False,
+    aligned: bool | None = None,
     family: str | None = None,
     rates: Sequence[float] | None = None,
     subsets: Sequence[str] | None = None,
@@ -604,7 +620,7 @@ def robustness(
     `overrides` (model.KEY=VALUE) replace saved test-time settings, as in `evaluate`. Writes
     robustness.json, robustness.csv and robustness.png into `output` when given.
     """
-    data = load_dataset(dataset, data_dir, family, aligned=aligned)
+    data = load_dataset(dataset, data_dir, family, aligned=_checkpoint_aligned(checkpoint, aligned))
     trainer, meta, data = _checkpoint_trainer(checkpoint, data, device, overrides)
     result = {
         "msakit_version": __version__,

@@ -68,11 +68,13 @@ def _command_line() -> str:
 
 FAMILY_HELP = ("which benchmark's settings section and metric rules apply [default: the catalog name's, "
                "or recognised from the data; else custom: the model's defaults, MOSI's rules]")
+ALIGNED_HELP = ("read the word-aligned (MMSA aligned_*.pkl) or the unaligned pickle [default: the one "
+                "the model's paper trained on: aligned for hme, unaligned for the others]")
 dataset_options = [
     click.option("--dataset", "-d", required=True,
                  help="synthetic, mosi, mosei, sims, simsv2, mosi-text, or a .pkl/.csv path"),
     click.option("--data-dir", default=None, help="folder (or file) holding the dataset"),
-    click.option("--aligned", is_flag=True, help="read the word-aligned pickle (MMSA aligned_*.pkl)"),
+    click.option("--aligned/--unaligned", default=None, help=ALIGNED_HELP),
     click.option("--family", type=click.Choice(FAMILIES), default=None, help=FAMILY_HELP),
 ]
 
@@ -116,7 +118,7 @@ def cli(quiet: bool) -> None:
 @click.option("--resume", is_flag=True, help=RESUME_HELP)
 @click.option("--no-progress", is_flag=True, help="no progress bars")
 @_user_errors
-def train(model: str, dataset: str, data_dir: str | None, aligned: bool, family: str | None,
+def train(model: str, dataset: str, data_dir: str | None, aligned: bool | None, family: str | None,
           seeds: str | None, epochs: int | None, overrides: tuple[str, ...], reproduce: bool,
           output: str | None, resume: bool, no_progress: bool) -> None:
     """Train MODEL, select on validation, report valid and test metrics (mean ± std over seeds)."""
@@ -181,7 +183,7 @@ def _names(text: str, option: str) -> list[str]:
 @click.option("--target-splits", default="train,valid,test", show_default=True,
               help="which splits of the target domain are tested")
 @click.option("--data-dir", default=None, help="folder (or file) holding the dataset(s)")
-@click.option("--aligned", is_flag=True, help="read the word-aligned pickles (MMSA aligned_*.pkl)")
+@click.option("--aligned/--unaligned", default=None, help=ALIGNED_HELP)
 @click.option("--family", type=click.Choice(FAMILIES), default=None,
               help="with --dataset: " + FAMILY_HELP)
 @click.option("--seeds", default="1111", show_default=True, help="one run per seed, e.g. '1111 1112 1113'")
@@ -194,7 +196,8 @@ def _names(text: str, option: str) -> list[str]:
 @click.option("--no-progress", is_flag=True, help="no progress bars")
 @_user_errors
 def dg(model: str, target: str, sources: str | None, dataset: str | None, group_by: str,
-       n_groups: int | None, split_seed: int, target_splits: str, data_dir: str | None, aligned: bool,
+       n_groups: int | None, split_seed: int, target_splits: str, data_dir: str | None,
+       aligned: bool | None,
        family: str | None,
        seeds: str, epochs: int | None, overrides: tuple[str, ...], output: str | None,
        resume: bool, no_progress: bool) -> None:
@@ -233,7 +236,7 @@ def dg(model: str, target: str, sources: str | None, dataset: str | None, group_
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 @click.option("--set", "overrides", multiple=True, metavar="model.KEY=VALUE", help=SCORING_SET_HELP)
 @_user_errors
-def evaluate(checkpoint: str, dataset: str, data_dir: str | None, aligned: bool, family: str | None,
+def evaluate(checkpoint: str, dataset: str, data_dir: str | None, aligned: bool | None, family: str | None,
              split: str, device: str, as_json: bool, overrides: tuple[str, ...]) -> None:
     """Score a saved CHECKPOINT on one split of a dataset."""
     result = api.evaluate(checkpoint, dataset, data_dir=data_dir, aligned=aligned, family=family,
@@ -260,7 +263,7 @@ def evaluate(checkpoint: str, dataset: str, data_dir: str | None, aligned: bool,
 @click.option("--device", default="auto", show_default=True)
 @click.option("--set", "overrides", multiple=True, metavar="model.KEY=VALUE", help=SCORING_SET_HELP)
 @_user_errors
-def robustness(checkpoint: str, dataset: str, data_dir: str | None, aligned: bool, family: str | None,
+def robustness(checkpoint: str, dataset: str, data_dir: str | None, aligned: bool | None, family: str | None,
                protocol: str,
                rates: str | None, subsets: str | None, seeds: str, output: str | None,
                device: str, overrides: tuple[str, ...]) -> None:
