@@ -371,6 +371,11 @@ def test_yaml_holds_the_published_values():
     assert (mosi["training"]["weight_decay"], mosi["training"]["schedule"]) == (1e-3, "linear")
     assert (mosi["model"]["temperature"], mosi["model"]["contrastive_weight"]) == (0.5, 0.2)
     assert [c["model"]["label_bucket"] for c in (mosi, mosei, sims)] == [1.0, 1.0, 0.2]
+    published = [build_config("dashfusion", c["model"]) for c in (mosi, mosei, sims)]
+    assert {(c.neighbour_views, c.contrastive_mean, c.neighbour_index) for c in published} == {
+        ("live", "all_pairs", "fixed")}
+    synthetic = build_config("dashfusion", resolve_config("dashfusion", "synthetic")["model"])
+    assert synthetic.neighbour_views == "bank"  # msakit's own CPU recipe
 
 
 @pytest.mark.parametrize(
