@@ -7,6 +7,8 @@ fancy-indexing those arrays, never by copying samples one by one. Any modality m
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -122,6 +124,28 @@ class MultimodalDataset:
     family_source: str = ""  # how the family was chosen (given, or recognised from the data), for reports
     replaced_nonfinite: int = 0  # -inf/NaN feature values set to 0 on load
     features: dict[str, Any] | None = None  # feature configuration of a `msakit extract` pickle
+    warnings: list[str] = field(default_factory=list)  # what validation found, for results.json
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A hash of the content of every split's arrays (ids, labels, features, lengths, ...):
+        the same data gives the same fingerprint whatever its file is called, one changed value
+        gives another. Computed once per dataset object."""
+        digest = hashlib.sha1(usedforsecurity=False)  # an identity, not a security measure
+        for name in SPLITS:
+            split = self.split(name)
+            arrays = {f.name: getattr(split, f.name) for f in fields(split)}
+            arrays.update({f"unimodal_labels.{k}": v for k, v in arrays.pop("unimodal_labels").items()})
+            for key, array in sorted(arrays.items()):
+                if array is None:
+                    continue
+                array = np.asarray(array)
+                digest.update(f"{name}.{key}:{array.dtype.str}:{array.shape};".encode())
+                if array.dtype == object:
+                    digest.update("\x00".join(map(str, array.ravel().tolist())).encode())
+                else:
+                    digest.update(np.ascontiguousarray(array).view(np.uint8).ravel())
+        return digest.hexdigest()
 
     def split(self, name: str) -> Split:
         if name not in SPLITS:
