@@ -12,6 +12,7 @@ from model_inputs import N, contract_split, pad_noise, padded_longer
 from msakit import api
 from msakit.cli import cli
 from msakit.config import resolve_config, training_config
+from msakit.data import generate_synthetic, save_mmsa
 from msakit.data.batching import make_batch
 from msakit.data.schema import MODALITIES
 from msakit.errors import MsakitError
@@ -183,8 +184,9 @@ def test_evaluation_samples_the_bottleneck_with_noise_fixed_by_the_sample_id(dim
     assert abs(noise.mean().item()) < 0.02 and abs(noise.std().item() - 1) < 0.02
 
 
-def test_padding_changes_nothing(dims, batch):
-    model = _cyin(dims).eval()
+@pytest.mark.parametrize("official", [{}, {"conv_padding": "valid", "decoder_output": "sigmoid"}])
+def test_padding_changes_nothing(dims, batch, official):
+    model = _cyin(dims, **official).eval()
     with torch.no_grad():
         reference = model(batch).pred
         torch.testing.assert_close(model(pad_noise(batch)).pred, reference)
@@ -266,6 +268,7 @@ def test_configs_resolve_with_the_published_stage_split(family):
 @pytest.mark.parametrize("settings", [
     {"translator_dims": []}, {"translator_dims": [4, 0]}, {"beta": 0}, {"gamma": -1},
     {"common_dim": 9, "num_heads": 2}, {"output_dropout": 1.5}, {"eval_bottleneck": "median"},
+    {"decoder_output": "tanh"}, {"conv_padding": "full"},
 ])
 def test_bad_settings_are_one_line_errors(dims, settings):
     with pytest.raises(MsakitError, match="cyin: model"):
@@ -329,8 +332,10 @@ def test_epochs_scale_the_stages_and_training_epochs_is_refused(tiny_dataset, tm
     assert training["epochs"] == 2 and [s["epochs"] for s in training["stages"]] == [1, 1]
     assert [(r["stage"], r["epoch"]) for r in result["seeds"][0]["history"]] == [
         ("informative", 1), ("translation", 1)]
+    save_mmsa(generate_synthetic(seed=3, n_train=8, n_valid=4, n_test=4, text_len=6, audio_len=8,
+                                 vision_len=8), tmp_path / "tiny.pkl")
     for args, message in ((["--epochs", "1"], "--epochs 1: the 2 training.stages need at least 2"),
                           (["--set", "training.epochs=5"], "training.epochs does not apply to cyin")):
-        run = CliRunner().invoke(cli, ["train", "cyin", "--dataset", "synthetic", *args])
+        run = CliRunner().invoke(cli, ["train", "cyin", "--dataset", str(tmp_path / "tiny.pkl"), *args])
         assert run.exit_code == 2 and message in run.output, run.output
         assert len(run.output.strip().splitlines()) == 1, run.output

@@ -97,20 +97,25 @@ def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.detach().double() - b.detach().double()).abs().max().item()
 
 
-def gradient_difference(official: nn.Module, ours: nn.Module,
-                        official_name: Callable[[str], str]) -> dict[str, float]:
+def gradient_difference(official: nn.Module, ours: nn.Module, official_name: Callable[[str], str],
+                        transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+                        ) -> dict[str, float]:
     """Largest absolute gradient difference over msakit's parameters (each matched to the official
     parameter `official_name` maps it to), the largest official gradient, and their ratio. A
     parameter with a gradient on one side only counts its whole gradient as the difference. An
     official parameter allocated longer than it is read (e.g. positions for more steps than the
     model sees) is compared on msakit's leading part, and its gradient beyond counts as a difference;
-    one stored in another shape of the same size (a 1x1 convolution) is compared reshaped."""
+    one stored in another shape of the same size (a 1x1 convolution) is compared reshaped.
+    `transform(name, gradient)`, when given, first puts the official gradient of msakit's parameter
+    `name` into msakit's layout (e.g. the same permutation the weights were copied with)."""
     theirs = dict(official.named_parameters())
     worst, scale = 0.0, 0.0
     for name, param in ours.named_parameters():
         other = theirs[official_name(name)]
         mine = torch.zeros_like(param) if param.grad is None else param.grad
         ref = torch.zeros_like(other) if other.grad is None else other.grad
+        if transform is not None:
+            ref = transform(name, ref)
         if ref.shape != mine.shape and ref.numel() == mine.numel():  # e.g. a 1x1 convolution
             ref = ref.reshape(mine.shape)
         if ref.shape != mine.shape:

@@ -50,8 +50,9 @@ A modality m is one of text l, audio a, vision v; C_B is `bottleneck_dim`, d is 
 
 Where this differs from the official code, and why:
 - Decoder output. The official decoders end in a sigmoid, whose output cannot match BERT states or
-  features with negative values; here the last layer is linear. The reconstruction targets X_T
-  are detached (a fine-tuned text encoder is not pulled towards states that are easy to decode).
+  features with negative values; here the last layer is linear (`decoder_output: sigmoid` is the
+  official one). The reconstruction targets X_T are detached (a fine-tuned text encoder is not
+  pulled towards states that are easy to decode).
 - Token weighting. Eq. 9 gives the cross-modal directions weight 1/2 against 1 for S = T; the
   official code averages the nine terms equally, which is followed. The official code re-encodes
   and re-samples a modality for each of its three pairs; here each modality is sampled once per
@@ -73,8 +74,12 @@ Where this differs from the official code, and why:
   the test-time rule for it, and the bottleneck, label and translation terms skip the pairs that
   involve a missing modality.
 - Model selection on validation MAE with early stopping (`patience`); the official code keeps the
-  last epoch. The temporal convolution keeps the sequence length ("same" padding; the official
-  one shortens it by k - 1).
+  last epoch. As in the official code, the translation stage goes on from the informative stage's
+  last weights and AdamW state (`start: continue` in training.stages), not from its selected epoch.
+- The temporal convolution keeps the sequence length ("same" padding; the official one shortens
+  it by k - 1: `conv_padding: valid`, where a step's mask is that of the last input step it reads).
+- The fused vector is [text, audio, vision] (official: [text, vision, audio]); the same function
+  with the head's weights permuted, so no switch.
 - msakit clips the global gradient norm; the official code clips each gradient value.
 - The log-variance is clamped to [-LOGVAR_BOUND, LOGVAR_BOUND] before use (the official code uses
   it as it comes): on raw, unnormalised features (values in the thousands) the first forward pass
@@ -108,6 +113,8 @@ STAGES = ("informative", "translation")
 PAIRS = (("text", "audio"), ("text", "vision"), ("audio", "vision"))
 EVAL_BOTTLENECKS = ("sample", "mean")
 MISSING_FILLS = ("translation", "own")
+DECODER_OUTPUTS = ("linear", "sigmoid")
+CONV_PADDINGS = ("same", "valid")
 
 
 @dataclass
@@ -139,6 +146,8 @@ class CyINConfig(ModelConfig):
     # translation (the method) | own: a missing modality keeps the bottleneck its encoder gives its
     # zeroed features, a diagnostic that shows what the translations add
     missing_fill: str = "translation"
+    decoder_output: str = "linear"  # linear | sigmoid (official: the decoders end in a sigmoid)
+    conv_padding: str = "same"  # same | valid (official: the fusion's temporal convolution drops k - 1 steps)
 
     def __post_init__(self) -> None:
         check_settings(
@@ -157,7 +166,8 @@ class CyINConfig(ModelConfig):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise MsakitError(f"cyin: model.{key} must be a number >= 0, not {value!r}")
-        for key, allowed in (("eval_bottleneck", EVAL_BOTTLENECKS), ("missing_fill", MISSING_FILLS)):
+        for key, allowed in (("eval_bottleneck", EVAL_BOTTLENECKS), ("missing_fill", MISSING_FILLS),
+                             ("decoder_output", DECODER_OUTPUTS), ("conv_padding", CONV_PADDINGS)):
             if getattr(self, key) not in allowed:
                 raise MsakitError(
                     f"cyin: model.{key} must be one of {', '.join(allowed)}, not {getattr(self, key)!r}"
@@ -266,8 +276,9 @@ class CyIN(MSAModel):
             m: nn.Sequential(nn.Linear(widths[m], c_ib), nn.ReLU(), nn.Linear(c_ib, 2 * c_b))
             for m in MODALITIES
         })
+        squash = [nn.Sigmoid()] if config.decoder_output == "sigmoid" else []
         self.ib_decoders = nn.ModuleDict({
-            m: nn.Sequential(nn.Linear(c_b, c_ib), nn.ReLU(), nn.Linear(c_ib, widths[m]))
+            m: nn.Sequential(nn.Linear(c_b, c_ib), nn.ReLU(), nn.Linear(c_ib, widths[m]), *squash)
             for m in MODALITIES
         })
         self.label_heads = nn.ModuleDict({m: nn.Linear(c_b, 1) for m in MODALITIES})
@@ -277,15 +288,17 @@ class CyIN(MSAModel):
             )
             for a, b in PAIRS
         })
+        padding = "same" if config.conv_padding == "same" else 0
         self.proj = nn.ModuleDict({
-            m: nn.Conv1d(c_b, d, config.conv_kernel, padding="same", bias=False) for m in MODALITIES
+            m: nn.Conv1d(c_b, d, config.conv_kernel, padding=padding, bias=False) for m in MODALITIES
         })
         attn_dropout = {
             "text": config.attn_dropout_text,
             "audio": config.attn_dropout_audio,
             "vision": config.attn_dropout_vision,
         }
-        shared = dict(embed_dropout=config.embed_dropout, causal=config.causal_mask)
+        # positions numbered from 1, as MulT's code numbers them
+        shared = dict(embed_dropout=config.embed_dropout, causal=config.causal_mask, first_position=1)
         self.cross = crossmodal_stacks(MODALITIES, d, config.num_heads, config.layers,
                                        attn_dropout, **shared)
         self.memory = memory_stacks(MODALITIES, d, config.num_heads, config.memory_layers,
@@ -433,13 +446,22 @@ class CyIN(MSAModel):
         self, latents: dict[str, torch.Tensor], mask: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """MulT over the bottlenecks (Eqs. 21-22), mean over time, residual head."""
+        if self.config.conv_padding == "valid":
+            kernel = self.config.conv_kernel
+            if mask.shape[1] < kernel:
+                raise MsakitError(f"cyin: model.conv_padding=valid needs at least model.conv_kernel "
+                                  f"({kernel}) steps, the batch has {mask.shape[1]}")
+            # step t of the shortened sequence covers input steps t .. t + k - 1
+            mask_out = mask[:, kernel - 1:]
+        else:
+            mask_out = mask
         seqs = {
             m: self.proj[m](latents[m].masked_fill(~mask.unsqueeze(-1), 0.0).transpose(1, 2))
             .transpose(1, 2)
             for m in MODALITIES
         }
         summaries = crossmodal_summaries(
-            self.cross, self.memory, {m: (seqs[m], mask) for m in MODALITIES}, masked_mean)
+            self.cross, self.memory, {m: (seqs[m], mask_out) for m in MODALITIES}, masked_mean)
         fused = torch.cat([summaries[m] for m in MODALITIES], dim=-1)
         hidden = F.dropout(F.relu(self.proj1(fused)), self.config.output_dropout, self.training)
         hidden = fused + self.proj2(hidden)
