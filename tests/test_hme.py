@@ -445,3 +445,32 @@ def test_hme_reads_the_aligned_pickle_unless_told_unaligned(tmp_path):
     # scoring the checkpoint reads what the model was trained on, too
     scored = api.evaluate(tmp_path / "run" / "seed-1111.pt", "mosi", data_dir=str(tmp_path))
     assert "unaligned" not in scored["dataset"]["source"]
+
+
+# the paper's evaluation: one model per missing rate -----------------------------------------------
+
+def test_reproduce_trains_selects_and_tests_one_model_per_rate(tiny_dataset, tmp_path, monkeypatch):
+    """Each rate gets its own model: trained with inter-modal noise at that rate, selected on
+    validation dropped at that rate, scored on test at that rate only (never selected on test)."""
+    from msakit import api
+    from msakit.config import model_yaml
+
+    recipe = {**model_yaml("hme")["reproduce"], "rates": [0.2, 0.5], "seeds": [1111]}
+    assert recipe["one_model_per_rate"] and not recipe["per_metric"]
+    monkeypatch.setattr(api, "model_yaml", lambda name: {"reproduce": recipe})
+    tiny = [f"model.{k}={str(v).lower()}" for k, v in TINY.items()]
+    result = api.reproduce("hme", tiny_dataset, epochs=2, overrides=[*tiny, "training.batch_size=16"],
+                           output=tmp_path, progress=False)
+    assert [row["condition"] for row in result["rows"]] == ["0.20", "0.50"]
+    assert "one model per inter-modal missing rate" in result["selection"]
+    (run,) = result["seeds"]
+    for row, rate in zip(run["rows"], (0.2, 0.5), strict=True):
+        checkpoint = tmp_path / f"rate-{rate:g}" / "seed-1111.pt"
+        training = load_checkpoint(checkpoint)[1]["training_config"]
+        assert (training["noise"], training["noise_rate"]) == ("inter", rate)
+        assert (training["select_protocol"], training["select_rate"]) == ("inter", rate)
+        # the row is this model's own test score at this rate, and at no other
+        alone = api.robustness(checkpoint, tiny_dataset, protocol="inter", rates=[rate])
+        assert alone["rows"][0]["metrics"] == pytest.approx(row["metrics"], nan_ok=True)
+    assert result["mean"]["mae"] == pytest.approx(np.mean([r["metrics"]["mae"] for r in run["rows"]]))
+    assert [m["model"] for m in run["models"]] == ["rate-0.2", "rate-0.5"]

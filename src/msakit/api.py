@@ -31,7 +31,15 @@ from msakit.evaluation.domains import check_model, dataset_task, group_task, sco
 from msakit.evaluation.metrics import LOWER_IS_BETTER, METRIC_KEYS, UNDEFINED_REASONS, prediction_warnings
 from msakit.evaluation.protocols import plot_curves, run_protocol, write_robustness
 from msakit.evaluation.report import LABELS, csv_text, format_value, mean_std
-from msakit.evaluation.reproduce import load_recipe, per_metric_scores, tracked_metrics
+from msakit.evaluation.reproduce import (
+    Recipe,
+    load_recipe,
+    merge_models,
+    per_metric_scores,
+    recipe_models,
+    selected_scores,
+    tracked_metrics,
+)
 from msakit.fileio import atomic_write_json, atomic_write_text
 from msakit.missing import MissingSpec, apply_missing, build_noise
 from msakit.models.layers.text import special_token_ids
@@ -348,11 +356,13 @@ def reproduce(
     """Train and score `model` with its paper's evaluation recipe (the YAML's `reproduce:`).
 
     One run per recipe seed; validation is scored under the recipe's protocol at its
-    `selection_rate`, and each metric keeps its own best-on-validation checkpoint; the test split
-    is then scored under the protocol at every rate (or subset). See `msakit.evaluation.reproduce`.
-    Writes reproduce.json, reproduce.csv and one checkpoint per seed (the one `training.
-    select_metric` chose) into `output` when given; `resume` continues an interrupted run as in
-    `train`.
+    `selection_rate`, and each metric keeps its own best-on-validation checkpoint (`per_metric`;
+    else the one `training.select_metric` chose); the test split is then scored under the protocol
+    at every rate (or subset). With `one_model_per_rate`, each rate has its own model per seed,
+    trained with the training noise at that rate, selected on validation under the protocol at it
+    and tested at it only. See `msakit.evaluation.reproduce`. Writes reproduce.json, reproduce.csv
+    and one checkpoint per seed (the one `training.select_metric` chose; per rate in `rate-<r>/`)
+    into `output` when given; `resume` continues an interrupted run as in `train`.
     """
     recipe = load_recipe(model_yaml(model).get("reproduce"), model)
     if seeds is not None:  # `replace` runs the Recipe's checks on the given seeds too
@@ -360,35 +370,44 @@ def reproduce(
     data = load_dataset(dataset, data_dir, family, aligned=_aligned(model, aligned))
     config = _resolved_config(model, data, overrides, epochs)
     data, normalization, data_warnings = _normalized(data, config)
-    if recipe.selection_rate:
-        config["training"].update(select_protocol=recipe.protocol, select_rate=recipe.selection_rate)
+    models = recipe_models(recipe, config["training"])
     out_dir = Path(output) if output is not None else None
+    track = tracked_metrics(data.metric_family) if recipe.per_metric else ()
 
-    def train_seed(seed: int, state: dict[str, Any]) -> tuple[Trainer, dict[str, Any], dict[str, Any]]:
-        trainer, fit = _fit_one_seed(model, data, config, seed, progress,
-                                     track_metrics=tracked_metrics(data.metric_family), **state)
-        run = {"seed": seed, **per_metric_scores(trainer, data, recipe),
-               "history": [dataclasses.asdict(r) for r in fit.history]}
-        return trainer, run, {"test": run["mean"]}
+    def runs_of(name: str, changes: dict[str, Any], scoring: Recipe) -> list[dict[str, Any]]:
+        settings = {**config, "training": {**config["training"], **changes}}
 
-    runs = _seed_runs(recipe.seeds, out_dir, resume, config, data,
-                      _run_meta("reproduce", model, config, data), train_seed, normalization)
+        def train_seed(seed: int, state: dict[str, Any]) -> tuple[Trainer, dict[str, Any], dict[str, Any]]:
+            trainer, fit = _fit_one_seed(model, data, settings, seed, progress, track_metrics=track, **state)
+            scores = (per_metric_scores(trainer, data, scoring) if recipe.per_metric
+                      else selected_scores(trainer, data, scoring, fit.best_epoch))
+            run = {"seed": seed, **scores, "history": [dataclasses.asdict(r) for r in fit.history]}
+            return trainer, run, {"test": run["mean"]}
+
+        folder = out_dir / name if out_dir is not None and name else out_dir
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+        return _seed_runs(recipe.seeds, folder, resume, settings, data,
+                          _run_meta("reproduce", model, settings, data), train_seed, normalization)
+
+    runs = merge_models([runs_of(*m) for m in models], [name for name, _, _ in models])
+    if not recipe.one_model_per_rate:
+        config["training"].update(models[0][1])
     mean, std = mean_std([r["mean"] for r in runs])
     conditions = [row["condition"] for row in runs[0]["rows"]]
     per_condition = [
         {"condition": c, "metrics": mean_std([r["rows"][i]["metrics"] for r in runs])[0]}
         for i, c in enumerate(conditions)
     ]
-    where = _missing_during_selection(config) or " on clean data"
     result = {
         "msakit_version": __version__,
         "command": command or _this_command(),
         "model": model,
         "dataset": _dataset_info(data),
         "recipe": dataclasses.asdict(recipe),
-        "selection": f"one checkpoint per metric (F1 with its accuracy), best on VALIDATION{where}; "
-                     "test never used to select",
+        "selection": _recipe_selection(recipe, config),
         "config": config,
+        **({"models": {name: changes for name, changes, _ in models}} if recipe.one_model_per_rate else {}),
         **_run_inputs(model, config, data),
         "seeds": runs,
         "rows": per_condition,
@@ -402,6 +421,19 @@ def reproduce(
         atomic_write_json(out_dir / "reproduce.json", result, UNDEFINED_REASONS)
         atomic_write_text(out_dir / "reproduce.csv", csv_text(rows))
     return result
+
+
+def _recipe_selection(recipe: Recipe, config: dict[str, Any]) -> str:
+    """How a recipe's checkpoints were chosen, in words, for reproduce.json."""
+    training = config["training"]
+    which = ("one checkpoint per metric (F1 with its accuracy)" if recipe.per_metric
+             else f"the checkpoint with the best validation {training['select_metric']}")
+    if recipe.one_model_per_rate:
+        return (f"one model per {recipe.protocol}-modal missing rate, trained with {training['noise']} "
+                f"noise at that rate; {which}, chosen on VALIDATION under {recipe.protocol}-modal missing "
+                "at that rate; each tested at its own rate only; test never used to select")
+    where = _missing_during_selection(config) or " on clean data"
+    return f"{which}, best on VALIDATION{where}; test never used to select"
 
 
 def dg(

@@ -5,25 +5,36 @@
       protocol: intra                    # intra, inter or fixed (msakit.missing)
       rates: [0.0, 0.1, ..., 0.9]        # or `subsets:` for the fixed protocol
       selection_rate: 0.5                # validation is scored under the protocol at this rate
+      per_metric: true                   # each metric from its own checkpoint (false: one checkpoint)
+      one_model_per_rate: false          # true: a model per rate, trained, selected and tested at it
 
 Some papers (LNLN among them) report each metric from its own checkpoint: the epoch that scored
 best on that metric. `per_metric_scores` does that, with one difference from the official code it
 reproduces: checkpoints are chosen on the VALIDATION split, never on test. An F1 is read from the
-checkpoint of its accuracy, as the official code does. Each metric of a seed is the mean over the
-protocol's conditions; the report is the mean and std of that over seeds.
+checkpoint of its accuracy, as the official code does. With `per_metric: false` every metric comes
+from the one checkpoint `training.select_metric` chose (`selected_scores`).
+
+Other papers (HME) train one model per missing rate: with `one_model_per_rate` each rate r gets its
+own model per seed, trained with the model's training noise (`training.noise`) at rate r, selected
+on validation under the protocol at r and tested under the protocol at r only (`recipe_models`).
+
+Each metric of a seed is the mean over the protocol's conditions; the report is the mean and std of
+that over seeds.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from msakit.data.schema import MultimodalDataset
 from msakit.errors import MsakitError, reject_unknown_keys
 from msakit.evaluation.metrics import METRIC_KEYS
 from msakit.evaluation.protocols import run_protocol
+from msakit.evaluation.report import mean_std
 from msakit.missing import PROTOCOLS
+from msakit.training.settings import SELECT_PROTOCOLS
 from msakit.training.trainer import Trainer
 
 # an F1 is reported from the checkpoint selected for its accuracy
@@ -38,6 +49,8 @@ class Recipe:
     subsets: Sequence[str] | None = None
     selection_rate: float = 0.0
     mask_seeds: Sequence[int] = (0,)  # seeds of the test-time masks
+    per_metric: bool = True  # each metric from its own checkpoint; False: select_metric's only
+    one_model_per_rate: bool = False  # a model per rate: trained, selected and tested at that rate
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -46,6 +59,16 @@ class Recipe:
             )
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise MsakitError(f"reproduce.seeds must be distinct and at least one, not {self.seeds}")
+        for key in ("per_metric", "one_model_per_rate"):
+            if not isinstance(getattr(self, key), bool):
+                raise MsakitError(f"reproduce.{key} must be true or false, not {getattr(self, key)!r}")
+        if self.one_model_per_rate:
+            if self.protocol not in SELECT_PROTOCOLS or not self.rates:
+                raise MsakitError("reproduce.one_model_per_rate needs the intra or inter protocol and "
+                                  "its rates (each model is trained and selected at one rate)")
+            if self.selection_rate:
+                raise MsakitError("reproduce.selection_rate does not apply with one_model_per_rate: "
+                                  "each model is selected at its own rate")
 
 
 def load_recipe(values: dict[str, Any] | None, model: str) -> Recipe:
@@ -54,6 +77,40 @@ def load_recipe(values: dict[str, Any] | None, model: str) -> Recipe:
         raise MsakitError(f"model {model!r} declares no `reproduce` recipe in its YAML")
     reject_unknown_keys(values, Recipe, f"reproduce setting(s) for {model}")
     return Recipe(**values)
+
+
+def recipe_models(recipe: Recipe, training: dict[str, Any]) -> list[tuple[str, dict[str, Any], Recipe]]:
+    """The models a recipe trains per seed, as (name, changes to the training settings, the recipe
+    that scores it). One model, named "", selected under the protocol at `selection_rate` (clean
+    validation for 0) and tested at every rate or subset; with `one_model_per_rate`, one per rate
+    r, named "rate-r": training noise at r, selected under the protocol at r, tested at r only."""
+    if not recipe.one_model_per_rate:
+        select = ({"select_protocol": recipe.protocol, "select_rate": recipe.selection_rate}
+                  if recipe.selection_rate else {})
+        return [("", select, recipe)]
+    if training["noise"] == "none":
+        raise MsakitError("reproduce.one_model_per_rate trains each model with training.noise at its "
+                          "rate; this model's training.noise is none")
+    return [(f"rate-{rate:g}",
+             {"noise_rate": rate, "select_protocol": recipe.protocol, "select_rate": rate},
+             replace(recipe, rates=(rate,)))
+            for rate in recipe.rates]
+
+
+def merge_models(runs_per_model: list[list[dict[str, Any]]], names: list[str]) -> list[dict[str, Any]]:
+    """Per seed, the runs of a recipe's models (`recipe_models`, same seed order) as one run: their
+    rows (conditions) together, the mean over those rows, and each model's own record."""
+    if len(runs_per_model) == 1:
+        return runs_per_model[0]
+    merged = []
+    for per_seed in zip(*runs_per_model, strict=True):
+        rows = [row for run in per_seed for row in run["rows"]]
+        merged.append({
+            "seed": per_seed[0]["seed"], "rows": rows, "mean": mean_std([r["metrics"] for r in rows])[0],
+            "models": [{"model": name, **{k: v for k, v in run.items() if k not in ("seed", "rows", "mean")}}
+                       for name, run in zip(names, per_seed, strict=True)],
+        })
+    return merged
 
 
 def tracked_metrics(metric_family: str) -> list[str]:
@@ -89,3 +146,14 @@ def per_metric_scores(
     trainer.model.load_state_dict(current)
     rows = [{"condition": c, "metrics": {k: m[k] for k in keys}} for c, m in by_condition.items()]
     return {"rows": rows, "mean": {k: means[k] for k in keys}, "epochs": {k: epochs[k] for k in keys}}
+
+
+def selected_scores(
+    trainer: Trainer, data: MultimodalDataset, recipe: Recipe, best_epoch: int
+) -> dict[str, Any]:
+    """Test metrics under the recipe's protocol from the checkpoint the trainer restored (the one
+    `training.select_metric` chose on validation, at `best_epoch`); as `per_metric_scores`."""
+    result = run_protocol(trainer, data, recipe.protocol, rates=recipe.rates, subsets=recipe.subsets,
+                          seeds=recipe.mask_seeds)
+    rows = [{"condition": r["condition"], "metrics": r["metrics"]} for r in result["rows"]]
+    return {"rows": rows, "mean": result["mean"], "epochs": dict.fromkeys(result["mean"], best_epoch)}
