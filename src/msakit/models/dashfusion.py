@@ -45,7 +45,8 @@ Where this differs from the official code, and the setting that restores the off
   by block instead of from two dense N x N matrices (similarities and ranks, 1 GB each at MOSEI
   size) and a Python loop over all N^2 pairs. The official MOSEI and SIMS loaders scan only part
   of each ranking (top N/2 and bottom N/8; top N/1.6 and bottom N/2); with lists of 10 over
-  thousands of samples that limit never binds, so it is not reproduced.
+  thousands of samples that can shorten a list only for a label that few samples hold, and it is
+  not reproduced.
 - Neighbour embeddings (`neighbour_views: bank`, a saving; the default `live` is the official
   behaviour). The neighbours' views are read from a memory bank of the whole training split,
   computed in eval mode without gradient together with the index every `refresh_every` epochs,
@@ -75,9 +76,14 @@ Where this differs from the official code, and the setting that restores the off
   audio read vision and the other way round, and its head reads [B; X_t; X_v; X_a]. msakit names
   each module by what it reads and its head reads [B; X_t; X_a; X_v]: the same function, with
   the head's input columns exchanged (this matters only when porting weights).
-- Training (not a model setting): the official AdamW spares from weight decay every bias and only
-  BERT's LayerNorm weights (its name filter is "LayerNorm.weight"); msakit's trainer spares every
-  bias and every norm.
+- Weight decay (a training setting; neither value is exact). The official AdamW spares every
+  bias and only BERT's LayerNorm gains (its name filter is "bias" and "LayerNorm.weight"), so the
+  model's own LayerNorm gains are decayed; msakit spares the model's own biases and gains
+  (`training.decay_norms_and_biases: false`, kept here) or decays both (`true`). The gap is a
+  decay of lr x 1e-3 per step on those gains.
+- Selection (no setting). The official loop saves its best-validation-MAE checkpoint from epoch 2
+  on, so epoch 1's weights are never kept; msakit may select any epoch (this matters only when
+  epoch 1 has the best validation MAE).
 """
 
 from __future__ import annotations
