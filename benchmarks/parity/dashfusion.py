@@ -28,6 +28,7 @@ benchmarks/results/parity/dashfusion.{json,md}.
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 import sys
 import types
@@ -286,6 +287,14 @@ def compare(root: Path, dataset: str) -> dict:
 
 def main() -> None:
     args = parse_args("dashfusion", REPOSITORY, COMMIT)
+    try:
+        version = importlib.metadata.version("pytorch-metric-learning")
+    except importlib.metadata.PackageNotFoundError:
+        version = "none"
+    if not version.startswith("0.9."):  # the official loss overrides 0.9's method signatures
+        print(f"dashfusion parity: the official loss needs pytorch-metric-learning 0.9.x, found {version} "
+              "(pip install pytorch-metric-learning==0.9.99 --no-deps)", file=sys.stderr)
+        sys.exit(2)
     rows = [compare(args.official, d) for d in ("mosi", "mosei", "sims")]
     counts = ", ".join(f"{r['dataset']} {r['parameters']['official_all']:,}" for r in rows)
     differing = ", ".join(f"{r['dataset']} {r['neighbour_entries']['differing']} of "
