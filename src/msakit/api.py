@@ -26,6 +26,7 @@ from msakit.data.mmsa import save_mmsa
 from msakit.data.normalize import fit_normalization, normalize_dataset, normalize_split, scale_warnings
 from msakit.data.schema import SPLITS, Batch, MultimodalDataset
 from msakit.data.synthetic import generate_synthetic
+from msakit.data.validate import check_labels, check_token_ids
 from msakit.errors import MsakitError
 from msakit.evaluation.domains import check_model, dataset_task, group_task, score_task, summarise, write_dg
 from msakit.evaluation.metrics import LOWER_IS_BETTER, METRIC_KEYS, UNDEFINED_REASONS, prediction_warnings
@@ -40,9 +41,9 @@ from msakit.evaluation.reproduce import (
     selected_scores,
     tracked_metrics,
 )
-from msakit.fileio import atomic_write_json, atomic_write_text
+from msakit.fileio import atomic_write_json, atomic_write_text, check_output
 from msakit.missing import MissingSpec, apply_missing, build_noise
-from msakit.models.layers.text import special_token_ids
+from msakit.models.layers.text import encoder_vocab_size, special_token_ids
 from msakit.models.registry import build_config, create_model, get_model_class
 from msakit.models.registry import list_models as _list_models
 from msakit.training.checkpoint import FORMAT as CHECKPOINT_FORMAT
@@ -86,6 +87,7 @@ def write_synthetic(
     output: str | Path, *, seed: int = 0, aligned: bool = False, **sizes: float
 ) -> dict[str, Any]:
     """Write the synthetic dataset as an MMSA pickle at `output`; sizes as `generate_synthetic`'s."""
+    check_output(output, folder=False)
     check_synthetic_sizes(sizes)
     raw = generate_synthetic(seed=seed, aligned=aligned, **sizes)
     path = save_mmsa(raw, output)
@@ -94,14 +96,27 @@ def write_synthetic(
 
 def _normalized(data: MultimodalDataset, config: dict[str, Any]
                 ) -> tuple[MultimodalDataset, dict[str, Any], list[str]]:
-    """`data` normalised as `config["data"]` says (statistics from the training split), those
-    statistics (saved in every checkpoint), and the scale warnings of the modalities left raw."""
+    """`data` checked against the run's settings (`_check_inputs`) and normalised as
+    `config["data"]` says (statistics from the training split), those statistics (saved in every
+    checkpoint), and the warnings: validation's (logged at load) and the scales of the modalities
+    left raw."""
     settings = data_config(config["data"])
+    _check_inputs(data, config["model"], settings.label_range)
     stats = fit_normalization(data.train, settings)
     warnings = scale_warnings(data.train, settings)
     for line in warnings:
         logger.warning("%s: %s", data.name, line)
-    return normalize_dataset(data, stats), stats, warnings
+    return normalize_dataset(data, stats), stats, [*data.warnings, *warnings]
+
+
+def _check_inputs(data: MultimodalDataset, model_config: dict[str, Any],
+                  label_range: Sequence[float] | None) -> None:
+    """The checks of `msakit.data.validate` that need the run's settings: labels in the family's
+    range (or `data.label_range`), token ids in the text encoder's vocabulary (when it reads them)."""
+    check_labels(data, label_range)
+    if model_config.get("text_source") == "encoder":
+        encoder = model_config["text_encoder"]
+        check_token_ids(data, encoder_vocab_size(encoder), encoder)
 
 
 def _aligned(model: str, aligned: bool | None) -> bool:
@@ -157,6 +172,8 @@ def train(
     continues from its last epoch, and the result equals an uninterrupted run's. Returns the content
     of results.json.
     """
+    if output is not None:
+        check_output(output)
     get_model_class(model)
     _check_seeds(seeds)
     data = load_dataset(dataset, data_dir, family, aligned=_aligned(model, aligned))
@@ -192,6 +209,9 @@ def train(
 def _check_seeds(seeds: Sequence[int]) -> None:
     if len(set(seeds)) != len(seeds) or not seeds:
         raise MsakitError(f"seeds must be distinct and at least one, not {list(seeds)}")
+    wrong = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**32]
+    if wrong:
+        raise MsakitError(f"seed {wrong[0]!r} is not an integer in [0, 2**32)")
 
 
 def _resolved_config(
@@ -364,6 +384,8 @@ def reproduce(
     and one checkpoint per seed (the one `training.select_metric` chose; per rate in `rate-<r>/`)
     into `output` when given; `resume` continues an interrupted run as in `train`.
     """
+    if output is not None:
+        check_output(output)
     recipe = load_recipe(model_yaml(model).get("reproduce"), model)
     if seeds is not None:  # `replace` runs the Recipe's checks on the given seeds too
         recipe = dataclasses.replace(recipe, seeds=tuple(seeds))
@@ -468,6 +490,8 @@ def dg(
     metrics and their gap. Writes dg.json, dg.csv, dg.md and one `seed-<seed>.pt` checkpoint per
     seed into `output` when given; `resume` continues an interrupted run as in `train`.
     """
+    if output is not None:
+        check_output(output)
     model_class = get_model_class(model)
     _check_seeds(seeds)
     if dataset is None:
@@ -592,15 +616,19 @@ def _checkpoint_trainer(
 ) -> tuple[Trainer, dict[str, Any], MultimodalDataset]:
     """A trainer around the checkpoint's model, its metadata, and `data` normalised with the
     checkpoint's input statistics; `overrides` (model.KEY=VALUE) change test-time settings of the
-    saved model, never its weights."""
+    saved model, never its weights; `data.label_range` replaces the range the labels are checked
+    against (default: the one the checkpoint was trained with, else the family's)."""
     parsed = parse_overrides(list(overrides))
-    for section in ("training", "data"):
-        if parsed[section]:
-            first = next(iter(parsed[section]))
-            raise MsakitError(f"scoring a checkpoint takes model settings only (model.KEY=VALUE), "
-                              f"not {section}.{first}")
+    other = [f"training.{k}" for k in parsed["training"]] + [f"data.{k}" for k in parsed["data"]
+                                                            if k != "label_range"]
+    if other:
+        raise MsakitError(f"scoring a checkpoint takes model settings (model.KEY=VALUE) and "
+                          f"data.label_range only, not {other[0]}")
     net, meta = load_checkpoint(checkpoint, parsed["model"])
     check_dims_match(checkpoint, net, data.dims)
+    trained = ((meta.get("run_meta") or {}).get("config") or {}).get("data") or {}
+    _check_inputs(data, dataclasses.asdict(net.config),
+                  data_config(parsed["data"]).label_range or trained.get("label_range"))
     settings = training_config({**meta["training_config"], "device": device})
     data = normalize_dataset(data, meta.get("normalization") or {})
     return Trainer(net, settings, data.metric_family, progress=False), meta, data
@@ -652,6 +680,8 @@ def robustness(
     `overrides` (model.KEY=VALUE) replace saved test-time settings, as in `evaluate`. Writes
     robustness.json, robustness.csv and robustness.png into `output` when given.
     """
+    if output is not None:
+        check_output(output)
     data = load_dataset(dataset, data_dir, family, aligned=_checkpoint_aligned(checkpoint, aligned))
     trainer, meta, data = _checkpoint_trainer(checkpoint, data, device, overrides)
     result = {
@@ -674,6 +704,7 @@ def compare(run_dirs: Sequence[str | Path], output: str | Path) -> dict[str, Any
 
     Writes compare.png and compare.md into `output`.
     """
+    check_output(output)
     results: dict[str, dict[str, Any]] = {}
     for run_dir in run_dirs:
         path = Path(run_dir) / "robustness.json"
@@ -725,6 +756,7 @@ def extract(
     """
     from msakit.features import build_dataset, load_feature_config
 
+    check_output(output, folder=False)
     config = load_feature_config(features, list(overrides))
     return build_dataset(clips, labels, output, config, workers=workers, cache_dir=cache_dir,
                          progress=progress)

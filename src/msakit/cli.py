@@ -6,6 +6,8 @@ import functools
 import logging
 import shlex
 import sys
+import tempfile
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,11 +53,35 @@ def _parse_seeds(text: str) -> list[int]:
         raise MsakitError(f"--seeds {text!r}: expected integers like '1111 1112 1113'") from None
     if not seeds:
         raise MsakitError("--seeds is empty")
+    wrong = [s for s in seeds if not 0 <= s < 2**32]
+    if wrong:
+        raise MsakitError(f"--seeds: {wrong[0]} is not in [0, 2**32)")
     return seeds
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:  # bare `msakit`: the help is the answer
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            context = getattr(exc, "ctx", None)
+            where = f"{context.command_path}: " if context is not None else ""
+            hint = f" (see '{context.command_path} --help')" if context is not None else ""
+            click.echo(f"msakit: error: {where}{' '.join(exc.format_message().split()).rstrip('.')}{hint}",
+                       err=True)
+            sys.exit(2)
+        except click.exceptions.Abort:
+            click.echo("msakit: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 class _RecordingGroup(click.Group):
-    """Keeps the arguments as given, so results can name the command that made them."""
+    """Keeps the arguments as given, so results can name the command that made them; a usage error
+    (an unknown option, a missing argument, a bad value) is one `msakit: error:` line, exit 2."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         ctx.meta["msakit.argv"] = list(args)
@@ -126,7 +152,8 @@ def train(model: str, dataset: str, data_dir: str | None, aligned: bool | None, 
     common = dict(data_dir=data_dir, aligned=aligned, family=family, epochs=epochs, overrides=list(overrides),
                   output=output, progress=not no_progress, command=_command_line(), resume=resume)
     if reproduce:
-        results = api.reproduce(model, dataset, seeds=_parse_seeds(seeds) if seeds else None, **common)
+        results = api.reproduce(model, dataset, seeds=None if seeds is None else _parse_seeds(seeds),
+                                **common)
         family = results["dataset"]["metric_family"]
         rows = {row["condition"]: row["metrics"] for row in results["rows"]}
         rows["mean"] = results["mean"]
@@ -137,7 +164,7 @@ def train(model: str, dataset: str, data_dir: str | None, aligned: bool | None, 
         console.print(results["selection"])
         console.print(f"results: {Path(output) / 'reproduce.json'}")
         return
-    results = api.train(model, dataset, seeds=_parse_seeds(seeds or "1111"), **common)
+    results = api.train(model, dataset, seeds=_parse_seeds("1111" if seeds is None else seeds), **common)
     family = results["dataset"]["metric_family"]
     rows = {f"seed {r['seed']}, epoch {r['best_epoch']}": r["test"] for r in results["seeds"]}
     console.print(metrics_table(f"{model} on {results['dataset']['name']}: test", rows, family,
@@ -271,8 +298,8 @@ def robustness(checkpoint: str, dataset: str, data_dir: str | None, aligned: boo
     output = output or str(Path(checkpoint).parent / f"robustness-{protocol}")
     result = api.robustness(
         checkpoint, dataset, protocol=protocol, data_dir=data_dir, aligned=aligned, family=family,
-        rates=parse_rates(rates) if rates else None,
-        subsets=[s.strip() for s in subsets.split(",")] if subsets else None,
+        rates=None if rates is None else parse_rates(rates),
+        subsets=None if subsets is None else _names(subsets, "--subsets"),
         seeds=_parse_seeds(seeds), output=output, device=device, command=_command_line(),
         overrides=overrides,
     )
@@ -345,7 +372,7 @@ def datasets() -> None:
 @click.option("--features", default=None, help="YAML file of feature settings over the defaults")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="override a feature setting, e.g. --set visual.fps=5 --set transcript.source=asr")
-@click.option("--workers", type=int, default=None,
+@click.option("--workers", type=click.IntRange(min=0), default=None,
               help="worker processes [default: one per CPU core; 0: extract in this process]")
 @click.option("--cache", default=None, help="per-clip cache folder [default: OUTPUT with .cache]")
 @click.option("--no-progress", is_flag=True, help="no progress bar")
@@ -468,4 +495,20 @@ def cues(dataset: str, output: str, backend: str, data_dir: str | None, aligned:
 
 
 def main() -> None:
-    cli(prog_name="msakit")
+    """The `msakit` command. An error that is not bad input (a bug) is one line on stderr, exit 1,
+    with the full traceback written to a file the line names: never a bare traceback."""
+    try:
+        cli(prog_name="msakit")
+    except Exception as exc:
+        fd, path = tempfile.mkstemp(prefix="msakit-traceback-", suffix=".txt")
+        with open(fd, "w", encoding="utf-8") as handle:
+            handle.write(f"msakit {__version__}: {shlex.join(sys.argv)}\n{traceback.format_exc()}")
+        summary = " ".join(f"{type(exc).__name__}: {exc}".split())
+        summary = summary if len(summary) <= 300 else summary[:297] + "..."
+        click.echo(f"msakit: internal error: {summary} (a bug in "
+                   f"msakit, not in your input; full traceback: {path})", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -42,8 +42,11 @@ def atomic_write_bytes(path: Path, write: Callable[[IO[bytes]], object]) -> None
     The file gets mode 0o666 minus the umask and is flushed to disk before the rename. If `write`
     raises, `path` keeps its old content and the temp file is removed.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise MsakitError(f"cannot write {path}: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, "wb") as handle:
             os.chmod(tmp, FILE_MODE)
@@ -51,9 +54,32 @@ def atomic_write_bytes(path: Path, write: Callable[[IO[bytes]], object]) -> None
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        # a full disk or a lost permission is the machine's state, not a bug: one line (torch.save
+        # reports a failed write as a RuntimeError of its stream writer)
+        if isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and "PytorchStreamWriter" in str(exc)):
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip()
+            raise MsakitError(f"cannot write {path}: {' '.join(reason.split())}") from None
         raise
+
+
+def check_output(path: str | os.PathLike[str], *, folder: bool = True) -> Path:
+    """`path` as a Path, after a one-line MsakitError if it cannot be written (checked before any
+    work starts): a folder that is a file (or a file that is a folder), a place below a file, or a
+    place without write permission. Creates nothing."""
+    path = Path(path).expanduser()
+    if path.exists() and path.is_dir() != folder:
+        raise MsakitError(f"output {path} is a {'file' if folder else 'folder'}, not a "
+                          f"{'folder' if folder else 'file'}")
+    existing = path if folder else path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise MsakitError(f"output {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise MsakitError(f"output {path}: {existing} is not writable")
+    return path
 
 
 def atomic_write_text(path: Path, text: str) -> None:

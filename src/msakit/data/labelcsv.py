@@ -76,11 +76,16 @@ def load_label_csv(
             rows: dict[str, dict[str, list]] = {
                 s: {"id": [], "text": [], "label": []} for s in SPLITS
             }
+            seen: dict[str, int] = {}
             for row in reader:
                 line = reader.line_num  # as an editor shows it: the header is line 1
+                row_id = _ids(row, has_id)
+                if row_id in seen:  # as `msakit extract` refuses it
+                    raise MsakitError(f"{path} line {line}: clip {row_id!r} already on line {seen[row_id]}")
+                seen[row_id] = line
                 label = parse_label(row["label"], path, line)
                 split = rows[parse_mode(row["mode"], path, line)]
-                split["id"].append(_ids(row, has_id))
+                split["id"].append(row_id)
                 split["text"].append(row["text"] or "")
                 split["label"].append(label)
     except UnicodeDecodeError as exc:

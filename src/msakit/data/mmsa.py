@@ -8,7 +8,9 @@ through it, so every source obeys the same rules:
 - each array is converted once per split (features float32, token ids and lengths int64);
 - -inf/+inf/NaN feature values (COVAREP writes -inf) become 0 and are counted;
 - labels must be finite, every array of a split must have one row per sample, and feature shapes
-  must agree between splits (models are sized on the train split).
+  must agree between splits (models are sized on the train split);
+- ids, lengths and feature shapes are validated (`msakit.data.validate`): errors for what makes
+  numbers meaningless, warnings (logged once, kept in `MultimodalDataset.warnings`) for the rest.
 
 Pickles can run code when loaded, so they are read with a restricted unpickler that allows only
 the globals plain data needs (`PLAIN_GLOBALS`: containers, numbers, strings, numpy arrays and
@@ -27,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from msakit.data.schema import SPLITS, MultimodalDataset, Split
+from msakit.data.validate import validate_splits
 from msakit.errors import MsakitError
 from msakit.fileio import atomic_write_bytes
 
@@ -233,10 +236,8 @@ def _split(raw: Any, source: str, name: str, latin1: bool) -> tuple[Split, int]:
     for modality, key in LENGTH_KEYS.items():
         if raw.get(key) is None or modality not in fields:
             continue
-        lengths = _numeric(raw[key], where, key, np.int64).reshape(-1)
-        max_len = fields[modality].shape[1]
-        fields[key] = np.clip(lengths, 1, max_len)
-        rows[key] = len(lengths)
+        fields[key] = _numeric(raw[key], where, key, np.int64).reshape(-1)  # range: validate_splits
+        rows[key] = len(fields[key])
     if raw.get("presence") is not None:  # written by `msakit extract`: modalities each clip has
         presence = _numeric(raw["presence"], where, "presence", np.int64)
         if presence.ndim != 2 or presence.shape[1] != 3 or not np.isin(presence, (0, 1)).all():
@@ -322,6 +323,9 @@ def dataset_from_raw(
         splits[split_name], count = _split(raw[split_name], source, split_name, latin1)
         replaced += count
     _check_shapes(splits, source)
+    warnings = validate_splits(splits, source)
+    for line in warnings:
+        logger.warning("%s", line)
     if replaced:
         logger.info("%s: set %d non-finite feature values (-inf/inf/NaN) to 0", source, replaced)
     if family is None:
@@ -330,7 +334,7 @@ def dataset_from_raw(
     features = raw.get("features")  # written by `msakit extract`: its feature configuration
     return MultimodalDataset(
         name=name, family=family, family_source=family_source, source=source, replaced_nonfinite=replaced,
-        features=features if isinstance(features, dict) else None, **splits
+        features=features if isinstance(features, dict) else None, warnings=warnings, **splits
     )
 
 

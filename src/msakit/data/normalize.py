@@ -29,11 +29,15 @@ _MIN_STD = 1e-8  # a dimension with a smaller spread is only centred
 @dataclass
 class DataConfig:
     """Settings of the data a model reads. `normalize`: "none" | "zscore" for every feature
-    modality, or a mapping of modality ("text", "audio", "vision") to one of those."""
+    modality, or a mapping of modality ("text", "audio", "vision") to one of those. `label_range`:
+    [low, high] every label must lie in (also "LOW,HIGH"); None: the family's ([-3, 3], SIMS [-1, 1])."""
 
     normalize: str | dict[str, str] = "none"
+    label_range: list[float] | None = None
 
     def __post_init__(self) -> None:
+        if self.label_range is not None:
+            self.label_range = _label_range(self.label_range)
         modes = self.normalize if isinstance(self.normalize, dict) else dict.fromkeys(MODALITIES,
                                                                                       self.normalize)
         for modality, mode in modes.items():
@@ -49,6 +53,18 @@ class DataConfig:
         if isinstance(self.normalize, dict):
             return {m: self.normalize.get(m, "none") for m in MODALITIES}
         return dict.fromkeys(MODALITIES, self.normalize)
+
+
+def _label_range(value: Any) -> list[float]:
+    """[low, high] from a list of two numbers or "LOW,HIGH"; one-line error otherwise."""
+    items = value.split(",") if isinstance(value, str) else value
+    try:
+        low, high = (float(v) for v in items)
+    except (TypeError, ValueError):
+        raise MsakitError(f"data.label_range must be LOW,HIGH (two numbers), not {value!r}") from None
+    if not (np.isfinite(low) and np.isfinite(high) and low < high):
+        raise MsakitError(f"data.label_range must be two finite numbers LOW < HIGH, not {value!r}")
+    return [low, high]
 
 
 def _valid_frames(split: Split, modality: str) -> np.ndarray | None:

@@ -278,7 +278,8 @@ def dataset_task(
     data = MultimodalDataset(
         name=f"{'+'.join(names[:-1])}->{target.name}", family=target.family,
         source="leave-one-dataset-out: " + "; ".join(d.source for d in datasets),
-        replaced_nonfinite=sum(d.replaced_nonfinite for d in datasets), features=features, **parts,
+        replaced_nonfinite=sum(d.replaced_nonfinite for d in datasets), features=features,
+        warnings=[line for d in datasets for line in d.warnings], **parts,
     )
     return DomainTask(data=data, target=target_split, domain_names=names, sources=names[:-1],
                       target_name=target.name, grouping="datasets", target_splits=target_splits,

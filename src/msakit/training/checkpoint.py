@@ -7,6 +7,7 @@ half-written file where a good one was.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,9 @@ from msakit.models.base import MSAModel
 from msakit.models.registry import create_model, list_models
 
 FORMAT = "msakit-checkpoint-v1"
+# what every checkpoint holds (save_checkpoint writes them all) and the type each must have
+REQUIRED = {"model_name": str, "model_config": dict, "dims": dict, "training_config": dict, "dataset": dict,
+            "state_dict": dict}
 
 
 def save_checkpoint(
@@ -44,7 +48,9 @@ def read_tagged(path: Path, tag: str, what: str) -> dict[str, Any]:
     """The dict saved with torch.save in `path` (tensors and plain data only, never code), with
     format `tag`; a one-line error naming the file and `what` it should be otherwise."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns at length about a foreign file: the error says it
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt or foreign file
         raise MsakitError(f"{path} is not a readable {what} ({type(exc).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != tag:
@@ -64,13 +70,21 @@ def load_checkpoint(
     if not path.is_file():
         raise MsakitError(f"checkpoint not found: {path}")
     payload = read_tagged(path, FORMAT, "checkpoint")
+    for key, kind in REQUIRED.items():
+        if not isinstance(payload.get(key), kind):
+            found = "has no" if key not in payload else f"has a {type(payload[key]).__name__} as"
+            raise MsakitError(f"{path} is a damaged checkpoint: it {found} {key!r} (a {kind.__name__} "
+                              "in every checkpoint msakit writes)")
     name = payload["model_name"]
     if name not in list_models():
         raise MsakitError(
             f"{path} holds model {name!r}, which this msakit does not have; "
             f"available: {', '.join(list_models())}"
         )
-    dims = FeatureDims.from_dict(payload["dims"])
+    try:
+        dims = FeatureDims.from_dict(payload["dims"])
+    except TypeError as exc:
+        raise MsakitError(f"{path} is a damaged checkpoint: its 'dims' do not fit ({exc})") from None
     model = create_model(name, {**payload["model_config"], **(model_settings or {})}, dims)
     try:
         model.load_state_dict(payload["state_dict"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -41,6 +42,16 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return AutoTokenizer.from_pretrained(str(resolve_encoder_path(name_or_path)), local_files_only=True)
+
+
+@lru_cache(maxsize=4)
+def encoder_vocab_size(name_or_path: str) -> int:
+    """How many token ids the encoder's embedding holds (its config.json's `vocab_size`)."""
+    path = resolve_encoder_path(name_or_path) / "config.json"
+    try:
+        return int(json.loads(path.read_text())["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise MsakitError(f"{path}: no readable vocab_size ({type(exc).__name__}: {exc})") from None
 
 
 def special_token_ids(config: ModelConfig) -> dict[str, Any]:
