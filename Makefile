@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml $(TORCH_SPEC)
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/msakit train tfn --dataset synthetic --seeds 1111 --output $(DEMO_DIR)
+	$(BIN)/msakit train tfn --dataset synthetic --seeds 1111 --output $(DEMO_DIR) --overwrite
 	$(BIN)/msakit robustness $(DEMO_DIR)/seed-1111.pt --dataset synthetic --protocol intra \
 		--output $(DEMO_DIR)/robustness-intra
 

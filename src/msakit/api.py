@@ -139,7 +139,8 @@ def _this_command() -> str:
 
 def _dataset_info(data: MultimodalDataset) -> dict[str, Any]:
     return {
-        "name": data.name, "family": data.family, "family_source": data.family_source,
+        "name": data.name, "content_fingerprint": data.fingerprint, "family": data.family,
+        "family_source": data.family_source,
         "metric_family": data.metric_family, "source": data.source,
         "sizes": {s: len(data.split(s)) for s in ("train", "valid", "test")},
         "replaced_nonfinite": data.replaced_nonfinite,
@@ -161,6 +162,7 @@ def train(
     progress: bool = True,
     command: str | None = None,
     resume: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train `model` once per seed, select each on validation, score valid and test.
 
@@ -198,7 +200,7 @@ def train(
         return trainer, run, {"valid": run["valid"], "test": run["test"]}
 
     runs = _seed_runs(seeds, out_dir, resume, config, data, _run_meta("train", model, config, data),
-                      train_seed, normalization)
+                      train_seed, normalization, overwrite)
     results = _summarise(model, data, config, runs, command)
     results["warnings"] = _run_warnings(data_warnings, runs)
     if out_dir is not None:
@@ -282,14 +284,15 @@ def _run_meta(command: str, model: str, config: dict[str, Any], data: Multimodal
 def _seed_runs(
     seeds: Sequence[int], out_dir: Path | None, resume: bool, config: dict[str, Any],
     data: MultimodalDataset, meta: dict[str, Any], train_seed: SeedTraining,
-    normalization: dict[str, Any],
+    normalization: dict[str, Any], overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """Each seed's results: with `resume`, read back from the checkpoint this same run already
     wrote; otherwise from `train_seed(seed, state)`, which passes `state` (the resumable training
     state) on to `_fit_one_seed` and returns the trainer, the seed's results and the metrics its
     checkpoint keeps. The selected model's validation predictions are checked (a constant model is
     a warning in the seed's results). The checkpoint, with the input `normalization`, is then
-    written into `out_dir`, when given."""
+    written into `out_dir`, when given, which must hold no other run (`_claim_run_folder`)."""
+    _claim_run_folder(out_dir, resume, overwrite)
     runs = []
     for seed in seeds:
         seed_meta = {**meta, "seed": seed}
@@ -305,6 +308,29 @@ def _seed_runs(
                 _save_seed(out_dir, trainer, config, data, metrics, run, seed_meta, normalization)
         runs.append(run)
     return runs
+
+
+# what a run leaves in its folder besides the seeds' checkpoints and training states
+RUN_RESULTS = ("results.json", "results.csv", "reproduce.json", "reproduce.csv", "dg.json", "dg.csv",
+               "dg.md")
+
+
+def _claim_run_folder(out_dir: Path | None, resume: bool, overwrite: bool) -> None:
+    """A run folder describes one run. Files of an earlier run there (results, seed checkpoints or
+    training states) are continued with `resume`, removed first with `overwrite` (so a killed rerun
+    never leaves one run's results beside another's checkpoints), else refused."""
+    if out_dir is None or not out_dir.is_dir():
+        return
+    found = sorted(p.name for p in out_dir.iterdir()
+                   if p.name in RUN_RESULTS or (p.name.startswith("seed-") and p.name.endswith(".pt")))
+    if not found or resume:
+        return
+    if not overwrite:
+        raise MsakitError(f"{out_dir} already holds a run ({', '.join(found[:3])}"
+                          f"{', ...' if len(found) > 3 else ''}): use --resume to continue it, "
+                          "--overwrite to replace it, or another --output")
+    for name in found:
+        (out_dir / name).unlink()
 
 
 def _state_file(out_dir: Path | None, seed: int, resume: bool) -> Path | None:
@@ -372,6 +398,7 @@ def reproduce(
     progress: bool = True,
     command: str | None = None,
     resume: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train and score `model` with its paper's evaluation recipe (the YAML's `reproduce:`).
 
@@ -410,7 +437,8 @@ def reproduce(
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
         return _seed_runs(recipe.seeds, folder, resume, settings, data,
-                          _run_meta("reproduce", model, settings, data), train_seed, normalization)
+                          _run_meta("reproduce", model, settings, data), train_seed, normalization,
+                          overwrite)
 
     runs = merge_models([runs_of(*m) for m in models], [name for name, _, _ in models])
     if not recipe.one_model_per_rate:
@@ -478,6 +506,7 @@ def dg(
     progress: bool = True,
     command: str | None = None,
     resume: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Domain generalization: train on source domains, select on their validation data, test on `target`.
 
@@ -528,7 +557,7 @@ def dg(
 
     runs = _seed_runs(seeds, out_dir, resume, config, task.data,
                       {**_run_meta("dg", model, config, task.data), "task": task.describe()}, train_seed,
-                      normalization)
+                      normalization, overwrite)
     metric = config["training"]["select_metric"]
     direction = "lower" if metric in LOWER_IS_BETTER else "higher"
     result = {

@@ -58,6 +58,15 @@ def _parse_seeds(text: str) -> list[int]:
         raise MsakitError(f"--seeds: {wrong[0]} is not in [0, 2**32)")
     return seeds
 
+
+class _RecordingGroup(click.Group):
+    """Keeps the arguments as given, so results can name the command that made them; a usage error
+    (an unknown option, a missing argument, a bad value) is one `msakit: error:` line, exit 2."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["msakit.argv"] = list(args)
+        return super().parse_args(ctx, args)
+
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
@@ -79,15 +88,6 @@ def _parse_seeds(text: str) -> list[int]:
         sys.exit(code if isinstance(code, int) else 0)
 
 
-class _RecordingGroup(click.Group):
-    """Keeps the arguments as given, so results can name the command that made them; a usage error
-    (an unknown option, a missing argument, a bad value) is one `msakit: error:` line, exit 2."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        ctx.meta["msakit.argv"] = list(args)
-        return super().parse_args(ctx, args)
-
-
 def _command_line() -> str:
     return shlex.join(["msakit", *click.get_current_context().meta["msakit.argv"]])
 
@@ -107,6 +107,7 @@ dataset_options = [
 
 RESUME_HELP = ("continue an interrupted run of the same command in --output: finished seeds are "
                "read back, the unfinished one goes on from its last epoch")
+OVERWRITE_HELP = "replace the run already in --output (its results and checkpoints are removed first)"
 SCORING_SET_HELP = ("change a test-time model setting of the checkpoint, e.g. --set "
                     "model.eval_bottleneck=mean (weights are never changed)")
 
@@ -142,15 +143,17 @@ def cli(quiet: bool) -> None:
                    "missing-data protocol and per-metric checkpoints, selected on validation")
 @click.option("--output", "-o", default=None, help="folder for results.json, results.csv, checkpoints")
 @click.option("--resume", is_flag=True, help=RESUME_HELP)
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @click.option("--no-progress", is_flag=True, help="no progress bars")
 @_user_errors
 def train(model: str, dataset: str, data_dir: str | None, aligned: bool | None, family: str | None,
           seeds: str | None, epochs: int | None, overrides: tuple[str, ...], reproduce: bool,
-          output: str | None, resume: bool, no_progress: bool) -> None:
+          output: str | None, resume: bool, overwrite: bool, no_progress: bool) -> None:
     """Train MODEL, select on validation, report valid and test metrics (mean ± std over seeds)."""
     output = output or f"runs/{model}-{Path(dataset).stem}{'-reproduce' if reproduce else ''}"
     common = dict(data_dir=data_dir, aligned=aligned, family=family, epochs=epochs, overrides=list(overrides),
-                  output=output, progress=not no_progress, command=_command_line(), resume=resume)
+                  output=output, progress=not no_progress, command=_command_line(), resume=resume,
+                  overwrite=overwrite)
     if reproduce:
         results = api.reproduce(model, dataset, seeds=None if seeds is None else _parse_seeds(seeds),
                                 **common)
@@ -220,6 +223,7 @@ def _names(text: str, option: str) -> list[str]:
               help="override a setting, e.g. --set training.lr=1e-3")
 @click.option("--output", "-o", default=None, help="folder for dg.json, dg.csv, dg.md, checkpoints")
 @click.option("--resume", is_flag=True, help=RESUME_HELP)
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @click.option("--no-progress", is_flag=True, help="no progress bars")
 @_user_errors
 def dg(model: str, target: str, sources: str | None, dataset: str | None, group_by: str,
@@ -227,7 +231,7 @@ def dg(model: str, target: str, sources: str | None, dataset: str | None, group_
        aligned: bool | None,
        family: str | None,
        seeds: str, epochs: int | None, overrides: tuple[str, ...], output: str | None,
-       resume: bool, no_progress: bool) -> None:
+       resume: bool, overwrite: bool, no_progress: bool) -> None:
     """Domain generalization: train MODEL on source domains, select on their validation data, and
     compare in-domain (the sources' test split) with out-of-domain (the target) metrics."""
     where = f"{Path(dataset).stem}-{target}" if dataset else Path(target).stem
@@ -237,7 +241,7 @@ def dg(model: str, target: str, sources: str | None, dataset: str | None, group_
         dataset=dataset, group_by=group_by, n_groups=n_groups, split_seed=split_seed,
         target_splits=_names(target_splits, "--target-splits"), data_dir=data_dir, aligned=aligned,
         family=family, seeds=_parse_seeds(seeds), epochs=epochs, overrides=list(overrides), output=output,
-        progress=not no_progress, command=_command_line(), resume=resume,
+        progress=not no_progress, command=_command_line(), resume=resume, overwrite=overwrite,
     )
     task, family = result["task"], result["dataset"]["metric_family"]
     several = len(result["seeds"]) > 1
