@@ -306,3 +306,31 @@ def test_an_output_without_write_permission_is_refused_before_any_work(tmp_path)
             check_output(locked / "run")
     finally:
         locked.chmod(0o700)
+
+
+@pytest.mark.parametrize(("change", "needle"), [
+    (lambda p: p.pop("state_dict"), "has no 'state_dict'"),
+    (lambda p: p.update(model_config=[1]), "has a list as 'model_config'"),
+    (lambda p: p.update(dims={"width": 3}), "its 'dims' do not fit"),
+    (lambda p: p.update(normalization={"audio": 5}), "its 'normalization' is not a mean and std"),
+])
+def test_a_damaged_checkpoint_is_one_line_naming_the_file_and_key(inputs: Path, tmp_path, change, needle):
+    payload = torch.load(inputs / "ckpt" / "seed-1111.pt", weights_only=True)
+    change(payload)
+    torch.save(payload, tmp_path / "damaged.pt")
+    result = CliRunner().invoke(cli.cli, ["evaluate", str(tmp_path / "damaged.pt"), "--dataset",
+                                          str(inputs / "ok.pkl")])
+    assert result.exit_code == 2, result.output
+    assert f"msakit: error: {tmp_path / 'damaged.pt'} is a damaged checkpoint" in result.output
+    assert needle in result.output
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"model": "tfn"}', "[]"])
+def test_a_damaged_robustness_json_is_one_line(tmp_path, text):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "robustness.json").write_text(text)
+    result = CliRunner().invoke(cli.cli, ["compare", str(tmp_path / "run"),
+                                          "--output", str(tmp_path / "cmp")])
+    assert result.exit_code == 2, result.output
+    assert f"msakit: error: {tmp_path / 'run' / 'robustness.json'} is not a robustness.json" in result.output
+    assert not (tmp_path / "cmp").exists()

@@ -735,19 +735,25 @@ def compare(run_dirs: Sequence[str | Path], output: str | Path) -> dict[str, Any
     """
     check_output(output)
     results: dict[str, dict[str, Any]] = {}
+    kinds: set[tuple[Any, ...]] = set()
     for run_dir in run_dirs:
         path = Path(run_dir) / "robustness.json"
         if not path.is_file():
             raise MsakitError(f"{path} not found: run `msakit robustness ... --output {run_dir}` first")
-        result = json.loads(path.read_text())
-        for metrics in [result["mean"], *(row["metrics"] for row in result["rows"])]:
-            metrics.update({k: math.nan for k, v in metrics.items() if v is None})  # strict JSON's null
-        label = f"{result['model']} ({run_dir})"
+        try:
+            result = json.loads(path.read_text())
+            for metrics in [result["mean"], *(row["metrics"] for row in result["rows"])]:
+                metrics.update({k: math.nan for k, v in metrics.items() if v is None})  # strict JSON's null
+            label = f"{result['model']} ({run_dir})"
+            kind = (result["protocol"], result["dataset"]["metric_family"],
+                    tuple(row["condition"] for row in result["rows"]))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise MsakitError(f"{path} is not a robustness.json msakit wrote ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())})") from None
         if label in results:
             raise MsakitError(f"{run_dir} is given twice")
         results[label] = result
-    kinds = {(r["protocol"], r["dataset"]["metric_family"], tuple(row["condition"] for row in r["rows"]))
-             for r in results.values()}
+        kinds.add(kind)
     if len(kinds) > 1:
         raise MsakitError(
             "these runs are not comparable: they differ in protocol, metric family or conditions ("

@@ -20,6 +20,7 @@ from msakit.cues.backend import CueBackend, CueFailure, CueSample
 from msakit.cues.cache import CueFileWriter, read_cue_records
 from msakit.data.schema import SPLITS, MultimodalDataset
 from msakit.errors import MsakitError
+from msakit.fileio import check_output
 
 BACKENDS = ("offline", "openai")
 
@@ -210,6 +211,7 @@ def run_cues(
     `make_backend` (base_url, model, api_key_env, concurrency, max_retries, ...)."""
     from msakit.data.catalog import load_dataset
 
+    check_output(output, folder=False)
     data = load_dataset(dataset, data_dir=data_dir, aligned=aligned)
     chosen = make_backend(backend, data, **backend_options)
     return generate_cues(data, chosen, output, splits=splits, limit=limit, media=media,

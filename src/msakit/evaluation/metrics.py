@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import f1_score
 
 from msakit.errors import MsakitError
 
@@ -198,6 +197,9 @@ def _accuracy(pred: np.ndarray, true: np.ndarray) -> float:
 
 
 def _weighted_f1(pred: np.ndarray, true: np.ndarray) -> float:
+    # imported here: sklearn.metrics costs a few seconds, which every command (even a bad one) paid
+    from sklearn.metrics import f1_score
+
     # zero_division=0 is sklearn's default value without its warning (a class never predicted).
     return float(f1_score(true, pred, average="weighted", zero_division=0))
 

@@ -75,6 +75,11 @@ def load_checkpoint(
             found = "has no" if key not in payload else f"has a {type(payload[key]).__name__} as"
             raise MsakitError(f"{path} is a damaged checkpoint: it {found} {key!r} (a {kind.__name__} "
                               "in every checkpoint msakit writes)")
+    normalization = payload.get("normalization") or {}
+    if not isinstance(normalization, dict) or not all(
+            isinstance(v, dict) and {"mean", "std"} <= set(v) for v in normalization.values()):
+        raise MsakitError(f"{path} is a damaged checkpoint: its 'normalization' is not a mean and std "
+                          "per modality")
     name = payload["model_name"]
     if name not in list_models():
         raise MsakitError(
