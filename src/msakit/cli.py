@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.utils import PacifyFlushWrapper
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
@@ -85,6 +86,9 @@ class _RecordingGroup(click.Group):
         except click.exceptions.Abort:
             click.echo("msakit: interrupted", err=True)
             sys.exit(130)
+        except BrokenPipeError:  # `msakit models | head`: the reader left, nothing to report
+            sys.stdout = PacifyFlushWrapper(sys.stdout)
+            sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
 
 
