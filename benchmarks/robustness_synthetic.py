@@ -58,7 +58,9 @@ def main() -> None:
     machine = machine_name()
     out = Path(args.output)
     for model in args.models:
-        run_dir = Path(args.runs_dir) / model
+        # checkpoints trained with overrides live beside the plain ones, never over them
+        trained_with = [] if args.reuse else args.overrides
+        run_dir = Path(args.runs_dir) / "_".join([model, *(o.replace("=", "-") for o in trained_with)])
         start = time.perf_counter()
         checkpoints = [run_dir / f"seed-{seed}.pt" for seed in args.seeds]
         if args.reuse:
@@ -71,7 +73,7 @@ def main() -> None:
             warnings = None
         else:
             trained = api.train(model, data, seeds=args.seeds, output=run_dir, progress=False,
-                                command=command, overrides=args.overrides)
+                                command=command, overrides=args.overrides, overwrite=True)
             clean = trained["mean"]["test"]
             best_epochs = [r["best_epoch"] for r in trained["seeds"]]
             warnings = trained["warnings"]
