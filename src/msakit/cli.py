@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import shlex
 import sys
 import tempfile
@@ -13,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-from click.utils import PacifyFlushWrapper
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
@@ -23,9 +23,9 @@ from msakit.cues.pipeline import BACKENDS, run_cues
 from msakit.data.mmsa import FAMILIES
 from msakit.errors import MsakitError
 from msakit.evaluation.domains import modality_lines, part_labels
-from msakit.evaluation.metrics import UNDEFINED_REASONS
 from msakit.evaluation.report import metrics_table
 from msakit.fileio import strict_json
+from msakit.metrics import UNDEFINED_REASONS
 from msakit.missing import parse_rates
 
 # piped or logged output gets wide tables instead of rich's 80-column default
@@ -87,7 +87,7 @@ class _RecordingGroup(click.Group):
             click.echo("msakit: interrupted", err=True)
             sys.exit(130)
         except BrokenPipeError:  # `msakit models | head`: the reader left, nothing to report
-            sys.stdout = PacifyFlushWrapper(sys.stdout)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit's flush
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
 
