@@ -1,7 +1,9 @@
 """Tiny hand-made model inputs shared by the model tests: 6 clips with variable-length text,
-audio and vision, and ways to perturb what the masks hide."""
+audio and vision, ways to perturb what the masks hide, and MMSLF's cue file."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import torch
@@ -63,3 +65,16 @@ def without(batch: Batch, modality: str, rows: list[int]) -> Batch:
     mask = getattr(batch, f"{modality}_mask").clone()
     mask[rows] = False
     return batch.with_updates(**{f"{modality}_mask": mask})
+
+
+def write_cues(path, splits: dict[str, Split], backend: str = "test") -> str:
+    """A cue file in `msakit cues`' format: the label is shown for training samples only."""
+    with open(path, "w") as f:
+        for name, split in splits.items():
+            for sample_id, label in zip(split.ids, split.labels, strict=True):
+                shown = f" Label: {'positive' if label > 0 else 'negative'}." if name == "train" else ""
+                text = f"Visual cues: a steady gaze. Language cues: plain words.{shown}"
+                f.write(json.dumps({"id": str(sample_id), "split": name, "backend": backend,
+                                    "model": "none", "prompt_version": "1", "visual_cues": "",
+                                    "language_cues": "", "text": text}) + "\n")
+    return str(path)

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from model_inputs import N, pad_noise
+from model_inputs import N, pad_noise, write_cues
 from msakit import api
-from msakit.data.schema import Batch, Split
+from msakit.data.schema import Batch
 from msakit.errors import MsakitError
 from msakit.models import create_model
 from msakit.models.mmslf import MMSLF
@@ -21,19 +21,6 @@ TINY = {"hidden_dim": 8, "dim_head": 4, "cross_heads": 2, "cross_mlp_dim": 8,
         "fusion_tokens": 2, "prompt_heads": 2, "prompt_mlp_dim": 8, "prompt_depth": 1,
         "teacher_cross_depth": 2, "teacher_fusion_depth": 2, "student_cross_depth": 1,
         "student_fusion_depth": 1, "prompt_max_len": 64, "dropout": 0.0}
-
-
-def write_cues(path, splits: dict[str, Split], backend: str = "test") -> str:
-    """A cue file in `msakit cues`' format: the label is shown for training samples only."""
-    with open(path, "w") as f:
-        for name, split in splits.items():
-            for sample_id, label in zip(split.ids, split.labels, strict=True):
-                shown = f" Label: {'positive' if label > 0 else 'negative'}." if name == "train" else ""
-                text = f"Visual cues: a steady gaze. Language cues: plain words.{shown}"
-                f.write(json.dumps({"id": str(sample_id), "split": name, "backend": backend,
-                                    "model": "none", "prompt_version": "1", "visual_cues": "",
-                                    "language_cues": "", "text": text}) + "\n")
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -51,12 +51,28 @@ def check_settings(
             raise MsakitError(f"{model}: model.{key} must be a rate in [0, 1), not {value!r}")
 
 
+class PretrainedBlock(nn.Module):
+    """A block that holds pretrained weights (a Hugging Face text encoder): the trainer gives them
+    their own learning rate and weight decay (`MSAModel.pretrained_parameters`)."""
+
+    def pretrained_parameters(self) -> Iterator[nn.Parameter]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
 class MSAModel(nn.Module):
-    """Base class of registered models. Subclasses set `config_class` and `modalities`."""
+    """Base class of registered models: every hook the trainer calls, with its default.
+
+    Subclasses set `config_class` and `modalities`, and override the hooks they need: `set_stage`
+    (multi-stage recipes), `pretrained_parameters` (the parameter group with its own rates), the
+    epoch hooks, `training_state`/`load_training_state`, `run_inputs`.
+    """
 
     config_class: type[ModelConfig] = ModelConfig
     modalities: tuple[str, ...] = ("text", "audio", "vision")
     registry_name: str = ""  # set by @register_model
+    # the stage names of the model's recipe (training.stages), in order; empty: one network that
+    # trains the same in every stage, whatever the stages are called (e.g. learning-rate phases)
+    stages: tuple[str, ...] = ()
     # True: training batches carry `batch.clean`, the same samples before training noise
     needs_clean_input: bool = False
     # True: the paper trained on word-aligned input (MMSA aligned_*.pkl), which the CLI and api
@@ -67,6 +83,8 @@ class MSAModel(nn.Module):
         super().__init__()
         self.config = config
         self.dims = dims
+        # a fresh or loaded model predicts as after its last stage
+        self.stage = self.stages[-1] if self.stages else "main"
         missing = [m for m in self.modalities if getattr(dims, m) is None and not (
             m == "text" and dims.has_text_ids)]
         if missing:
@@ -77,6 +95,24 @@ class MSAModel(nn.Module):
 
     def forward(self, batch: Batch) -> Output:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def set_stage(self, stage: str) -> None:
+        """Called by the trainer before each stage of `training.stages` (and once, "main", for a
+        plain run). The default checks the name against `stages` and keeps it in `self.stage`;
+        models whose stages train different parts override it (calling this first)."""
+        if self.stages and stage not in self.stages:
+            raise MsakitError(
+                f"{self.registry_name} trains in the stages {', '.join(self.stages)} "
+                f"(training.stages), not {stage!r}"
+            )
+        self.stage = stage
+
+    def pretrained_parameters(self) -> Iterator[nn.Parameter]:
+        """The pretrained weights (every `PretrainedBlock`'s), which get `training.encoder_lr` and
+        `training.encoder_weight_decay`; everything else trains at `training.lr`."""
+        for module in self.modules():
+            if isinstance(module, PretrainedBlock):
+                yield from module.pretrained_parameters()
 
     def on_train_epoch_start(self, epoch: int, train_batches: Callable[[], Iterator[Batch]]) -> None:
         """Called by the trainer before every training epoch (numbered from 1 across stages).

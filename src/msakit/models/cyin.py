@@ -266,6 +266,8 @@ class CyIN(MSAModel):
     """Informative bottlenecks per modality, translators between them, MulT fusion on top."""
 
     config_class = CyINConfig
+    # "informative" trains without translation (gamma = 0); "translation" switches it on
+    stages = STAGES
 
     def __init__(self, config: CyINConfig, dims: FeatureDims) -> None:
         super().__init__(config, dims)
@@ -307,15 +309,6 @@ class CyIN(MSAModel):
         self.proj1 = nn.Linear(combined, combined)
         self.proj2 = nn.Linear(combined, combined)
         self.out = nn.Linear(combined, 1)
-        self.stage = "translation"
-
-    def set_stage(self, stage: str) -> None:
-        """"informative" trains without translation (gamma = 0); "translation" switches it on."""
-        if stage not in STAGES:
-            raise MsakitError(
-                f"cyin trains in the stages {', '.join(STAGES)} (training.stages), not {stage!r}"
-            )
-        self.stage = stage
 
     def translate(self, source: str, target: str, latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """B_(source -> target): the pair's one translator serves both directions."""
