@@ -1,0 +1,111 @@
+"""MkDocs hook: pages include facts that live elsewhere instead of retyping them.
+
+A page writes one of these directives on a line of its own:
+
+    <!-- docstring: tfn -->             the model file's docstring (equations, deviations), verbatim
+    <!-- include: PATH -->              a Markdown file as it is (the changelog)
+    <!-- file: PATH -->                 a file as a fenced code block, its language from the suffix
+    <!-- results: PATH -->              a results document, its headings moved below the page's
+    <!-- rows: PATH | NAME NAME ... -->  the table of a results document cut to the rows whose first
+                                        cell is one of the NAMEs, with the commands that made them
+
+PATH is relative to the repository root; directives inside code blocks are left as they are. A
+directive whose file, model or rows are missing fails the build, so `mkdocs build --strict` catches
+a page that points at something gone. Docstrings are read with `ast` (msakit is not imported, so the
+build needs neither torch nor data) and shown as preformatted text: they are plain text with
+aligned equations, which Markdown would reflow.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from mkdocs.config.defaults import MkDocsConfig
+from mkdocs.exceptions import PluginError
+from mkdocs.structure.files import Files
+from mkdocs.structure.pages import Page
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "src" / "msakit" / "models"
+DIRECTIVE = re.compile(r"^<!-- (docstring|include|file|results|rows): (.+?) -->$")
+LANGUAGES = {".yaml": "yaml", ".py": "python", ".json": "json", ".md": "markdown"}
+
+
+def on_page_markdown(markdown: str, page: Page, config: MkDocsConfig, files: Files) -> str:
+    def expand(match: re.Match[str]) -> str:
+        kind, argument = match.group(1), match.group(2).strip()
+        try:
+            return EXPANDERS[kind](argument)
+        except (OSError, ValueError, SyntaxError) as error:
+            raise PluginError(f"{page.file.src_path}: <!-- {kind}: {argument} -->: {error}") from error
+
+    lines, in_fence = [], False
+    for line in markdown.split("\n"):
+        if line.lstrip().startswith(("```", "~~~")):
+            in_fence = not in_fence
+        lines.append(line if in_fence else DIRECTIVE.sub(expand, line))
+    return "\n".join(lines)
+
+
+def read(path: str) -> str:
+    return (ROOT / path).read_text(encoding="utf-8")
+
+
+def model_docstring(name: str) -> str:
+    """The docstring of the module that registers `name`, and its class docstring where that says
+    more than the one line `msakit models` prints."""
+    source = MODELS / f"{name}.py"
+    tree = ast.parse(source.read_text(encoding="utf-8"))
+    parts = [ast.get_docstring(tree) or ""]
+    for node in tree.body:
+        registered_here = isinstance(node, ast.ClassDef) and any(
+            isinstance(d, ast.Call) and d.args and getattr(d.args[0], "value", None) == name
+            for d in node.decorator_list
+        )
+        class_doc = ast.get_docstring(node) if registered_here else None
+        if class_doc and "\n" in class_doc.strip():
+            parts.append(class_doc)
+    text = "\n\n".join(p for p in parts if p).strip()
+    if not text:
+        raise ValueError(f"{source.relative_to(ROOT)} has no docstring")
+    return f"From `{source.relative_to(ROOT)}`:\n\n```text\n{text}\n```"
+
+
+def code_file(path: str) -> str:
+    language = LANGUAGES.get(Path(path).suffix, "text")
+    return f"`{path}`:\n\n```{language}\n{read(path).rstrip()}\n```"
+
+
+def results(path: str) -> str:
+    """A results document; its headings become level-4 ones so they sit under the page's own."""
+    text = re.sub(r"^#+ ", "#### ", read(path), flags=re.MULTILINE)
+    return f"{text.rstrip()}\n\n(`{path}`)"
+
+
+def rows(argument: str) -> str:
+    path, _, names = argument.partition("|")
+    path, wanted = path.strip(), names.split()
+    lines = read(path).splitlines()
+    table = [line for line in lines if line.startswith("|")]
+    if len(table) < 3:
+        raise ValueError(f"{path} holds no table")
+    kept = [line for line in table[2:] if line.split("|")[1].strip() in wanted]
+    if not kept:
+        raise ValueError(f"{path} has no row for {', '.join(wanted)}")
+    commands = [
+        command
+        for line in lines if re.search(r"Commands?: `", line)
+        for command in re.findall(r"`([^`]+)`", line)
+    ]
+    names = re.compile("|".join(rf"(?<![\w-]){re.escape(n)}(?![\w-])" for n in wanted))
+    commands = [c for c in commands if names.search(c)] or commands
+    made_by = "; ".join(f"`{c}`" for c in commands)
+    return "\n".join([*table[:2], *kept, "", f"Made by {made_by} (`{path}`)."])
+
+
+EXPANDERS: dict[str, Callable[[str], str]] = {
+    "docstring": model_docstring, "include": read, "file": code_file, "results": results, "rows": rows,
+}
