@@ -10,15 +10,18 @@ A page writes one of these directives on a line of its own:
                                         cell is one of the NAMEs, with the commands that made them
 
 PATH is relative to the repository root; directives inside code blocks are left as they are. A
-directive whose file, model or rows are missing fails the build, so `mkdocs build --strict` catches
-a page that points at something gone. Docstrings are read with `ast` (msakit is not imported, so the
-build needs neither torch nor data) and shown as preformatted text: they are plain text with
-aligned equations, which Markdown would reflow.
+directive whose file, model or rows are missing fails the build, and so does a page that names a
+msakit module or name that does not exist (`msakit.data.load_dataset`, `from msakit.data import
+...`), so `mkdocs build --strict` catches a page that points at something gone. Docstrings and
+names are read with `ast` (msakit is not imported, so the build needs neither torch nor data);
+docstrings are shown as preformatted text: they are plain text with aligned equations, which
+Markdown would reflow.
 """
 
 from __future__ import annotations
 
 import ast
+import logging
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +32,11 @@ from mkdocs.structure.files import Files
 from mkdocs.structure.pages import Page
 
 ROOT = Path(__file__).resolve().parent.parent
-MODELS = ROOT / "src" / "msakit" / "models"
+SRC = ROOT / "src"
+MODELS = SRC / "msakit" / "models"
+DOTTED_NAME = re.compile(r"\bmsakit(?:\.\w+)+")
+FROM_IMPORT = re.compile(r"\bfrom (msakit(?:\.\w+)*) import ([\w, ]+)")
+log = logging.getLogger("mkdocs.hooks.msakit")
 DIRECTIVE = re.compile(r"^<!-- (docstring|include|file|results|rows): (.+?) -->$")
 LANGUAGES = {".yaml": "yaml", ".py": "python", ".json": "json", ".md": "markdown"}
 
@@ -47,7 +54,43 @@ def on_page_markdown(markdown: str, page: Page, config: MkDocsConfig, files: Fil
         if line.lstrip().startswith(("```", "~~~")):
             in_fence = not in_fence
         lines.append(line if in_fence else DIRECTIVE.sub(expand, line))
+    for name in sorted(set(names_used(markdown))):
+        if not resolves(name):
+            log.warning("%s names %s, which does not exist in src/", page.file.src_path, name)
     return "\n".join(lines)
+
+
+def names_used(markdown: str) -> list[str]:
+    """Every msakit name a page mentions: dotted names and `from msakit... import name`."""
+    names = DOTTED_NAME.findall(markdown)
+    for module, imported in FROM_IMPORT.findall(markdown):
+        names += [f"{module}.{name.strip()}" for name in imported.split(",") if name.strip()]
+    return names
+
+
+def resolves(dotted: str) -> bool:
+    """Whether the longest module prefix of `dotted` exists under src/ and defines the next part."""
+    parts = dotted.split(".")
+    for end in range(len(parts), 0, -1):
+        base = SRC.joinpath(*parts[:end])
+        source = base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+        if source.is_file():
+            return end == len(parts) or parts[end] in top_level_names(source)
+    return False
+
+
+def top_level_names(source: Path) -> set[str]:
+    """Names a module defines or imports at its top level."""
+    names: set[str] = set()
+    for node in ast.parse(source.read_text(encoding="utf-8")).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+    return names
 
 
 def read(path: str) -> str:
