@@ -35,8 +35,9 @@ from typing import Any
 import torch
 
 from msakit import __version__, api
-from msakit.features import FeaturePipeline, Predictor, build_dataset, load_feature_config
+from msakit.features import FeaturePipeline, build_dataset, load_feature_config
 from msakit.fileio import atomic_write_text
+from msakit.inference import Predictor
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

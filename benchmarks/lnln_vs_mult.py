@@ -38,12 +38,12 @@ import time
 from pathlib import Path
 
 from msakit import api
-from msakit.config import parse_overrides
 from msakit.data.schema import MultimodalDataset
 from msakit.data.synthetic import synthetic_dataset
 from msakit.evaluation.report import LABELS, format_value, mean_std
 from msakit.missing import DEFAULT_RATES
 from msakit.training.checkpoint import load_checkpoint
+from msakit.training.config import parse_overrides
 from records import machine_name, rebuild_table, save_record
 
 RUNS = {  # key -> (label, model, training overrides)

@@ -27,10 +27,10 @@ import time
 from pathlib import Path
 
 from msakit import api
-from msakit.config import resolve_config
 from msakit.cues import run_cues
 from msakit.data.synthetic import synthetic_dataset
 from msakit.evaluation.report import LABELS, format_value, mean_std
+from msakit.training.config import resolve_config
 from records import machine_name, rebuild_table, save_record
 
 COLUMNS = ("mae", "acc2_non0", "f1_non0", "acc7", "corr")

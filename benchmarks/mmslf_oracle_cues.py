@@ -32,8 +32,8 @@ from msakit import api
 from msakit.cues.backend import label_phrase
 from msakit.data.schema import SPLITS, MultimodalDataset
 from msakit.data.synthetic import synthetic_dataset
-from msakit.evaluation.metrics import compute_metrics
 from msakit.evaluation.report import format_value, mean_std
+from msakit.metrics import compute_metrics
 from records import machine_name, rebuild_table, save_record
 
 COLUMNS = ("mae", "corr")

@@ -36,9 +36,9 @@ from msakit.cues.cache import read_cue_records
 from msakit.data.batching import iterate_batches
 from msakit.data.schema import SPLITS, MultimodalDataset
 from msakit.data.synthetic import synthetic_dataset
-from msakit.evaluation.metrics import compute_metrics
 from msakit.evaluation.report import format_value, mean_std
 from msakit.fileio import atomic_write_text
+from msakit.metrics import compute_metrics
 from msakit.training.checkpoint import load_checkpoint
 from msakit.training.settings import TrainConfig
 from msakit.training.trainer import Trainer

@@ -28,9 +28,9 @@ from msakit import api
 from msakit.data.batching import iterate_batches
 from msakit.data.labelcsv import load_label_csv
 from msakit.data.schema import MultimodalDataset, Split
-from msakit.evaluation.metrics import compute_metrics
 from msakit.evaluation.report import format_value
 from msakit.fileio import atomic_write_text
+from msakit.metrics import compute_metrics
 from msakit.models.base import ModelConfig
 from msakit.models.layers.pooling import masked_mean
 from msakit.models.layers.text import TextEncoder

@@ -31,9 +31,9 @@ from pathlib import Path
 
 from msakit import api
 from msakit.data.catalog import load_dataset
-from msakit.evaluation.metrics import UNDEFINED_REASONS
 from msakit.evaluation.report import LABELS, format_value, mean_std
 from msakit.fileio import atomic_write_json, atomic_write_text
+from msakit.metrics import UNDEFINED_REASONS
 from records import machine_name
 
 PROTOCOLS = ("intra", "inter", "fixed")

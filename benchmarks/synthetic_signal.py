@@ -28,9 +28,9 @@ from sklearn.linear_model import RidgeCV
 
 from msakit.data.schema import MODALITIES, MultimodalDataset, Split
 from msakit.data.synthetic import synthetic_dataset
-from msakit.evaluation.metrics import MetricWarning, compute_metrics
 from msakit.evaluation.report import format_value
 from msakit.fileio import atomic_write_text
+from msakit.metrics import MetricWarning, compute_metrics
 
 ALPHAS = tuple(10.0**k for k in np.arange(-2.0, 5.01, 0.5))
 COLUMNS = {"mae": "MAE", "corr": "Corr", "acc2_non0": "Acc-2 (non0)"}

@@ -39,7 +39,7 @@ SHAPES = {
 
 
 def stage_names(model_name: str, shape: str) -> list[str | None]:
-    from msakit.config import resolve_config
+    from msakit.training.config import resolve_config
 
     stages = resolve_config(model_name, shape)["training"].get("stages") or []
     return [s["name"] for s in stages] if len(stages) > 1 else [None]
@@ -48,7 +48,6 @@ def stage_names(model_name: str, shape: str) -> list[str | None]:
 def measure(model_name: str, shape: str, samples: int, device: str, stage: str | None = None) -> dict:
     import tempfile
 
-    from msakit.config import resolve_config, training_config
     from msakit.cues import OfflineBackend, generate_cues
     from msakit.data.synthetic import synthetic_dataset
     from msakit.evaluation.protocols import run_protocol
@@ -56,6 +55,7 @@ def measure(model_name: str, shape: str, samples: int, device: str, stage: str |
     from msakit.models import create_model
     from msakit.models.layers.text import special_token_ids
     from msakit.models.registry import build_config
+    from msakit.training.config import resolve_config, training_config
     from msakit.training.trainer import Trainer, build_optimizer, build_scheduler, seed_everything
 
     data = synthetic_dataset(n_train=samples, n_valid=8, n_test=samples, seed=0, **SHAPES[shape])

@@ -11,13 +11,13 @@ from click.testing import CliRunner
 from model_inputs import N, contract_split, pad_noise, padded_longer
 from msakit import api
 from msakit.cli import cli
-from msakit.config import resolve_config, training_config
 from msakit.data import generate_synthetic, save_mmsa
 from msakit.data.batching import make_batch
 from msakit.data.schema import MODALITIES
 from msakit.errors import MsakitError
 from msakit.models import create_model
 from msakit.models.cyin import CyIN, align_to_steps, sample_noise
+from msakit.training.config import resolve_config, training_config
 from msakit.training.settings import Stage, TrainConfig, scale_stages
 from msakit.training.trainer import Trainer
 

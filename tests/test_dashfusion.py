@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from model_inputs import N, contract_split, pad_noise, padded_longer
-from msakit.config import resolve_config
 from msakit.data.batching import make_batch
 from msakit.errors import MsakitError
 from msakit.missing import MissingSpec, apply_missing, drop_whole_modalities
@@ -20,6 +19,7 @@ from msakit.models.dashfusion import DashFusion, draw, neighbour_contrastive_los
 from msakit.models.layers.neighbours import label_buckets
 from msakit.models.registry import build_config
 from msakit.training.checkpoint import load_checkpoint, save_checkpoint
+from msakit.training.config import resolve_config
 from msakit.training.settings import TrainConfig
 from msakit.training.trainer import Trainer, seed_everything
 from resume_check import assert_resumed_fit_is_the_straight_fit

@@ -22,11 +22,12 @@ from msakit.cli import cli
 from msakit.data.mmsa import load_mmsa, save_mmsa
 from msakit.data.normalize import normalize_dataset
 from msakit.errors import MsakitError
-from msakit.features import FeaturePipeline, Predictor, build_dataset, load_feature_config, read_labels
+from msakit.features import FeaturePipeline, build_dataset, load_feature_config, read_labels
 from msakit.features.config import apply_overrides, check_compatible
 from msakit.features.dataset import assemble, index_media
 from msakit.features.extractors import GEOMETRY, face_geometry
-from msakit.features.predict import sentiment_classes
+from msakit.inference import Predictor
+from msakit.metrics import sentiment_classes
 from msakit.training.checkpoint import load_checkpoint
 from msakit.training.settings import TrainConfig
 from msakit.training.trainer import Trainer

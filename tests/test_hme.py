@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from model_inputs import N, contract_split, pad_noise
-from msakit.config import resolve_config
 from msakit.data.batching import iterate_batches, make_batch
 from msakit.errors import MsakitError
 from msakit.missing import MissingSpec, apply_missing, build_noise, drop_whole_modalities
@@ -22,6 +21,7 @@ from msakit.models.hme import HME, UncertaintyGate, id_hashes, retrieve
 from msakit.models.layers.transformer import sinusoidal_positions
 from msakit.models.registry import build_config
 from msakit.training.checkpoint import load_checkpoint, save_checkpoint
+from msakit.training.config import resolve_config
 from msakit.training.settings import TrainConfig
 from msakit.training.trainer import Trainer, seed_everything
 from resume_check import assert_resumed_fit_is_the_straight_fit
@@ -453,7 +453,7 @@ def test_reproduce_trains_selects_and_tests_one_model_per_rate(tiny_dataset, tmp
     """Each rate gets its own model: trained with inter-modal noise at that rate, selected on
     validation dropped at that rate, scored on test at that rate only (never selected on test)."""
     from msakit import api
-    from msakit.config import model_yaml
+    from msakit.training.config import model_yaml
 
     recipe = {**model_yaml("hme")["reproduce"], "rates": [0.2, 0.5], "seeds": [1111]}
     assert recipe["one_model_per_rate"] and not recipe["per_metric"]

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from model_inputs import N, pad_noise, padded_longer
-from msakit.config import resolve_config
 from msakit.data.batching import make_batch
 from msakit.data.schema import Batch
 from msakit.errors import MsakitError
@@ -18,6 +17,7 @@ from msakit.models.layers.prenorm import TokenTransformer
 from msakit.models.lnln import LNLN, reverse_gradient, widths_of
 from msakit.models.registry import build_config
 from msakit.training.checkpoint import load_checkpoint, save_checkpoint
+from msakit.training.config import resolve_config
 from msakit.training.settings import TrainConfig
 from msakit.training.trainer import Trainer, seed_everything
 

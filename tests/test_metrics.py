@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from msakit.errors import MsakitError
-from msakit.evaluation import (
+from msakit.metrics import (
     LOWER_IS_BETTER,
     METRIC_KEYS,
     MetricWarning,

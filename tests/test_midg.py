@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from model_inputs import N, pad_noise, padded_longer, without
-from msakit.config import resolve_config
 from msakit.data.batching import iterate_batches, make_batch
 from msakit.errors import MsakitError
 from msakit.missing import MissingSpec, apply_missing, drop_whole_modalities
 from msakit.models import create_model
 from msakit.models.midg import MIDG, domain_risk_variance, gate_balance
 from msakit.models.registry import build_config
+from msakit.training.config import resolve_config
 from msakit.training.settings import TrainConfig
 from msakit.training.trainer import Trainer, seed_everything
 

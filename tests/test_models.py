@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from model_inputs import N, pad_noise, padded_longer, without
-from msakit.config import resolve_config
 from msakit.data.batching import make_batch
 from msakit.data.schema import FeatureDims, MultimodalDataset
 from msakit.errors import MsakitError
@@ -30,6 +29,7 @@ from msakit.models.lmf import LMFConfig
 from msakit.models.mult import MulTConfig
 from msakit.models.registry import build_config
 from msakit.models.tfn import TFNConfig
+from msakit.training.config import resolve_config
 
 TINY = {
     "tfn": {"text_hidden": 8, "audio_hidden": 4, "vision_hidden": 3, "text_out": 4,

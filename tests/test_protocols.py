@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from msakit import api
-from msakit.config import resolve_config, training_config
 from msakit.data import synthetic_dataset
 from msakit.data.batching import make_batch
 from msakit.errors import MsakitError
@@ -18,6 +17,7 @@ from msakit.models import create_model, list_models
 from msakit.models.layers.text import special_token_ids
 from msakit.models.text_only import TextOnlyConfig
 from msakit.training.checkpoint import load_checkpoint
+from msakit.training.config import resolve_config, training_config
 from msakit.training.settings import TrainConfig
 from msakit.training.trainer import Trainer, seed_everything
 from tiny_bert import make_tiny_bert

@@ -12,15 +12,15 @@ import pytest
 import torch
 
 from msakit import api
-from msakit.config import parse_overrides, resolve_config, training_config
 from msakit.cues.pipeline import generate_cues, make_backend
 from msakit.data import synthetic_dataset
 from msakit.data.batching import make_batch
 from msakit.data.normalize import DataConfig, fit_normalization, normalize_split, scale_warnings
 from msakit.data.synthetic import generate_synthetic
 from msakit.errors import MsakitError
-from msakit.evaluation.metrics import prediction_warnings
+from msakit.metrics import prediction_warnings
 from msakit.models import create_model, list_models
+from msakit.training.config import parse_overrides, resolve_config, training_config
 from msakit.training.settings import TrainConfig
 from msakit.training.trainer import Trainer, seed_everything
 

@@ -11,8 +11,8 @@ from sklearn.linear_model import Ridge
 
 from msakit.data import generate_synthetic, synthetic_dataset
 from msakit.data.schema import SPLITS
+from msakit.data.tokens import load_tokenizer
 from msakit.errors import MsakitError
-from msakit.models.layers.text import load_tokenizer
 
 SMALL = {"n_train": 30, "n_valid": 10, "n_test": 12, "text_len": 24, "audio_len": 40,
          "vision_len": 35, "text_dim": 16}

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from msakit.config import resolve_config, training_config
 from msakit.errors import MsakitError
 from msakit.models import create_model
 from msakit.training.checkpoint import check_dims_match, load_checkpoint, save_checkpoint
+from msakit.training.config import resolve_config, training_config
 from msakit.training.settings import Stage, TrainConfig, scale_stages
 from msakit.training.trainer import Trainer, build_optimizer, build_scheduler, seed_everything
 from resume_check import assert_same_fit, fit_until_interrupted

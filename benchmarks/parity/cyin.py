@@ -51,9 +51,9 @@ from msakit_parity import (
 from torch import nn
 
 import msakit.models.cyin as msakit_cyin
-from msakit.config import resolve_config
 from msakit.data.schema import MODALITIES, FeatureDims
 from msakit.models import create_model
+from msakit.training.config import resolve_config
 
 REPOSITORY = "RH-Lin/CyIN"
 COMMIT = "da04a3d88ec37e31fb8dd7f627e1f95857701e23"

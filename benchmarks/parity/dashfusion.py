@@ -49,9 +49,9 @@ from msakit_parity import (
 )
 from torch import nn
 
-from msakit.config import resolve_config
 from msakit.data.schema import Batch, FeatureDims
 from msakit.models import create_model, dashfusion
+from msakit.training.config import resolve_config
 
 REPOSITORY = "ultramarineX/DashFusion"
 COMMIT = "37ba4177ba4be7db6ef2a8ae0ce916f2d6f99426"

@@ -45,9 +45,9 @@ from msakit_parity import (
 )
 from torch import nn
 
-from msakit.config import resolve_config
 from msakit.data.schema import Batch, FeatureDims
 from msakit.models import create_model
+from msakit.training.config import resolve_config
 
 REPOSITORY = "YetZzzzzz/HME"
 COMMIT = "6f0c9a7adeff47304a4a0337c366283c9a4bf221"

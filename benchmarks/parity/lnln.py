@@ -34,9 +34,9 @@ from msakit_parity import (
     write_report,
 )
 
-from msakit.config import resolve_config
 from msakit.data.schema import FeatureDims
 from msakit.models import create_model
+from msakit.training.config import resolve_config
 
 REPOSITORY = "Haoyu-ha/LNLN"
 COMMIT = "80a052c62b7b3b7a6cb6956846e9d9c121f56eda"

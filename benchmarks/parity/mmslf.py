@@ -46,9 +46,9 @@ from msakit_parity import (
 )
 
 import msakit.models.mmslf as msakit_mmslf
-from msakit.config import resolve_config
 from msakit.data.schema import FeatureDims
 from msakit.models import create_model
+from msakit.training.config import resolve_config
 
 REPOSITORY = "LOGO-CUHKSZ/MMSLF"
 COMMIT = "f35fa55526cb26385c59546ff5650298389e00f4"

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from msakit import __version__
-from msakit.config import data_config, model_yaml, parse_overrides, resolve_config, training_config
 from msakit.data.catalog import check_synthetic_sizes
 from msakit.data.catalog import list_datasets as _list_datasets
 from msakit.data.catalog import load_dataset as _load_dataset
@@ -26,10 +25,10 @@ from msakit.data.mmsa import save_mmsa
 from msakit.data.normalize import fit_normalization, normalize_dataset, normalize_split, scale_warnings
 from msakit.data.schema import SPLITS, Batch, MultimodalDataset
 from msakit.data.synthetic import generate_synthetic
+from msakit.data.tokens import encoder_vocab_size
 from msakit.data.validate import check_labels, check_token_ids
 from msakit.errors import MsakitError
 from msakit.evaluation.domains import check_model, dataset_task, group_task, score_task, summarise, write_dg
-from msakit.evaluation.metrics import LOWER_IS_BETTER, METRIC_KEYS, UNDEFINED_REASONS, prediction_warnings
 from msakit.evaluation.protocols import plot_curves, run_protocol, write_robustness
 from msakit.evaluation.report import LABELS, csv_text, format_value, mean_std
 from msakit.evaluation.reproduce import (
@@ -42,12 +41,14 @@ from msakit.evaluation.reproduce import (
     tracked_metrics,
 )
 from msakit.fileio import atomic_write_json, atomic_write_text, check_output
+from msakit.metrics import LOWER_IS_BETTER, METRIC_KEYS, UNDEFINED_REASONS, prediction_warnings
 from msakit.missing import MissingSpec, apply_missing, build_noise
-from msakit.models.layers.text import encoder_vocab_size, special_token_ids
+from msakit.models.layers.text import special_token_ids
 from msakit.models.registry import build_config, create_model, get_model_class
 from msakit.models.registry import list_models as _list_models
 from msakit.training.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from msakit.training.checkpoint import check_dims_match, load_checkpoint, read_tagged, save_checkpoint
+from msakit.training.config import data_config, model_yaml, parse_overrides, resolve_config, training_config
 from msakit.training.settings import scale_stages
 from msakit.training.trainer import FitResult, Trainer, first_difference, seed_everything
 
@@ -814,7 +815,7 @@ def predict(
     `features` / `overrides` may change only where transcripts come from (`transcript.*`): the
     checkpoint's recorded feature configuration decides the rest.
     """
-    from msakit.features import Predictor, predict_files
+    from msakit.inference import Predictor, predict_files
 
     if not files:
         raise MsakitError("no media files to predict")

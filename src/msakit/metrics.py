@@ -35,6 +35,7 @@ __all__ = [
     "is_better",
     "metric_family",
     "prediction_warnings",
+    "sentiment_classes",
 ]
 
 
@@ -239,3 +240,27 @@ def prediction_warnings(preds: np.ndarray, labels: np.ndarray, train_labels: np.
         lines.append(f"the selected model's {split} MAE {mae:.4g} is no better than always "
                      f"predicting the training labels' median {baseline:.3g} (MAE {constant_mae:.4g})")
     return lines
+
+
+# the 7-point scale of MOSI/MOSEI labels, by rounded score
+SEVEN_POINT = {-3: "strongly negative", -2: "negative", -1: "weakly negative", 0: "neutral",
+               1: "weakly positive", 2: "positive", 3: "strongly positive"}
+# SIMS' 5 classes (REFERENCES §2): upper edges of (lo, hi] intervals over [-1, 1]
+FIVE_POINT = ((-0.7, "negative", -2), (-0.1, "weakly negative", -1), (0.1, "neutral", 0),
+              (0.7, "weakly positive", 1), (1.01, "positive", 2))
+
+
+def sentiment_classes(score: float, family: str) -> dict[str, Any]:
+    """The score's negative/neutral/positive class and its point on the dataset's label scale.
+
+    MOSI/MOSEI: the 7-point label is the score clipped to [-3, 3] and rounded (as Acc-7 scores it),
+    and its sign gives the class. SIMS: the 5 classes and 3 classes of the field's metric edges.
+    """
+    if metric_family(family) == "sims":
+        clipped = float(np.clip(score, -1.0, 1.0))
+        _, name, point = next(edge for edge in FIVE_POINT if clipped <= edge[0])
+        polarity = "negative" if clipped <= -0.1 else "positive" if clipped > 0.1 else "neutral"
+        return {"class": polarity, "label": point, "label_name": name, "scale": "5-point"}
+    point = int(np.round(np.clip(score, -3.0, 3.0)))
+    polarity = "negative" if point < 0 else "positive" if point > 0 else "neutral"
+    return {"class": polarity, "label": point, "label_name": SEVEN_POINT[point], "scale": "7-point"}

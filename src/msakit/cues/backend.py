@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Protocol
 
 from msakit.cues.cache import CueRecord
-from msakit.evaluation.metrics import metric_family
-from msakit.features.predict import sentiment_classes
+from msakit.metrics import metric_family, sentiment_classes
 
 
 @dataclass(frozen=True)

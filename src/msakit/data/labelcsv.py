@@ -17,6 +17,7 @@ import numpy as np
 
 from msakit.data.mmsa import dataset_from_raw
 from msakit.data.schema import SPLITS, MultimodalDataset
+from msakit.data.tokens import load_tokenizer
 from msakit.errors import MsakitError
 
 MODES = {"train": "train", "dev": "valid", "valid": "valid", "test": "test"}
@@ -96,8 +97,6 @@ def load_label_csv(
         if not split["id"]:
             modes = [m for m, s in MODES.items() if s == name]
             raise MsakitError(f"{path} has no rows with mode {' or '.join(modes)}")
-
-    from msakit.models.layers.text import load_tokenizer
 
     tok = load_tokenizer(tokenizer)
     raw = {}

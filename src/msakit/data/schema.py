@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from msakit.errors import MsakitError
-from msakit.evaluation.metrics import metric_family
+from msakit.metrics import metric_family
 
 MODALITIES = ("text", "audio", "vision")
 SPLITS = ("train", "valid", "test")

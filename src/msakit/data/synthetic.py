@@ -64,6 +64,7 @@ import numpy as np
 
 from msakit.data.mmsa import dataset_from_raw
 from msakit.data.schema import SPLITS, MultimodalDataset
+from msakit.data.tokens import load_tokenizer
 from msakit.errors import MsakitError
 
 # Label mix: the shared part dominates, each modality adds what only it sees.
@@ -245,8 +246,6 @@ def _encode_text(
     and joining the pieces equals the tokenizer's output on the sentence, and tells which word
     every piece came from.
     """
-    from msakit.models.layers.text import load_tokenizer
-
     tokenizer = load_tokenizer("minilm")
     vocab = sorted({word for words in sentences for word in words})
     pieces = dict(zip(vocab, tokenizer(vocab, add_special_tokens=False)["input_ids"], strict=True))

@@ -21,7 +21,7 @@ import numpy as np
 
 from msakit.data.schema import SPLITS, MultimodalDataset, Split
 from msakit.errors import MsakitError
-from msakit.evaluation.metrics import metric_family
+from msakit.metrics import metric_family
 
 # labels lie in [-r, r], by metric family: MOSI/MOSEI and anything scored like them on the 7-point
 # scale, SIMS and SIMS v2 on [-1, 1]

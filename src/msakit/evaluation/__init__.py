@@ -1,15 +1,4 @@
-"""Evaluation: the field's metrics (`metrics.py`), protocols and reports."""
+"""Evaluation: missing-data protocols, a paper's evaluation recipe, domain generalization, reports.
 
-from msakit.evaluation.metrics import (
-    LOWER_IS_BETTER,
-    METRIC_KEYS,
-    MetricWarning,
-    compute_metrics,
-    is_better,
-    metric_family,
-)
-
-__all__ = [
-    "LOWER_IS_BETTER", "METRIC_KEYS", "MetricWarning", "compute_metrics", "is_better",
-    "metric_family",
-]
+The field's metrics themselves live in `msakit.metrics` (below training, which selects with them).
+"""

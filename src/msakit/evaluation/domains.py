@@ -38,9 +38,9 @@ import numpy as np
 
 from msakit.data.schema import MODALITIES, SPLITS, MultimodalDataset, Split, concat_splits
 from msakit.errors import MsakitError
-from msakit.evaluation.metrics import LOWER_IS_BETTER, METRIC_KEYS, UNDEFINED_REASONS, compute_metrics
 from msakit.evaluation.report import LABELS, csv_text, format_value, mean_std
 from msakit.fileio import atomic_write_json, atomic_write_text
+from msakit.metrics import LOWER_IS_BETTER, METRIC_KEYS, UNDEFINED_REASONS, compute_metrics
 from msakit.training.trainer import Trainer
 
 GROUPINGS = ("domains", "video", "cluster")  # or "FILE.csv:COLUMN"

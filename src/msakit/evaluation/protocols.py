@@ -16,9 +16,9 @@ import numpy as np
 
 from msakit.data.schema import Batch, MultimodalDataset
 from msakit.errors import MsakitError
-from msakit.evaluation.metrics import METRIC_KEYS, UNDEFINED_REASONS
 from msakit.evaluation.report import LABELS, csv_text, mean_std
 from msakit.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from msakit.metrics import METRIC_KEYS, UNDEFINED_REASONS
 from msakit.missing import DEFAULT_RATES, FIXED_SUBSETS, MissingSpec, apply_missing
 from msakit.missing import PROTOCOLS as MASK_PROTOCOLS
 from msakit.models.layers.text import special_token_ids

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 from rich.table import Table
 
-from msakit.evaluation.metrics import METRIC_KEYS
+from msakit.metrics import METRIC_KEYS
 
 LABELS = {
     "acc2_has0": "Acc-2 Has0", "f1_has0": "F1 Has0", "acc2_non0": "Acc-2 Non0",

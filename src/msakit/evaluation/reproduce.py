@@ -30,9 +30,9 @@ from typing import Any
 
 from msakit.data.schema import MultimodalDataset
 from msakit.errors import MsakitError, reject_unknown_keys
-from msakit.evaluation.metrics import METRIC_KEYS
 from msakit.evaluation.protocols import run_protocol
 from msakit.evaluation.report import mean_std
+from msakit.metrics import METRIC_KEYS
 from msakit.missing import PROTOCOLS
 from msakit.training.settings import SELECT_PROTOCOLS
 from msakit.training.trainer import Trainer

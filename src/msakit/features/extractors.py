@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from msakit.data.schema import MODALITIES
+from msakit.data.tokens import load_tokenizer, resolve_encoder_path
 from msakit.errors import MsakitError
 from msakit.features.config import (
     AcousticSettings,
@@ -176,7 +177,6 @@ class TextFeatures(Extractor):
     name = "text"
 
     def __init__(self, settings: TextSettings) -> None:
-        from msakit.models.layers.text import load_tokenizer, resolve_encoder_path
 
         self.settings = settings
         self.tokenizer = load_tokenizer(settings.encoder)

@@ -1,8 +1,6 @@
 """Missing-modality protocols (evaluation) and training-time noise, as pure seeded masks."""
 
 from msakit.missing.masks import (
-    BERT_SPECIAL_IDS,
-    BERT_UNK_ID,
     DEFAULT_RATES,
     FIXED_SUBSETS,
     PROTOCOLS,
@@ -19,8 +17,6 @@ from msakit.missing.masks import (
 from msakit.missing.noise import NOISES, InterModalNoise, LNLNNoise, TrainingNoise, build_noise
 
 __all__ = [
-    "BERT_SPECIAL_IDS",
-    "BERT_UNK_ID",
     "DEFAULT_RATES",
     "FIXED_SUBSETS",
     "NOISES",

@@ -57,6 +57,7 @@ import numpy as np
 import torch
 
 from msakit.data.schema import MODALITIES, Batch
+from msakit.data.tokens import BERT_SPECIAL_IDS, BERT_UNK_ID
 from msakit.errors import MsakitError
 
 PROTOCOLS = ("none", "intra", "inter", "fixed")
@@ -65,8 +66,6 @@ DEFAULT_RATES: dict[str, tuple[float, ...]] = {
     "intra": tuple(i / 10 for i in range(10)),
     "inter": tuple(i / 10 for i in range(1, 8)),
 }
-BERT_UNK_ID = 100
-BERT_SPECIAL_IDS = (0, 101, 102)  # [PAD], [CLS], [SEP] in bert-base-uncased (and MiniLM)
 
 _LETTERS = "tav"  # subset letters, in MODALITIES order
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)

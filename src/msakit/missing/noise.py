@@ -15,10 +15,9 @@ from typing import Protocol
 import numpy as np
 
 from msakit.data.schema import MODALITIES, Batch
+from msakit.data.tokens import BERT_SPECIAL_IDS, BERT_UNK_ID
 from msakit.errors import MsakitError
 from msakit.missing.masks import (
-    BERT_SPECIAL_IDS,
-    BERT_UNK_ID,
     MissingSpec,
     apply_missing,
     drop_within_modalities,

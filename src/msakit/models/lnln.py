@@ -60,8 +60,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from msakit.data.schema import Batch, FeatureDims
+from msakit.data.tokens import BERT_SPECIAL_IDS
 from msakit.errors import MsakitError
-from msakit.missing.masks import BERT_SPECIAL_IDS, droppable_positions
+from msakit.missing.masks import droppable_positions
 from msakit.models.base import ModelConfig, MSAModel, Output, check_settings
 from msakit.models.layers.attention import multi_head_attention
 from msakit.models.layers.prenorm import Block, TokenTransformer

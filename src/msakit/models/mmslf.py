@@ -80,12 +80,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from msakit.data.schema import Batch, FeatureDims
+from msakit.data.tokens import BERT_SPECIAL_IDS, BERT_UNK_ID, load_tokenizer, resolve_encoder_path
 from msakit.errors import MsakitError
-from msakit.missing.masks import BERT_SPECIAL_IDS, BERT_UNK_ID, blank_out, droppable_positions
+from msakit.missing.masks import blank_out, droppable_positions
 from msakit.models.base import ModelConfig, MSAModel, Output, check_settings
 from msakit.models.layers.attention import multi_head_attention
 from msakit.models.layers.prenorm import TokenTransformer
-from msakit.models.layers.text import TextEncoder, load_tokenizer, resolve_encoder_path, special_token_ids
+from msakit.models.layers.text import TextEncoder, special_token_ids
 from msakit.models.registry import register_model
 
 STAGES = ("teacher", "student")
@@ -319,6 +320,28 @@ class NetOutput:
     used_attention: dict[str, torch.Tensor] = field(default_factory=dict)  # last layer, as applied
 
 
+def within_built_lengths(batch: Batch, dims: FeatureDims) -> Batch:
+    """`batch` cut to the sequence lengths the positions were built for (`dims`) when the steps
+    beyond them are all padding (a dataset padded longer); a longer valid sequence is an error."""
+    changes: dict[str, Any] = {}
+    dropped = dict(batch.dropped)
+    for m in ("text", "audio", "vision"):
+        mask, built = getattr(batch, f"{m}_mask"), getattr(dims, f"{m}_len")
+        if mask is None or built is None or mask.shape[1] <= built:
+            continue
+        if bool(mask[:, built:].any()):
+            raise MsakitError(f"mmslf: a {m} sequence of {mask.shape[1]} steps holds valid steps beyond "
+                              f"the {built} the model was built for")
+        changes[f"{m}_mask"] = mask[:, :built]
+        if getattr(batch, m) is not None:
+            changes[m] = getattr(batch, m)[:, :built]
+        if m == "text" and batch.text_ids is not None:
+            changes["text_ids"] = batch.text_ids[..., :built]
+        if m in dropped:
+            dropped[m] = dropped[m][:, :built]
+    return batch.with_updates(**changes, dropped=dropped) if changes else batch
+
+
 class MMSLFNet(nn.Module):
     """One network of MMSLF: the teacher (`prompt_width` given) or the student (no prompt path)."""
 
@@ -385,6 +408,7 @@ class MMSLF(MSAModel):
     """MMSLF: a prompt-guided teacher distilled into a small prompt-free student (NeurIPS 2025)."""
 
     config_class = MMSLFConfig
+    stages = STAGES
 
     def __init__(self, config: MMSLFConfig, dims: FeatureDims) -> None:
         super().__init__(config, dims)
@@ -397,17 +421,12 @@ class MMSLF(MSAModel):
         tokens = special_token_ids(config)
         self.unk_id = tokens.get("unk_id", BERT_UNK_ID)
         self.special_ids = tokens.get("special_ids", BERT_SPECIAL_IDS)
-        self.stage = "student"  # what a loaded checkpoint predicts with
-        self.set_stage("student")
+        self.set_stage("student")  # what a fresh or loaded model predicts with
 
     def set_stage(self, stage: str) -> None:
         """"teacher" trains the teacher on cues; "student" trains the student against the frozen
         teacher (and is what evaluation and prediction use afterwards)."""
-        if stage not in STAGES:
-            raise MsakitError(
-                f"mmslf trains in the stages {', '.join(STAGES)} (training.stages), not {stage!r}"
-            )
-        self.stage = stage
+        super().set_stage(stage)
         for name, net in (("teacher", self.teacher), ("student", self.student)):
             net.requires_grad_(name == stage)
             if net.text_encoder.model is not None and not net.text_encoder.finetune:
@@ -486,6 +505,7 @@ class MMSLF(MSAModel):
         }
 
     def forward(self, batch: Batch) -> Output:
+        batch = within_built_lengths(batch, self.dims)
         if self.stage == "teacher":
             out = self.run_teacher(self.augment(batch) if self.training else batch)
             return Output(out.pred, features={"fusion_tokens": out.fusion_tokens})

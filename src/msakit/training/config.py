@@ -2,7 +2,9 @@
 
 Each `configs/<model>.yaml` has `defaults` and `datasets.<family>` sections, each with `model` and
 `training` keys; the dataset section wins over the defaults, and `--set section.key=value` over
-both. Every key is checked against the model's config dataclass or `TrainConfig`.
+both. Every key is checked against the model's config dataclass or `TrainConfig`. A `tiny` section
+(read for the section name TINY, which no dataset family has) holds the smallest settings that still
+run every branch of the model: what the contract test builds it with.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from msakit.models.registry import build_config, get_model_class
 from msakit.training.settings import TrainConfig
 
 SECTIONS = ("model", "training", "data")
+TINY = "tiny"  # the contract test's section: a top-level key of the YAML, beside `datasets`
 
 
 def model_yaml(model: str) -> dict[str, Any]:
@@ -48,9 +51,10 @@ def resolve_config(
     model: str, family: str, overrides: list[str] | None = None
 ) -> dict[str, dict[str, Any]]:
     """The merged `{"model": ..., "training": ..., "data": ...}` dict for `model` on a dataset
-    `family` (a family without a section of its own gets the defaults)."""
+    `family` (a family without a section of its own gets the defaults; TINY gets the `tiny` section)."""
     doc = model_yaml(model)
-    layers = [doc.get("defaults") or {}, (doc.get("datasets") or {}).get(family) or {}]
+    section = doc.get(TINY) if family == TINY else (doc.get("datasets") or {}).get(family)
+    layers = [doc.get("defaults") or {}, section or {}]
     layers.append(parse_overrides(overrides or []))
     merged: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     for layer in layers:

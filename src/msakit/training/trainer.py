@@ -37,10 +37,9 @@ from torch import nn
 from msakit.data.batching import iterate_batches
 from msakit.data.schema import Batch, Split
 from msakit.errors import MsakitError
-from msakit.evaluation.metrics import METRIC_KEYS, compute_metrics, is_better
 from msakit.fileio import atomic_write_bytes
+from msakit.metrics import METRIC_KEYS, compute_metrics, is_better
 from msakit.models.base import MSAModel
-from msakit.models.layers.text import TextEncoder
 from msakit.training.checkpoint import read_tagged
 from msakit.training.settings import STATE_WRITE_SHARE, Stage, TrainConfig
 
@@ -106,17 +105,12 @@ def _is_no_decay(name: str, param: nn.Parameter) -> bool:
 
 
 def build_optimizer(
-    model: nn.Module, config: TrainConfig, lr: float | None = None, encoder_lr: float | None = None
+    model: MSAModel, config: TrainConfig, lr: float | None = None, encoder_lr: float | None = None
 ) -> torch.optim.AdamW:
     """AdamW with four groups: (pretrained encoder | rest) x (decayed | not decayed); `lr` and
     `encoder_lr` replace the config's rates when given (a stage's own). Biases and norms are not
     decayed, except the model's own with `decay_norms_and_biases`."""
-    pretrained = {
-        id(p)
-        for module in model.modules()
-        if isinstance(module, TextEncoder) and module.model is not None
-        for p in module.model.parameters()
-    }
+    pretrained = {id(p) for p in model.pretrained_parameters()}
     base_lr = config.lr if lr is None else lr
     encoder_lr = config.encoder_lr if encoder_lr is None else encoder_lr
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
@@ -308,8 +302,7 @@ class Trainer:
         steps_per_epoch = math.ceil(len(train) / self.config.batch_size)
         stages, previous = self.stages(), None
         for index, stage in enumerate(stages):
-            if hasattr(self.model, "set_stage"):
-                self.model.set_stage(stage.name)
+            self.model.set_stage(stage.name)
             if saved is not None and index < saved["stage_index"]:
                 continue
             resume = saved if saved is not None and index == saved["stage_index"] else None

