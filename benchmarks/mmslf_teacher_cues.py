@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from msakit.cues import OfflineBackend
+from msakit.cues import OfflineBackend, load_cue_texts, with_cues
 from msakit.cues.backend import CueSample
 from msakit.cues.cache import read_cue_records
 from msakit.data.batching import iterate_batches
@@ -84,7 +84,7 @@ def teacher_predictions(checkpoint: Path, cues: Path, data: MultimodalDataset, s
     model, _ = load_checkpoint(checkpoint, {"cues": str(cues)})
     model.set_stage("teacher")
     trainer = Trainer(model, TrainConfig(device="cpu"), data.metric_family, progress=False)
-    return trainer.predict(data.split(split))[0]
+    return trainer.predict(with_cues(data.split(split), load_cue_texts(cues)))[0]
 
 
 def score_seed(checkpoint: Path, cue_files: dict[str, Path], data: MultimodalDataset) -> dict:
@@ -110,7 +110,7 @@ def attention_spread(checkpoint: Path, cues: Path, data: MultimodalDataset) -> d
     model, _ = load_checkpoint(checkpoint, {"cues": str(cues)})
     model.set_stage("teacher")
     fractions: dict[str, list[torch.Tensor]] = {}
-    for batch in iterate_batches(data.test, 64):
+    for batch in iterate_batches(with_cues(data.test, load_cue_texts(cues)), 64):
         out = model.run_teacher(batch, maps=True)
         for m in ("audio", "vision"):
             mask = getattr(batch, f"{m}_mask")
@@ -131,7 +131,7 @@ def prompt_variation(checkpoint: Path, cues: Path, data: MultimodalDataset) -> d
     teacher = model.teacher
     length = data.dims.text_len
     cue_squares, position_squares, summaries = [], [], []
-    for batch in iterate_batches(data.train, 64):
+    for batch in iterate_batches(with_cues(data.train, load_cue_texts(cues)), 64):
         states, mask = model.prompts(batch)
         projected = teacher.prompt_project(states)
         # the prompt transformer's first `length` positions are its learned tokens'; the cue's follow

@@ -48,7 +48,7 @@ def stage_names(model_name: str, shape: str) -> list[str | None]:
 def measure(model_name: str, shape: str, samples: int, device: str, stage: str | None = None) -> dict:
     import tempfile
 
-    from msakit.cues import OfflineBackend, generate_cues
+    from msakit.cues import OfflineBackend, attach_cues, generate_cues
     from msakit.data.synthetic import synthetic_dataset
     from msakit.evaluation.protocols import run_protocol
     from msakit.missing import build_noise
@@ -64,6 +64,7 @@ def measure(model_name: str, shape: str, samples: int, device: str, stage: str |
         cues = Path(tempfile.mkdtemp()) / "cues.jsonl"
         generate_cues(data, OfflineBackend(data), cues)
         overrides.append(f"model.cues={cues}")
+        data, _ = attach_cues(data, cues)  # as a run gives them to the model
     config = resolve_config(model_name, shape, overrides)
     settings = training_config(config["training"])
     seed_everything(0)

@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from model_inputs import N, pad_noise, write_cues
 from msakit import api
-from msakit.data.schema import Batch
+from msakit.cues import attach_cues, load_cue_texts, with_cues
+from msakit.data.batching import make_batch
+from msakit.data.schema import Batch, MultimodalDataset
 from msakit.errors import MsakitError
 from msakit.models import create_model
 from msakit.models.mmslf import MMSLF
@@ -28,6 +31,16 @@ def cues(split, tmp_path_factory) -> str:
     return write_cues(tmp_path_factory.mktemp("cues") / "cues.jsonl", {"train": split})
 
 
+def _cued_batch(split, path) -> Batch:
+    """The split's batch with the cue file's texts attached, as a run attaches them."""
+    return make_batch(with_cues(split, load_cue_texts(path)), np.arange(len(split)))
+
+
+@pytest.fixture(scope="module")
+def batch(split, cues) -> Batch:
+    return _cued_batch(split, cues)
+
+
 def _mmslf(dims, tiny_bert: str, cues: str | None, seed: int = 0, **settings) -> MMSLF:
     torch.manual_seed(seed)
     return create_model("mmslf", {"text_source": "features", "prompt_encoder": tiny_bert,
@@ -41,7 +54,7 @@ def test_the_student_has_no_prompt_path_and_predicts_without_cues(dims, batch, t
     assert model(batch).pred.shape == (N,)  # a fresh or loaded model predicts with the student
     model.set_stage("teacher")
     with pytest.raises(MsakitError, match="model.cues"):
-        model(batch)
+        model(batch.with_updates(side={}))  # no cues attached: the teacher cannot read any
 
 
 def test_the_prompt_modulates_the_teacher(dims, batch, tiny_bert, cues):
@@ -128,12 +141,12 @@ def test_teacher_augmentation_thins_inputs_but_keeps_special_tokens(dims, batch,
     assert off.augment(batch) is batch
 
 
-def test_a_cue_file_without_an_id_of_the_batch_is_named(dims, batch, tiny_bert, tmp_path, split):
+def test_a_cue_file_without_an_id_of_the_batch_is_named(dims, tiny_bert, tmp_path, split):
     path = write_cues(tmp_path / "partial.jsonl", {"train": split.subset([0, 1])})
     model = _mmslf(dims, tiny_bert, path).eval()
     model.set_stage("teacher")
     with pytest.raises(MsakitError, match="partial.jsonl: no cues for 4 sample"):
-        model(batch)
+        model(_cued_batch(split, path))
 
 
 def test_train_runs_the_teacher_then_the_student_and_reports_both(tiny_dataset, tiny_bert, tmp_path):
@@ -218,12 +231,16 @@ def test_the_run_records_which_backends_wrote_the_cues_it_read(split, tmp_path):
     later = write_cues(tmp_path / "b.jsonl", {"train": split.subset([2])}, "openai")
     with open(path, "a") as f:  # a later line for an id replaces the earlier one
         f.write(Path(later).read_text())
-    ids = [str(i) for i in split.ids[:4]]
     config = {"model": {"cues": path, "attention_weight": 60.0, "fusion_weight": 8.0},
               "training": {"stages": [{"name": "student"}]}}
-    cues = MMSLF.run_inputs(config, ids)["cues"]
-    assert cues["backends"] == ["offline", "openai"] and cues["samples_without_cues"] == 1
+    assert MMSLF.side_inputs(config, training=True) == {"cues": path}
+    data = MultimodalDataset("tiny", "synthetic", split.subset([0, 1, 2, 3]), split.subset([4]),
+                             split.subset([5]))
+    attached, cues = attach_cues(data, path)
+    assert attached.train.side["cues"][3] is None and attached.train.side["cues"][0].startswith("Visual")
+    assert cues["backends"] == ["offline", "openai"] and cues["samples_without_cues"] == 3
     assert [(s["backend"], s["samples"]) for s in cues["sources"]] == [("offline", 2), ("openai", 1)]
-    # a student trained without distillation reads no cues, so the run names none
+    # a student trained without distillation reads no cues, nor does a saved model being scored
     plain = {**config["model"], "attention_weight": 0, "fusion_weight": 0}
-    assert MMSLF.run_inputs({**config, "model": plain}, ids) == {}
+    assert MMSLF.side_inputs({**config, "model": plain}, training=True) == {}
+    assert MMSLF.side_inputs(config, training=False) == {}

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from msakit import api
-from msakit.cues.pipeline import generate_cues, make_backend
+from msakit.cues import attach_cues, generate_cues, make_backend
 from msakit.data import synthetic_dataset
 from msakit.data.batching import make_batch
 from msakit.data.normalize import DataConfig, fit_normalization, normalize_split, scale_warnings
@@ -69,7 +69,8 @@ def test_every_model_has_a_finite_first_loss_on_inputs_a_thousand_times_larger(
     model = create_model(name, config["model"], raw_scale.dims)
     model.train()
     batch = make_batch(synthetic_dataset(seed=1, **SIZES).train, np.arange(16))
-    batch = batch.with_updates(**{m: getattr(batch, m) * 1e3 for m in ("text", "audio", "vision")})
+    batch = batch.with_updates(**{m: getattr(batch, m) * 1e3 for m in ("text", "audio", "vision")},
+                               side={"cues": ["Visual cues: a smile. Language cues: warm words."] * 16})
     out = model(batch)
     loss = torch.nn.functional.l1_loss(out.pred, batch.labels) + sum(out.losses.values())
     assert torch.isfinite(loss), {k: v.item() for k, v in out.losses.items()}
@@ -82,13 +83,14 @@ def test_every_model_trains_on_raw_features_to_a_finite_non_constant_prediction(
                        "training.device=cpu")
     # a staged model runs one epoch per stage, two in all
     stages = [{**s, "epochs": 1} for s in config["training"].get("stages") or []][:2]
+    data, _ = attach_cues(raw_scale, raw_cues)  # what a run gives a model that reads side inputs
     seed_everything(0)
-    model = create_model(name, config["model"], raw_scale.dims)
+    model = create_model(name, config["model"], data.dims)
     trainer = Trainer(model, training_config({**config["training"], "stages": stages}), "mosi",
                       progress=False)
-    fit = trainer.fit(raw_scale.train, raw_scale.valid, 0)
+    fit = trainer.fit(data.train, data.valid, 0)
     assert all(math.isfinite(r.train_loss) for r in fit.history)
-    preds, labels = trainer.predict(raw_scale.valid)
+    preds, labels = trainer.predict(data.valid)
     assert np.isfinite(preds).all()
     assert preds.std() > 0.01 * labels.std(), f"{name}: constant predictions"
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from msakit import __version__
+from msakit.cues import attach_cues, load_cue_texts, with_cues
 from msakit.data.catalog import check_synthetic_sizes
 from msakit.data.catalog import list_datasets as _list_datasets
 from msakit.data.catalog import load_dataset as _load_dataset
@@ -93,6 +94,18 @@ def write_synthetic(
     raw = generate_synthetic(seed=seed, aligned=aligned, **sizes)
     path = save_mmsa(raw, output)
     return {"path": str(path), "sizes": {s: len(raw[s]["id"]) for s in ("train", "valid", "test")}}
+
+
+def _side_inputs(model: str, config: dict[str, Any], data: MultimodalDataset, training: bool = True
+                 ) -> tuple[MultimodalDataset, dict[str, Any]]:
+    """`data` with the side inputs the model reads (`MSAModel.side_inputs`: MMSLF's cues) attached
+    to every split, and {"inputs": {name: who wrote them}} for the results, when it reads any."""
+    records = {}
+    for name, path in get_model_class(model).side_inputs(config, training).items():
+        if name != "cues":
+            raise MsakitError(f"{model} reads a side input {name!r}, which msakit cannot provide")
+        data, records[name] = attach_cues(data, path)
+    return data, ({"inputs": records} if records else {})
 
 
 def _normalized(data: MultimodalDataset, config: dict[str, Any]
@@ -182,6 +195,7 @@ def train(
     data = load_dataset(dataset, data_dir, family, aligned=_aligned(model, aligned))
     config = _resolved_config(model, data, overrides, epochs)
     data, normalization, data_warnings = _normalized(data, config)
+    data, inputs = _side_inputs(model, config, data)
     out_dir = Path(output) if output is not None else None
     multi_stage = len(config["training"]["stages"]) > 1
 
@@ -202,7 +216,7 @@ def train(
 
     runs = _seed_runs(seeds, out_dir, resume, config, data, _run_meta("train", model, config, data),
                       train_seed, normalization, overwrite)
-    results = _summarise(model, data, config, runs, command)
+    results = _summarise(model, data, config, runs, command, inputs)
     results["warnings"] = _run_warnings(data_warnings, runs)
     if out_dir is not None:
         write_results(out_dir, results)
@@ -420,6 +434,7 @@ def reproduce(
     data = load_dataset(dataset, data_dir, family, aligned=_aligned(model, aligned))
     config = _resolved_config(model, data, overrides, epochs)
     data, normalization, data_warnings = _normalized(data, config)
+    data, inputs = _side_inputs(model, config, data)
     models = recipe_models(recipe, config["training"])
     out_dir = Path(output) if output is not None else None
     track = tracked_metrics(data.metric_family) if recipe.per_metric else ()
@@ -459,7 +474,7 @@ def reproduce(
         "selection": _recipe_selection(recipe, config),
         "config": config,
         **({"models": {name: changes for name, changes, _ in models}} if recipe.one_model_per_rate else {}),
-        **_run_inputs(model, config, data),
+        **inputs,
         "seeds": runs,
         "rows": per_condition,
         "mean": mean,
@@ -542,8 +557,12 @@ def dg(
                           n_groups=n_groups, seed=split_seed, target_splits=target_splits)
     config = _resolved_config(model, task.data, overrides, epochs)
     normalized, normalization, data_warnings = _normalized(task.data, config)
+    normalized, inputs = _side_inputs(model, config, normalized)
     # the target is scaled with the SOURCES' training statistics: it never feeds them
-    task = dataclasses.replace(task, data=normalized, target=normalize_split(task.target, normalization))
+    target = normalize_split(task.target, normalization)
+    if inputs:
+        target = with_cues(target, load_cue_texts(config["model"]["cues"]))
+    task = dataclasses.replace(task, data=normalized, target=target)
     check_model(task, model, model_class.modalities, config["model"]["text_source"])
     out_dir = Path(output) if output is not None else None
 
@@ -581,7 +600,7 @@ def dg(
 
 def _summarise(
     model: str, data: MultimodalDataset, config: dict[str, Any], runs: list[dict[str, Any]],
-    command: str | None,
+    command: str | None, inputs: dict[str, Any],
 ) -> dict[str, Any]:
     metric = config["training"]["select_metric"]
     direction = "lower" if metric in LOWER_IS_BETTER else "higher"
@@ -604,19 +623,12 @@ def _summarise(
         "selection": f"best validation {metric} ({direction} is better){_missing_during_selection(config)}; "
                      "test never used to select",
         "config": config,
-        **_run_inputs(model, config, data),
+        **inputs,
         "seeds": runs,
         "mean": mean,
         "std": std,
         **({"stages": stages} if stages else {}),
     }
-
-
-def _run_inputs(model: str, config: dict[str, Any], data: MultimodalDataset) -> dict[str, Any]:
-    """{"inputs": ...}: what the model read besides the dataset (e.g. whose cues), when anything."""
-    ids = [str(i) for s in SPLITS for i in data.split(s).ids]
-    inputs = get_model_class(model).run_inputs(config, ids)
-    return {"inputs": inputs} if inputs else {}
 
 
 def _missing_during_selection(config: dict[str, Any]) -> str:
@@ -661,6 +673,8 @@ def _checkpoint_trainer(
                   data_config(parsed["data"]).label_range or trained.get("label_range"))
     settings = training_config({**meta["training_config"], "device": device})
     data = normalize_dataset(data, meta.get("normalization") or {})
+    saved = {"model": dataclasses.asdict(net.config), "training": meta["training_config"]}
+    data, _ = _side_inputs(meta["model_name"], saved, data, training=False)
     return Trainer(net, settings, data.metric_family, progress=False), meta, data
 
 

@@ -15,11 +15,13 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
-from msakit.data.schema import SPLITS
+import numpy as np
+
+from msakit.data.schema import SPLITS, MultimodalDataset, Split
 from msakit.errors import MsakitError
 
 logger = logging.getLogger(__name__)
@@ -172,3 +174,20 @@ class CueFileWriter:
             os.fsync(self._handle.fileno())
             self._handle.close()
             self._handle = None
+
+
+def with_cues(split: Split, texts: dict[str, str]) -> Split:
+    """`split` with `side["cues"]`: each sample's cue text from `texts`, None where it has none."""
+    cues = np.array([texts.get(str(i)) for i in split.ids], dtype=object)
+    return replace(split, side={**split.side, "cues": cues})
+
+
+def attach_cues(
+    data: MultimodalDataset, path: str | os.PathLike[str]
+) -> tuple[MultimodalDataset, dict[str, Any]]:
+    """`data` with every split's cues from the cue file at `path` (`with_cues`), and who wrote
+    them (`cue_sources`)."""
+    texts = load_cue_texts(path)
+    ids = [str(i) for name in SPLITS for i in data.split(name).ids]
+    splits = {name: with_cues(data.split(name), texts) for name in SPLITS}
+    return replace(data, **splits), cue_sources(path, ids)

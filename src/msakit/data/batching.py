@@ -37,6 +37,8 @@ def make_batch(split: Split, index: np.ndarray) -> Batch:
             k: torch.from_numpy(v[index].astype(np.float32)) for k, v in split.unimodal_labels.items()
         },
     )
+    if split.side:
+        batch.side = {name: values[index].tolist() for name, values in split.side.items()}
     if split.domains is not None:
         batch.domains = torch.from_numpy(split.domains[index].astype(np.int64))
     if split.text_bert is not None:

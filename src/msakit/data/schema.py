@@ -39,6 +39,10 @@ class Split:
     unimodal_labels: dict[str, np.ndarray] = field(default_factory=dict)  # "T"/"A"/"V" -> (N,)
     presence: np.ndarray | None = None  # (N, 3) bool: text, audio, vision recorded; None = all
     domains: np.ndarray | None = None  # (N,) int64 domain index of each sample; None = one domain
+    # per-sample inputs a model reads besides the modalities, by name (e.g. MMSLF's "cues": one
+    # text per sample, None where the sample has none); attached by the run, never read from files
+    # by a model
+    side: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -51,6 +55,7 @@ class Split:
             if isinstance(value, np.ndarray):
                 changes[f.name] = value[index]
         changes["unimodal_labels"] = {k: v[index] for k, v in self.unimodal_labels.items()}
+        changes["side"] = {k: v[index] for k, v in self.side.items()}
         return replace(self, **changes)
 
 
@@ -65,7 +70,7 @@ def concat_splits(splits: Sequence[Split]) -> Split:
     first = splits[0]
     changes: dict[str, Any] = {}
     for f in fields(first):
-        if f.name == "unimodal_labels":
+        if f.name in ("unimodal_labels", "side"):
             continue
         values = [getattr(s, f.name) for s in splits]
         if all(v is None for v in values):
@@ -84,6 +89,9 @@ def concat_splits(splits: Sequence[Split]) -> Split:
     changes["unimodal_labels"] = {
         k: np.concatenate([s.unimodal_labels[k] for s in splits]) for k in first.unimodal_labels
     }
+    if len({frozenset(s.side) for s in splits}) > 1:
+        raise MsakitError("cannot join splits: they have different side inputs")
+    changes["side"] = {k: np.concatenate([s.side[k] for s in splits]) for k in first.side}
     return replace(first, **changes)
 
 
@@ -136,6 +144,7 @@ class MultimodalDataset:
             split = self.split(name)
             arrays = {f.name: getattr(split, f.name) for f in fields(split)}
             arrays.update({f"unimodal_labels.{k}": v for k, v in arrays.pop("unimodal_labels").items()})
+            arrays.update({f"side.{k}": v for k, v in arrays.pop("side").items()})
             for key, array in sorted(arrays.items()):
                 if array is None:
                     continue
@@ -205,6 +214,7 @@ class Batch:
     # modality -> (B, L) bool, True where a missing-data protocol dropped that token/frame
     dropped: dict[str, torch.Tensor] = field(default_factory=dict)
     domains: torch.Tensor | None = None  # (B,) long domain index; None = one domain
+    side: dict[str, list[Any]] = field(default_factory=dict)  # the split's side inputs, per sample
     # the same samples before training noise, for models whose losses compare noisy and clean input
     # (LNLN); set by the trainer from the batch it already holds, so there is no second read
     clean: Batch | None = None

@@ -64,7 +64,7 @@ class MSAModel(nn.Module):
 
     Subclasses set `config_class` and `modalities`, and override the hooks they need: `set_stage`
     (multi-stage recipes), `pretrained_parameters` (the parameter group with its own rates), the
-    epoch hooks, `training_state`/`load_training_state`, `run_inputs`.
+    epoch hooks, `training_state`/`load_training_state`, `side_inputs`.
     """
 
     config_class: type[ModelConfig] = ModelConfig
@@ -135,10 +135,12 @@ class MSAModel(nn.Module):
         return {}
 
     @classmethod
-    def run_inputs(cls, config: dict[str, Any], ids: list[str]) -> dict[str, Any]:
-        """What a run with the resolved `config` ({"model": ..., "training": ...}) reads besides
-        the dataset, e.g. MMSLF's cue file and which backend wrote it, for results.json; `ids` are
-        the dataset's sample ids. The default reads nothing else."""
+    def side_inputs(cls, config: dict[str, Any], training: bool) -> dict[str, str]:
+        """The per-sample side inputs a run with the resolved `config` ({"model": ..., "training":
+        ...}) reads besides the modalities, by name, each with the file it comes from (e.g. MMSLF's
+        {"cues": PATH} while its teacher trains or teaches). The run attaches them to every split
+        and the model reads them from `batch.side`, never from the file. `training` is False when a
+        saved model is only scored. The default reads none."""
         return {}
 
     def load_training_state(self, state: dict[str, Any]) -> None:

@@ -72,7 +72,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -92,6 +91,8 @@ from msakit.models.registry import register_model
 STAGES = ("teacher", "student")
 ATTENTION_TARGETS = ("unmodulated", "modulated")
 TEACHER_MODES = ("train", "eval")
+NO_CUES = ("mmslf: the teacher reads cue texts: set model.cues=PATH "
+           "(write one with `msakit cues DATASET --output PATH`)")
 
 
 @dataclass
@@ -202,13 +203,6 @@ class PromptReader:
 def prompt_reader(name_or_path: str, max_len: int) -> PromptReader:
     """One reader (and one cache) per encoder, shared by every MMSLF model of the process."""
     return PromptReader(name_or_path, max_len)
-
-
-@lru_cache(maxsize=4)
-def _cue_texts(path: str) -> dict[str, str]:
-    from msakit.cues import load_cue_texts
-
-    return load_cue_texts(path)
 
 
 @lru_cache(maxsize=4)
@@ -443,38 +437,36 @@ class MMSLF(MSAModel):
         return self
 
     @classmethod
-    def run_inputs(cls, config: dict[str, Any], ids: list[str]) -> dict[str, Any]:
-        """The cue file and the backends that wrote the cues of this dataset, when a run reads
-        them (a teacher stage, or a student stage distilling from the teacher)."""
+    def side_inputs(cls, config: dict[str, Any], training: bool) -> dict[str, str]:
+        """The cue file, while a run trains the teacher or distils from it (the student alone
+        reads no cues, so a saved model is scored without them)."""
         model, stages = config["model"], [s["name"] for s in config["training"]["stages"]]
         distilling = model["attention_weight"] > 0 or model["fusion_weight"] > 0
-        if model["cues"] is None or not ("teacher" in stages or distilling):
+        if not training or not ("teacher" in stages or distilling):
             return {}
-        from msakit.cues import cue_sources
-
-        return {"cues": cue_sources(model["cues"], ids)}
+        if model["cues"] is None:
+            raise MsakitError(NO_CUES)
+        return {"cues": model["cues"]}
 
     @property
     def distilling(self) -> bool:
         return self.config.attention_weight > 0 or self.config.fusion_weight > 0
 
     def prompts(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The frozen prompt encoder's states for the batch's cue texts (looked up by sample id)."""
-        path = self.config.cues
-        if path is None:
-            raise MsakitError(
-                "mmslf: the teacher reads cue texts: set model.cues=PATH "
-                "(write one with `msakit cues DATASET --output PATH`)"
-            )
-        cues = _cue_texts(str(Path(path).expanduser().resolve()))
-        missing = [i for i in batch.ids if i not in cues]
+        """The frozen prompt encoder's states for the batch's cue texts (`batch.side["cues"]`,
+        which the run attaches from `model.cues`)."""
+        cues = batch.side.get("cues")
+        if cues is None:
+            raise MsakitError(NO_CUES)
+        missing = [i for i, text in zip(batch.ids, cues, strict=True) if text is None]
         if missing:
             raise MsakitError(
-                f"{path}: no cues for {len(missing)} sample(s) of this batch, e.g. id {missing[0]!r}; "
-                "run `msakit cues` again on this dataset (it fills in only the missing ids)"
+                f"{self.config.cues}: no cues for {len(missing)} sample(s) of this batch, e.g. id "
+                f"{missing[0]!r}; run `msakit cues` again on this dataset (it fills in only the "
+                "missing ids)"
             )
         reader = prompt_reader(self.config.prompt_encoder, self.config.prompt_max_len)
-        return reader([cues[i] for i in batch.ids], batch.labels.device)
+        return reader(cues, batch.labels.device)
 
     def augment(self, batch: Batch) -> Batch:
         """The teacher's training inputs: each sample keeps elements with p ~ U(augment_min_keep, 1)."""
