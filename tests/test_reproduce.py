@@ -11,6 +11,7 @@ from msakit.errors import MsakitError
 from msakit.evaluation.protocols import run_protocol
 from msakit.evaluation.reproduce import Recipe, load_recipe, per_metric_scores, tracked_metrics
 from msakit.missing import DEFAULT_RATES
+from msakit.training.runs import fit_one_seed, resolved_config
 from resume_check import Interrupted, interrupt_training
 
 SMALL_LNLN = ["model.hidden_dim=16", "model.heads=2", "model.dim_head=8", "model.mlp_dim=16",
@@ -44,10 +45,8 @@ def test_the_recipe_grid_seeds_and_files(reproduced):
 
 
 def test_each_metric_is_scored_with_its_own_checkpoint(tiny_dataset):
-    from msakit.api import _fit_one_seed, _resolved_config
-
-    config = _resolved_config("lnln", tiny_dataset, SMALL_LNLN, epochs=4)
-    trainer, fit = _fit_one_seed("lnln", tiny_dataset, config, seed=3, progress=False,
+    config = resolved_config("lnln", tiny_dataset, SMALL_LNLN, epochs=4)
+    trainer, fit = fit_one_seed("lnln", tiny_dataset, config, seed=3, progress=False,
                                  track_metrics=tracked_metrics("mosi"))
     recipe = Recipe(seeds=(3,), rates=(0.0, 0.5))
     scores = per_metric_scores(trainer, tiny_dataset, recipe)

@@ -92,7 +92,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def first_difference(saved: Any, given: Any, where: str = "") -> str:
     """'key: <saved> then, <given> now' for the first nested key whose values differ (one-line errors)."""
     if isinstance(saved, dict) and isinstance(given, dict):
-        for key in sorted(set(saved) | set(given), key=str):
+        for key in dict.fromkeys([*saved, *given]):  # in the order the settings were written
             if saved.get(key) != given.get(key):
                 inner = f"{where}.{key}" if where else str(key)
                 return first_difference(saved.get(key), given.get(key), inner)
