@@ -24,7 +24,7 @@ from msakit.data.mmsa import save_mmsa
 from msakit.data.schema import SPLITS, MultimodalDataset
 from msakit.data.synthetic import generate_synthetic
 from msakit.errors import MsakitError
-from msakit.evaluation.domains import check_model, dataset_task, group_task, score_task, write_dg
+from msakit.evaluation.domains import build_task, check_model, score_task, write_dg
 from msakit.evaluation.protocols import run_protocol, write_robustness
 from msakit.evaluation.reproduce import (
     load_recipe,
@@ -228,20 +228,12 @@ def dg(
     model_class = get_model_class(model)
     check_seeds(seeds)
     aligned = aligned_input(model, aligned)
-    if dataset is None:
-        if group_by != "domains" or n_groups is not None:
-            raise MsakitError("a grouping (group_by, n_groups) needs the dataset whose groups are "
-                              "the domains")
-        if not sources:
-            raise MsakitError("give the source datasets, or a dataset whose groups are the domains")
-        task = dataset_task([load_dataset(s, data_dir, aligned=aligned) for s in sources],
-                            load_dataset(target, data_dir, aligned=aligned), target_splits)
-    else:
-        if isinstance(target, MultimodalDataset):
-            raise MsakitError("with a dataset, the target is the name of one of its domains")
-        task = group_task(load_dataset(dataset, data_dir, family, aligned=aligned), target, by=group_by,
-                          sources=None if sources is None else [str(s) for s in sources],
-                          n_groups=n_groups, seed=split_seed, target_splits=target_splits)
+
+    def load(name: str | MultimodalDataset, family: str | None = None) -> MultimodalDataset:
+        return load_dataset(name, data_dir, family, aligned=aligned)
+
+    task = build_task(load, target, sources=sources, dataset=dataset, group_by=group_by,
+                      n_groups=n_groups, split_seed=split_seed, target_splits=target_splits, family=family)
     setup = prepare_run(model, task.data, overrides, epochs)
     # the target is prepared with the SOURCES' training statistics: it never feeds them
     task = dataclasses.replace(task, data=setup.data, target=setup.prepare(task.target))
@@ -267,45 +259,25 @@ def dg(
 
 
 def evaluate(
-    checkpoint: str | Path,
-    dataset: str | MultimodalDataset,
-    *,
-    data_dir: str | None = None,
-    aligned: bool | None = None,
-    family: str | None = None,
-    split: str = "test",
-    device: str = "auto",
+    checkpoint: str | Path, dataset: str | MultimodalDataset, *, data_dir: str | None = None,
+    aligned: bool | None = None, family: str | None = None, split: str = "test", device: str = "auto",
     overrides: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Metrics of a saved checkpoint on one split of a dataset (`overrides`: model.KEY=VALUE
     test-time settings that replace the saved ones)."""
     data = load_dataset(dataset, data_dir, family, aligned=checkpoint_aligned(checkpoint, aligned))
     trainer, meta, data = checkpoint_trainer(checkpoint, data, device, overrides)
-    return {
-        "checkpoint": str(checkpoint),
-        "model": meta["model_name"],
-        **({"overrides": list(overrides)} if overrides else {}),
-        "dataset": dataset_info(data),
-        "split": split,
-        "metrics": trainer.evaluate(data.split(split)),
-    }
+    return {"checkpoint": str(checkpoint), "model": meta["model_name"],
+            **({"overrides": list(overrides)} if overrides else {}), "dataset": dataset_info(data),
+            "split": split, "metrics": trainer.evaluate(data.split(split))}
 
 
 def robustness(
-    checkpoint: str | Path,
-    dataset: str | MultimodalDataset,
-    *,
-    protocol: str,
-    data_dir: str | None = None,
-    aligned: bool | None = None,
-    family: str | None = None,
-    rates: Sequence[float] | None = None,
-    subsets: Sequence[str] | None = None,
-    seeds: Sequence[int] = (0,),
-    output: str | Path | None = None,
-    device: str = "auto",
-    command: str | None = None,
-    overrides: Sequence[str] = (),
+    checkpoint: str | Path, dataset: str | MultimodalDataset, *, protocol: str,
+    data_dir: str | None = None, aligned: bool | None = None, family: str | None = None,
+    rates: Sequence[float] | None = None, subsets: Sequence[str] | None = None,
+    seeds: Sequence[int] = (0,), output: str | Path | None = None, device: str = "auto",
+    command: str | None = None, overrides: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Test metrics of a checkpoint under a missing-data protocol, per rate (or subset) and mean.
 
@@ -316,15 +288,10 @@ def robustness(
         check_output(output)
     data = load_dataset(dataset, data_dir, family, aligned=checkpoint_aligned(checkpoint, aligned))
     trainer, meta, data = checkpoint_trainer(checkpoint, data, device, overrides)
-    result = {
-        "msakit_version": __version__,
-        "command": command or this_command(),
-        "checkpoint": str(checkpoint),
-        "model": meta["model_name"],
-        **({"overrides": list(overrides)} if overrides else {}),
-        "dataset": dataset_info(data),
-        **run_protocol(trainer, data, protocol, rates=rates, subsets=subsets, seeds=seeds),
-    }
+    result = {"msakit_version": __version__, "command": command or this_command(),
+              "checkpoint": str(checkpoint), "model": meta["model_name"],
+              **({"overrides": list(overrides)} if overrides else {}), "dataset": dataset_info(data),
+              **run_protocol(trainer, data, protocol, rates=rates, subsets=subsets, seeds=seeds)}
     if output is not None:
         write_robustness(Path(output), result,
                          f"{result['model']} on {data.name}: {protocol}-modal missing, test split")
@@ -341,14 +308,8 @@ def compare(run_dirs: Sequence[str | Path], output: str | Path) -> dict[str, Any
 
 
 def extract(
-    clips: str | Path,
-    labels: str | Path,
-    output: str | Path,
-    *,
-    features: str | Path | None = None,
-    overrides: Sequence[str] = (),
-    workers: int | None = None,
-    cache_dir: str | Path | None = None,
+    clips: str | Path, labels: str | Path, output: str | Path, *, features: str | Path | None = None,
+    overrides: Sequence[str] = (), workers: int | None = None, cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Build an MMSA-layout pickle at `output` from the media files in `clips` and a label.csv.
@@ -365,13 +326,8 @@ def extract(
 
 
 def predict(
-    files: Sequence[str | Path],
-    checkpoint: str | Path,
-    *,
-    text: str | None = None,
-    features: str | Path | None = None,
-    overrides: Sequence[str] = (),
-    device: str = "cpu",
+    files: Sequence[str | Path], checkpoint: str | Path, *, text: str | None = None,
+    features: str | Path | None = None, overrides: Sequence[str] = (), device: str = "cpu",
 ) -> list[dict[str, Any]]:
     """Sentiment of each media file with a checkpoint trained on a `msakit extract` dataset.
 

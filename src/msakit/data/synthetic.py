@@ -434,6 +434,9 @@ def generate_synthetic(
     `aligned_50.pkl`. Audio keeps its planted -inf values: loading cleans them. With `domains` > 1
     each split also has a `domains` array (N,) of domain indexes, shifted as the module describes.
     `real_scale` gives audio and vision raw, mixed feature scales and the labels a small range.
+
+    (Longer than the usual 80 lines on purpose: it reads top to bottom as the generative story of
+    one dataset, from the latent factors and labels through each modality to the options.)
     """
     sizes = (n_train, n_valid, n_test)
     _check_sizes({"n_train": n_train, "n_valid": n_valid, "n_test": n_test, "text_len": text_len,

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import csv
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -419,6 +419,28 @@ def _check_target_splits(target_splits: Sequence[str]) -> tuple[str, ...]:
     if unknown or not chosen:
         raise MsakitError(f"target splits must be some of {', '.join(SPLITS)}, not {list(target_splits)}")
     return chosen
+
+
+def build_task(
+    load: Callable[..., MultimodalDataset], target: str | MultimodalDataset, *,
+    sources: Sequence[str | MultimodalDataset] | None, dataset: str | MultimodalDataset | None,
+    group_by: str, n_groups: int | None, split_seed: int, target_splits: Sequence[str],
+    family: str | None,
+) -> DomainTask:
+    """The task `msakit dg` asks for: whole datasets as domains (`dataset_task`, without `dataset`)
+    or groups inside `dataset` (`group_task`); `load(name, family)` reads a dataset."""
+    if dataset is None:
+        if group_by != "domains" or n_groups is not None:
+            raise MsakitError("a grouping (group_by, n_groups) needs the dataset whose groups are "
+                              "the domains")
+        if not sources:
+            raise MsakitError("give the source datasets, or a dataset whose groups are the domains")
+        return dataset_task([load(s) for s in sources], load(target), target_splits)
+    if isinstance(target, MultimodalDataset):
+        raise MsakitError("with a dataset, the target is the name of one of its domains")
+    return group_task(load(dataset, family), target, by=group_by,
+                      sources=None if sources is None else [str(s) for s in sources],
+                      n_groups=n_groups, seed=split_seed, target_splits=target_splits)
 
 
 def group_task(
