@@ -372,3 +372,33 @@ def test_worker_processes_report_failures_and_go_on(tmp_path: Path) -> None:
                            progress=False)
     assert report["extracted"] == 3 and [f["id"] for f in report["failures"]] == ["d"]
     assert load_mmsa(tmp_path / "ds.pkl").test.ids.tolist() == ["c"]
+
+
+@needs_extra
+def test_a_clip_with_nothing_usable_is_a_failure_not_a_sample_or_a_score(tmp_path: Path) -> None:
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for name in ("a", "b", "c"):
+        write_clip(clips / f"{name}.mp4", seconds=0.5)
+    write_clip(clips / "quiet.mp4", seconds=0.5, amplitude=0.0)  # no face, silence, no words
+    labels = tmp_path / "label.csv"
+    labels.write_text("id,text,label,mode\na,fine,1,train\nb,bad,-1,valid\nc,ok,0,test\nquiet,,2,test\n")
+    report = build_dataset(clips, labels, tmp_path / "ds.pkl", load_feature_config(), workers=0,
+                           progress=False)
+    assert [f["id"] for f in report["failures"]] == ["quiet"]
+    assert "nothing usable" in report["failures"][0]["reason"]
+    assert load_mmsa(tmp_path / "ds.pkl").test.ids.tolist() == ["c"]
+    # the cache holds arrays and JSON only; a damaged entry is extracted again
+    entries = sorted((tmp_path / "ds.cache").glob("*.npz"))
+    assert len(entries) == 3
+    entries[0].write_bytes(b"not a zip")
+    again = build_dataset(clips, labels, tmp_path / "ds.pkl", load_feature_config(), workers=0,
+                          progress=False)
+    assert (again["from_cache"], again["extracted"]) == (2, 3)
+
+    api.train("tfn", load_mmsa(tmp_path / "ds.pkl"), epochs=1, output=tmp_path / "run", progress=False)
+    result = CliRunner().invoke(cli, ["predict", str(clips / "quiet.mp4"), "--checkpoint",
+                                      str(tmp_path / "run" / "seed-1111.pt"), "--json"])
+    assert result.exit_code == 2
+    row = json.loads(result.stdout)[0]
+    assert "score" not in row and "nothing this model reads" in row["error"]

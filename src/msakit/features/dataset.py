@@ -21,7 +21,6 @@ import json
 import logging
 import multiprocessing
 import os
-import pickle
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ import numpy as np
 
 from msakit import __version__
 from msakit.data.labelcsv import parse_label, parse_mode
-from msakit.data.mmsa import read_plain_pickle, save_mmsa
+from msakit.data.mmsa import save_mmsa
 from msakit.data.schema import MODALITIES, SPLITS
 from msakit.errors import MsakitError
 from msakit.features.config import FeatureConfig
@@ -126,15 +125,32 @@ def _cache_key(config: FeatureConfig, media: Path, text: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
+# a cache entry is an .npz file: the feature arrays, and everything else as one JSON string, so
+# reading it back never unpickles anything
+CACHED_ARRAYS = ("text_bert", "text", "audio", "vision")
+
+
+def _write_cache(path: Path, value: dict[str, Any]) -> None:
+    arrays = {k: value[k] for k in CACHED_ARRAYS if value.get(k) is not None}
+    rest = {k: v for k, v in value.items() if k not in CACHED_ARRAYS}
+    text = json.dumps(rest, default=lambda v: v.item() if hasattr(v, "item") else str(v))
+    atomic_write_bytes(path, lambda f: np.savez(f, _json=np.array(text), **arrays))
+
+
 def _read_cache(path: Path) -> dict[str, Any] | None:
+    """A cache entry written by `_write_cache`, or None when there is none or it is damaged (the
+    clip is then extracted again)."""
     if not path.is_file():
         return None
     try:
-        value, _ = read_plain_pickle(path, "extraction cache entry")
-    except MsakitError as exc:  # damaged, or not plain data: extract again
-        logger.warning("%s", exc)
+        with np.load(path, allow_pickle=False) as stored:
+            value = json.loads(str(stored["_json"]))
+            value.update({k: stored[k] if k in stored.files else None for k in CACHED_ARRAYS})
+    except Exception as exc:  # a damaged file can fail in any step of reading a zip of arrays
+        logger.warning("%s: damaged extraction cache entry, extracting again (%s: %s)", path,
+                       type(exc).__name__, exc)
         return None
-    return value if isinstance(value, dict) else None
+    return value
 
 
 def _one_line(exc: BaseException) -> str:
@@ -291,7 +307,7 @@ def build_dataset(
             failures.append({"id": row.id, "file": "", "reason": f"no media file for {row.id!r} in {clips} "
                              f"(looked for {', '.join(row.keys)} with a media suffix)"})
             continue
-        cache_file = cache / f"{_safe(row.id)}-{_cache_key(config, media, row.text)}.pkl"
+        cache_file = cache / f"{_safe(row.id)}-{_cache_key(config, media, row.text)}.npz"
         cached = _read_cache(cache_file)
         if cached is not None:
             results[row.id] = cached
@@ -304,8 +320,10 @@ def build_dataset(
 
     def done(row: LabelRow, ok: bool, value: Any) -> None:
         media, cache_file = where[row.id]
+        if ok and not any(value["present"].values()):
+            ok, value = False, "nothing usable: no audio above the silence threshold, no face, no words"
         if ok:
-            atomic_write_bytes(cache_file, lambda f: pickle.dump(value, f, protocol=pickle.HIGHEST_PROTOCOL))
+            _write_cache(cache_file, value)
             results[row.id] = value
             summaries[row.id] = _summary(row, media, value)
         else:

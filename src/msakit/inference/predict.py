@@ -113,6 +113,11 @@ class Predictor:
         start = time.perf_counter()
         features = self.pipeline.extract(path, text)
         extracted = time.perf_counter()
+        usable = [m for m in self.model.modalities if features["present"][m]]
+        if not usable:
+            found = ", ".join(m for m, present in features["present"].items() if present) or "nothing"
+            raise MsakitError(f"nothing this model reads is in the file ({'/'.join(self.model.modalities)};"
+                              f" found: {found}): no score")
         score = self.predict_features(features)
         return {
             "file": str(path),
