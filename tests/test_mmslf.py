@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from model_inputs import N, pad_noise, write_cues
+from model_inputs import N, write_cues
 from msakit import api
 from msakit.cues import attach_cues, load_cue_texts, with_cues
 from msakit.data.batching import make_batch
@@ -118,14 +118,6 @@ def test_each_stage_trains_its_own_network_only(dims, batch, tiny_bert, cues):
 def test_without_distillation_weights_the_student_trains_alone(dims, batch, tiny_bert):
     model = _mmslf(dims, tiny_bert, cues=None, attention_weight=0, fusion_weight=0).train()
     assert model(batch).losses == {}  # no teacher run, so no cue file is needed
-
-
-def test_padding_changes_nothing(dims, batch, tiny_bert, cues):
-    model = _mmslf(dims, tiny_bert, cues).eval()
-    with torch.no_grad():
-        for stage in ("teacher", "student"):
-            model.set_stage(stage)
-            torch.testing.assert_close(model(pad_noise(batch)).pred, model(batch).pred)
 
 
 def test_teacher_augmentation_thins_inputs_but_keeps_special_tokens(dims, batch, tiny_bert):
