@@ -18,6 +18,7 @@ from msakit.missing import (
     apply_missing,
     build_noise,
     drop_whole_modalities,
+    list_noises,
     modality_keep,
     parse_rates,
 )
@@ -408,22 +409,35 @@ def test_lnln_noise_drops_at_the_sampled_rates() -> None:
     assert torch.equal(out.text_ids[:, 1:], batch.text_ids[:, 1:])
 
 
-@pytest.mark.parametrize("noise", [LNLNNoise(seed=1), InterModalNoise(0.4, seed=1)],
-                         ids=["lnln", "inter"])
-def test_noise_resamples_each_epoch_and_is_deterministic(noise) -> None:
+def _registered_noise(name: str, seed: int = 1):
+    """The registered noise `name`, at rate 0.4 or, for a noise that draws its own rates, none."""
+    try:
+        return build_noise(name, 0.4, seed)
+    except MsakitError:
+        return build_noise(name, 0.0, seed)
+
+
+@pytest.mark.parametrize("name", list_noises()[1:])
+def test_every_noise_resamples_each_epoch_and_keeps_a_samples_mask_whatever_the_batch(name) -> None:
+    noise = _registered_noise(name)
     split = make_split(n=80)
     first = noise(full_batch(split), 1)
     again = noise(make_batch(split, np.arange(len(split))[::-1].copy()), 1)
     assert_same_per_sample(per_sample(first), per_sample(again))
+    batches = [make_batch(split, rows) for rows in np.split(np.arange(80), [7, 40])]  # 7, 33, 40 samples
+    pieces = [per_sample(noise(batch, 1)) for batch in batches]
+    assert_same_per_sample(per_sample(first), {k: v for piece in pieces for k, v in piece.items()})
+    assert any(d.any() for d in first.dropped.values()), "the noise drops something"
     second = noise(full_batch(split), 2)
     assert any(not torch.equal(first.dropped[m], second.dropped[m]) for m in first.dropped)
     evaluation = apply_missing(full_batch(split), MissingSpec("inter", 0.4, seed=1))
-    if isinstance(noise, InterModalNoise):
+    if isinstance(noise, InterModalNoise):  # another stream than the evaluation protocol's
         assert not torch.equal(first.presence, evaluation.presence)
         assert first.presence.any(dim=1).all()
 
 
 def test_build_noise() -> None:
+    assert list_noises() == ["none", "lnln", "inter"]
     assert build_noise(None, 0.0, 0) is None
     assert build_noise("none", 0.0, 0) is None
     assert isinstance(build_noise("lnln", 0.0, 3), LNLNNoise)

@@ -14,12 +14,18 @@ from msakit.missing.masks import (
     parse_rates,
     sample_uniforms,
 )
-from msakit.missing.noise import NOISES, InterModalNoise, LNLNNoise, TrainingNoise, build_noise
+from msakit.missing.noise import (
+    InterModalNoise,
+    LNLNNoise,
+    TrainingNoise,
+    build_noise,
+    list_noises,
+    register_noise,
+)
 
 __all__ = [
     "DEFAULT_RATES",
     "FIXED_SUBSETS",
-    "NOISES",
     "PROTOCOLS",
     "InterModalNoise",
     "LNLNNoise",
@@ -31,7 +37,9 @@ __all__ = [
     "canonical_subset",
     "drop_whole_modalities",
     "drop_within_modalities",
+    "list_noises",
     "modality_keep",
     "parse_rates",
+    "register_noise",
     "sample_uniforms",
 ]

@@ -4,11 +4,14 @@ The trainer calls ``noise(batch, epoch)`` on every training batch. Masks come fr
 seeded streams as the evaluation protocols (``msakit.missing.masks``) with the epoch in the key,
 so a sample gets a fresh mask every epoch, and the same one for a given (seed, epoch) whatever
 the batch size or shuffle order.
+
+Noises are registered by the name `training.noise` gives them: a new noise is one function that
+builds it, decorated with `@register_noise("name", uses_rate=...)`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -24,13 +27,40 @@ from msakit.missing.masks import (
     sample_uniforms,
 )
 
-NOISES = ("none", "lnln", "inter")
-
 
 class TrainingNoise(Protocol):
     """A (batch, epoch) -> batch transform applied to training batches only."""
 
     def __call__(self, batch: Batch, epoch: int) -> Batch: ...
+
+
+# (rate, seed, unk_id, special_ids) -> the noise
+NoiseBuilder = Callable[[float, int, int, tuple[int, ...]], TrainingNoise]
+
+
+@dataclass(frozen=True)
+class _Registered:
+    build: NoiseBuilder
+    uses_rate: bool  # False: the noise draws its own rates and `training.noise_rate` must stay 0
+
+
+_NOISES: dict[str, _Registered] = {}
+
+
+def register_noise(name: str, uses_rate: bool) -> Callable[[NoiseBuilder], NoiseBuilder]:
+    """Register a builder under `training.noise: name`; `uses_rate`: it reads `training.noise_rate`."""
+    def decorate(build: NoiseBuilder) -> NoiseBuilder:
+        if name in _NOISES or name == "none":
+            raise ValueError(f"training noise {name!r} is registered twice")
+        _NOISES[name] = _Registered(build, uses_rate)
+        return build
+
+    return decorate
+
+
+def list_noises() -> list[str]:
+    """The values `training.noise` accepts, "none" first, then in registration order."""
+    return ["none", *_NOISES]
 
 
 @dataclass(frozen=True)
@@ -88,6 +118,16 @@ class InterModalNoise:
         )
 
 
+@register_noise("lnln", uses_rate=False)
+def _lnln(rate: float, seed: int, unk_id: int, special_ids: tuple[int, ...]) -> LNLNNoise:
+    return LNLNNoise(seed=seed, unk_id=unk_id, special_ids=special_ids)
+
+
+@register_noise("inter", uses_rate=True)
+def _inter(rate: float, seed: int, unk_id: int, special_ids: tuple[int, ...]) -> InterModalNoise:
+    return InterModalNoise(rate=rate, seed=seed, unk_id=unk_id, special_ids=special_ids)
+
+
 def build_noise(
     name: str | None,
     rate: float,
@@ -96,23 +136,21 @@ def build_noise(
     unk_id: int = BERT_UNK_ID,
     special_ids: Sequence[int] = BERT_SPECIAL_IDS,
 ) -> TrainingNoise | None:
-    """The training noise named by ``training.noise`` ("none", "lnln", "inter"), or None.
+    """The training noise named by ``training.noise`` (one of `list_noises()`), or None for "none".
 
     ``unk_id`` and ``special_ids`` come from the tokenizer of the text ids (defaults:
     bert-base-uncased, whose vocabulary MiniLM shares).
     """
     if name is None or name == "none":
         return None
-    special = tuple(int(i) for i in special_ids)
-    if name == "lnln":
-        if rate:
-            raise MsakitError(
-                f"training.noise_rate {rate!r} is not used by noise 'lnln' "
-                "(it draws r ~ U(0, 1) per sample); leave it at 0"
-            )
-        return LNLNNoise(seed=seed, unk_id=unk_id, special_ids=special)
-    if name == "inter":
-        if not rate:
-            raise MsakitError("noise 'inter' needs training.noise_rate in (0, 1), e.g. 0.3")
-        return InterModalNoise(rate=rate, seed=seed, unk_id=unk_id, special_ids=special)
-    raise MsakitError(f"unknown training noise {name!r}; expected one of {', '.join(NOISES)}")
+    if name not in _NOISES:
+        raise MsakitError(f"unknown training noise {name!r}; expected one of {', '.join(list_noises())}")
+    registered = _NOISES[name]
+    if registered.uses_rate and not rate:
+        raise MsakitError(f"noise {name!r} needs training.noise_rate in (0, 1), e.g. 0.3")
+    if not registered.uses_rate and rate:
+        raise MsakitError(
+            f"training.noise_rate {rate!r} is not used by noise {name!r} "
+            "(it draws its own rate per sample); leave it at 0"
+        )
+    return registered.build(rate, seed, unk_id, tuple(int(i) for i in special_ids))
