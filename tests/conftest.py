@@ -11,6 +11,14 @@ from msakit.data.schema import Batch, FeatureDims, Split
 from tiny_bert import make_tiny_bert
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """msakit's caches (pickle fingerprints) in a folder of the test session, not the user's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset() -> MultimodalDataset:
     """A small unaligned synthetic dataset (48/16/24 clips, short sequences, 32-d text features).

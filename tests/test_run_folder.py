@@ -66,3 +66,20 @@ def test_a_folder_holding_a_run_is_refused_replaced_or_continued(tmp_path, monke
     saved = json.loads((out / "results.json").read_text())
     assert saved["model"] == "lmf" == finished["model"] and first["model"] == "text_only"
     assert sorted(p.name for p in out.iterdir()) == ["results.csv", "results.json", "seed-1.pt"]
+
+
+def test_a_pickles_fingerprint_is_remembered_by_its_size_and_time(tmp_path, monkeypatch):
+    from msakit.data import load_mmsa
+    from msakit.data.mmsa import fingerprint_cache
+    from msakit.data.schema import MultimodalDataset
+
+    path = save_mmsa(generate_synthetic(seed=0, **SIZES), tmp_path / "a.pkl")
+    first = load_mmsa(path).fingerprint
+    assert json.loads(fingerprint_cache().read_text())[str(path.resolve())]["fingerprint"] == first
+    hashed = []
+    original = MultimodalDataset.fingerprint.func
+    monkeypatch.setattr(MultimodalDataset, "fingerprint", property(lambda d: hashed.append(1) or original(d)))
+    assert load_mmsa(path).__dict__["fingerprint"] == first and not hashed  # read back, not hashed
+    fingerprint_cache().write_text("{not json")  # a damaged cache costs a hash, nothing else
+    monkeypatch.undo()
+    assert load_mmsa(path).fingerprint == first

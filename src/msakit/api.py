@@ -85,7 +85,7 @@ def load_dataset(
     when one is given). The family (settings section and metric rules) is logged."""
     if isinstance(dataset, MultimodalDataset):
         if family is not None:
-            dataset = dataclasses.replace(dataset, family=family, family_source="given with --family")
+            dataset = dataset.derive(family=family, family_source="given with --family")
     else:
         dataset = _load_dataset(dataset, data_dir=data_dir, family=family, **options)
     logger.info("%s: family %s (%s)", dataset.name, dataset.family, dataset.family_source or "given")

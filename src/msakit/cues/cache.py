@@ -190,4 +190,4 @@ def attach_cues(
     texts = load_cue_texts(path)
     ids = [str(i) for name in SPLITS for i in data.split(name).ids]
     splits = {name: with_cues(data.split(name), texts) for name in SPLITS}
-    return replace(data, **splits), cue_sources(path, ids)
+    return data.derive(**splits), cue_sources(path, ids)

@@ -9,7 +9,6 @@ layout (`<data_dir>/MOSI/Processed/unaligned_50.pkl`).
 from __future__ import annotations
 
 import inspect
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -127,8 +126,8 @@ def load_dataset(
     """
     if family is not None:
         check_family(family)
-        return replace(_load(name_or_path, data_dir, aligned, seed, synthetic_sizes),
-                       family=family, family_source="given with --family")
+        return _load(name_or_path, data_dir, aligned, seed, synthetic_sizes).derive(
+            family=family, family_source="given with --family")
     return _load(name_or_path, data_dir, aligned, seed, synthetic_sizes)
 
 

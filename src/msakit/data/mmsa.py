@@ -20,6 +20,7 @@ dtypes) and refuses anything else, naming it, before any of it runs.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import pickle
@@ -31,7 +32,7 @@ import numpy as np
 from msakit.data.schema import SPLITS, MultimodalDataset, Split
 from msakit.data.validate import validate_splits
 from msakit.errors import MsakitError
-from msakit.fileio import atomic_write_bytes
+from msakit.fileio import atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -349,8 +350,39 @@ def load_mmsa(
     """
     path = Path(path).expanduser()
     raw, latin1 = read_plain_pickle(path, "dataset pickle")
-    return dataset_from_raw(raw, source=str(path), family=family, name=name or path.stem, latin1=latin1,
+    data = dataset_from_raw(raw, source=str(path), family=family, name=name or path.stem, latin1=latin1,
                             family_source=family_source if family else "")
+    _remembered_fingerprint(path, data)
+    return data
+
+
+def fingerprint_cache() -> Path:
+    """Where the fingerprints of pickles are remembered: $XDG_CACHE_HOME/msakit (~/.cache/msakit)."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "msakit" / "fingerprints.json"
+
+
+def _remembered_fingerprint(path: Path, data: MultimodalDataset) -> None:
+    """Give `data` the fingerprint remembered for the file at `path` when its size and modification
+    time are unchanged (hashing a MOSEI pickle's arrays takes seconds); else compute it and remember
+    it. The cache is a convenience: when it cannot be read or written, the hash is computed."""
+    stat = path.stat()
+    key, stamp = str(path.resolve()), [stat.st_size, stat.st_mtime_ns]
+    cache = fingerprint_cache()
+    try:
+        known = json.loads(cache.read_text()) if cache.is_file() else {}
+    except (OSError, ValueError):
+        known = {}
+    entry = known.get(key) if isinstance(known, dict) else None
+    if isinstance(entry, dict) and entry.get("stat") == stamp and isinstance(entry.get("fingerprint"), str):
+        data.__dict__["fingerprint"] = entry["fingerprint"]  # the cached_property's own slot
+        return
+    known = known if isinstance(known, dict) else {}
+    known[key] = {"stat": stamp, "fingerprint": data.fingerprint}
+    try:
+        atomic_write_text(cache, json.dumps(known, indent=1) + "\n")
+    except OSError as exc:
+        logger.debug("fingerprint cache %s not written: %s", cache, exc)
 
 
 def save_mmsa(raw: dict[str, Any], path: str | os.PathLike[str]) -> Path:

@@ -144,7 +144,7 @@ def normalize_dataset(data: MultimodalDataset, stats: dict[str, dict[str, list[f
     if not stats:
         return data
     splits = {name: normalize_split(data.split(name), stats) for name in ("train", "valid", "test")}
-    return replace(data, **splits)
+    return data.derive(**splits)
 
 
 def scale_warnings(train: Split, config: DataConfig) -> list[str]:

@@ -138,7 +138,8 @@ class MultimodalDataset:
     def fingerprint(self) -> str:
         """A hash of the content of every split's arrays (ids, labels, features, lengths, ...):
         the same data gives the same fingerprint whatever its file is called, one changed value
-        gives another. Computed once per dataset object."""
+        gives another. Computed once per dataset object; copies made with `derive` keep it, and a
+        pickle's is remembered by its file's size and modification time (`msakit.data.mmsa`)."""
         digest = hashlib.sha1(usedforsecurity=False)  # an identity, not a security measure
         for name in SPLITS:
             split = self.split(name)
@@ -155,6 +156,13 @@ class MultimodalDataset:
                 else:
                     digest.update(np.ascontiguousarray(array).view(np.uint8).ravel())
         return digest.hexdigest()
+
+    def derive(self, **changes: Any) -> MultimodalDataset:
+        """A copy with `changes` (normalised splits, side inputs, another family) that keeps this
+        dataset's fingerprint: it still identifies the data it was made from."""
+        derived = replace(self, **changes)
+        derived.__dict__["fingerprint"] = self.fingerprint  # the cached_property's own slot
+        return derived
 
     def split(self, name: str) -> Split:
         if name not in SPLITS:
