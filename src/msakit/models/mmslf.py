@@ -82,7 +82,18 @@ from msakit.data.schema import Batch, FeatureDims
 from msakit.data.tokens import BERT_SPECIAL_IDS, BERT_UNK_ID, load_tokenizer, resolve_encoder_path
 from msakit.errors import MsakitError
 from msakit.missing.masks import blank_out, droppable_positions
-from msakit.models.base import ModelConfig, MSAModel, Output, check_settings
+from msakit.models.base import (
+    POSITIVE,
+    RATE,
+    SIZE,
+    WEIGHT,
+    ModelConfig,
+    MSAModel,
+    Output,
+    Rule,
+    one_of,
+    setting,
+)
 from msakit.models.layers.attention import multi_head_attention
 from msakit.models.layers.prenorm import TokenTransformer
 from msakit.models.layers.text import TextEncoder, special_token_ids
@@ -91,6 +102,8 @@ from msakit.models.registry import register_model
 STAGES = ("teacher", "student")
 ATTENTION_TARGETS = ("unmodulated", "modulated")
 TEACHER_MODES = ("train", "eval")
+KEEP_RATE = Rule("a number in (0, 1]", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                 and 0 < v <= 1)
 NO_CUES = ("mmslf: the teacher reads cue texts: set model.cues=PATH "
            "(write one with `msakit cues DATASET --output PATH`)")
 
@@ -99,65 +112,37 @@ NO_CUES = ("mmslf: the teacher reads cue texts: set model.cues=PATH "
 class MMSLFConfig(ModelConfig):
     """MMSLF's settings; the defaults are the official MOSI network (models/MMSLF.py)."""
 
-    hidden_dim: int = 64  # d
-    dim_head: int = 32  # every attention is heads x 32 wide inside
-    cross_heads: int = 4  # the text-to-audio / text-to-vision cross transformers
-    cross_mlp_dim: int = 128  # SIMS: 768
-    teacher_fusion_heads: int = 6  # SIMS: 8
-    student_fusion_heads: int = 6  # SIMS: 4
-    fusion_mlp_dim: int = 64
-    fusion_tokens: int = 4
-    prompt_heads: int = 6  # SIMS: 8
-    prompt_mlp_dim: int = 128  # SIMS: 64
-    prompt_depth: int = 2
-    teacher_cross_depth: int = 6
-    teacher_fusion_depth: int = 6
-    student_cross_depth: int = 2  # SIMS: 1 (the official README's command)
-    student_fusion_depth: int = 2
-    dropout: float = 0.5  # inside the cross transformers; the others have none
+    hidden_dim: int = setting(64, SIZE)  # d
+    dim_head: int = setting(32, SIZE)  # every attention is heads x 32 wide inside
+    cross_heads: int = setting(4, SIZE)  # the text-to-audio / text-to-vision cross transformers
+    cross_mlp_dim: int = setting(128, SIZE)  # SIMS: 768
+    teacher_fusion_heads: int = setting(6, SIZE)  # SIMS: 8
+    student_fusion_heads: int = setting(6, SIZE)  # SIMS: 4
+    fusion_mlp_dim: int = setting(64, SIZE)
+    fusion_tokens: int = setting(4, SIZE)
+    prompt_heads: int = setting(6, SIZE)  # SIMS: 8
+    prompt_mlp_dim: int = setting(128, SIZE)  # SIMS: 64
+    prompt_depth: int = setting(2, SIZE)
+    teacher_cross_depth: int = setting(6, SIZE)
+    teacher_fusion_depth: int = setting(6, SIZE)
+    student_cross_depth: int = setting(2, SIZE)  # SIMS: 1 (the official README's command)
+    student_fusion_depth: int = setting(2, SIZE)
+    dropout: float = setting(0.5, RATE)  # inside the cross transformers; the others have none
     # the official recipe fine-tunes the teacher's text encoder (finetune_text) and keeps the
     # student's frozen (its command has no --bert_finetune)
     student_finetune_text: bool = False
     cues: str | None = None  # the JSONL file `msakit cues` writes
     prompt_encoder: str = "minilm"  # packaged name or local Hugging Face folder; always frozen
-    prompt_max_len: int = 512  # cue tokens read
+    prompt_max_len: int = setting(512, SIZE)  # cue tokens read
     # std of the random init of the prompt path's learned positions; 1 = the official randn
-    prompt_position_std: float = 1.0
-    augment_min_keep: float = 0.5  # teacher training keeps each input element with p ~ U(this, 1)
-    attention_weight: float = 60.0  # beta
-    fusion_weight: float = 8.0  # gamma
-    attention_target: str = "unmodulated"
-    teacher_mode: str = "train"  # the frozen teacher's mode while the student trains
-
-    def __post_init__(self) -> None:
-        check_settings(
-            "mmslf", self,
-            ("hidden_dim", "dim_head", "cross_heads", "cross_mlp_dim", "teacher_fusion_heads",
-             "student_fusion_heads", "fusion_mlp_dim", "fusion_tokens", "prompt_heads",
-             "prompt_mlp_dim", "prompt_depth", "teacher_cross_depth", "teacher_fusion_depth",
-             "student_cross_depth", "student_fusion_depth", "prompt_max_len"),
-            ("dropout",),
-        )
-        for key in ("attention_weight", "fusion_weight"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise MsakitError(f"mmslf: model.{key} must be a number >= 0, not {value!r}")
-        std = self.prompt_position_std
-        if isinstance(std, bool) or not isinstance(std, (int, float)) or not std > 0:
-            raise MsakitError(f"mmslf: model.prompt_position_std must be a number > 0, not {std!r}")
-        keep = self.augment_min_keep
-        if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
-            raise MsakitError(f"mmslf: model.augment_min_keep must be in (0, 1], not {keep!r}")
-        if self.attention_target not in ATTENTION_TARGETS:
-            raise MsakitError(
-                f"mmslf: model.attention_target must be one of {', '.join(ATTENTION_TARGETS)}, "
-                f"not {self.attention_target!r}"
-            )
-        if self.teacher_mode not in TEACHER_MODES:
-            raise MsakitError(
-                f"mmslf: model.teacher_mode must be one of {', '.join(TEACHER_MODES)}, "
-                f"not {self.teacher_mode!r}"
-            )
+    prompt_position_std: float = setting(1.0, POSITIVE)
+    # teacher training keeps each input element with p ~ U(this, 1)
+    augment_min_keep: float = setting(0.5, KEEP_RATE)
+    attention_weight: float = setting(60.0, WEIGHT)  # beta
+    fusion_weight: float = setting(8.0, WEIGHT)  # gamma
+    attention_target: str = setting("unmodulated", one_of(*ATTENTION_TARGETS))
+    # the frozen teacher's mode while the student trains
+    teacher_mode: str = setting("train", one_of(*TEACHER_MODES))
 
 
 class PromptReader:

@@ -40,8 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from msakit.data.schema import MODALITIES, Batch, FeatureDims
-from msakit.errors import MsakitError
-from msakit.models.base import ModelConfig, MSAModel, Output, check_settings
+from msakit.models.base import RATE, SIZE, ModelConfig, MSAModel, Output, setting
 from msakit.models.layers.pooling import last_valid
 from msakit.models.layers.text import TextEncoder
 from msakit.models.layers.transformer import (
@@ -56,36 +55,23 @@ from msakit.models.registry import register_model
 class MulTConfig(ModelConfig):
     """MulT's settings; the defaults are MMSA's MOSI values."""
 
-    embed_dim: int = 50  # d, the common width (MMSA: dst_feature_dim_nheads[0])
-    num_heads: int = 10
-    layers: int = 4  # crossmodal blocks per stack (MMSA: nlevels)
-    memory_layers: int = 4  # self-attention blocks per memory stack
-    attn_dropout: float = 0.3  # text as the source, and the memory stacks
-    attn_dropout_audio: float = 0.2
-    attn_dropout_vision: float = 0.0
-    relu_dropout: float = 0.0
-    res_dropout: float = 0.0
-    embed_dropout: float = 0.2
-    output_dropout: float = 0.5
-    text_dropout: float = 0.5  # on the text states before the convolution
-    conv_kernel_text: int = 5
-    conv_kernel_audio: int = 5
-    conv_kernel_vision: int = 5
+    # d, the common width (MMSA: dst_feature_dim_nheads[0])
+    embed_dim: int = setting(50, SIZE, divisible_by="num_heads")
+    num_heads: int = setting(10, SIZE)
+    layers: int = setting(4, SIZE)  # crossmodal blocks per stack (MMSA: nlevels)
+    memory_layers: int = setting(4, SIZE)  # self-attention blocks per memory stack
+    attn_dropout: float = setting(0.3, RATE)  # text as the source, and the memory stacks
+    attn_dropout_audio: float = setting(0.2, RATE)
+    attn_dropout_vision: float = setting(0.0, RATE)
+    relu_dropout: float = setting(0.0, RATE)
+    res_dropout: float = setting(0.0, RATE)
+    embed_dropout: float = setting(0.2, RATE)
+    output_dropout: float = setting(0.5, RATE)
+    text_dropout: float = setting(0.5, RATE)  # on the text states before the convolution
+    conv_kernel_text: int = setting(5, SIZE)
+    conv_kernel_audio: int = setting(5, SIZE)
+    conv_kernel_vision: int = setting(5, SIZE)
     causal_mask: bool = True
-
-    def __post_init__(self) -> None:
-        check_settings(
-            "mult", self,
-            ("embed_dim", "num_heads", "layers", "memory_layers",
-             "conv_kernel_text", "conv_kernel_audio", "conv_kernel_vision"),
-            ("attn_dropout", "attn_dropout_audio", "attn_dropout_vision", "relu_dropout",
-             "res_dropout", "embed_dropout", "output_dropout", "text_dropout"),
-        )
-        if self.embed_dim % self.num_heads:
-            raise MsakitError(
-                f"mult: model.embed_dim ({self.embed_dim}) must be divisible by "
-                f"model.num_heads ({self.num_heads})"
-            )
 
 
 @register_model("mult")

@@ -21,6 +21,8 @@ def register_model(name: str) -> Callable[[type[MSAModel]], type[MSAModel]]:
             raise ValueError(f"model name {name!r} is registered twice")
         _MODELS[name] = cls
         cls.registry_name = name
+        if cls.config_class is not ModelConfig:
+            cls.config_class.model_name = name
         return cls
 
     return decorate

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from msakit.data.schema import Batch, FeatureDims
-from msakit.models.base import ModelConfig, MSAModel, Output, check_settings
+from msakit.models.base import RATE, SIZE, ModelConfig, MSAModel, Output, setting
 from msakit.models.layers.pooling import masked_mean
 from msakit.models.layers.text import TextEncoder
 from msakit.models.registry import register_model
@@ -22,11 +22,8 @@ from msakit.models.registry import register_model
 class TextOnlyConfig(ModelConfig):
     """Width of the head's hidden layer and its dropout."""
 
-    hidden: int = 128
-    dropout: float = 0.1
-
-    def __post_init__(self) -> None:
-        check_settings("text_only", self, sizes=("hidden",), dropouts=("dropout",))
+    hidden: int = setting(128, SIZE)
+    dropout: float = setting(0.1, RATE)
 
 
 @register_model("text_only")

@@ -30,8 +30,7 @@ import torch
 from torch import nn
 
 from msakit.data.schema import Batch, FeatureDims
-from msakit.errors import MsakitError
-from msakit.models.base import ModelConfig, MSAModel, Output, check_settings
+from msakit.models.base import POSITIVE, RATE, SIZE, ModelConfig, MSAModel, Output, setting
 from msakit.models.layers.subnets import UnimodalSubnets, with_one
 from msakit.models.registry import register_model
 
@@ -40,29 +39,17 @@ from msakit.models.registry import register_model
 class TFNConfig(ModelConfig):
     """TFN's settings; the defaults are MMSA's MOSI values."""
 
-    text_hidden: int = 128  # LSTM width
-    audio_hidden: int = 32
-    vision_hidden: int = 128
-    text_out: int = 32  # text embedding size after the LSTM's linear layer
-    post_fusion_dim: int = 64
-    audio_dropout: float = 0.3
-    vision_dropout: float = 0.3
-    text_dropout: float = 0.0
-    post_fusion_dropout: float = 0.5
-    output_bound: float | None = 3.0  # predictions lie in (-bound, bound); None = unbounded
-
-    def __post_init__(self) -> None:
-        check_settings(
-            "tfn", self,
-            ("text_hidden", "audio_hidden", "vision_hidden", "text_out", "post_fusion_dim"),
-            ("audio_dropout", "vision_dropout", "text_dropout", "post_fusion_dropout"),
-        )
-        bound = self.output_bound
-        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float))
-                                  or not bound > 0):
-            raise MsakitError(
-                f"tfn: model.output_bound must be positive or null, not {self.output_bound!r}"
-            )
+    text_hidden: int = setting(128, SIZE)  # LSTM width
+    audio_hidden: int = setting(32, SIZE)
+    vision_hidden: int = setting(128, SIZE)
+    text_out: int = setting(32, SIZE)  # text embedding size after the LSTM's linear layer
+    post_fusion_dim: int = setting(64, SIZE)
+    audio_dropout: float = setting(0.3, RATE)
+    vision_dropout: float = setting(0.3, RATE)
+    text_dropout: float = setting(0.0, RATE)
+    post_fusion_dropout: float = setting(0.5, RATE)
+    # predictions lie in (-bound, bound); None = unbounded
+    output_bound: float | None = setting(3.0, POSITIVE.or_null())
 
 
 @register_model("tfn")
