@@ -13,9 +13,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from msakit import api
 from msakit.data import synthetic_dataset
-from msakit.data.schema import SPLITS, MultimodalDataset, concat_splits
-from msakit.errors import MsakitError
-from msakit.evaluation.domains import (
+from msakit.data.domains import (
     assign_groups,
     check_model,
     dataset_task,
@@ -23,6 +21,8 @@ from msakit.evaluation.domains import (
     transfer,
     video_ids,
 )
+from msakit.data.schema import SPLITS, MultimodalDataset, concat_splits
+from msakit.errors import MsakitError
 from resume_check import Interrupted, interrupt_training
 
 SIZES = {"n_train": 150, "n_valid": 90, "n_test": 90, "text_len": 12, "audio_len": 16,

@@ -20,11 +20,12 @@ from msakit import __version__
 from msakit.data.catalog import check_synthetic_sizes
 from msakit.data.catalog import list_datasets as _list_datasets
 from msakit.data.catalog import load_dataset as _load_dataset
+from msakit.data.domains import build_task, check_model
 from msakit.data.mmsa import save_mmsa
 from msakit.data.schema import SPLITS, MultimodalDataset
 from msakit.data.synthetic import generate_synthetic
 from msakit.errors import MsakitError
-from msakit.evaluation.domains import build_task, check_model, score_task, write_dg
+from msakit.evaluation.domains import score_task
 from msakit.evaluation.protocols import run_protocol, write_robustness
 from msakit.evaluation.reproduce import (
     load_recipe,
@@ -40,6 +41,7 @@ from msakit.evaluation.results import (
     reproduce_results,
     this_command,
     train_results,
+    write_dg,
     write_reproduce,
     write_results,
 )
@@ -218,7 +220,7 @@ def dg(
     are dataset names or paths, and only the modalities that mean the same in all of them are used.
     With `dataset` the domains are groups inside it (`group_by`: "domains", "video", "cluster" or
     "FILE.csv:COLUMN"; `n_groups` and `split_seed` for video and cluster); `target` and `sources`
-    are group names, the sources by default every other group. See `msakit.evaluation.domains`.
+    are group names, the sources by default every other group. See `msakit.data.domains`.
     One run per seed; each reports in-domain (the sources' test split) and out-of-domain (the target)
     metrics and their gap. Writes dg.json, dg.csv, dg.md and one `seed-<seed>.pt` checkpoint per
     seed into `output` when given; `resume` and `overwrite` as in `train`.

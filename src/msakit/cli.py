@@ -22,8 +22,8 @@ from msakit import __version__, api
 from msakit.cues.pipeline import BACKENDS, run_cues
 from msakit.data.mmsa import FAMILIES
 from msakit.errors import MsakitError
-from msakit.evaluation.domains import modality_lines, part_labels
 from msakit.evaluation.report import metrics_table
+from msakit.evaluation.results import modality_lines, part_labels
 from msakit.fileio import strict_json
 from msakit.metrics import UNDEFINED_REASONS
 from msakit.missing import parse_rates

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from msakit import __version__
+from msakit.data.domains import DomainTask
 from msakit.data.schema import MultimodalDataset
 from msakit.errors import MsakitError
-from msakit.evaluation.domains import DomainTask, summarise
+from msakit.evaluation.domains import PARTS, summarise
 from msakit.evaluation.protocols import plot_curves
 from msakit.evaluation.report import LABELS, csv_text, format_value, mean_std
 from msakit.evaluation.reproduce import Recipe
@@ -183,3 +184,94 @@ def compare_runs(run_dirs: Sequence[str | Path], output: str | Path) -> dict[str
     plot_curves(out / "compare.png", results, f"{protocol}-modal missing, test split")
     return {"protocol": protocol, "family": family,
             "means": {name: r["mean"] for name, r in results.items()}, "table": "\n".join(lines)}
+
+
+# --- domain generalization: the report of a dg run --------------------------------------------------
+
+
+def part_labels(result: dict[str, Any]) -> dict[str, str]:
+    """Row names of the in-domain / out-of-domain / gap table."""
+    sizes = result["task"]["sizes"]
+    return {
+        "in_domain": f"in-domain: sources' test ({sizes['in_domain_test']})",
+        "out_of_domain": f"out-of-domain: {result['task']['target']} ({sizes['target']})",
+        "gap": "gap (out - in)",
+    }
+
+
+def _grouping_text(task: dict[str, Any]) -> str:
+    grouping, seed = task["grouping"], task.get("split_seed")
+    return {
+        "datasets": "whole datasets (leave-one-dataset-out)",
+        "domains": "the dataset's own domain labels",
+        "video": f"the dataset's videos dealt to {len(task['domains'])} groups (seed {seed})",
+        "cluster": f"k-means clusters of the dataset's videos (seed {seed})",
+    }.get(grouping, f"the column after the last ':' of {grouping}")
+
+
+def modality_lines(task: dict[str, Any]) -> list[str]:
+    """The modalities used and, between datasets, why each array was used or left out."""
+    lines = [f"modalities used: {', '.join(task['modalities'])}"]
+    if task["grouping"] == "datasets":
+        lines += [f"{name} {'used' if d['used'] else 'left out'}: {d['reason']}"
+                  for name, d in task["arrays"].items()]
+    return lines
+
+
+def dg_markdown(result: dict[str, Any]) -> str:
+    """The markdown report: in-domain vs out-of-domain and their gap, then each domain."""
+    family = result["dataset"]["metric_family"]
+    keys = METRIC_KEYS[family]
+    task = result["task"]
+    several = len(result["seeds"]) > 1
+    header = "| | " + " | ".join(LABELS[k] for k in keys) + " |"
+    rule = "|---" * (len(keys) + 1) + "|"
+
+    def cells(metrics: dict[str, float], std: dict[str, float] | None) -> str:
+        return " | ".join(format_value(k, metrics[k], std[k] if std else None) for k in keys)
+
+    worse = ", ".join(f"{LABELS[k]} {'up' if k in LOWER_IS_BETTER else 'down'}" for k in keys)
+    lines = [
+        f"# {result['model']}: domain generalization, {' + '.join(task['sources'])} -> {task['target']}",
+        "",
+        f"Regenerate with: `{result['command']}`",
+        "",
+        f"Domains: {_grouping_text(task)}; the target's samples come from its "
+        f"{'/'.join(task['target_splits'])} split(s). {result['selection']}",
+        f"Seeds: {', '.join(str(r['seed']) for r in result['seeds'])}"
+        + (" (mean ± std)" if several else "") + ".",
+        "",
+        *[f"- {line}" for line in modality_lines(task)],
+        *[f"- note: {note}" for note in task["notes"]],
+        "",
+        header, rule,
+    ]
+    for part, label in part_labels(result).items():
+        lines.append(f"| {label} | {cells(result['mean'][part], result['std'][part] if several else None)} |")
+    lines += ["", f"A worse out-of-domain result shows as a gap with {worse}.", "",
+              "| domain (role, test samples) | " + " | ".join(LABELS[k] for k in keys) + " |", rule]
+    for domain in task["domains"]:
+        if domain["role"] == "unused":
+            continue
+        count = domain["samples"].get("target", domain["samples"].get("test"))
+        scores = result["per_domain"][domain["name"]]
+        lines.append(f"| {domain['name']} ({domain['role']}, {count}) | "
+                     f"{cells(scores['mean'], scores['std'] if several else None)} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_dg(out_dir: Path, result: dict[str, Any]) -> None:
+    """dg.json, dg.csv (one row per seed and part, then mean and std rows) and dg.md, atomically."""
+    task = result["task"]
+    base = {"model": result["model"], "sources": "+".join(task["sources"]), "target": task["target"]}
+    rows: list[dict[str, object]] = []
+    for run in result["seeds"]:
+        rows += [{**base, "seed": run["seed"], "part": part, **run[part]} for part in PARTS]
+    for stat in ("mean", "std"):
+        rows += [{**base, "seed": stat, "part": part, **result[stat][part]} for part in PARTS]
+    for name, scores in result["per_domain"].items():
+        for stat in ("mean", "std"):
+            rows.append({**base, "seed": stat, "part": f"domain {name}", **scores[stat]})
+    atomic_write_json(out_dir / "dg.json", result, UNDEFINED_REASONS)
+    atomic_write_text(out_dir / "dg.csv", csv_text(rows))
+    atomic_write_text(out_dir / "dg.md", dg_markdown(result))
