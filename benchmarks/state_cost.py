@@ -78,17 +78,18 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["tfn", "lnln"])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--n-train", type=int, default=1284, help="training clips (MOSI: 1284)")
+    parser.add_argument("--n-valid", type=int, default=229, help="validation clips (MOSI: 229)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     torch.set_num_threads(1)
-    data = load_dataset("synthetic", n_train=args.n_train)
+    data = load_dataset("synthetic", n_train=args.n_train, n_valid=args.n_valid)
     command = shlex.join(["python", *sys.argv])
     record = json.loads(OUTPUT.with_suffix(".json").read_text()) if OUTPUT.with_suffix(".json").is_file() \
         else {"rows": {}}
     for model in args.models:
         row = {**measure(model, data, args.epochs, args.overrides), "label": args.label,
-               "n_train": args.n_train, "overrides": args.overrides, "command": command,
-               "machine": machine_name()}
+               "n_train": args.n_train, "n_valid": args.n_valid, "overrides": args.overrides,
+               "command": command, "machine": machine_name()}
         record["rows"][f"{model} {args.label}"] = row
         atomic_write_text(OUTPUT.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
         atomic_write_text(OUTPUT.with_suffix(".md"), table(record["rows"]) + "\n")
