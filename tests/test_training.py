@@ -11,11 +11,18 @@ import pytest
 import torch
 
 from msakit.errors import MsakitError
+from msakit.metrics import METRIC_KEYS
 from msakit.models import create_model
 from msakit.training.checkpoint import check_dims_match, load_checkpoint, save_checkpoint
 from msakit.training.config import resolve_config, training_config
 from msakit.training.settings import Stage, TrainConfig, scale_stages
-from msakit.training.trainer import Trainer, build_optimizer, build_scheduler, seed_everything
+from msakit.training.trainer import (
+    Trainer,
+    best_weight_files,
+    build_optimizer,
+    build_scheduler,
+    seed_everything,
+)
 from resume_check import assert_same_fit, fit_until_interrupted
 
 FEATURES = {"text_source": "features", "hidden": 16}
@@ -418,3 +425,22 @@ def test_the_training_state_is_written_as_often_as_it_is_worth(tiny_dataset, tmp
     assert written == written_after
     with pytest.raises(MsakitError, match="state_every must be auto or an integer"):
         TrainConfig(state_every=0)
+
+
+def test_best_weights_are_written_once_when_they_change_and_read_back(tiny_dataset, tmp_path, monkeypatch):
+    trainer = _trainer(tiny_dataset, epochs=4, patience=None)
+    saved = []
+    original = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f: saved.append(sorted(obj)) or original(obj, f))
+    # the validation MAE gets worse after epoch 1, so epochs 2-4 keep epoch 1's weights as the best
+    scores = iter([0.5, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    monkeypatch.setattr(trainer, "evaluate", lambda split, transform=None: {
+        **dict.fromkeys(METRIC_KEYS["mosi"], 0.0), "mae": next(scores)})
+    state = tmp_path / "s.pt"
+    trainer.fit(tiny_dataset.train, tiny_dataset.valid, seed=1, state_file=state, state_meta={})
+    best_writes = [keys for keys in saved if keys == ["format", "state"]]
+    assert len(best_writes) == 1, "epoch 1's weights are written once, at epoch 2, not at 3 and 4"
+    assert [p.name for p in best_weight_files(state)] == ["s.best-0-1.pt"]
+    resumed = _trainer(tiny_dataset, epochs=4, patience=None)._read_state(state, {})
+    expected = trainer.model.state_dict()  # fit ends on the best (epoch 1) weights
+    assert all(torch.equal(resumed["best_state"][k], v) for k, v in expected.items())

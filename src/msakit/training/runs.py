@@ -30,7 +30,7 @@ from msakit.training.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from msakit.training.checkpoint import check_dims_match, load_checkpoint, read_tagged, save_checkpoint
 from msakit.training.config import data_config, parse_overrides, resolve_config, training_config
 from msakit.training.settings import scale_stages
-from msakit.training.trainer import FitResult, Trainer, first_difference, seed_everything
+from msakit.training.trainer import FitResult, Trainer, best_weight_files, first_difference, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -257,8 +257,14 @@ def _state_file(out_dir: Path | None, seed: int, resume: bool) -> Path | None:
         return None
     path = out_dir / f"seed-{seed}.state.pt"
     if not resume:
-        path.unlink(missing_ok=True)
+        _remove_state(path)
     return path
+
+
+def _remove_state(path: Path) -> None:
+    """A seed's training state file and the best-weights files beside it."""
+    for file in [path, *best_weight_files(path)]:
+        file.unlink(missing_ok=True)
 
 
 def _finished_run(out_dir: Path | None, meta: dict[str, Any], resume: bool) -> dict[str, Any] | None:
@@ -293,7 +299,7 @@ def _save_seed(
                     dataset=dataset_info(data),
                     extra={"seed": seed, "metrics": metrics, "run": run, "run_meta": meta,
                            "normalization": normalization})
-    (out_dir / f"seed-{seed}.state.pt").unlink(missing_ok=True)
+    _remove_state(out_dir / f"seed-{seed}.state.pt")
 
 
 def checkpoint_trainer(

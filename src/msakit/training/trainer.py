@@ -46,7 +46,8 @@ from msakit.training.settings import STATE_WRITE_SHARE, Stage, TrainConfig
 log = logging.getLogger(__name__)
 
 BatchTransform = Callable[[Batch, int], Batch]  # (batch, epoch) -> batch, e.g. training noise
-STATE_FORMAT = "msakit-training-state-v1"
+STATE_FORMAT = "msakit-training-state-v2"  # v2: best weights in a file of their own
+BEST_FORMAT = "msakit-best-weights-v1"
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -229,6 +230,11 @@ def nonfinite_at_initialisation(batch: Batch, losses: dict[str, torch.Tensor]) -
             "scales are the usual cause: try --set data.normalize=zscore")
 
 
+def best_weight_files(state_file: Path) -> list[Path]:
+    """The best-weights files a training state file `state_file` has written beside it."""
+    return sorted(state_file.parent.glob(f"{state_file.stem}.best-*.pt"))
+
+
 class Trainer:
     """Trains one model on one dataset; `fit` then `evaluate` or `predict` any split."""
 
@@ -349,8 +355,7 @@ class Trainer:
             for metric, s in resume["best_by_metric"].items()
         }
         best = FitResult(**resume["best"], stage=stage.name)
-        best_state = resume["model"] if resume["best_state"] is None else resume["best_state"]
-        return _StageLoop(best, best_state, optimizer, scheduler, steps_per_epoch,
+        return _StageLoop(best, resume["best_state"], optimizer, scheduler, steps_per_epoch,
                           resume["epoch"], resume["stale"])
 
     def _fit_stage(
@@ -425,13 +430,19 @@ class Trainer:
     ) -> None:
         # snapshots tracking several metrics share one state dict; torch.save stores it once (so
         # no dataclasses.asdict here, which would deep-copy every tensor). Best weights found at
-        # this very epoch are the model's own: stored once (None means "the model's").
-        improved_now = loop.best.best_epoch == loop.epoch
+        # this very epoch are the model's own and stored once; older ones are written to a file of
+        # their own once, when they change, and the state names that file.
+        best_file = None
+        if loop.best.best_epoch != loop.epoch:
+            best_file = path.with_name(f"{path.stem}.best-{stage_index}-{loop.best.best_epoch}.pt")
+            if not best_file.is_file():
+                atomic_write_bytes(best_file, lambda handle: torch.save(
+                    {"format": BEST_FORMAT, "state": loop.best_state}, handle))
         payload = {
             "format": STATE_FORMAT, "meta": meta, "stage_index": stage_index,
             "epoch": loop.epoch, "stale": loop.stale,
             "best": {k: getattr(loop.best, k) for k in ("best_valid", "best_epoch", "epochs_run")},
-            "best_state": None if improved_now else loop.best_state, "model": self.model.state_dict(),
+            "best_file": None if best_file is None else best_file.name, "model": self.model.state_dict(),
             "model_extra": self.model.training_state(),
             "best_by_metric": {m: vars(s) for m, s in self.best_by_metric.items()},
             "optimizer": loop.optimizer.state_dict(), "scheduler": loop.scheduler.state_dict(),
@@ -439,6 +450,9 @@ class Trainer:
             "history": [asdict(r) for r in history], "reports": reports,
         }
         atomic_write_bytes(path, lambda handle: torch.save(payload, handle))
+        for stale in best_weight_files(path):
+            if stale != best_file:
+                stale.unlink(missing_ok=True)
 
     def _read_state(self, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
         state = read_tagged(path, STATE_FORMAT, "training state")
@@ -450,6 +464,9 @@ class Trainer:
         if state["stage_index"] >= len(self.stages()):
             raise MsakitError(f"{path} is from stage {state['stage_index'] + 1}, this run has "
                               f"{len(self.stages())}; remove it to start over")
+        best_file = state["best_file"]
+        state["best_state"] = state["model"] if best_file is None else read_tagged(
+            path.with_name(best_file), BEST_FORMAT, "best-weights file")["state"]
         return state
 
     def _track(self, epoch: int, valid_metrics: dict[str, float]) -> None:
