@@ -2,7 +2,7 @@
 
     python benchmarks/synthetic_signal.py            # --seed N for another dataset seed
 
-Regenerates the planted-signal numbers the README quotes for the default (MOSI-size) synthetic
+Regenerates the planted-signal numbers docs/data.md quotes for the default (MOSI-size) synthetic
 dataset. For every non-empty subset of {text, audio, vision}: each modality's features are
 averaged over its valid steps (tokens under the attention mask, frames within the length),
 concatenated, standardised with the train split's mean and std, and fed to scikit-learn's

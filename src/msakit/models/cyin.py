@@ -68,7 +68,7 @@ Where this differs from the official code, and why:
   sample id (`msakit.missing.sample_uniforms`), so a prediction repeats exactly and does not
   depend on the batch or the padding (the official code draws fresh noise at every evaluation).
   `eval_bottleneck: mean` uses mu instead; on the synthetic default that was worse on every seed,
-  on validation as on test (README).
+  on validation as on test (docs/models/cyin.md).
 - Training-time substitution is drawn per sample and modality (the official code draws once per
   batch and modality). A sample with a modality missing during training (`training.noise`) uses
   the test-time rule for it, and the bottleneck, label and translation terms skip the pairs that
