@@ -25,16 +25,9 @@ from msakit.data.mmsa import save_mmsa
 from msakit.data.schema import SPLITS, MultimodalDataset
 from msakit.data.synthetic import generate_synthetic
 from msakit.errors import MsakitError
-from msakit.evaluation.domains import score_task
+from msakit.evaluation.domains import dg_runs
 from msakit.evaluation.protocols import run_protocol, write_robustness
-from msakit.evaluation.reproduce import (
-    load_recipe,
-    merge_models,
-    per_metric_scores,
-    recipe_models,
-    selected_scores,
-    tracked_metrics,
-)
+from msakit.evaluation.reproduce import load_recipe, recipe_runs
 from msakit.evaluation.results import (
     compare_runs,
     dg_results,
@@ -55,12 +48,9 @@ from msakit.training.runs import (
     checkpoint_aligned,
     checkpoint_trainer,
     dataset_info,
-    fit_one_seed,
     prepare_run,
-    run_meta,
-    seed_runs,
+    train_seeds,
 )
-from msakit.training.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -125,24 +115,8 @@ def train(
     check_seeds(seeds)
     data = load_dataset(dataset, data_dir, family, aligned=aligned_input(model, aligned))
     setup = prepare_run(model, data, overrides, epochs)
-    data, out_dir = setup.data, Path(output) if output is not None else None
-    multi_stage = len(setup.config["training"]["stages"]) > 1
-
-    def train_seed(seed: int, state: dict[str, Any]) -> tuple[Trainer, dict[str, Any], dict[str, Any]]:
-        trainer, fit = fit_one_seed(model, data, setup.config, seed, progress, score_stages=multi_stage,
-                                    **state)
-        stages = fit.stage_reports
-        run = {
-            "seed": seed, "best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run,
-            "valid": fit.best_valid,  # the restored weights' own validation score
-            "test": stages[-1]["test"] if stages else trainer.evaluate(data.test),
-            "history": [dataclasses.asdict(r) for r in fit.history],
-            **({"stages": stages} if stages else {}),
-        }
-        return trainer, run, {"valid": run["valid"], "test": run["test"]}
-
-    runs = seed_runs(seeds, out_dir, resume, setup.config, data, run_meta("train", model, setup.config, data),
-                     train_seed, setup.normalization, overwrite)
+    out_dir = Path(output) if output is not None else None
+    runs = train_seeds(setup, seeds, out_dir, resume=resume, overwrite=overwrite, progress=progress)
     results = train_results(setup, runs, command)
     if out_dir is not None:
         write_results(out_dir, results)
@@ -173,31 +147,9 @@ def reproduce(
         recipe = dataclasses.replace(recipe, seeds=tuple(seeds))
     data = load_dataset(dataset, data_dir, family, aligned=aligned_input(model, aligned))
     setup = prepare_run(model, data, overrides, epochs)
-    data, config = setup.data, setup.config
-    models = recipe_models(recipe, config["training"])
     out_dir = Path(output) if output is not None else None
-    track = tracked_metrics(data.metric_family) if recipe.per_metric else ()
-
-    def runs_of(name: str, changes: dict[str, Any], scoring: Any) -> list[dict[str, Any]]:
-        settings = {**config, "training": {**config["training"], **changes}}
-
-        def train_seed(seed: int, state: dict[str, Any]) -> tuple[Trainer, dict[str, Any], dict[str, Any]]:
-            trainer, fit = fit_one_seed(model, data, settings, seed, progress, track_metrics=track, **state)
-            scores = (per_metric_scores(trainer, data, scoring) if recipe.per_metric
-                      else selected_scores(trainer, data, scoring, fit.best_epoch))
-            run = {"seed": seed, **scores, "history": [dataclasses.asdict(r) for r in fit.history]}
-            return trainer, run, {"test": run["mean"]}
-
-        folder = out_dir / name if out_dir is not None and name else out_dir
-        if folder is not None:
-            folder.mkdir(parents=True, exist_ok=True)
-        return seed_runs(recipe.seeds, folder, resume, settings, data,
-                         run_meta("reproduce", model, settings, data), train_seed, setup.normalization,
-                         overwrite)
-
-    runs = merge_models([runs_of(*m) for m in models], [name for name, _, _ in models])
-    if not recipe.one_model_per_rate:
-        config["training"].update(models[0][1])
+    models, runs = recipe_runs(setup, recipe, out_dir, resume=resume, overwrite=overwrite,
+                               progress=progress)
     result = reproduce_results(setup, recipe, models, runs, command)
     if out_dir is not None:
         write_reproduce(out_dir, result)
@@ -241,19 +193,7 @@ def dg(
     task = dataclasses.replace(task, data=setup.data, target=setup.prepare(task.target))
     check_model(task, model, model_class.modalities, setup.config["model"]["text_source"])
     out_dir = Path(output) if output is not None else None
-
-    def train_seed(seed: int, state: dict[str, Any]) -> tuple[Trainer, dict[str, Any], dict[str, Any]]:
-        trainer, fit = fit_one_seed(model, task.data, setup.config, seed, progress, **state)
-        run = {
-            "seed": seed, "best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run,
-            "valid": fit.best_valid, **score_task(trainer, task),
-            "history": [dataclasses.asdict(r) for r in fit.history],
-        }
-        return trainer, run, {"valid": run["valid"]}
-
-    meta = {**run_meta("dg", model, setup.config, task.data), "task": task.describe()}
-    runs = seed_runs(seeds, out_dir, resume, setup.config, task.data, meta, train_seed,
-                     setup.normalization, overwrite)
+    runs = dg_runs(setup, task, seeds, out_dir, resume=resume, overwrite=overwrite, progress=progress)
     result = dg_results(setup, task, split_seed, runs, command)
     if out_dir is not None:
         write_dg(out_dir, result)

@@ -5,6 +5,8 @@ target) metrics of a trained model, their gap, and their means over seeds. The t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,6 +14,7 @@ import numpy as np
 from msakit.data.domains import DomainTask
 from msakit.evaluation.report import mean_std
 from msakit.metrics import compute_metrics
+from msakit.training.runs import RunSetup, fit_one_seed, run_meta, seed_runs
 from msakit.training.trainer import Trainer
 
 
@@ -43,3 +46,24 @@ def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     per_domain = {d: dict(zip(("mean", "std"), mean_std([r["per_domain"][d] for r in runs]), strict=True))
                   for d in domains}
     return {"mean": mean, "std": std, "per_domain": per_domain}
+
+
+def dg_runs(
+    setup: RunSetup, task: DomainTask, seeds: Sequence[int], out_dir: Path | None, *, resume: bool,
+    overwrite: bool, progress: bool,
+) -> list[dict[str, Any]]:
+    """Train on the task's sources once per seed, select on their validation data, and score each
+    seed in-domain and out-of-domain (`score_task`), with its checkpoint in `out_dir`."""
+
+    def train_seed(seed: int, state: dict[str, Any]) -> tuple[Trainer, dict[str, Any], dict[str, Any]]:
+        trainer, fit = fit_one_seed(setup.model, task.data, setup.config, seed, progress, **state)
+        run = {
+            "seed": seed, "best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run,
+            "valid": fit.best_valid, **score_task(trainer, task),
+            "history": [asdict(r) for r in fit.history],
+        }
+        return trainer, run, {"valid": run["valid"]}
+
+    meta = {**run_meta("dg", setup.model, setup.config, task.data), "task": task.describe()}
+    return seed_runs(seeds, out_dir, resume, setup.config, task.data, meta, train_seed,
+                     setup.normalization, overwrite)

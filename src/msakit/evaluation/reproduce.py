@@ -25,7 +25,8 @@ that over seeds.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from msakit.data.schema import MultimodalDataset
@@ -34,6 +35,7 @@ from msakit.evaluation.protocols import run_protocol
 from msakit.evaluation.report import mean_std
 from msakit.metrics import METRIC_KEYS
 from msakit.missing import PROTOCOLS
+from msakit.training.runs import RunSetup, fit_one_seed, run_meta, seed_runs
 from msakit.training.settings import SELECT_PROTOCOLS
 from msakit.training.trainer import Trainer
 
@@ -157,3 +159,37 @@ def selected_scores(
                           seeds=recipe.mask_seeds)
     rows = [{"condition": r["condition"], "metrics": r["metrics"]} for r in result["rows"]]
     return {"rows": rows, "mean": result["mean"], "epochs": dict.fromkeys(result["mean"], best_epoch)}
+
+
+def recipe_runs(
+    setup: RunSetup, recipe: Recipe, out_dir: Path | None, *, resume: bool, overwrite: bool,
+    progress: bool,
+) -> tuple[list[tuple[str, dict[str, Any], Recipe]], list[dict[str, Any]]]:
+    """Train and score the recipe's models (one, or one per rate), each once per recipe seed, with
+    their checkpoints in `out_dir` (per rate in `rate-<r>/`): the models and each seed's scores."""
+    data, config = setup.data, setup.config
+    models = recipe_models(recipe, config["training"])
+    track = tracked_metrics(data.metric_family) if recipe.per_metric else ()
+
+    def runs_of(name: str, changes: dict[str, Any], scoring: Recipe) -> list[dict[str, Any]]:
+        settings = {**config, "training": {**config["training"], **changes}}
+
+        def train_seed(seed: int, state: dict[str, Any]) -> tuple[Trainer, dict[str, Any], dict[str, Any]]:
+            trainer, fit = fit_one_seed(setup.model, data, settings, seed, progress, track_metrics=track,
+                                        **state)
+            scores = (per_metric_scores(trainer, data, scoring) if recipe.per_metric
+                      else selected_scores(trainer, data, scoring, fit.best_epoch))
+            run = {"seed": seed, **scores, "history": [asdict(r) for r in fit.history]}
+            return trainer, run, {"test": run["mean"]}
+
+        folder = out_dir / name if out_dir is not None and name else out_dir
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+        return seed_runs(recipe.seeds, folder, resume, settings, data,
+                         run_meta("reproduce", setup.model, settings, data), train_seed,
+                         setup.normalization, overwrite)
+
+    runs = merge_models([runs_of(*m) for m in models], [name for name, _, _ in models])
+    if not recipe.one_model_per_rate:
+        config["training"].update(models[0][1])
+    return models, runs

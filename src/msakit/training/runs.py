@@ -325,3 +325,27 @@ def checkpoint_trainer(
     saved = {"model": dataclasses.asdict(net.config), "training": meta["training_config"]}
     data, _ = side_inputs(meta["model_name"], saved, data, training=False)
     return Trainer(net, settings, data.metric_family, progress=False), meta, data
+
+
+def train_seeds(setup: RunSetup, seeds: Sequence[int], out_dir: Path | None, *, resume: bool,
+                overwrite: bool, progress: bool) -> list[dict[str, Any]]:
+    """`msakit train`'s seeds: each trained and selected on validation, scored on valid and test
+    (every stage, when the model trains in several), with its checkpoint in `out_dir`."""
+    data, config = setup.data, setup.config
+    multi_stage = len(config["training"]["stages"]) > 1
+
+    def train_seed(seed: int, state: dict[str, Any]) -> tuple[Trainer, dict[str, Any], dict[str, Any]]:
+        trainer, fit = fit_one_seed(setup.model, data, config, seed, progress, score_stages=multi_stage,
+                                    **state)
+        stages = fit.stage_reports
+        run = {
+            "seed": seed, "best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run,
+            "valid": fit.best_valid,  # the restored weights' own validation score
+            "test": stages[-1]["test"] if stages else trainer.evaluate(data.test),
+            "history": [dataclasses.asdict(r) for r in fit.history],
+            **({"stages": stages} if stages else {}),
+        }
+        return trainer, run, {"valid": run["valid"], "test": run["test"]}
+
+    return seed_runs(seeds, out_dir, resume, config, data, run_meta("train", setup.model, config, data),
+                     train_seed, setup.normalization, overwrite)
