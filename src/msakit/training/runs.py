@@ -64,8 +64,9 @@ def prepare_run(model: str, data: MultimodalDataset, overrides: Sequence[str],
     return RunSetup(model, config, data, normalization, warnings, inputs)
 
 
-def side_inputs(model: str, config: dict[str, Any], data: MultimodalDataset, training: bool = True
-                 ) -> tuple[MultimodalDataset, dict[str, Any]]:
+def side_inputs(
+    model: str, config: dict[str, Any], data: MultimodalDataset, training: bool = True
+) -> tuple[MultimodalDataset, dict[str, Any]]:
     """`data` with the side inputs the model reads (`MSAModel.side_inputs`: MMSLF's cues) attached
     to every split, and {"inputs": {name: who wrote them}} for the results, when it reads any."""
     records = {}
@@ -76,8 +77,9 @@ def side_inputs(model: str, config: dict[str, Any], data: MultimodalDataset, tra
     return data, ({"inputs": records} if records else {})
 
 
-def normalized(data: MultimodalDataset, config: dict[str, Any]
-                ) -> tuple[MultimodalDataset, dict[str, Any], list[str]]:
+def normalized(
+    data: MultimodalDataset, config: dict[str, Any]
+) -> tuple[MultimodalDataset, dict[str, Any], list[str]]:
     """`data` checked against the run's settings (`check_inputs`) and normalised as
     `config["data"]` says (statistics from the training split), those statistics (saved in every
     checkpoint), and the warnings: validation's (logged at load) and the scales of the modalities
