@@ -18,8 +18,8 @@ from typing import Any
 
 from msakit import __version__
 from msakit.data.catalog import check_synthetic_sizes
-from msakit.data.catalog import list_datasets as _list_datasets
-from msakit.data.catalog import load_dataset as _load_dataset
+from msakit.data.catalog import list_datasets as catalog_datasets
+from msakit.data.catalog import load_dataset as catalog_load
 from msakit.data.domains import build_task, check_model
 from msakit.data.mmsa import save_mmsa
 from msakit.data.schema import SPLITS, MultimodalDataset
@@ -39,8 +39,7 @@ from msakit.evaluation.results import (
     write_results,
 )
 from msakit.fileio import check_output
-from msakit.models.registry import get_model_class
-from msakit.models.registry import list_models as _list_models
+from msakit.models.registry import describe_models, get_model_class
 from msakit.training.config import model_yaml
 from msakit.training.runs import (
     aligned_input,
@@ -55,33 +54,9 @@ from msakit.training.runs import (
 logger = logging.getLogger(__name__)
 
 
-def list_models() -> list[dict[str, str]]:
-    """Every registered model with the first line of its docstring."""
-    out = []
-    for name in _list_models():
-        doc = (get_model_class(name).__doc__ or "").strip().splitlines()
-        out.append({"name": name, "description": doc[0] if doc else ""})
-    return out
-
-
-def list_datasets() -> list[dict[str, str]]:
-    """Every dataset name `--dataset` takes, what it is and what it needs."""
-    return _list_datasets()
-
-
-def load_dataset(
-    dataset: str | MultimodalDataset, data_dir: str | None = None, family: str | None = None,
-    **options: Any
-) -> MultimodalDataset:
-    """A dataset by name or path (see `msakit datasets`), or the given one (its `family` replaced
-    when one is given). The family (settings section and metric rules) is logged."""
-    if isinstance(dataset, MultimodalDataset):
-        if family is not None:
-            dataset = dataset.derive(family=family, family_source="given with --family")
-    else:
-        dataset = _load_dataset(dataset, data_dir=data_dir, family=family, **options)
-    logger.info("%s: family %s (%s)", dataset.name, dataset.family, dataset.family_source or "given")
-    return dataset
+list_models = describe_models  # every registered model with the first line of its docstring
+list_datasets = catalog_datasets  # every dataset name `--dataset` takes, what it is, what it needs
+load_dataset = catalog_load  # a dataset by name or path (see `msakit datasets`), family logged
 
 
 def write_synthetic(
@@ -113,7 +88,7 @@ def train(
         check_output(output)
     get_model_class(model)
     check_seeds(seeds)
-    data = load_dataset(dataset, data_dir, family, aligned=aligned_input(model, aligned))
+    data = load_dataset(dataset, data_dir, family=family, aligned=aligned_input(model, aligned))
     setup = prepare_run(model, data, overrides, epochs)
     out_dir = Path(output) if output is not None else None
     runs = train_seeds(setup, seeds, out_dir, resume=resume, overwrite=overwrite, progress=progress)
@@ -145,7 +120,7 @@ def reproduce(
     recipe = load_recipe(model_yaml(model).get("reproduce"), model)
     if seeds is not None:  # `replace` runs the Recipe's checks on the given seeds too
         recipe = dataclasses.replace(recipe, seeds=tuple(seeds))
-    data = load_dataset(dataset, data_dir, family, aligned=aligned_input(model, aligned))
+    data = load_dataset(dataset, data_dir, family=family, aligned=aligned_input(model, aligned))
     setup = prepare_run(model, data, overrides, epochs)
     out_dir = Path(output) if output is not None else None
     models, runs = recipe_runs(setup, recipe, out_dir, resume=resume, overwrite=overwrite,
@@ -184,7 +159,7 @@ def dg(
     aligned = aligned_input(model, aligned)
 
     def load(name: str | MultimodalDataset, family: str | None = None) -> MultimodalDataset:
-        return load_dataset(name, data_dir, family, aligned=aligned)
+        return load_dataset(name, data_dir, family=family, aligned=aligned)
 
     task = build_task(load, target, sources=sources, dataset=dataset, group_by=group_by,
                       n_groups=n_groups, split_seed=split_seed, target_splits=target_splits, family=family)
@@ -207,7 +182,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Metrics of a saved checkpoint on one split of a dataset (`overrides`: model.KEY=VALUE
     test-time settings that replace the saved ones)."""
-    data = load_dataset(dataset, data_dir, family, aligned=checkpoint_aligned(checkpoint, aligned))
+    data = load_dataset(dataset, data_dir, family=family, aligned=checkpoint_aligned(checkpoint, aligned))
     trainer, meta, data = checkpoint_trainer(checkpoint, data, device, overrides)
     return {"checkpoint": str(checkpoint), "model": meta["model_name"],
             **({"overrides": list(overrides)} if overrides else {}), "dataset": dataset_info(data),
@@ -228,7 +203,7 @@ def robustness(
     """
     if output is not None:
         check_output(output)
-    data = load_dataset(dataset, data_dir, family, aligned=checkpoint_aligned(checkpoint, aligned))
+    data = load_dataset(dataset, data_dir, family=family, aligned=checkpoint_aligned(checkpoint, aligned))
     trainer, meta, data = checkpoint_trainer(checkpoint, data, device, overrides)
     result = {"msakit_version": __version__, "command": command or this_command(),
               "checkpoint": str(checkpoint), "model": meta["model_name"],

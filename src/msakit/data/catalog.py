@@ -9,6 +9,7 @@ layout (`<data_dir>/MOSI/Processed/unaligned_50.pkl`).
 from __future__ import annotations
 
 import inspect
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from msakit.data.mmsa import check_family, load_mmsa
 from msakit.data.schema import MultimodalDataset
 from msakit.data.synthetic import generate_synthetic, synthetic_dataset
 from msakit.errors import MsakitError
+
+logger = logging.getLogger(__name__)
 
 DATASETS: dict[str, dict[str, Any]] = {
     "synthetic": {
@@ -110,25 +113,28 @@ def _first_existing(candidates: list[Path], what: str) -> Path:
 
 
 def load_dataset(
-    name_or_path: str,
+    name_or_path: str | MultimodalDataset,
     data_dir: str | None = None,
     aligned: bool = False,
     seed: int = 0,
     family: str | None = None,
     **synthetic_sizes: int,
 ) -> MultimodalDataset:
-    """Load a catalog dataset by name, or a `.pkl` / `.csv` file by path.
+    """Load a catalog dataset by name, or a `.pkl` / `.csv` file by path (a dataset already in
+    memory is taken as it is). The family it gets, and why, is logged.
 
     `synthetic_sizes` (n_train, text_len, audio_dim, domains, ...) apply to the synthetic datasets
     only; `seed` seeds their generator. `family` (mosi, mosei, sims, simsv2, synthetic, custom)
     chooses the settings section and metric rules; without it a catalog name gives its own, a
     pickle is recognised from its data (see `msakit.data.mmsa.recognise_family`).
     """
+    data = name_or_path if isinstance(name_or_path, MultimodalDataset) else _load(
+        name_or_path, data_dir, aligned, seed, synthetic_sizes)
     if family is not None:
         check_family(family)
-        return _load(name_or_path, data_dir, aligned, seed, synthetic_sizes).derive(
-            family=family, family_source="given with --family")
-    return _load(name_or_path, data_dir, aligned, seed, synthetic_sizes)
+        data = data.derive(family=family, family_source="given with --family")
+    logger.info("%s: family %s (%s)", data.name, data.family, data.family_source or "given")
+    return data
 
 
 def _load(name_or_path: str, data_dir: str | None, aligned: bool, seed: int,

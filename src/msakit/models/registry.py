@@ -42,6 +42,15 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
+def describe_models() -> list[dict[str, str]]:
+    """Every registered model with the first line of its docstring."""
+    out = []
+    for name in list_models():
+        doc = (_MODELS[name].__doc__ or "").strip().splitlines()
+        out.append({"name": name, "description": doc[0] if doc else ""})
+    return out
+
+
 def get_model_class(name: str) -> type[MSAModel]:
     _discover()
     if name not in _MODELS:
