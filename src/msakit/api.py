@@ -38,7 +38,9 @@ from msakit.evaluation.results import (
     write_reproduce,
     write_results,
 )
+from msakit.features import build_dataset, load_feature_config
 from msakit.fileio import check_output
+from msakit.inference import Predictor, predict_files
 from msakit.models.registry import describe_models, get_model_class
 from msakit.training.config import model_yaml
 from msakit.training.runs import (
@@ -234,8 +236,6 @@ def extract(
     `features` is a YAML file of feature settings and `overrides` are `SECTION.KEY=VALUE` strings,
     both over `msakit/features/default.yaml`. Returns the report (also written beside `output`).
     """
-    from msakit.features import build_dataset, load_feature_config
-
     check_output(output, folder=False)
     config = load_feature_config(features, list(overrides))
     return build_dataset(clips, labels, output, config, workers=workers, cache_dir=cache_dir,
@@ -254,8 +254,6 @@ def predict(
     `features` / `overrides` may change only where transcripts come from (`transcript.*`): the
     checkpoint's recorded feature configuration decides the rest.
     """
-    from msakit.inference import Predictor, predict_files
-
     if not files:
         raise MsakitError("no media files to predict")
     predictor = Predictor(checkpoint, features, overrides=list(overrides), device=device)

@@ -18,8 +18,11 @@ from typing import Any
 
 from msakit.cues.backend import CueBackend, CueFailure, CueSample
 from msakit.cues.cache import CueFileWriter, read_cue_records
+from msakit.cues.offline import OfflineBackend
+from msakit.data.catalog import load_dataset
 from msakit.data.schema import SPLITS, MultimodalDataset
 from msakit.errors import MsakitError
+from msakit.features.dataset import index_media
 from msakit.fileio import check_output
 
 BACKENDS = ("offline", "openai")
@@ -128,8 +131,6 @@ def generate_cues(
         if not backend.reads_media:
             raise MsakitError(f"the {backend.name} backend does not read media files (--media {media}); "
                               "it describes the dataset's features")
-        from msakit.features.dataset import index_media
-
         index = index_media(Path(media).expanduser())
     output = Path(output).expanduser()
     existing = read_cue_records(output)
@@ -182,10 +183,9 @@ def make_backend(
         if given or api_key:
             raise MsakitError(f"the offline backend takes no {', '.join(given) or 'API key'}: "
                               "only the openai backend does")
-        from msakit.cues.offline import OfflineBackend
-
         return OfflineBackend(dataset)
     if name == "openai":
+        # imported when asked for: httpx and the image codecs cost every other command start-up time
         from msakit.cues.openai_backend import OpenAIBackend, resolve_settings
 
         return OpenAIBackend(resolve_settings(base_url, model, api_key, api_key_env, **openai_options))
@@ -209,8 +209,6 @@ def run_cues(
 ) -> CueRunReport:
     """`generate_cues` for a dataset name or path and a backend name; `backend_options` go to
     `make_backend` (base_url, model, api_key_env, concurrency, max_retries, ...)."""
-    from msakit.data.catalog import load_dataset
-
     check_output(output, folder=False)
     data = load_dataset(dataset, data_dir=data_dir, aligned=aligned)
     chosen = make_backend(backend, data, **backend_options)

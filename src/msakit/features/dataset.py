@@ -35,7 +35,7 @@ from msakit.data.schema import MODALITIES, SPLITS
 from msakit.errors import MsakitError
 from msakit.features.config import FeatureConfig
 from msakit.features.media import MEDIA_SUFFIXES
-from msakit.features.pipeline import feature_names
+from msakit.features.pipeline import FeaturePipeline, feature_names
 from msakit.fileio import atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -166,8 +166,6 @@ def _start_worker(config: dict[str, Any]) -> None:
     """Each worker builds its extractors once, single-threaded (the processes are the parallelism)."""
     global _PIPELINE
     import torch
-
-    from msakit.features.pipeline import FeaturePipeline
 
     torch.set_num_threads(1)
     _PIPELINE = FeaturePipeline(FeatureConfig.from_dict(config))
