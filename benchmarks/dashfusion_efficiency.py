@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import platform
 import resource
 import shlex
@@ -38,7 +37,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from msakit.fileio import atomic_write_text
+from msakit.fileio import atomic_write_json, atomic_write_text
 from msakit.models.dashfusion import DashFusionConfig, HierarchicalBottleneckFusion, NormedResidualBlock
 from msakit.models.layers.neighbours import label_buckets, label_neighbours
 
@@ -183,7 +182,7 @@ def main() -> None:
     if not fixed:
         lines += ["", "glibc's mmap threshold could not be fixed: RSS growth includes freed memory."]
     out = Path(args.output)
-    atomic_write_text(out / "dashfusion_efficiency.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_json(out / "dashfusion_efficiency.json", result)
     atomic_write_text(out / "dashfusion_efficiency.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import platform
 import shlex
@@ -36,7 +35,7 @@ import torch
 
 from msakit import __version__, api
 from msakit.features import FeaturePipeline, build_dataset, load_feature_config
-from msakit.fileio import atomic_write_text
+from msakit.fileio import atomic_write_json, atomic_write_text
 from msakit.inference import Predictor
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -150,7 +149,7 @@ def main() -> None:
         "repeats": args.repeats, "per_extractor": rows, "dataset_build": build, "predict": latency,
     }
     RESULTS.mkdir(exist_ok=True)
-    atomic_write_text(RESULTS / "extraction.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_json(RESULTS / "extraction.json", result)
     atomic_write_text(RESULTS / "extraction.md", markdown(result))
     print(markdown(result))
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from msakit import api
 from msakit.data.synthetic import synthetic_dataset
 from msakit.evaluation.report import format_value, mean_std
-from msakit.fileio import atomic_write_text
+from msakit.fileio import atomic_write_json, atomic_write_text
 from records import machine_name
 
 COLUMNS = ("mae", "acc2_non0", "f1_non0", "corr")
@@ -58,7 +58,7 @@ def main() -> None:
         if record.get("seeds") != args.seeds:
             record = {"dataset": data.source, "seeds": args.seeds, "rows": {}}
         record["rows"][f"{rate:.1f}"] = row
-        atomic_write_text(out, json.dumps(record, indent=2) + "\n")
+        atomic_write_json(out, record)
         atomic_write_text(out.with_suffix(".md"), table(record) + "\n")
         inter_mae, fixed_mae = row["inter"][0]["mae"], row["fixed"][0]["mae"]
         print(f"MR {rate:.1f}: inter MAE {inter_mae:.3f}  fixed MAE {fixed_mae:.3f}", flush=True)

@@ -14,7 +14,6 @@ Writes benchmarks/results/hme_retrieval.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shlex
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from msakit.fileio import atomic_write_text
+from msakit.fileio import atomic_write_json, atomic_write_text
 from msakit.models.hme import id_hashes, retrieve
 
 BANK, BATCH, DIM, THRESHOLD = 16326, 256, 192, 0.6
@@ -84,7 +83,7 @@ def main() -> None:
         "",
     ]
     out = Path(args.output)
-    atomic_write_text(out.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
+    atomic_write_json(out.with_suffix(".json"), result)
     atomic_write_text(out.with_suffix(".md"), "\n".join(lines))
     print("\n".join(lines))
 

@@ -37,7 +37,7 @@ from msakit.data.batching import iterate_batches
 from msakit.data.schema import SPLITS, MultimodalDataset
 from msakit.data.synthetic import synthetic_dataset
 from msakit.evaluation.report import format_value, mean_std
-from msakit.fileio import atomic_write_text
+from msakit.fileio import atomic_write_json, atomic_write_text
 from msakit.metrics import compute_metrics
 from msakit.training.checkpoint import load_checkpoint
 from msakit.training.settings import TrainConfig
@@ -230,8 +230,7 @@ def main() -> None:
 
 def write_table(out: Path, records: list[dict], command: str) -> None:
     summary, text = table(records, command)
-    atomic_write_text(Path(f"{out}.json"),
-                      json.dumps({"rows": summary, "records": records, "command": command}, indent=2) + "\n")
+    atomic_write_json(Path(f"{out}.json"), {"rows": summary, "records": records, "command": command})
     atomic_write_text(Path(f"{out}.md"), text + "\n")
     print(text)
 

@@ -12,7 +12,6 @@ Both are scored once on the test split. Writes benchmarks/results/mosi_text.json
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import shlex
@@ -29,7 +28,7 @@ from msakit.data.batching import iterate_batches
 from msakit.data.labelcsv import load_label_csv
 from msakit.data.schema import MultimodalDataset, Split
 from msakit.evaluation.report import format_value
-from msakit.fileio import atomic_write_text
+from msakit.fileio import atomic_write_json, atomic_write_text
 from msakit.metrics import compute_metrics
 from msakit.models.base import ModelConfig
 from msakit.models.layers.pooling import masked_mean
@@ -92,7 +91,7 @@ def main() -> None:
         },
     }
     out = Path(args.output)
-    atomic_write_text(out / "mosi_text.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_json(out / "mosi_text.json", result)
     header = "| model | " + " | ".join(KEYS) + " |"
     lines = [
         "# CMU-MOSI transcripts, test split (686 clips)", "",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from msakit.fileio import atomic_write_text
+from msakit.fileio import atomic_write_json, atomic_write_text
 
 Table = Callable[[list[dict]], tuple[dict, str]]
 
@@ -23,7 +23,7 @@ def machine_name() -> str:
 
 
 def save_record(records_dir: Path, name: str, record: dict) -> None:
-    atomic_write_text(records_dir / f"{name}.json", json.dumps(record, indent=2) + "\n")
+    atomic_write_json(records_dir / f"{name}.json", record)
 
 
 def rebuild_table(records_dir: Path, output: str | Path, table: Table) -> str:
@@ -31,7 +31,6 @@ def rebuild_table(records_dir: Path, output: str | Path, table: Table) -> str:
     records = [json.loads(p.read_text()) for p in sorted(records_dir.glob("*.json"))]
     summary, text = table(records)
     # appended, not with_suffix: a stem may hold a dot of its own (e.g. '..._select_rate0.5')
-    atomic_write_text(Path(f"{output}.json"), json.dumps({"rows": summary, "records": records}, indent=2)
-                      + "\n")
+    atomic_write_json(Path(f"{output}.json"), {"rows": summary, "records": records})
     atomic_write_text(Path(f"{output}.md"), text + "\n")
     return text

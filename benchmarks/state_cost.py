@@ -24,7 +24,7 @@ import torch
 
 from msakit import api
 from msakit.data.catalog import load_dataset
-from msakit.fileio import atomic_write_text
+from msakit.fileio import atomic_write_json, atomic_write_text
 from msakit.training.trainer import Trainer
 from records import machine_name
 
@@ -91,7 +91,7 @@ def main() -> None:
                "n_train": args.n_train, "n_valid": args.n_valid, "overrides": args.overrides,
                "command": command, "machine": machine_name()}
         record["rows"][f"{model} {args.label}"] = row
-        atomic_write_text(OUTPUT.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
+        atomic_write_json(OUTPUT.with_suffix(".json"), record)
         atomic_write_text(OUTPUT.with_suffix(".md"), table(record["rows"]) + "\n")
         print(table({model: row}), flush=True)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import shlex
 import sys
@@ -29,7 +28,7 @@ from sklearn.linear_model import RidgeCV
 from msakit.data.schema import MODALITIES, MultimodalDataset, Split
 from msakit.data.synthetic import synthetic_dataset
 from msakit.evaluation.report import format_value
-from msakit.fileio import atomic_write_text
+from msakit.fileio import atomic_write_json, atomic_write_text
 from msakit.metrics import MetricWarning, compute_metrics
 
 ALPHAS = tuple(10.0**k for k in np.arange(-2.0, 5.01, 0.5))
@@ -113,7 +112,7 @@ def main() -> None:
                      + " | ".join(format_value(k, row["test"][k]) for k in COLUMNS)
                      + f" | {alpha} |")
     out = Path(args.output)
-    atomic_write_text(out / "synthetic_signal.json", json.dumps(json_safe(result), indent=2) + "\n")
+    atomic_write_json(out / "synthetic_signal.json", json_safe(result))
     atomic_write_text(out / "synthetic_signal.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -129,7 +129,7 @@ def main() -> None:
     if args.one:
         print(json.dumps(measure(args.one[0], args.one[1], args.samples, args.device, args.stage)))
         return
-    from msakit.fileio import atomic_write_text
+    from msakit.fileio import atomic_write_json, atomic_write_text
 
     command = shlex.join(["python", "benchmarks/throughput.py", *sys.argv[1:]])
     machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
@@ -157,7 +157,7 @@ def main() -> None:
                 print(f"{r['model']:10s} {shape:6s} train {r['train_samples_per_s']:8.1f}/s  "
                       f"eval {r['eval_samples_per_s']:8.1f}/s  peak {r['peak_memory_mb']:8.0f} MB")
     ordered = [rows[k] for k in sorted(rows)]
-    atomic_write_text(json_path, json.dumps({"results": ordered}, indent=2) + "\n")
+    atomic_write_json(json_path, {"results": ordered})
     lines = ["# Training and evaluation throughput", "",
              "Each row: the command that measured it and the machine in the last columns.", "",
              "| model | shape | text | batch | params | samples | train samples/s | eval samples/s "

@@ -11,7 +11,6 @@ commit of the official code.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shlex
 import subprocess
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 
 from msakit.data.schema import MODALITIES, Batch
-from msakit.fileio import atomic_write_text
+from msakit.fileio import atomic_write_json, atomic_write_text
 
 RESULTS = Path("benchmarks/results/parity")
 PREDICTION_TOLERANCE = 1e-5  # absolute, predictions and losses
@@ -147,7 +146,7 @@ def write_report(method: str, output: Path, repository: str, commit: str, rows: 
               "switches": switches, "rows": rows,
               "passed": all(within_tolerance(r) for r in rows)}
     output.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(Path(f"{output}.json"), json.dumps(record, indent=2) + "\n")
+    atomic_write_json(Path(f"{output}.json"), record)
     keys = list(dict.fromkeys(k for row in rows for k in row["max_abs_diff"]))  # rows may differ
     lines = [f"# {method} parity with `{repository}` @ {commit}", "",
              "| dataset | parameters (official / msakit) | " + " | ".join(keys)

@@ -36,7 +36,7 @@ from msakit.errors import MsakitError
 from msakit.features.config import FeatureConfig
 from msakit.features.media import MEDIA_SUFFIXES
 from msakit.features.pipeline import FeaturePipeline, feature_names
-from msakit.fileio import atomic_write_bytes, atomic_write_text
+from msakit.fileio import atomic_write_bytes, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -337,7 +337,7 @@ def build_dataset(
 
     report = _report(rows, results, summaries, failures, cached_count, output, config)
     report_path = output.with_name(f"{output.stem}.report.json")
-    atomic_write_text(report_path, json.dumps(report, indent=2) + "\n")
+    atomic_write_json(report_path, report)
     empty = [s for s in SPLITS if not any(r.split == s and r.id in results for r in rows)]
     if empty:
         raise MsakitError(f"no clip of split(s) {', '.join(empty)} could be extracted "
