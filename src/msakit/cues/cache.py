@@ -111,18 +111,22 @@ def read_cue_records(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
 
 def load_cue_texts(path: str | os.PathLike[str]) -> dict[str, str]:
     """Sample id -> cue text ("Visual cues: ...\\nLanguage cues: ...") from a cue file."""
+    return {sample_id: record["text"] for sample_id, record in _existing_records(path).items()}
+
+
+def _existing_records(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise MsakitError(f"cue file not found: {path}")
-    return {sample_id: record["text"] for sample_id, record in read_cue_records(path).items()}
+    return read_cue_records(path)
 
 
-def cue_sources(path: str | os.PathLike[str], ids: Iterable[str]) -> dict[str, Any]:
-    """Who wrote the cues of the samples `ids` in the cue file at `path`: the backends (so that
-    offline cues are never taken for an MLLM's), and per backend, model and prompt version the
-    number of those samples; `samples_without_cues` counts the ids the file has no record for."""
+def cue_sources(path: str | os.PathLike[str], records: dict[str, dict[str, Any]],
+                ids: Iterable[str]) -> dict[str, Any]:
+    """Who wrote the cues of the samples `ids` in `records` (the cue file at `path`): the backends
+    (so that offline cues are never taken for an MLLM's), and per backend, model and prompt version
+    the number of those samples; `samples_without_cues` counts the ids the file has no record for."""
     path = Path(path).expanduser()
-    records = read_cue_records(path)
     counts: Counter[tuple[str, str, str]] = Counter()
     missing = 0
     for sample_id in ids:
@@ -187,7 +191,8 @@ def attach_cues(
 ) -> tuple[MultimodalDataset, dict[str, Any]]:
     """`data` with every split's cues from the cue file at `path` (`with_cues`), and who wrote
     them (`cue_sources`)."""
-    texts = load_cue_texts(path)
+    records = _existing_records(path)  # read once: the texts and who wrote them
+    texts = {sample_id: record["text"] for sample_id, record in records.items()}
     ids = [str(i) for name in SPLITS for i in data.split(name).ids]
     splits = {name: with_cues(data.split(name), texts) for name in SPLITS}
-    return data.derive(**splits), cue_sources(path, ids)
+    return data.derive(**splits), cue_sources(path, records, ids)
