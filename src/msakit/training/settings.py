@@ -11,6 +11,7 @@ from msakit.errors import MsakitError
 SELECT_PROTOCOLS = ("none", "intra", "inter")  # the protocols a single rate describes
 STATE_WRITE_SHARE = 0.05  # at most this share of training time goes to writing the training state
 STAGE_STARTS = ("restore_best", "continue")
+PRECISIONS = ("fp32", "bf16", "fp16")  # what forward passes compute in (msakit.training.precision)
 
 
 @dataclass
@@ -61,6 +62,11 @@ class TrainConfig:
     # write is at least STATE_WRITE_SHARE^-1 times what that write took, so writing costs at most
     # about 5% of the training time) or every N epochs
     state_every: int | str = "auto"
+    # forward passes (training and evaluation) under autocast in bf16 or fp16 (with loss scaling);
+    # weights, optimizer and checkpoints stay fp32
+    precision: str = "fp32"
+    tf32: bool = True  # fp32 matrix products on TF32 tensor cores, on CUDA GPUs that have them
+    compile: bool = False  # torch.compile the model (in place: its weights' names stay)
 
     def __post_init__(self) -> None:
         if self.state_every != "auto" and (isinstance(self.state_every, bool) or not isinstance(
@@ -87,9 +93,12 @@ class TrainConfig:
             self.stages = [s if isinstance(s, Stage) else Stage(**s) for s in self.stages]
         except TypeError as exc:
             raise MsakitError(f"training.stages: each stage needs name and epochs ({exc})") from None
-        if not isinstance(self.decay_norms_and_biases, bool):
-            raise MsakitError("training.decay_norms_and_biases must be true or false, "
-                              f"not {self.decay_norms_and_biases!r}")
+        for key in ("decay_norms_and_biases", "tf32", "compile"):
+            if not isinstance(getattr(self, key), bool):
+                raise MsakitError(f"training.{key} must be true or false, not {getattr(self, key)!r}")
+        if self.precision not in PRECISIONS:
+            raise MsakitError(f"training.precision must be one of {', '.join(PRECISIONS)}, "
+                              f"not {self.precision!r}")
         for index, stage in enumerate(self.stages):
             _check_number(f"stages[{stage.name}].epochs", stage.epochs, integer=True, low=1)
             if stage.start not in STAGE_STARTS:

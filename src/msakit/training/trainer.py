@@ -41,6 +41,7 @@ from msakit.fileio import atomic_write_bytes
 from msakit.metrics import METRIC_KEYS, compute_metrics, is_better
 from msakit.models.base import MSAModel
 from msakit.training.checkpoint import read_tagged
+from msakit.training.precision import MixedPrecision, use_tf32
 from msakit.training.settings import STATE_WRITE_SHARE, Stage, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -258,6 +259,12 @@ class Trainer:
             # compute with them up to 100x slower (MMSLF's modulated attention ran 3x slower)
             torch.set_flush_denormal(True)
         self.model = model.to(self.device)
+        use_tf32(self.device, config.tf32)
+        self.precision = MixedPrecision(config.precision, self.device)
+        if config.compile:
+            # in place, unlike torch.compile(model): the weights keep their names (checkpoints,
+            # training states) and the model keeps its hooks (set_stage, epoch hooks)
+            self.model.compile()
         self.metric_family = metric_family
         self.train_transform = train_transform
         self.progress = progress
@@ -349,6 +356,8 @@ class Trainer:
         self.model.load_training_state(resume["model_extra"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
+        if resume.get("scaler"):  # fp16's loss scale; fp32 and bf16 (and states before them) have none
+            self.precision.scaler.load_state_dict(resume["scaler"])
         _set_rng_state(resume["rng"])
         self.best_by_metric = {
             metric: Snapshot(s["epoch"], s["valid"], s["state"])
@@ -446,8 +455,8 @@ class Trainer:
             "model_extra": self.model.training_state(),
             "best_by_metric": {m: vars(s) for m, s in self.best_by_metric.items()},
             "optimizer": loop.optimizer.state_dict(), "scheduler": loop.scheduler.state_dict(),
-            "generator": generator.get_state(), "rng": _rng_state(),
-            "history": [asdict(r) for r in history], "reports": reports,
+            "scaler": self.precision.scaler.state_dict(), "generator": generator.get_state(),
+            "rng": _rng_state(), "history": [asdict(r) for r in history], "reports": reports,
         }
         atomic_write_bytes(path, lambda handle: torch.save(payload, handle))
         for stale in best_weight_files(path):
@@ -495,11 +504,13 @@ class Trainer:
             if self.model.needs_clean_input:
                 batch = batch.with_updates(clean=clean)
             batch = batch.to(self.device)
-            output = self.model(batch)
-            task_loss = self.loss_fn(output.pred, batch.labels)
+            with self.precision.autocast():
+                output = self.model(batch)
+            # the loss in fp32 whatever the forward pass computed in
+            task_loss = self.loss_fn(output.pred.float(), batch.labels)
             loss = task_loss
             for aux in output.losses.values():
-                loss = loss + aux
+                loss = loss + aux.float()
             if not torch.isfinite(loss):
                 if epoch == 1 and not optimizer.state:  # no update yet: the rate cannot be the cause
                     raise MsakitError(nonfinite_at_initialisation(batch, {"task": task_loss,
@@ -508,10 +519,7 @@ class Trainer:
                     f"training diverged at epoch {epoch} (loss {loss.item()}); lower training.lr"
                 )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.config.grad_clip is not None:
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-            optimizer.step()
+            self.precision.backward_and_step(loss, optimizer, self.model.parameters(), self.config.grad_clip)
             scheduler.step()
             total += loss.item() * len(batch)
             count += len(batch)
@@ -533,7 +541,8 @@ class Trainer:
         for batch in iterate_batches(split, self.config.eval_batch_size):
             if transform is not None:
                 batch = transform(batch)
-            output = self.model(batch.to(self.device))
+            with self.precision.autocast():
+                output = self.model(batch.to(self.device))
             preds.append(output.pred.float().cpu().numpy())
             labels.append(batch.labels.numpy())
         return np.concatenate(preds), np.concatenate(labels)
