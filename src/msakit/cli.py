@@ -1,4 +1,8 @@
-"""The `msakit` command: parses arguments, calls `msakit.api`, prints tables."""
+"""The `msakit` command: parses arguments, calls `msakit.api`, prints tables.
+
+Only click, rich and the light `msakit.choices` load with this module: each command imports the
+torch-backed layers it needs when it runs, so `msakit --help` and `msakit models` start at once.
+"""
 
 from __future__ import annotations
 
@@ -18,15 +22,9 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from msakit import __version__, api
-from msakit.cues.pipeline import BACKENDS, run_cues
-from msakit.data.mmsa import FAMILIES
+from msakit import __version__
+from msakit.choices import CUE_BACKENDS, FAMILIES, describe_datasets, describe_models
 from msakit.errors import MsakitError
-from msakit.evaluation.report import metrics_table
-from msakit.evaluation.results import modality_lines, part_labels
-from msakit.fileio import strict_json
-from msakit.metrics import UNDEFINED_REASONS
-from msakit.missing import parse_rates
 
 # piped or logged output gets wide tables instead of rich's 80-column default
 console = Console(width=None if sys.stdout.isatty() else 150)
@@ -154,6 +152,9 @@ def train(model: str, dataset: str, data_dir: str | None, aligned: bool | None, 
           seeds: str | None, epochs: int | None, overrides: tuple[str, ...], reproduce: bool,
           output: str | None, resume: bool, overwrite: bool, no_progress: bool) -> None:
     """Train MODEL, select on validation, report valid and test metrics (mean ± std over seeds)."""
+    from msakit import api
+    from msakit.evaluation.report import metrics_table
+
     output = output or f"runs/{model}-{Path(dataset).stem}{'-reproduce' if reproduce else ''}"
     common = dict(data_dir=data_dir, aligned=aligned, family=family, epochs=epochs, overrides=list(overrides),
                   output=output, progress=not no_progress, command=_command_line(), resume=resume,
@@ -238,6 +239,10 @@ def dg(model: str, target: str, sources: str | None, dataset: str | None, group_
        resume: bool, overwrite: bool, no_progress: bool) -> None:
     """Domain generalization: train MODEL on source domains, select on their validation data, and
     compare in-domain (the sources' test split) with out-of-domain (the target) metrics."""
+    from msakit import api
+    from msakit.evaluation.report import metrics_table
+    from msakit.evaluation.results import modality_lines, part_labels
+
     where = f"{Path(dataset).stem}-{target}" if dataset else Path(target).stem
     output = output or f"runs/dg-{model}-{where}"
     result = api.dg(
@@ -274,6 +279,11 @@ def dg(model: str, target: str, sources: str | None, dataset: str | None, group_
 def evaluate(checkpoint: str, dataset: str, data_dir: str | None, aligned: bool | None, family: str | None,
              split: str, device: str, as_json: bool, overrides: tuple[str, ...]) -> None:
     """Score a saved CHECKPOINT on one split of a dataset."""
+    from msakit import api
+    from msakit.evaluation.report import metrics_table
+    from msakit.fileio import strict_json
+    from msakit.metrics import UNDEFINED_REASONS
+
     result = api.evaluate(checkpoint, dataset, data_dir=data_dir, aligned=aligned, family=family,
                           split=split, device=device, overrides=overrides)
     if as_json:
@@ -303,6 +313,10 @@ def robustness(checkpoint: str, dataset: str, data_dir: str | None, aligned: boo
                rates: str | None, subsets: str | None, seeds: str, output: str | None,
                device: str, overrides: tuple[str, ...]) -> None:
     """Score CHECKPOINT on the test split under a missing-modality protocol."""
+    from msakit import api
+    from msakit.evaluation.report import metrics_table
+    from msakit.missing import parse_rates
+
     output = output or str(Path(checkpoint).parent / f"robustness-{protocol}")
     result = api.robustness(
         checkpoint, dataset, protocol=protocol, data_dir=data_dir, aligned=aligned, family=family,
@@ -326,6 +340,8 @@ def robustness(checkpoint: str, dataset: str, data_dir: str | None, aligned: boo
 @_user_errors
 def compare(run_dirs: tuple[str, ...], output: str) -> None:
     """Overlay the robustness curves of several RUN_DIRS (each with a robustness.json)."""
+    from msakit import api
+
     result = api.compare(list(run_dirs), output)
     click.echo(result["table"])
     console.print(f"written: {Path(output) / 'compare.md'}, compare.png")
@@ -341,6 +357,8 @@ def compare(run_dirs: tuple[str, ...], output: str) -> None:
 @_user_errors
 def synthetic(output: str, seed: int, aligned: bool, sizes: tuple[str, ...]) -> None:
     """Write the synthetic dataset to OUTPUT as an MMSA pickle (any `--dataset PATH` reads it)."""
+    from msakit import api
+
     parsed: dict[str, int | float] = {}
     for item in sizes:
         key, _, value = item.partition("=")
@@ -357,7 +375,7 @@ def synthetic(output: str, seed: int, aligned: bool, sizes: tuple[str, ...]) -> 
 def models() -> None:
     """List the registered models."""
     table = Table("model", "description")
-    for entry in api.list_models():
+    for entry in describe_models():
         table.add_row(entry["name"], entry["description"])
     console.print(table)
 
@@ -366,7 +384,7 @@ def models() -> None:
 def datasets() -> None:
     """List the datasets msakit can read and what each needs."""
     table = Table("dataset", "description", "needs")
-    for entry in api.list_datasets():
+    for entry in describe_datasets():
         table.add_row(entry["name"], entry["description"], entry.get("needs", ""))
     console.print(table)
 
@@ -388,6 +406,8 @@ def datasets() -> None:
 def extract(clips: str, labels: str, output: str, features: str | None, overrides: tuple[str, ...],
             workers: int | None, cache: str | None, no_progress: bool) -> None:
     """Extract features of the media files in CLIPS listed in a label.csv into an MMSA pickle."""
+    from msakit import api
+
     report = api.extract(clips, labels, output, features=features, overrides=list(overrides),
                          workers=workers, cache_dir=cache, progress=not no_progress)
     splits = "/".join(str(n) for n in report["splits"].values())
@@ -420,6 +440,9 @@ def extract(clips: str, labels: str, output: str, features: str | None, override
 def predict(files: tuple[str, ...], checkpoint: str, text: str | None, features: str | None,
             overrides: tuple[str, ...], device: str, as_json: bool) -> None:
     """Sentiment of each media FILE (video or audio) with a trained CHECKPOINT; the model loads once."""
+    from msakit import api
+    from msakit.fileio import strict_json
+
     results = api.predict(list(files), checkpoint, text=text, features=features,
                           overrides=list(overrides), device=device)
     if as_json:
@@ -445,7 +468,7 @@ def predict(files: tuple[str, ...], checkpoint: str, text: str | None, features:
 @cli.command()
 @click.argument("dataset")
 @click.option("--output", "-o", required=True, help="the cue file (JSONL); an existing one is resumed")
-@click.option("--backend", type=click.Choice(BACKENDS), default="offline", show_default=True,
+@click.option("--backend", type=click.Choice(CUE_BACKENDS), default="offline", show_default=True,
               help="offline: the clip's features described in words, no network; openai: an MLLM "
                    "behind an OpenAI-compatible chat-completions endpoint")
 @click.option("--data-dir", default=None, help="folder (or file) holding the dataset")
@@ -476,6 +499,8 @@ def cues(dataset: str, output: str, backend: str, data_dir: str | None, aligned:
 
     Samples already in OUTPUT from the same backend, model and prompt version are not asked again.
     """
+    from msakit.cues.pipeline import run_cues
+
     chosen = [s.strip() for s in splits.split(",") if s.strip()]
     if not chosen:
         raise MsakitError("--splits is empty")

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from msakit.choices import FAMILIES
 from msakit.data.schema import SPLITS, MultimodalDataset, Split
 from msakit.data.validate import validate_splits
 from msakit.errors import MsakitError
@@ -36,8 +37,6 @@ from msakit.fileio import atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-# "custom": none of the benchmarks (the model's default settings, MOSI's metric rules)
-FAMILIES = ("mosi", "mosei", "sims", "simsv2", "synthetic", "custom")
 FEATURE_KEYS = ("text", "audio", "vision")
 MODALITY_KEYS = ("text", "text_bert", "audio", "vision")
 LENGTH_KEYS = {"audio": "audio_lengths", "vision": "vision_lengths"}
