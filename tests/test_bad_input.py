@@ -213,7 +213,7 @@ def test_an_internal_error_is_one_line_with_the_traceback_in_a_file(monkeypatch,
     def broken() -> list:
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(api, "list_models", broken)
+    monkeypatch.setattr(cli, "describe_models", broken)
     monkeypatch.setattr(sys, "argv", ["msakit", "models"])
     with pytest.raises(SystemExit) as exit_info:
         cli.main()

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from msakit.choices import CUE_BACKENDS
 from msakit.cues.backend import CueBackend, CueFailure, CueSample
 from msakit.cues.cache import CueFileWriter, read_cue_records
 from msakit.cues.offline import OfflineBackend
@@ -24,8 +25,6 @@ from msakit.data.schema import SPLITS, MultimodalDataset
 from msakit.errors import MsakitError
 from msakit.features.dataset import index_media
 from msakit.fileio import check_output
-
-BACKENDS = ("offline", "openai")
 
 
 @dataclass
@@ -189,7 +188,7 @@ def make_backend(
         from msakit.cues.openai_backend import OpenAIBackend, resolve_settings
 
         return OpenAIBackend(resolve_settings(base_url, model, api_key, api_key_env, **openai_options))
-    raise MsakitError(f"unknown cue backend {name!r}; known: {', '.join(BACKENDS)}")
+    raise MsakitError(f"unknown cue backend {name!r}; known: {', '.join(CUE_BACKENDS)}")
 
 
 def run_cues(
