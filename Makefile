@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml $(TORCH_SPEC)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[test,extract]"
+	$(BIN)/python -m pip install -q -e ".[test,extract,serve]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -527,6 +527,39 @@ def cues(dataset: str, output: str, backend: str, data_dir: str | None, aligned:
     console.print(f"cue file: {report.output} ({report.seconds:.1f} s)")
 
 
+@cli.command()
+@click.option("--checkpoint", "-c", default=None,
+              help="the checkpoint to serve [default: the packaged text model]")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to listen on; 0.0.0.0 reaches the network (use a token or a proxy)")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--token-env", default=None, metavar="NAME",
+              help="require 'Authorization: Bearer TOKEN' on /v1/*, TOKEN read from environment "
+                   "variable NAME (never given on the command line)")
+@click.option("--max-upload-mb", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="largest request body in MB, a batch's files together (413 beyond)")
+@click.option("--max-duration", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="longest media file in seconds (413 beyond)")
+@click.option("--max-concurrent", type=click.IntRange(min=1), default=None,
+              help="media requests extracted at once (429 beyond)")
+@click.option("--max-batch", type=click.IntRange(min=1), default=None,
+              help="most items in one batch request (413 beyond)")
+@click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="seconds a request may take (504 beyond)")
+@click.option("--device", default="cpu", show_default=True)
+@_user_errors
+def serve(checkpoint: str | None, host: str, port: int, token_env: str | None, device: str,
+          **limits: float | None) -> None:
+    """HTTP service: load one model once and score uploaded media and transcripts (docs at /docs).
+
+    Limits not given keep their defaults; the server logs the limits in effect when it starts.
+    """
+    from msakit.serve import Limits, run  # FastAPI comes with the serve extra, not with msakit itself
+
+    given = Limits(**{name: value for name, value in limits.items() if value is not None})
+    run(checkpoint, host=host, port=port, token_env=token_env, limits=given, device=device)
+
+
 def main() -> None:
     """The `msakit` command. An error that is not bad input (a bug) is one line on stderr, exit 1,
     with the full traceback written to a file the line names: never a bare traceback."""
