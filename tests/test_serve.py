@@ -6,11 +6,7 @@ a predictor that blocks until told to finish, so that an extraction lasts as lon
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -249,38 +245,19 @@ def test_healthz_answers_during_a_long_extraction_and_limits_hold(clips: Path, t
         assert not list(tmp_path.iterdir())
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def test_cli_serves_a_checkpoint_until_interrupted(predictor: Predictor) -> None:
-    port = free_port()
-    env = {**os.environ, "MSAKIT_TEST_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "msakit.cli", "serve", "--checkpoint", predictor.checkpoint,
-         "--port", str(port), "--token-env", "MSAKIT_TEST_TOKEN", "--max-concurrent", "1"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            assert time.monotonic() < deadline, "msakit serve did not answer within 60 s"
-            try:
-                health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
-                break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        assert health.json()["max_concurrent"] == 1
-        card = httpx.get(f"http://127.0.0.1:{port}/v1/model", headers={"Authorization": f"Bearer {TOKEN}"})
-        assert card.json()["checkpoint"] == predictor.checkpoint
-    finally:
-        process.send_signal(signal.SIGINT)
-        output = process.communicate(timeout=30)[0]
-    assert process.returncode == 0, output
-    assert "max_concurrent=1" in output  # the limits in effect, logged at the start
+def test_cli_wires_checkpoint_token_and_limits(predictor: Predictor, monkeypatch: pytest.MonkeyPatch) -> None:
+    served: dict[str, Any] = {}
+    monkeypatch.setattr("msakit.serve.uvicorn.run", lambda app, **where: served.update(app=app, **where))
+    monkeypatch.setenv("MSAKIT_TEST_TOKEN", TOKEN)
+    result = CliRunner().invoke(cli, ["serve", "--checkpoint", predictor.checkpoint, "--port", "8123",
+                                      "--token-env", "MSAKIT_TEST_TOKEN", "--max-concurrent", "1"])
+    assert result.exit_code == 0, result.output
+    assert (served["host"], served["port"]) == ("127.0.0.1", 8123)
+    with running(served["app"]) as client:
+        assert client.get("/healthz").json()["max_concurrent"] == 1
+        assert client.get("/v1/model").status_code == 401
+        card = client.get("/v1/model", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+        assert card["checkpoint"] == predictor.checkpoint
 
 
 def test_cli_refuses_an_unset_token_variable() -> None:
