@@ -340,12 +340,12 @@ def test_extract_resume_train_predict(tmp_path: Path) -> None:
     assert math.isfinite(results[0]["score"]) and results[0]["scale"] == "7-point"
     assert "cannot open" in results[1]["error"]
     with pytest.raises(MsakitError, match="applies to one file"):
-        api.predict([clips / "v1" / "1.mp4"] * 2, checkpoint, text="hi")
+        api.predict([clips / "v1" / "1.mp4", clips / "v1" / "2.mp4"], checkpoint, text="hi")
     cli_run = CliRunner().invoke(cli, ["predict", str(clips / "v1" / "3.mp4"), str(clips / "v1_broken.mp4"),
                                        "--checkpoint", str(checkpoint), "--json"])
     assert cli_run.exit_code == 2
     assert json.loads(cli_run.stdout)[0]["present"]["audio"]
-    assert "1 of 2 file(s) could not be read" in cli_run.stderr
+    assert "1 of 2 file(s) could not be scored" in cli_run.stderr
 
     # a checkpoint trained on z-scored features scores a new file with the training statistics
     api.train("tfn", data, epochs=1, output=tmp_path / "zscore", progress=False,

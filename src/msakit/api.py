@@ -24,7 +24,6 @@ from msakit.data.domains import build_task, check_model
 from msakit.data.mmsa import save_mmsa
 from msakit.data.schema import SPLITS, MultimodalDataset
 from msakit.data.synthetic import generate_synthetic
-from msakit.errors import MsakitError
 from msakit.evaluation.domains import dg_runs
 from msakit.evaluation.protocols import run_protocol, write_robustness
 from msakit.evaluation.reproduce import load_recipe, recipe_runs
@@ -40,8 +39,9 @@ from msakit.evaluation.results import (
 )
 from msakit.features import build_dataset, load_feature_config
 from msakit.fileio import check_output
-from msakit.inference import Predictor, predict_files
+from msakit.inference import Predictor, predict_many
 from msakit.models.registry import describe_models, get_model_class
+from msakit.training import distributed
 from msakit.training.config import model_yaml
 from msakit.training.runs import (
     aligned_input,
@@ -95,7 +95,7 @@ def train(
     out_dir = Path(output) if output is not None else None
     runs = train_seeds(setup, seeds, out_dir, resume=resume, overwrite=overwrite, progress=progress)
     results = train_results(setup, runs, command)
-    if out_dir is not None:
+    if out_dir is not None and distributed.is_main():  # under torchrun, rank 0 writes
         write_results(out_dir, results)
     return results
 
@@ -243,18 +243,24 @@ def extract(
 
 
 def predict(
-    files: Sequence[str | Path], checkpoint: str | Path, *, text: str | None = None,
+    files: Sequence[str | Path], checkpoint: str | Path | None = None, *, text: str | None = None,
     features: str | Path | None = None, overrides: Sequence[str] = (), device: str = "cpu",
+    output: str | Path | None = None, workers: int | None = None, overwrite: bool = False,
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
-    """Sentiment of each media file with a checkpoint trained on a `msakit extract` dataset.
+    """Sentiment of each media file (folders are walked for media) with a checkpoint, or with the
+    packaged default model when `checkpoint` is None (it reads the transcript only).
 
     Each result has `score`, `class` (negative / neutral / positive), `label` and `label_name` (the
-    7-point scale; SIMS-family checkpoints: 5-point), `present` (modality -> bool), `transcript`;
-    a file that cannot be read has `error` instead. `text` is the transcript of a single file.
-    `features` / `overrides` may change only where transcripts come from (`transcript.*`): the
-    checkpoint's recorded feature configuration decides the rest.
+    7-point scale; SIMS-family checkpoints: 5-point), `present` and `used` modalities, `transcript`;
+    a file that cannot be scored has `error` instead. `text` is the transcript of a single file.
+    `features` / `overrides` may change only where transcripts come from (`transcript.*`).
+    `output` (.csv or .jsonl) receives each result as it comes; run again, the files it already
+    scored are skipped (`overwrite` starts it afresh). `workers`: extraction processes (default: one
+    per core, none for a single file). Returns this run's results.
     """
-    if not files:
-        raise MsakitError("no media files to predict")
     predictor = Predictor(checkpoint, features, overrides=list(overrides), device=device)
-    return predict_files(predictor, list(files), text)
+    if predictor.notice:
+        logger.info(predictor.notice)
+    return predict_many(predictor, list(files), text=text, output=output, workers=workers,
+                        overwrite=overwrite, progress=progress).results

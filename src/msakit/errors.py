@@ -21,3 +21,10 @@ def reject_unknown_keys(keys: Iterable[str], settings: type, what: str) -> None:
         raise MsakitError(
             f"unknown {what}: {', '.join(unknown)}; known: {', '.join(sorted(known))}"
         )
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: msakit's own errors as their message, others with their type."""
+    if isinstance(exc, MsakitError):
+        return " ".join(str(exc).split())
+    return " ".join(f"{type(exc).__name__}: {exc}".split())

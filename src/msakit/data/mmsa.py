@@ -32,7 +32,7 @@ import numpy as np
 from msakit.choices import FAMILIES
 from msakit.data.schema import SPLITS, MultimodalDataset, Split
 from msakit.data.validate import validate_splits
-from msakit.errors import MsakitError
+from msakit.errors import MsakitError, one_line
 from msakit.fileio import atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -74,10 +74,6 @@ def recognise_family(splits: dict[str, Split]) -> tuple[str | None, str]:
     return None, (f"not recognised (sizes {'/'.join(map(str, sizes))}, audio/vision widths "
                   f"{widths[0]}/{widths[1]}): the model's default settings and MOSI's metric rules; "
                   "give --family to choose")
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
 # the only globals a pickle of dicts, lists, strings, numbers and numpy arrays refers to (numpy 1 and
@@ -122,7 +118,7 @@ def read_plain_pickle(path: Path, what: str = "pickle") -> tuple[Any, bool]:
             raise MsakitError(f"{path} refused: it asks to load {exc}, which a {what} of plain data "
                               "never does (loading it could run code)") from None
         except (Exception, MemoryError) as exc:  # a damaged file can fail in any unpickling step
-            raise MsakitError(f"{path} is not a readable {what} ({_one_line(exc)})") from None
+            raise MsakitError(f"{path} is not a readable {what} ({one_line(exc)})") from None
     raise MsakitError(f"{path} is not a readable {what} (its strings decode neither as ASCII nor latin1)")
 
 
@@ -153,7 +149,7 @@ def _numeric(value: Any, where: str, key: str, dtype: type) -> np.ndarray:
         elif arr.dtype != dtype:
             arr = arr.astype(dtype)
     except (ValueError, TypeError) as exc:
-        raise MsakitError(f"{where}: {key!r} is not a numeric array ({_one_line(exc)})") from None
+        raise MsakitError(f"{where}: {key!r} is not a numeric array ({one_line(exc)})") from None
     return arr
 
 

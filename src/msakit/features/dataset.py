@@ -14,14 +14,12 @@ time each extractor took.
 
 from __future__ import annotations
 
-import concurrent.futures as futures
 import csv
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +33,8 @@ from msakit.data.schema import MODALITIES, SPLITS
 from msakit.errors import MsakitError
 from msakit.features.config import FeatureConfig
 from msakit.features.media import MEDIA_SUFFIXES
-from msakit.features.pipeline import FeaturePipeline, feature_names
+from msakit.features.pipeline import feature_names
+from msakit.features.workers import extract_all, progress_bar
 from msakit.fileio import atomic_write_bytes, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -153,76 +152,6 @@ def _read_cache(path: Path) -> dict[str, Any] | None:
     return value
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(f"{type(exc).__name__}: {exc}".split()) if not isinstance(exc, MsakitError) \
-        else " ".join(str(exc).split())
-
-
-# --- worker processes ------------------------------------------------------------------------------
-_PIPELINE: Any = None
-
-
-def _start_worker(config: dict[str, Any]) -> None:
-    """Each worker builds its extractors once, single-threaded (the processes are the parallelism)."""
-    global _PIPELINE
-    import torch
-
-    torch.set_num_threads(1)
-    _PIPELINE = FeaturePipeline(FeatureConfig.from_dict(config))
-
-
-def _extract_in_worker(media: str, text: str) -> tuple[bool, Any]:
-    try:
-        return True, _PIPELINE.extract(media, text or None)
-    except Exception as exc:  # any failure of one clip is reported, never fatal to the run
-        return False, _one_line(exc)
-
-
-Job = tuple[LabelRow, Path, Path]  # label row, media file, cache file
-Done = Callable[[LabelRow, bool, Any], None]
-
-
-def _run_in_process(config: FeatureConfig, jobs: list[Job], done: Done) -> None:
-    _start_worker(config.to_dict())
-    for row, media, _ in jobs:
-        done(row, *_extract_in_worker(str(media), row.text))
-
-
-def _run_in_pool(config: FeatureConfig, jobs: list[Job], workers: int, done: Done) -> list[Job]:
-    """Runs `jobs` in `workers` processes; returns the jobs lost to a dead worker process."""
-    context = multiprocessing.get_context("spawn")  # fork would copy threads of torch/FFmpeg
-    lost: list[Job] = []
-    with futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
-                                     initargs=(config.to_dict(),)) as pool:
-        pending = {pool.submit(_extract_in_worker, str(media), row.text): (row, media, cache)
-                   for row, media, cache in jobs}
-        try:
-            for future in futures.as_completed(pending):
-                job = pending[future]
-                try:
-                    ok, value = future.result()
-                except futures.process.BrokenProcessPool:
-                    lost.append(job)
-                    continue
-                done(job[0], ok, value)
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-    return lost
-
-
-def _run(config: FeatureConfig, jobs: list[Job], workers: int, done: Done) -> None:
-    if workers <= 0:
-        _run_in_process(config, jobs, done)
-        return
-    lost = _run_in_pool(config, jobs, min(workers, len(jobs)), done)
-    # a dead worker takes its neighbours' clips with it: retry each alone to find the culprit
-    for job in lost:
-        if _run_in_pool(config, [job], 1, done):
-            done(job[0], False, "the worker process died while extracting this clip "
-                                "(a crash in a native decoder or model)")
-
-
 # --- assembling the pickle -------------------------------------------------------------------------
 def _pad(arrays: list[np.ndarray], width: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
     length = max(1, min(limit, max((len(a) for a in arrays), default=1)))
@@ -298,7 +227,7 @@ def build_dataset(
     failures: list[dict[str, str]] = []
     results: dict[str, dict[str, Any]] = {}
     summaries: dict[str, dict[str, Any]] = {}
-    jobs: list[Job] = []
+    jobs: list[tuple[LabelRow, Path, Path]] = []  # label row, media file, cache file
     for row in rows:
         media = next((media_index[k] for k in row.keys if k in media_index), None)
         if media is None:
@@ -314,10 +243,8 @@ def build_dataset(
             jobs.append((row, media, cache_file))
     cached_count = len(results)
 
-    where = {row.id: (media, cache_file) for row, media, cache_file in jobs}
-
-    def done(row: LabelRow, ok: bool, value: Any) -> None:
-        media, cache_file = where[row.id]
+    def done(index: int, ok: bool, value: Any) -> None:
+        row, media, cache_file = jobs[index]
         if ok and not any(value["present"].values()):
             ok, value = False, "nothing usable: no audio above the silence threshold, no face, no words"
         if ok:
@@ -328,10 +255,11 @@ def build_dataset(
             failures.append({"id": row.id, "file": str(media), "reason": value})
         advance()
 
-    advance, stop = _progress_bar(len(jobs), cached_count, progress)
+    advance, stop = progress_bar(len(jobs), "extracting", f"({cached_count} cached)" if cached_count else "",
+                                 progress)
     try:
         if jobs:
-            _run(config, jobs, workers, done)
+            extract_all(config, [(str(media), row.text) for row, media, _ in jobs], workers, done)
     finally:
         stop()
 
@@ -349,19 +277,6 @@ def build_dataset(
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:80]
-
-
-def _progress_bar(total: int, cached: int, enabled: bool) -> tuple[Callable[[], None], Callable[[], None]]:
-    if not enabled or total == 0:
-        return (lambda: None), (lambda: None)
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn("extracting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   TextColumn(f"({cached} cached)" if cached else ""), console=Console(stderr=True))
-    task = bar.add_task("extract", total=total)
-    bar.start()
-    return (lambda: bar.advance(task)), bar.stop
 
 
 def _report(rows: Iterable[LabelRow], results: dict[str, Any], summaries: dict[str, Any],

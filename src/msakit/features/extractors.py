@@ -339,6 +339,17 @@ def face_geometry(points: np.ndarray, width: int) -> np.ndarray:
     return np.asarray(values, dtype=np.float32)
 
 
+class VideoTrack(Extractor):
+    """Whether the file has a video stream, for models that do not read vision features."""
+
+    name = "video"
+
+    def __call__(self, clip: Clip) -> None:
+        clip.present["vision"] = has_video(clip.path)
+        clip.notes.append("vision: " + ("video stream found" if clip.present["vision"] else "no video stream")
+                          + ", not read by this model")
+
+
 def visual_names(settings: VisualSettings) -> tuple[str, ...]:
     return GEOMETRY + (tuple(f"p_{e}" for e in EXPRESSIONS) if settings.expression else ())
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from msakit.errors import MsakitError
+from msakit.errors import MsakitError, one_line
 
 SAMPLE_RATE = 16_000
 MEDIA_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv",
@@ -35,10 +35,6 @@ def _av() -> ModuleType:
     return av
 
 
-def _reason(exc: BaseException) -> str:
-    return " ".join(f"{type(exc).__name__}: {exc}".split())
-
-
 def _open(path: Path) -> Any:
     """An open PyAV container (a context manager)."""
     av = _av()
@@ -47,7 +43,7 @@ def _open(path: Path) -> Any:
     try:
         return av.open(str(path))
     except (av.FFmpegError, UnicodeDecodeError, ValueError) as exc:
-        raise MediaError(f"{path}: cannot open as audio/video ({_reason(exc)})") from None
+        raise MediaError(f"{path}: cannot open as audio/video ({one_line(exc)})") from None
 
 
 def media_duration(path: Path) -> float | None:
@@ -71,7 +67,7 @@ def decode_audio(path: Path) -> np.ndarray | None:
             chunks += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
         except av.FFmpegError as exc:
             if not chunks:
-                raise MediaError(f"{path}: cannot decode the audio track ({_reason(exc)})") from None
+                raise MediaError(f"{path}: cannot decode the audio track ({one_line(exc)})") from None
             # a damaged tail: keep what decoded, as players do
     if not chunks:
         return np.zeros(0, dtype=np.float32)
@@ -110,4 +106,4 @@ def video_frames(path: Path, fps: float) -> Iterator[tuple[float, np.ndarray]]:
                 yield time, frame.to_ndarray(format="rgb24")
         except av.FFmpegError as exc:
             if not decoded:
-                raise MediaError(f"{path}: cannot decode the video track ({_reason(exc)})") from None
+                raise MediaError(f"{path}: cannot decode the video track ({one_line(exc)})") from None

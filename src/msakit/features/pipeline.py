@@ -1,15 +1,18 @@
 """One media file -> its features: the extractors of a `FeatureConfig` run in order on a `Clip`.
 
 `FeaturePipeline.extract` returns a plain dict (arrays, presence, transcript, notes, per-extractor
-seconds) that the dataset builder caches and pads, and `predict` turns into a batch.
+seconds) that the dataset builder caches and pads, and `predict` turns into a batch. A pipeline for a
+model that reads fewer modalities skips their frame features and only reports whether they are there.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
+from msakit.data.schema import MODALITIES
 from msakit.features.config import FeatureConfig
 from msakit.features.extractors import (
     AcousticFeatures,
@@ -19,6 +22,7 @@ from msakit.features.extractors import (
     FaceFeatures,
     TextFeatures,
     Transcript,
+    VideoTrack,
     visual_names,
 )
 
@@ -30,22 +34,35 @@ def feature_names(config: FeatureConfig) -> dict[str, list[str]]:
 
 
 class FeaturePipeline:
-    """The extractors of `config`, built once and run on any number of files."""
+    """The extractors of `config`, built once and run on any number of files.
 
-    def __init__(self, config: FeatureConfig) -> None:
+    `reads` names the modalities whose features are wanted: without "audio" the acoustic
+    descriptors are skipped (the audio track is still decoded, for presence and speech
+    recognition); without "vision" the face mesh is skipped and `present["vision"]` only says
+    whether the file has a video stream.
+    """
+
+    def __init__(self, config: FeatureConfig, reads: Collection[str] = MODALITIES) -> None:
         self.config = config
-        self.acoustic = AcousticFeatures(config.acoustic)
-        self.visual = FaceFeatures(config.visual)
         self.text = TextFeatures(config.text)
-        self.extractors: list[Extractor] = [
-            AudioTrack(config.audio), Transcript(config.transcript), self.text, self.acoustic,
-            self.visual,
-        ]
+        self.transcript = Transcript(config.transcript)
+        self.extractors: list[Extractor] = [AudioTrack(config.audio), self.transcript, self.text]
+        self.widths: dict[str, int | None] = {"audio": None, "vision": None}  # None: not extracted
+        if "audio" in reads:
+            acoustic = AcousticFeatures(config.acoustic)
+            self.extractors.append(acoustic)
+            self.widths["audio"] = len(acoustic.names)
+        if "vision" in reads:
+            visual = FaceFeatures(config.visual)
+            self.extractors.append(visual)
+            self.widths["vision"] = len(visual.names)
+        else:
+            self.extractors.append(VideoTrack())
 
     @property
-    def dims(self) -> dict[str, int]:
-        return {"text": self.text.width, "audio": len(self.acoustic.names),
-                "vision": len(self.visual.names), "text_len": self.config.text.max_tokens}
+    def dims(self) -> dict[str, int | None]:
+        """Widths of the features this pipeline makes (audio / vision: None when not extracted)."""
+        return {"text": self.text.width, **self.widths, "text_len": self.config.text.max_tokens}
 
     def extract(self, path: str | Path, text: str | None = None) -> dict[str, Any]:
         """Features of one media file; `text` is its given transcript, if any.
@@ -53,9 +70,18 @@ class FeaturePipeline:
         Raises MediaError for a file that cannot be opened or decoded at all; an absent modality
         (no audio track, silence, no face, no words) is not an error: it is recorded in `present`.
         """
-        clip = Clip(path=Path(path), given_text=text)
+        return self._run(Clip(path=Path(path), given_text=text), self.extractors)
+
+    def extract_text(self, text: str) -> dict[str, Any]:
+        """The text features of a transcript alone (no media: audio and vision absent)."""
+        clip = Clip(path=Path(), given_text=text, transcript=text.strip(), transcript_source="given")
+        clip.notes.append("audio, vision: no media file")
+        return self._run(clip, [self.text])
+
+    @staticmethod
+    def _run(clip: Clip, extractors: list[Extractor]) -> dict[str, Any]:
         seconds = {}
-        for extractor in self.extractors:
+        for extractor in extractors:
             start = time.perf_counter()
             extractor(clip)
             seconds[extractor.name] = time.perf_counter() - start

@@ -1,5 +1,6 @@
-"""Inference: media files (or their features) -> a trained checkpoint's sentiment score."""
+"""Inference: media files, folders or transcripts -> a checkpoint's (or the default model's) sentiment."""
 
-from msakit.inference.predict import Predictor, predict_files
+from msakit.inference.batch import find_media, predict_many
+from msakit.inference.predict import Predictor
 
-__all__ = ["Predictor", "predict_files"]
+__all__ = ["Predictor", "find_media", "predict_many"]
