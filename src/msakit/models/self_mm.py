@@ -256,7 +256,8 @@ class SelfMM(MSAModel):
             losses[s] = torch.mean(weight * torch.abs(scores[s] - target))
         cfg = self.config
         chunk = cfg.label_update_chunk or len(batch)
-        detached = {s: r.detach() for s, r in representations.items()}
+        # the memory keeps the labels' precision whatever the forward computed in (autocast)
+        detached = {s: r.detach().to(fused.dtype) for s, r in representations.items()}
         for start in range(0, len(batch), chunk):
             part = slice(start, start + chunk)
             memory.update({s: r[part] for s, r in detached.items()}, index[part], self.epoch,
@@ -270,7 +271,7 @@ class SelfMM(MSAModel):
         if epoch == 1 or self.memory is None:
             labels, ids = [], []
             for batch in train_batches():
-                labels.append(batch.labels.float())
+                labels.append(batch.labels)
                 ids.extend(batch.ids)
             widths = {s: self.heads[s].layer_1.out_features for s in HEADS}
             device = self.heads["fusion"].layer_1.weight.device

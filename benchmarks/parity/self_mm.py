@@ -1,0 +1,318 @@
+"""Numerical parity of msakit's Self-MM with MMSA's (thuiar/MMSA, models/multiTask/SELF_MM.py and
+trains/multiTask/SELF_MM.py).
+
+    git clone https://github.com/thuiar/MMSA /path/to/MMSA
+    python benchmarks/parity/self_mm.py --official /path/to/MMSA
+
+Builds MMSA's model and trainer from its own config_regression.json (key "self_mm", each dataset's
+settings), with the same tiny random BERT (tests/tiny_bert.py) loaded on both sides in place of
+bert-base (so `text_out` is its width, 32), copies the weights into msakit's `self_mm` by name with
+strict loading and feeds both the same random unpadded inputs. Compares the predictions in
+evaluation mode, then trains both for three epochs over 16 samples in batches of 4 (the same
+shuffled order, the same dropout draws, SGD on both): at every step the four predictions, the
+fusion loss, each unimodal loss (MMSA's `weighted_loss` on its label map), the total, every
+parameter's gradient, and after the step's ULGM update (MMSA's `update_labels`, `update_features`,
+`update_centers`) the generated labels and the centres of the whole memory. A second run checks
+`label_update_chunk`: msakit's batches of 16 updated in chunks of 4 against MMSA's four batches of 4
+whose gradients it accumulates (`update_epochs` 4), without dropout (one forward against four draw
+dropout differently) and in float64 (a batch of 16 and four of 4 round differently in float32, and
+the ULGM's ratio of distance gaps magnifies that to about 2e-5 in the generated labels); msakit's
+gradient of the batch mean is scaled by 4 to MMSA's sum of four batch means.
+Writes benchmarks/results/parity/self_mm.{json,md}.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from msakit_parity import (
+    full_batch,
+    gradient_difference,
+    max_abs,
+    official_commit,
+    parameter_count,
+    parse_args,
+    rename_state,
+    write_report,
+)
+from torch import nn
+
+from msakit.data.schema import Batch, FeatureDims
+from msakit.models import create_model
+from msakit.models.self_mm import HEADS, UNIMODAL, SelfMM
+from msakit.training.config import resolve_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+from tiny_bert import make_tiny_bert  # noqa: E402  (the tests' tiny BERT, on both sides)
+
+REPOSITORY = "thuiar/MMSA"
+COMMIT = "a94e65d07fa1ae0d44e552390074b29b0898edfd"
+DATASETS = ("mosi", "mosei", "sims", "simsv2")
+SAMPLES, BATCH, EPOCHS = 16, 4, 3
+TEXT_LEN, AUDIO_LEN, VISION_LEN = 12, 20, 15
+TASK = {"fusion": "M", "text": "T", "audio": "A", "vision": "V"}
+
+# official parameter name -> msakit's (the first matching rule)
+RENAMES = [
+    (r"^text_model\.", "text_encoder."),
+    (r"^audio_model\.linear_1\.", "audio.linear."), (r"^audio_model\.", "audio."),
+    (r"^video_model\.linear_1\.", "vision.linear."), (r"^video_model\.", "vision."),
+    (r"^post_video_layer_(\d)\.", r"heads.vision.layer_\1."),
+    (r"^post_(fusion|text|audio)_layer_(\d)\.", r"heads.\1.layer_\2."),
+]
+
+
+class _NoMetrics:
+    """MMSA's metric table, which the trainer only looks up in its constructor."""
+
+    def __init__(self, *args: object) -> None:
+        pass
+
+    def getMetics(self, *args: object) -> None:  # noqa: N802 (MMSA's name)
+        return None
+
+
+def official_modules(root: Path) -> tuple[types.ModuleType, types.ModuleType]:
+    """MMSA's model and trainer modules, imported without MMSA/__init__ (which loads its whole
+    runner and every model's dependencies): package shells hold the two files' relative imports."""
+    src = root / "src" / "MMSA"
+    for name in ("MMSA", "MMSA.models", "MMSA.models.multiTask", "MMSA.trains", "MMSA.trains.multiTask"):
+        shell = types.ModuleType(name)
+        shell.__path__ = [str(src.joinpath(*name.split(".")[1:]))]
+        sys.modules[name] = shell
+    spec = importlib.util.spec_from_file_location(
+        "MMSA.models.subNets.BertTextEncoder", src / "models" / "subNets" / "BertTextEncoder.py")
+    bert = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bert)
+    sys.modules["MMSA.models.subNets"] = types.SimpleNamespace(BertTextEncoder=bert.BertTextEncoder)
+    sys.modules["MMSA.utils"] = types.SimpleNamespace(MetricsTop=_NoMetrics, dict_to_str=str)
+    return (importlib.import_module("MMSA.models.multiTask.SELF_MM"),
+            importlib.import_module("MMSA.trains.multiTask.SELF_MM"))
+
+
+def official_args(root: Path, dataset: str, bert: str, text_dim: int) -> types.SimpleNamespace:
+    config = json.loads((root / "src" / "MMSA" / "config" / "config_regression.json").read_text())
+    params = {**config["self_mm"]["commonParams"], **config["self_mm"]["datasetParams"][dataset],
+              **config["datasetCommonParams"][dataset]["unaligned"]}
+    params["feature_dims"] = [text_dim, *params["feature_dims"][1:]]
+    params.update(text_out=text_dim, pretrained=bert, train_samples=SAMPLES, device="cpu",
+                  train_mode="regression", dataset_name=dataset, model_name="self_mm")
+    return types.SimpleNamespace(**params)
+
+
+class Pair:
+    """MMSA's model and trainer beside msakit's model, with the same weights and inputs."""
+
+    def __init__(self, root: Path, dataset: str, bert: str, dtype: torch.dtype = torch.float32,
+                 **settings: object) -> None:
+        model_module, trainer_module = official_modules(root)
+        torch.manual_seed(0)
+        text_dim = 32  # the tiny BERT's width
+        self.args = official_args(root, dataset, bert, text_dim)
+        self.official = model_module.SELF_MM(self.args)
+        self.trainer = trainer_module.SELF_MM(self.args)
+        audio_dim, vision_dim = self.args.feature_dims[1:]
+        dims = FeatureDims(text=None, audio=audio_dim, vision=vision_dim, text_len=TEXT_LEN,
+                           audio_len=AUDIO_LEN, vision_len=VISION_LEN, has_text_ids=True)
+        overrides = [f"model.text_encoder={bert}", *(f"model.{k}={v}" for k, v in settings.items())]
+        config = resolve_config("self_mm", dataset, overrides)["model"]
+        self.ours: SelfMM = create_model("self_mm", config, dims)
+        self.ours.load_state_dict(rename_state(self.official.state_dict(), RENAMES), strict=True)
+        self.official.to(dtype)
+        self.ours.to(dtype)
+        for table in (self.trainer.feature_map, self.trainer.label_map):
+            for key in table:
+                table[key] = table[key].to(dtype)
+        self.official_name = rename_state({k: k for k, _ in self.official.named_parameters()}, RENAMES)
+        generator = torch.Generator().manual_seed(1)
+        ids = torch.randint(1000, 2000, (SAMPLES, TEXT_LEN), generator=generator)
+        self.text = torch.stack([ids, torch.ones_like(ids), torch.zeros_like(ids)], dim=1)
+        self.audio = torch.randn(SAMPLES, AUDIO_LEN, audio_dim, generator=generator).to(dtype)
+        self.vision = torch.randn(SAMPLES, VISION_LEN, vision_dim, generator=generator).to(dtype)
+        self.labels = ((torch.rand(SAMPLES, generator=generator) * 2 - 1) * self.args.H).to(dtype)
+        self.order = torch.Generator().manual_seed(2)
+
+    def batch(self, index: torch.Tensor) -> Batch:
+        text = self.text[index]
+        batch = full_batch(self.labels[index], audio=self.audio[index], vision=self.vision[index])
+        return batch.with_updates(index=index, ids=[str(i) for i in index.tolist()], text_ids=text,
+                                  text_mask=text[:, 1] > 0)
+
+    def official_outputs(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        size = len(index)
+        return self.official(self.text[index], (self.audio[index], torch.full((size,), AUDIO_LEN)),
+                             (self.vision[index], torch.full((size,), VISION_LEN)))
+
+    def start(self) -> None:
+        """Both label memories from the labels (MMSA's `init_labels`, msakit's epoch hook)."""
+        everything = torch.arange(SAMPLES)
+        self.trainer.init_labels(everything, self.labels)
+        self.ours.on_train_epoch_start(1, lambda: iter([self.batch(everything)]))
+
+    def official_losses(self, outputs: dict[str, torch.Tensor],
+                        index: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {head: self.trainer.weighted_loss(
+            outputs[TASK[head]], self.trainer.label_map[head][index], indexes=index,
+            mode=head) for head in HEADS}
+
+    def official_update(self, outputs: dict[str, torch.Tensor], index: torch.Tensor, epoch: int) -> None:
+        """MMSA's ULGM step, in its trainer's order."""
+        features = [outputs[f"Feature_{k}"].detach() for k in ("f", "t", "a", "v")]
+        if epoch > 1:
+            self.trainer.update_labels(*features, epoch, index, outputs)
+        self.trainer.update_features(*features, index)
+        self.trainer.update_centers()
+
+    def memory_difference(self) -> dict[str, float]:
+        memory = self.ours.memory
+        return {
+            "generated labels": max(max_abs(self.trainer.label_map[h], memory.labels[h])
+                                    for h in HEADS),
+            "centres": max(max_abs(torch.stack([self.trainer.center_map[h]["pos"],
+                                                self.trainer.center_map[h]["neg"]]),
+                                   memory.centres[h]) for h in HEADS),
+        }
+
+
+def worst(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {k: max(r[k] for r in rows) for k in rows[0]}
+
+
+def compare_steps(root: Path, dataset: str, bert: str) -> dict:
+    """Evaluation predictions, then every training step with MMSA's batches (dropout active)."""
+    pair = Pair(root, dataset, bert, label_update_chunk="null")
+    official, ours = pair.official, pair.ours
+    everything = torch.arange(SAMPLES)
+    official.eval()
+    ours.eval()
+    with torch.no_grad():
+        eval_diff = max_abs(pair.official_outputs(everything)["M"].squeeze(-1),
+                            ours(pair.batch(everything)).pred)
+    pair.start()
+    sgd = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (official, ours)]
+    steps, gradients, step = [], [], 0
+    for epoch in range(1, EPOCHS + 1):
+        ours.on_train_epoch_start(epoch, lambda: iter([pair.batch(everything)]))
+        for index in torch.randperm(SAMPLES, generator=pair.order).split(BATCH):
+            official.train()
+            ours.train()
+            for optimizer in sgd:
+                optimizer.zero_grad()
+            step += 1
+            torch.manual_seed(100 + step)
+            theirs = pair.official_outputs(index)
+            their_losses = pair.official_losses(theirs, index)
+            their_total = sum(their_losses.values())
+            torch.manual_seed(100 + step)
+            mine = ours(pair.batch(index))
+            my_losses = {"fusion": F.l1_loss(mine.pred, pair.labels[index]), **mine.losses}
+            my_total = sum(my_losses.values())
+            their_total.backward()
+            my_total.backward()
+            pair.official_update(theirs, index, epoch)
+            row = {
+                "prediction (train)": max_abs(theirs["M"].squeeze(-1), mine.pred),
+                "unimodal predictions": max(max_abs(theirs[TASK[h]].squeeze(-1), mine.features[f"pred_{h}"])
+                                            for h in UNIMODAL),
+                **{f"{h} loss": max_abs(their_losses[h], my_losses[h]) for h in HEADS},
+                "total loss": max_abs(their_total, my_total),
+                **pair.memory_difference(),
+            }
+            steps.append(row)
+            gradients.append(gradient_difference(official, ours, pair.official_name.__getitem__))
+            for optimizer in sgd:
+                optimizer.step()
+    return {
+        "dataset": dataset,
+        "parameters": {"official": parameter_count(official), "msakit": parameter_count(ours)},
+        "max_abs_diff": {"prediction (eval)": eval_diff, **worst(steps)},
+        "gradients": max(gradients, key=lambda g: g["relative"]),
+        "steps": step,
+    }
+
+
+def without_dropout(model: nn.Module, bert: nn.Module) -> None:
+    """Training mode with every dropout off (BERT's attention dropout follows its own mode)."""
+    model.train()
+    bert.eval()
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.eval()
+
+
+def compare_chunks(root: Path, dataset: str, bert: str, update_epochs: int = 4) -> dict:
+    """msakit's batch of 16 updated in chunks of 4 against MMSA's 4 accumulated batches of 4."""
+    pair = Pair(root, dataset, bert, torch.float64, label_update_chunk=BATCH)
+    official, ours = pair.official, pair.ours
+    everything = torch.arange(SAMPLES)
+    pair.start()
+    sgd = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (official, ours)]
+    steps, gradients = [], []
+    for epoch in range(1, EPOCHS + 1):
+        ours.on_train_epoch_start(epoch, lambda: iter([pair.batch(everything)]))
+        without_dropout(official, official.text_model)
+        without_dropout(ours, ours.text_encoder)
+        for optimizer in sgd:
+            optimizer.zero_grad()
+        order = torch.randperm(SAMPLES, generator=pair.order)
+        predictions, losses = [], {h: 0.0 for h in HEADS}
+        for index in order.split(BATCH)[:update_epochs]:
+            theirs = pair.official_outputs(index)
+            their_losses = pair.official_losses(theirs, index)
+            sum(their_losses.values()).backward()
+            pair.official_update(theirs, index, epoch)
+            predictions.append(theirs["M"].squeeze(-1))
+            losses = {h: losses[h] + their_losses[h] / update_epochs for h in HEADS}
+        mine = ours(pair.batch(order))
+        my_losses = {"fusion": F.l1_loss(mine.pred, pair.labels[order]), **mine.losses}
+        (update_epochs * sum(my_losses.values())).backward()
+        steps.append({"prediction (train)": max_abs(torch.cat(predictions), mine.pred),
+                      **{f"{h} loss": max_abs(losses[h], my_losses[h]) for h in HEADS},
+                      **pair.memory_difference()})
+        gradients.append(gradient_difference(official, ours, pair.official_name.__getitem__))
+        for optimizer in sgd:
+            optimizer.step()
+    return {
+        "dataset": f"{dataset}, update_epochs {update_epochs} / label_update_chunk {BATCH}",
+        "parameters": {"official": parameter_count(official), "msakit": parameter_count(ours)},
+        "max_abs_diff": worst(steps),
+        "gradients": max(gradients, key=lambda g: g["relative"]),
+        "steps": EPOCHS,
+    }
+
+
+def main() -> None:
+    args = parse_args("self_mm", REPOSITORY, COMMIT)
+    with tempfile.TemporaryDirectory() as folder:
+        bert = str(make_tiny_bert(Path(folder)))
+        rows = [compare_steps(args.official, d, bert) for d in DATASETS]
+        rows.append(compare_chunks(args.official, "mosi", bert))
+    print(write_report(
+        "self_mm", args.output, REPOSITORY, official_commit(args.official, COMMIT), rows,
+        switches={"label_update_chunk": "null in the per-step rows (MMSA's ULGM update per batch, "
+                                        "one optimiser step per batch); 4 in the last row"},
+        notes=(f"Both sides load the same tiny random BERT (tests/tiny_bert.py: 1 layer, width 32) in "
+               f"place of bert-base, so MMSA's `text_out` is 32; parameter counts include it. "
+               f"Inputs are unpadded ({TEXT_LEN} tokens, {AUDIO_LEN} audio and {VISION_LEN} vision "
+               f"frames), {SAMPLES} training samples, labels uniform in [-H, H]. Per-step rows: "
+               f"{EPOCHS} epochs of {SAMPLES // BATCH} batches of {BATCH} in the same shuffled order, "
+               "dropout active with the same draws, SGD (lr 0.05) on both; every column is the "
+               "largest difference over all steps (losses, predictions and gradients before the "
+               "step's update; generated labels and centres over the whole memory after it; labels "
+               "are generated from epoch 2 on). The last row: one msakit batch of 16 per epoch "
+               "against MMSA's 4 accumulated batches, dropout off, float64 weights and inputs (both label "
+               "memories too), msakit's loss x 4 (MMSA "
+               "sums 4 batch means)."),
+    ))
+
+
+if __name__ == "__main__":
+    main()
