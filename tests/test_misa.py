@@ -12,6 +12,8 @@ from msakit.data.schema import Batch
 from msakit.errors import MsakitError
 from msakit.models import create_model
 from msakit.models.misa import MISA, cmd, difference
+from msakit.models.registry import build_config
+from msakit.training.config import resolve_config
 from msakit.training.trainer import seed_everything
 
 TINY = {"text_source": "features", "hidden_size": 4, "fusion_ff_dim": 8}
@@ -161,3 +163,30 @@ def test_the_packaged_minilm_encodes_the_text(dims, batch):
     out = model(batch)
     (out.pred.pow(2).mean() + sum(out.losses.values())).backward()
     assert all(p.grad is not None for p in model.text_encoder.model.encoder.parameters())
+
+
+# MMSA's config_regression.json @ a94e65d, key "misa": (hidden_size, dropout, diff, sim, recon,
+# grad_clip, batch_size); msakit's batch is twice MMSA's (two batches accumulated per update)
+MMSA_SETTINGS = {
+    "mosi": (128, 0.2, 0.1, 0.3, 1.0, 0.8, 16), "mosei": (128, 0.5, 0.3, 0.8, 1.0, 0.8, 64),
+    "sims": (128, 0.0, 0.3, 1.0, 0.8, 1.0, 64), "simsv2": (64, 0.5, 0.5, 1.0, 0.5, 0.8, 16),
+}
+
+
+@pytest.mark.parametrize("family", sorted(MMSA_SETTINGS))
+def test_yaml_holds_mmsas_settings(family):
+    resolved = resolve_config("misa", family)
+    model, training = build_config("misa", resolved["model"]), resolved["training"]
+    hidden, dropout, diff, sim, recon, clip, batch_size = MMSA_SETTINGS[family]
+    assert (model.hidden_size, model.dropout, model.diff_weight, model.sim_weight,
+            model.recon_weight, model.grad_clip_value) == (hidden, dropout, diff, sim, recon, clip)
+    assert training["batch_size"] == 2 * batch_size
+    assert (training["lr"], training["encoder_lr"], training["weight_decay"]) == (1e-4, 1e-4, 0.0)
+    assert (training["loss"], training["patience"], training["grad_clip"]) == ("mse", 8, None)
+    assert model.text_source == "encoder" and model.finetune_text
+
+
+def test_the_synthetic_settings_build_and_run(dims, batch):
+    model = create_model("misa", resolve_config("misa", "synthetic")["model"], dims).eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(batch).pred).all()
