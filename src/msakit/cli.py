@@ -427,41 +427,53 @@ def extract(clips: str, labels: str, output: str, features: str | None, override
 
 @cli.command()
 @click.argument("files", nargs=-1, required=True)
-@click.option("--checkpoint", "-c", required=True, help="a checkpoint trained on a `msakit extract` pickle")
+@click.option("--checkpoint", "-c", default=None,
+              help="a checkpoint [default: the packaged text model, which reads the transcript only]")
+@click.option("--output", "-o", default=None,
+              help="a .csv or .jsonl file that receives each result as it comes; run again, it resumes")
 @click.option("--text", default=None,
               help="transcript of the (one) file; default: FILE.txt beside it, else speech recognition")
 @click.option("--features", default=None,
               help="YAML of transcript settings (other keys must match the checkpoint)")
 @click.option("--set", "overrides", multiple=True, metavar="transcript.KEY=VALUE",
               help="e.g. --set transcript.source=asr")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="extraction processes [default: one per CPU core; 0 for a single file]")
+@click.option("--overwrite", is_flag=True, help="start --output afresh instead of resuming it")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the results as JSON")
+@click.option("--no-progress", is_flag=True, help="no progress bar")
 @_user_errors
-def predict(files: tuple[str, ...], checkpoint: str, text: str | None, features: str | None,
-            overrides: tuple[str, ...], device: str, as_json: bool) -> None:
-    """Sentiment of each media FILE (video or audio) with a trained CHECKPOINT; the model loads once."""
+def predict(files: tuple[str, ...], checkpoint: str | None, output: str | None, text: str | None,
+            features: str | None, overrides: tuple[str, ...], workers: int | None, overwrite: bool,
+            device: str, as_json: bool, no_progress: bool) -> None:
+    """Sentiment of each media FILE (video or audio; a folder: every media file in it) with a
+    CHECKPOINT, or with the packaged default model; the model loads once."""
     from msakit import api
     from msakit.fileio import strict_json
 
-    results = api.predict(list(files), checkpoint, text=text, features=features,
-                          overrides=list(overrides), device=device)
+    results = api.predict(list(files), checkpoint, text=text, features=features, overrides=list(overrides),
+                          device=device, output=output, workers=workers, overwrite=overwrite,
+                          progress=not no_progress and sys.stderr.isatty())
     if as_json:
         click.echo(strict_json(results), nl=False)
-    else:
-        table = Table("file", "score", "class", "label", "modalities", "transcript")
+    elif output is None:
+        table = Table("file", "score", "class", "label", "present", "used", "transcript")
         for result in results:
             if "error" in result:
-                table.add_row(result["file"], "-", "error", "-", "-", result["error"])
+                table.add_row(result["file"], "-", "error", "-", "-", "-", result["error"])
                 continue
             present = "".join(m[0] if result["present"][m] else "-" for m in ("text", "audio", "vision"))
             table.add_row(result["file"], f"{result['score']:+.3f}", result["class"],
                           f"{result['label']:+d} {result['label_name']} ({result['scale']})", present,
-                          result["transcript"])
+                          "+".join(result["used"]), result["transcript"])
         console.print(table)
-    failed = [r["file"] for r in results if "error" in r]
-    if failed:  # the readable files are scored above; the others are bad input
-        click.echo(f"msakit: error: {len(failed)} of {len(results)} file(s) could not be read: "
-                   f"{', '.join(failed)}", err=True)
+    else:
+        click.echo(f"wrote {len(results)} result(s) to {output}", err=True)
+    failed = [r for r in results if "error" in r]
+    if failed:  # the readable files are scored; the others are bad input
+        click.echo(f"msakit: error: {len(failed)} of {len(results)} file(s) could not be scored: "
+                   + "; ".join(f"{r['file']} ({r['error']})" for r in failed), err=True)
         sys.exit(2)
 
 
