@@ -3,25 +3,8 @@
 FastAPI + uvicorn (the `serve` extra). Uploads are streamed into a temporary folder of their own,
 counted against the size limit as they arrive and deleted once scored. Media extraction runs in
 worker threads, so the event loop (and `/healthz`) stays responsive while a long clip is processed.
-Every refusal is a JSON body `{"error": CODE, "message": TEXT}` with the status below; bad input is
-never a 500.
-
-| status | error | when |
-|---|---|---|
-| 401 | unauthorized | a token is set and the request has no `Authorization: Bearer` header or a wrong one |
-| 413 | too_large | the request body is over `max_upload_mb`, or a form field over 64 KiB |
-| 413 | too_long | a media file states a duration over `max_duration` seconds |
-| 413 | too_many_items | a batch over `max_batch` items |
-| 415 | unsupported_content_type | a body that is neither multipart/form-data nor application/json |
-| 415 | not_media | an upload FFmpeg cannot open that does not look like a media container either |
-| 422 | empty_body / malformed | no body; bad JSON or multipart; a missing, extra or ill-typed field |
-| 422 | damaged_media | a media container (by its first bytes) that cannot be opened or decoded (truncated) |
-| 422 | unusable_media | nothing the model reads is in the file (no speech, no words, no face ...) |
-| 429 | busy | all `max_concurrent` extraction slots are taken (with `Retry-After`) |
-| 504 | timeout | the request took longer than `request_timeout` seconds |
-
-504 rather than 503: the service is up and the same request may succeed under a longer limit, while
-a 503 tells a load balancer to take the instance out of rotation.
+Every refusal is a JSON body `{"error": CODE, "message": TEXT}`; bad input is never a 500. The
+status of each refusal, and why 504 for the time limit: docs/serve.md.
 """
 
 from __future__ import annotations
@@ -122,7 +105,7 @@ class TextRequest(BaseModel):
     """A transcript to score, with optional precomputed frame features."""
 
     model_config = ConfigDict(extra="forbid")
-    text: str = Field(min_length=1, description="the transcript")
+    text: str = Field(min_length=1, max_length=MAX_FIELD_BYTES, description="the transcript")
     features: dict[Literal["audio", "vision"], list[list[float]]] | None = Field(
         default=None, description="optional frame features, one row per frame, as the model was trained on")
 
