@@ -73,7 +73,7 @@ class Limits:
     max_duration: float = 120.0  # seconds of media, as the container states it
     max_concurrent: int = 2  # media requests being extracted at once; more are answered 429
     max_batch: int = 16  # items in one batch request
-    request_timeout: float = 120.0  # seconds from the first byte received to the answer
+    request_timeout: float = 120.0  # seconds from the request's headers to its answer
 
     def __post_init__(self) -> None:
         for name in ("max_upload_mb", "max_duration", "request_timeout"):
