@@ -230,6 +230,9 @@ class CascadedResidualAutoencoder(nn.Module):
         return self.transition(x_in + x_out, m).transpose(1, 2)
 
 
+# the draws are numpy streams keyed by sample id, made on the host: nothing for torch.compile to
+# fuse, and its numpy tracing fails on them
+@torch.compiler.disable
 def sample_noise(ids: list[str], modality: str, like: torch.Tensor) -> torch.Tensor:
     """Standard normal noise shaped like `like` (B, L, C), a function of each sample's id only:
     the value at step t, channel c is the (t C + c)-th draw of the sample's stream."""
