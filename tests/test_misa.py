@@ -124,6 +124,15 @@ def test_grad_clip_value_is_mmsas_clip_grad_value(dims, batch):
     assert bitten > 0 and clamped.shared[0].weight.grad.abs().max() <= 1e-3
 
 
+def test_grad_clip_value_refuses_fp16_loss_scaling(dims, batch):
+    model = _misa(dims, grad_clip_value=0.8).train()
+    with torch.autocast("cpu", dtype=torch.float16), pytest.raises(MsakitError, match="fp16") as error:
+        model(batch)
+    assert "\n" not in str(error.value)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(model(batch).pred).all()
+
+
 def _with_frames(batch: Batch, modality: str, start: int, stop: int) -> Batch:
     x = getattr(batch, modality).clone()
     x[:, start:stop] += 5.0

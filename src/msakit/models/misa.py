@@ -39,7 +39,9 @@ Deviations from MMSA:
   reads attributes it never sets); every published setting uses CMD.
 - MMSA clips each gradient element to +-grad_clip (`clip_grad_value_`), msakit's trainer only
   the global norm: `grad_clip_value` clamps each gradient element of this model as backward
-  computes it, which is MMSA's clipping (set it per dataset; null = none).
+  computes it, which is MMSA's clipping (set it per dataset; null = none). It refuses, in one
+  line, what would make the clamp act on other gradients than MMSA's: fp16 loss scaling and
+  training in several processes.
 - MMSA accumulates the gradients of two batches per update (`update_epochs: 2`) and drops the
   odd last batch of an epoch; msakit's loop updates after every batch, so the YAML doubles MMSA's
   batch size (the same samples per update; Adam ignores the factor 2 of summing two batch
@@ -61,6 +63,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from msakit.data.schema import Batch, FeatureDims
+from msakit.errors import MsakitError
 from msakit.models.base import (
     POSITIVE,
     RATE,
@@ -202,7 +205,21 @@ class MISA(MSAModel):
         rnn = self.audio_rnn if modality == "audio" else self.vision_rnn
         return rnn(x, lengths)
 
+    def _check_clamping(self, device: torch.device) -> None:
+        """The clamp acts on the gradients backward computes, which are MMSA's only in one process
+        without loss scaling: fp16's scaler multiplies them, DDP averages them after the clamp."""
+        if torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.float16:
+            cause = "training.precision=fp16 scales them (use bf16 or fp32)"
+        elif torch.distributed.is_available() and torch.distributed.is_initialized():
+            cause = "several processes average them after the clamp (train in one process)"
+        else:
+            return
+        raise MsakitError(f"misa: model.grad_clip_value clamps gradients as backward computes them, "
+                          f"but {cause}; or set model.grad_clip_value=null")
+
     def forward(self, batch: Batch) -> Output:
+        if self.training and self.config.grad_clip_value is not None:
+            self._check_clamping(batch.labels.device)
         states, text_mask = self.text_encoder(batch)
         utterances = {
             "text": masked_mean(states, text_mask),
