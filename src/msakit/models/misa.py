@@ -26,7 +26,8 @@ The trainer adds the task loss (MSE: `training.loss: mse`).
 Deviations from MMSA:
 - Audio and vision LSTMs run over each modality's own valid frames. MMSA packs both with the
   text's token count (its BERT mask, [CLS] and [SEP] included), so on unaligned data it reads only
-  the first ~20-50 of up to 500 frames, and padding when a clip has fewer frames than tokens.
+  the first few dozen of up to 500 frames, and padded frames when a clip has fewer frames than
+  tokens.
   `rnn_lengths: text` restores MMSA's lengths (capped at each modality's padded length).
 - A sample with no valid frame (a modality the data never had) runs one zeroed step: packing
   needs a length of at least one.
