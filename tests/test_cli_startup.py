@@ -53,7 +53,7 @@ class Named(MSAModel):
                                                     "one_line": "Short.Joined."}
 
 
-@pytest.mark.parametrize("args", [["--help"], ["models"], ["datasets"]])
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["models"], ["datasets"]])
 def test_help_and_the_listings_do_not_import_torch(args: list[str]):
     script = (
         "import sys\n"
