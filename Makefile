@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml $(TORCH_SPEC)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[test,extract,serve]"
+	$(BIN)/python -m pip install -q -e ".[test,extract,serve,study]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -31,7 +31,7 @@ demo: $(STAMP)
 		--output $(DEMO_DIR)/robustness-intra
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict

@@ -572,6 +572,55 @@ def serve(checkpoint: str | None, host: str, port: int, token_env: str | None, d
     run(checkpoint, host=host, port=port, token_env=token_env, limits=given, device=device)
 
 
+@cli.group()
+def study() -> None:
+    """Run a benchmark grid (a study YAML) on Ray, and report its leaderboard."""
+
+
+STUDY_DIR_HELP = "the study's folder: job run folders and the default store [default: runs/studies/NAME]"
+STORE_HELP = "the results store: a SQLite file or any SQLAlchemy URL [default: STUDY_DIR/study.db]"
+
+
+@study.command("run")
+@click.argument("study_file")
+@click.option("--dir", "study_dir", default=None, help=STUDY_DIR_HELP)
+@click.option("--store", default=None, help=STORE_HELP)
+@click.option("--address", default=None,
+              help="an existing Ray cluster (e.g. HOST:6379) [default: a local Ray started and stopped here]")
+@click.option("--executor", type=click.Choice(["ray", "local"]), default="ray", show_default=True,
+              help="local: one job after another in this process, without Ray")
+@_user_errors
+def study_run(study_file: str, study_dir: str | None, store: str | None, address: str | None,
+              executor: str) -> None:
+    """Run every job of STUDY_FILE that the store has no record of (a rerun skips what is done)."""
+    from msakit.study import run_study
+
+    summary = run_study(study_file, study_dir=study_dir, store=store, address=address, executor=executor)
+    click.echo(f"study {summary['study']}: {summary['jobs']} jobs, {summary['ran']} run, "
+               f"{summary['skipped']} already done; store {summary['store']}")
+    if summary["failures"]:
+        click.echo(f"msakit: error: {len(summary['failures'])} job(s) failed: " + "; ".join(
+            f"{f['what']} ({f['error']})" for f in summary["failures"]), err=True)
+        sys.exit(2)
+
+
+@study.command("report")
+@click.argument("study_file")
+@click.option("--dir", "study_dir", default=None, help=STUDY_DIR_HELP)
+@click.option("--store", default=None, help=STORE_HELP)
+@click.option("--output", "-o", default=None, help="folder for leaderboard.md/.html/.json and the curves "
+              "[default: STUDY_DIR/report]")
+@_user_errors
+def study_report(study_file: str, study_dir: str | None, store: str | None, output: str | None) -> None:
+    """The leaderboard of STUDY_FILE from its store: tables per protocol, curves, an HTML page."""
+    from msakit.study import report_study
+
+    result = report_study(study_file, output=output, store=store, study_dir=study_dir)
+    click.echo(result["markdown"])
+    click.echo(f"wrote {result['output']}/leaderboard.md, .html, .json ({result['records']} of "
+               f"{result['jobs']} jobs recorded)", err=True)
+
+
 def main() -> None:
     """The `msakit` command. An error that is not bad input (a bug) is one line on stderr, exit 1,
     with the full traceback written to a file the line names: never a bare traceback."""

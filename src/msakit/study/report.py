@@ -1,0 +1,243 @@
+"""`msakit study report`: the leaderboard of a study, from its store.
+
+Per dataset: the clean test metrics of every model (mean ± std over seeds), the robustness table
+(clean MAE, then each protocol's mean over its conditions: MAE, Acc-2 and Corr), one table per
+protocol with every condition, and per-rate curves with error bands (PNG and SVG; MAE and Corr on
+separate axes, distinct markers and line styles). Written as markdown, a static HTML page and JSON;
+each table names the command that regenerates it. Only the records of the study's current jobs are
+read, so a changed setting never mixes with results of the old one.
+"""
+
+from __future__ import annotations
+
+import html
+import shlex
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from msakit.data.schema import MultimodalDataset
+from msakit.errors import MsakitError
+from msakit.evaluation.report import LABELS, format_value, mean_std
+from msakit.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from msakit.metrics import METRIC_KEYS, UNDEFINED_REASONS, metric_family
+from msakit.study.runner import default_folder, load_data, plan_jobs
+from msakit.study.spec import Evaluation, Study, load_study
+from msakit.study.store import ResultStore
+
+ROBUSTNESS_COLUMNS = ("mae", "acc2_non0", "corr")
+SIMS_ROBUSTNESS_COLUMNS = ("mae", "acc2", "corr")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
+LINESTYLES = ("-", "--", "-.", ":")
+
+
+def _cell(key: str, mean: float, std: float, seeds: int) -> str:
+    return format_value(key, mean) + (f" ± {format_value(key, std)}" if seeds > 1 else "")
+
+
+def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|---" * len(head) + "|",
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def _describe(evaluation: Evaluation) -> str:
+    if evaluation.protocol == "fixed":
+        return f"fixed: {', '.join(evaluation.subsets) if evaluation.subsets else 'the 7 subsets'}"
+    rates = "default rates" if evaluation.rates is None else \
+        f"r = {', '.join(f'{r:g}' for r in evaluation.rates)}"
+    return f"{evaluation.protocol}: {rates}"
+
+
+def summarise(study: Study, records: dict[str, dict[str, Any]], jobs: list) -> dict[str, Any]:
+    """Per dataset and model label: seeds recorded, clean test mean/std, each protocol's mean/std
+    and its per-condition means/stds."""
+    out: dict[str, Any] = {}
+    for ref in study.datasets:
+        models: dict[str, Any] = {}
+        for model in study.models:
+            cell = [j for j in jobs if j.dataset == ref and j.model == model and j.id in records]
+            if not cell:
+                continue
+            runs = [records[j.id] for j in cell]
+            clean_mean, clean_std = mean_std([r["train"]["test"] for r in runs])
+            protocols = {}
+            for evaluation in study.evaluations:
+                done = [r["evaluations"][evaluation.key] for r in runs if evaluation.key in r["evaluations"]]
+                if len(done) != len(runs):
+                    continue
+                mean, std = mean_std([d["mean"] for d in done])
+                conditions = [row["condition"] for row in done[0]["rows"]]
+                per_condition = [mean_std([d["rows"][i]["metrics"] for d in done])
+                                 for i in range(len(conditions))]
+                protocols[evaluation.protocol] = {
+                    "describe": _describe(evaluation), "mean": mean, "std": std, "conditions": conditions,
+                    "condition_mean": [m for m, _ in per_condition],
+                    "condition_std": [s for _, s in per_condition],
+                }
+            models[model.label] = {"model": model.model, "overrides": list(model.overrides),
+                                   "seeds": sorted(j.seed for j in cell), "clean": clean_mean,
+                                   "clean_std": clean_std, "protocols": protocols,
+                                   "seconds": sum(r.get("seconds") or 0.0 for r in runs)}
+        out[ref.label] = models
+    return out
+
+
+def _family(data: MultimodalDataset) -> str:
+    return metric_family(data.family)
+
+
+def markdown(study: Study, summary: dict[str, Any], families: dict[str, str], command: str,
+             missing: int) -> str:
+    lines = [f"# Study {study.name}", ""]
+    if missing:
+        lines += [f"{missing} job(s) of the study have no record yet: their cells are left out.", ""]
+    for dataset, models in summary.items():
+        family = families[dataset]
+        keys = METRIC_KEYS[family]
+        columns = SIMS_ROBUSTNESS_COLUMNS if family == "sims" else ROBUSTNESS_COLUMNS
+        lines += [f"## {dataset}", "", "### Clean test split", "",
+                  "Mean ± std over seeds; each seed selected on validation.", ""]
+        lines += _table(["model", "seeds", *(LABELS[k] for k in keys)],
+                        [[label, " ".join(map(str, m["seeds"])),
+                          *(_cell(k, m["clean"][k], m["clean_std"][k], len(m["seeds"])) for k in keys)]
+                         for label, m in sorted(models.items())])
+        protocols = [e.protocol for e in study.evaluations]
+        if protocols:
+            described = "; ".join(_describe(e) for e in study.evaluations)
+            lines += ["", "### Robustness", "",
+                      f"Test split; each protocol cell is the mean over its conditions ({described}), then "
+                      "mean ± std over seeds.", ""]
+            head = ["model", "seeds", f"clean {LABELS['mae']}",
+                    *(f"{p} {LABELS[k]}" for p in protocols for k in columns)]
+            rows = []
+            for label, m in sorted(models.items()):
+                row = [label, " ".join(map(str, m["seeds"])), format_value("mae", m["clean"]["mae"])]
+                for p in protocols:
+                    found = m["protocols"].get(p)
+                    row += [_cell(k, found["mean"][k], found["std"][k], len(m["seeds"])) if found else "-"
+                            for k in columns]
+                rows.append(row)
+            lines += _table(head, rows)
+            for evaluation in study.evaluations:
+                p = evaluation.protocol
+                with_p = {label: m["protocols"][p] for label, m in sorted(models.items())
+                          if p in m["protocols"]}
+                if not with_p:
+                    continue
+                conditions = next(iter(with_p.values()))["conditions"]
+                for key in columns:
+                    lines += ["", f"### {_describe(evaluation)}: {LABELS[key]} per condition", ""]
+                    lines += _table(["model", *conditions, "mean"], [
+                        [label, *(_cell(key, mean[key], std[key], len(models[label]["seeds"]))
+                                  for mean, std in zip(found["condition_mean"], found["condition_std"],
+                                                       strict=True)),
+                         _cell(key, found["mean"][key], found["std"][key], len(models[label]["seeds"]))]
+                        for label, found in with_p.items()])
+                lines += ["", f"![{dataset} {p}](curves-{dataset}-{p}.svg)"]
+        lines.append("")
+    lines += [f"Regenerate: `{command}`", ""]
+    return "\n".join(lines)
+
+
+def plot_protocol(path_stem: Path, title: str, models: dict[str, Any], protocol: str) -> None:
+    """MAE and Corr per condition, one line (distinct marker and style) and error band per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for index, (label, m) in enumerate(sorted(models.items())):
+        found = m["protocols"][protocol]
+        x = np.arange(len(found["conditions"]))
+        style = {"marker": MARKERS[index % len(MARKERS)], "linestyle": LINESTYLES[index % len(LINESTYLES)]}
+        for ax, key in zip(axes, ("mae", "corr"), strict=True):
+            mean = np.array([c[key] for c in found["condition_mean"]], dtype=float)
+            std = np.array([c[key] for c in found["condition_std"]], dtype=float)
+            ax.plot(x, mean, label=label, **style)
+            if len(m["seeds"]) > 1:
+                ax.fill_between(x, mean - std, mean + std, alpha=0.15)
+            ax.set_xticks(x, found["conditions"], rotation=0 if protocol == "fixed" else 45)
+    directions = ("lower is better ↓", "higher is better ↑")
+    for ax, key, better in zip(axes, ("mae", "corr"), directions, strict=True):
+        ax.set_ylabel(f"{LABELS[key]} ({better})")
+        ax.set_xlabel("available modalities" if protocol == "fixed" else "missing rate")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    for suffix in ("png", "svg"):
+        atomic_write_bytes(path_stem.with_name(f"{path_stem.name}.{suffix}"),
+                           lambda handle, suffix=suffix: fig.savefig(handle, format=suffix, dpi=150))
+    plt.close(fig)
+
+
+def html_page(text: str) -> str:
+    """The markdown report as a static HTML page (tables, headings, images, paragraphs)."""
+    body, table = [], []
+
+    def close_table() -> None:
+        if table:
+            head, *rows = [cells for cells in table if not set("".join(cells)) <= set("-")]
+            cells = ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows]
+            body.append("<table><thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head)
+                        + "</tr></thead><tbody>" + "".join(cells) + "</tbody></table>")
+            table.clear()
+
+    for line in text.splitlines():
+        if line.startswith("|"):
+            table.append([c.strip() for c in line.strip("|").split("|")])
+            continue
+        close_table()
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
+        elif line.startswith("!["):
+            alt, src = line[2:].split("](", 1)
+            body.append(f'<p><img src="{html.escape(src.rstrip(")"))}" alt="{html.escape(alt)}"></p>')
+        elif line.strip():
+            body.append(f"<p>{html.escape(line).replace('`', '')}</p>")
+    close_table()
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse;"
+             "margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child,"
+             "th:first-child{text-align:left}img{max-width:100%}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(text.splitlines()[0][2:])}"
+            f"</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+
+
+def report_study(path: str | Path, *, output: str | Path | None = None, store: str | None = None,
+                 study_dir: str | Path | None = None) -> dict[str, Any]:
+    """Writes leaderboard.md / .html / .json and the curves into `output` (default:
+    `<study_dir>/report`); returns the summary."""
+    study = load_study(path)
+    root = Path(study_dir).expanduser() if study_dir is not None else default_folder(study)
+    results = ResultStore(store if store is not None else root / "study.db")
+    jobs = plan_jobs(study)
+    records = results.records(j.id for j in jobs)
+    if not records:
+        raise MsakitError(f"the store {results.url} has no record of study {study.name}'s jobs: "
+                          f"run `msakit study run {path}` first")
+    out = Path(output).expanduser() if output is not None else root / "report"
+    summary = summarise(study, records, jobs)
+    families = {ref.label: _family(load_data(ref, study.models[0].model)) for ref in study.datasets}
+    store_part = ([] if store is None else ["--store", str(store)]) + \
+        ([] if study_dir is None else ["--dir", str(study_dir)])
+    command = shlex.join(["msakit", "study", "run", str(path), *store_part]) + " && " + shlex.join(
+        ["msakit", "study", "report", str(path), *store_part, "--output", str(out)])
+    text = markdown(study, summary, families, command, len(jobs) - len(records))
+    for dataset, models in summary.items():
+        for evaluation in study.evaluations:
+            with_p = {label: m for label, m in models.items() if evaluation.protocol in m["protocols"]}
+            if with_p:
+                title = f"{study.name}: {dataset}, {_describe(evaluation)}"
+                plot_protocol(out / f"curves-{dataset}-{evaluation.protocol}", title, with_p,
+                              evaluation.protocol)
+    atomic_write_text(out / "leaderboard.md", text)
+    atomic_write_text(out / "leaderboard.html", html_page(text))
+    atomic_write_json(out / "leaderboard.json", {"study": study.name, "command": command, "jobs": len(jobs),
+                                                 "records": len(records), "datasets": summary},
+                      UNDEFINED_REASONS)
+    return {"study": study.name, "output": str(out), "jobs": len(jobs), "records": len(records),
+            "markdown": text}
