@@ -63,8 +63,7 @@ from msakit.data.schema import Batch, FeatureDims
 from msakit.data.tokens import BERT_SPECIAL_IDS
 from msakit.missing.masks import droppable_positions
 from msakit.models.base import SIZE, WEIGHT, ModelConfig, MSAModel, Output, one_of, setting
-from msakit.models.layers.attention import multi_head_attention
-from msakit.models.layers.prenorm import Block, TokenTransformer
+from msakit.models.layers.prenorm import CrossTransformer, HyperLayer, TokenTransformer, widths_of
 from msakit.models.layers.text import TextEncoder, special_token_ids
 from msakit.models.registry import register_model
 
@@ -113,63 +112,6 @@ def reverse_gradient(x: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
     return _ReverseGradient.apply(x, strength)
 
 
-class HyperLayer(nn.Module):
-    """One step of the hyper-modality learner: the language state queries audio and vision.
-
-    As in the official code its attention is heads x (dim / heads) wide inside (the other
-    transformers use heads x dim_head), with separate keys and values per modality.
-    """
-
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm_language, self.norm_audio = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.norm_vision, self.norm_hyper = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k_audio, self.to_v_audio = nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim, bias=False)
-        self.to_k_vision, self.to_v_vision = nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim, bias=False)
-        self.to_out = nn.Linear(dim, dim)
-
-    def forward(
-        self, language: torch.Tensor, audio: torch.Tensor, vision: torch.Tensor, hyper: torch.Tensor
-    ) -> torch.Tensor:
-        q = self.to_q(self.norm_language(language))
-        audio, vision = self.norm_audio(audio), self.norm_vision(vision)
-        from_audio = multi_head_attention(q, self.to_k_audio(audio), self.to_v_audio(audio), self.heads, None)
-        from_vision = multi_head_attention(
-            q, self.to_k_vision(vision), self.to_v_vision(vision), self.heads, None
-        )
-        return self.norm_hyper(hyper) + self.to_out(from_audio + from_vision)
-
-
-class CrossTransformer(nn.Module):
-    """The target reads the source; one shared extra token is prepended to both, positions learned."""
-
-    def __init__(self, num_tokens: int, config: LNLNConfig) -> None:
-        super().__init__()
-        d = config.hidden_dim
-        self.token = nn.Parameter(torch.zeros(1, 1, d))
-        self.source_positions = nn.Parameter(torch.randn(1, num_tokens + 1, d))
-        self.target_positions = nn.Parameter(torch.randn(1, num_tokens + 1, d))
-        self.blocks = nn.ModuleList(
-            Block(**widths_of(config)) for _ in range(config.fusion_depth)
-        )
-
-    def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        token = self.token.expand(source.shape[0], -1, -1)
-        source = torch.cat([token, source], dim=1) + self.source_positions
-        target = torch.cat([token, target], dim=1) + self.target_positions
-        for block in self.blocks:
-            target = block(target, source)
-        return target
-
-
-def widths_of(config: LNLNConfig) -> dict[str, int]:
-    """The block widths every LNLN transformer shares."""
-    return {"dim": config.hidden_dim, "heads": config.heads, "dim_head": config.dim_head,
-            "mlp_dim": config.mlp_dim}
-
-
 def _mlp(dim: int, hidden: int, out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, hidden), nn.LeakyReLU(0.1), nn.Linear(hidden, out))
 
@@ -200,7 +142,7 @@ class LNLN(MSAModel):
         self.language = TokenTransformer(n, 0, config.language_depth, **widths_of(config))
         self.hyper_init = nn.Parameter(torch.ones(1, n, d))
         self.hyper = nn.ModuleList(HyperLayer(d, config.heads) for _ in range(config.language_depth + 1))
-        self.fusion = CrossTransformer(n, config)
+        self.fusion = CrossTransformer(n, config.fusion_depth, **widths_of(config))
         self.head = nn.Linear(d, 1)
         self.reconstruct = nn.ModuleDict({
             m: TokenTransformer(n, 0, config.reconstructor_depth, **widths_of(config)) for m in widths

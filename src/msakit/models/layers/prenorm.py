@@ -1,12 +1,17 @@
-"""The pre-norm transformer of the LNLN / MMSLF code family (Haoyu Zhang et al.): separate
+"""The pre-norm transformer of the ALMT / LNLN / MMSLF code family (Haoyu Zhang et al.): separate
 LayerNorms on queries, keys and values, heads x dim_head wide inside and `dim` outside, learned
 positions, and optional learned extra tokens whose outputs summarise a sequence.
 
     x <- x + W_o Attn(LN_q(x), LN_k(s), LN_v(s))          (s = x for self-attention)
     x <- x + W_2 GELU(W_1 LN(x))
+
+Also the two fusion pieces ALMT introduced and LNLN reuses: the hyper-modality layer and the
+cross transformer with a shared extra token.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -94,3 +99,65 @@ class TokenTransformer(nn.Module):
             x = block(x[:, :keep], source=x, key_mask=mask) if last and keep else block(x, key_mask=mask)
             states.append(x)
         return states
+
+
+def widths_of(config: Any) -> dict[str, int]:
+    """The block widths a model's transformers share: its config's hidden_dim, heads, dim_head and
+    mlp_dim."""
+    return {"dim": config.hidden_dim, "heads": config.heads, "dim_head": config.dim_head,
+            "mlp_dim": config.mlp_dim}
+
+
+class HyperLayer(nn.Module):
+    """One step of the hyper-modality learner: the language state queries audio and vision, and the
+    two readings, summed, move the (normalised) hyper-modality:
+
+        H_hyper <- LN(H_hyper) + W_o (Attn(q, LN(H_a) W_k^a, LN(H_a) W_v^a)
+                                      + Attn(q, LN(H_v) W_k^v, LN(H_v) W_v^v)),   q = LN(H_l) W_q
+
+    heads x dim_head wide inside (dim_head defaults to dim / heads), with separate keys and values
+    per modality and one query.
+    """
+
+    def __init__(self, dim: int, heads: int, dim_head: int | None = None) -> None:
+        super().__init__()
+        inner = heads * (dim // heads if dim_head is None else dim_head)
+        self.heads = heads
+        self.norm_language, self.norm_audio = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.norm_vision, self.norm_hyper = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k_audio, self.to_v_audio = (nn.Linear(dim, inner, bias=False) for _ in range(2))
+        self.to_k_vision, self.to_v_vision = (nn.Linear(dim, inner, bias=False) for _ in range(2))
+        self.to_out = nn.Linear(inner, dim)
+
+    def forward(
+        self, language: torch.Tensor, audio: torch.Tensor, vision: torch.Tensor, hyper: torch.Tensor
+    ) -> torch.Tensor:
+        q = self.to_q(self.norm_language(language))
+        audio, vision = self.norm_audio(audio), self.norm_vision(vision)
+        from_audio = multi_head_attention(q, self.to_k_audio(audio), self.to_v_audio(audio), self.heads, None)
+        from_vision = multi_head_attention(
+            q, self.to_k_vision(vision), self.to_v_vision(vision), self.heads, None
+        )
+        return self.norm_hyper(hyper) + self.to_out(from_audio + from_vision)
+
+
+class CrossTransformer(nn.Module):
+    """The target reads the source; one shared extra token is prepended to both, positions learned
+    (for `num_tokens` + 1 steps on each side). Returns the target's last states, the token first."""
+
+    def __init__(self, num_tokens: int, depth: int, *, dim: int, heads: int, dim_head: int,
+                 mlp_dim: int) -> None:
+        super().__init__()
+        self.token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.source_positions = nn.Parameter(torch.randn(1, num_tokens + 1, dim))
+        self.target_positions = nn.Parameter(torch.randn(1, num_tokens + 1, dim))
+        self.blocks = nn.ModuleList(Block(dim, heads, dim_head, mlp_dim) for _ in range(depth))
+
+    def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        token = self.token.expand(source.shape[0], -1, -1)
+        source = torch.cat([token, source], dim=1) + self.source_positions
+        target = torch.cat([token, target], dim=1) + self.target_positions
+        for block in self.blocks:
+            target = block(target, source)
+        return target
