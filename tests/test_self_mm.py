@@ -11,7 +11,7 @@ import torch
 
 from model_inputs import N, contract_split
 from msakit.data.batching import make_batch
-from msakit.data.schema import Batch, Split
+from msakit.data.schema import Batch, MultimodalDataset, Split
 from msakit.errors import MsakitError
 from msakit.models import create_model
 from msakit.models.registry import build_config
@@ -26,11 +26,15 @@ TINY = {"audio_hidden": 4, "vision_hidden": 4, "audio_out": 4, "vision_out": 4, 
 NO_DROPOUT = {f"post_{s}_dropout": 0.0 for s in ("fusion", "text", "audio", "vision")}
 
 
-@pytest.fixture(scope="module")
-def split() -> Split:
+def _signed_split() -> Split:
     """The contract split with labels of both signs (and a zero, which neither centre counts)."""
     labels = np.array([2.0, -1.5, 0.5, -0.5, 0.0, -2.0], dtype=np.float32)
     return dataclasses.replace(contract_split(), labels=labels)
+
+
+@pytest.fixture(scope="module")
+def split() -> Split:
+    return _signed_split()
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +162,37 @@ def test_the_label_memory_survives_a_resume(tiny_dataset, tmp_path):
     for key in ("labels", "features", "centres"):
         for head in HEADS:
             assert torch.equal(getattr(straight, key)[head], getattr(resumed, key)[head]), (key, head)
+
+
+def _memory_of_rank(rank: int, world: int, init_file: str, out_file: str) -> None:
+    """One rank of `world` (gloo, CPU): two epochs, each one batch of which it holds its part."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                         world_size=world)
+    split = _signed_split()
+    model = _model(MultimodalDataset("tiny", "synthetic", split, split, split).dims, label_update_chunk=2)
+    for epoch in (1, 2):
+        _hook(model, epoch, split)
+        model.train()(make_batch(split, np.array_split(np.arange(N), world)[rank]))
+    if rank == 0:
+        torch.save(model.training_state(), out_file)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes, each importing torch and msakit
+def test_ranks_keep_the_memory_one_process_keeps(dims, split, batch, tmp_path):
+    """Two ranks, each with half of every batch, end with the memory of one process with the
+    whole batches (torchrun)."""
+    single = _model(dims, label_update_chunk=2)
+    for epoch in (1, 2):
+        _hook(single, epoch, split)
+        single.train()(batch)
+    files = (str(tmp_path / "init"), str(tmp_path / "memory.pt"))
+    torch.multiprocessing.spawn(_memory_of_rank, args=(2, *files), nprocs=2)
+    ranks = torch.load(tmp_path / "memory.pt")
+    assert ranks["ids"] == single.memory.ids.tolist()
+    for key in ("labels", "features", "centres"):
+        for head in HEADS:
+            torch.testing.assert_close(ranks[key][head], getattr(single.memory, key)[head])
 
 
 def test_a_batch_from_another_split_is_refused(dims, split):

@@ -28,7 +28,9 @@ AAAI 2021), as the MMSA framework implements and trains it (thuiar/MMSA @a94e65d
    predict) and survives `--resume`; it is built before epoch 1 from the training split's labels
    (`on_train_epoch_start`), and a training batch must come from that split (`batch.index` is its
    position there, checked against `batch.ids`). A training-mode forward outside the training loop,
-   before any memory exists, returns the fusion prediction without the unimodal losses.
+   before any memory exists, returns the fusion prediction without the unimodal losses. Under
+   torchrun every rank keeps the whole memory and updates it with the whole batch, gathered from
+   the ranks' parts in batch order, so it stays the memory one process would have.
 
 Where this differs from MMSA, and the setting that restores MMSA's behaviour
 (benchmarks/parity/self_mm.py checks predictions, losses, generated labels and gradients):
@@ -78,6 +80,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -206,6 +209,24 @@ class LabelMemory:
         return memory
 
 
+def whole_batch(index: torch.Tensor, representations: dict[str, torch.Tensor]
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The whole batch's positions and representations, in batch order. Under torchrun each rank
+    holds a contiguous part of every batch (`training_shards`), and every rank's memory must see
+    every sample's update, so the parts are gathered; a rank left without samples holds the
+    batch's first one again, which is dropped. One process: the batch as it is."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return index, representations
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (index.cpu(), {s: r.cpu() for s, r in representations.items()}))
+    gathered = torch.cat([positions for positions, _ in parts])
+    _, first = np.unique(gathered.numpy(), return_index=True)
+    keep = torch.as_tensor(np.sort(first))
+    return gathered[keep].to(index.device), {
+        s: torch.cat([part[s] for _, part in parts])[keep].to(r.device)
+        for s, r in representations.items()}
+
+
 @register_model("self_mm")
 class SelfMM(MSAModel):
     """Self-MM: multi-task heads whose unimodal labels are generated during training (ULGM)."""
@@ -255,10 +276,11 @@ class SelfMM(MSAModel):
             weight = torch.tanh(torch.abs(target - fused))
             losses[s] = torch.mean(weight * torch.abs(scores[s] - target))
         cfg = self.config
-        chunk = cfg.label_update_chunk or len(batch)
         # the memory keeps the labels' precision whatever the forward computed in (autocast)
-        detached = {s: r.detach().to(fused.dtype) for s, r in representations.items()}
-        for start in range(0, len(batch), chunk):
+        index, detached = whole_batch(index, {s: r.detach().to(fused.dtype)
+                                              for s, r in representations.items()})
+        chunk = cfg.label_update_chunk or len(index)
+        for start in range(0, len(index), chunk):
             part = slice(start, start + chunk)
             memory.update({s: r[part] for s, r in detached.items()}, index[part], self.epoch,
                           cfg.label_bound, cfg.exclude_zero)
