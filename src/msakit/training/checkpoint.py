@@ -58,6 +58,38 @@ def read_tagged(path: Path, tag: str, what: str) -> dict[str, Any]:
     return payload
 
 
+def model_from_metadata(
+    payload: dict[str, Any], where: str, what: str = "checkpoint",
+    model_settings: dict[str, Any] | None = None,
+) -> MSAModel:
+    """The model a checkpoint's metadata describes, checked and built, with its initial weights.
+
+    `where` (the file) and `what` (what it is) name it in the one-line errors. Shared by
+    checkpoints and the pretrained models (`msakit.inference.pretrained`), whose weights then load.
+    """
+    for key, kind in REQUIRED.items():
+        if key != "state_dict" and not isinstance(payload.get(key), kind):
+            found = "has no" if key not in payload else f"has a {type(payload[key]).__name__} as"
+            raise MsakitError(f"{where} is a damaged {what}: it {found} {key!r} (a {kind.__name__} "
+                              f"in every {what} msakit writes)")
+    normalization = payload.get("normalization") or {}
+    if not isinstance(normalization, dict) or not all(
+            isinstance(v, dict) and {"mean", "std"} <= set(v) for v in normalization.values()):
+        raise MsakitError(f"{where} is a damaged {what}: its 'normalization' is not a mean and std "
+                          "per modality")
+    name = payload["model_name"]
+    if name not in list_models():
+        raise MsakitError(
+            f"{where} holds model {name!r}, which this msakit does not have; "
+            f"available: {', '.join(list_models())}"
+        )
+    try:
+        dims = FeatureDims.from_dict(payload["dims"])
+    except TypeError as exc:
+        raise MsakitError(f"{where} is a damaged {what}: its 'dims' do not fit ({exc})") from None
+    return create_model(name, {**payload["model_config"], **(model_settings or {})}, dims)
+
+
 def load_checkpoint(
     path: str | Path, model_settings: dict[str, Any] | None = None
 ) -> tuple[MSAModel, dict[str, Any]]:
@@ -70,32 +102,16 @@ def load_checkpoint(
     if not path.is_file():
         raise MsakitError(f"checkpoint not found: {path}")
     payload = read_tagged(path, FORMAT, "checkpoint")
-    for key, kind in REQUIRED.items():
-        if not isinstance(payload.get(key), kind):
-            found = "has no" if key not in payload else f"has a {type(payload[key]).__name__} as"
-            raise MsakitError(f"{path} is a damaged checkpoint: it {found} {key!r} (a {kind.__name__} "
-                              "in every checkpoint msakit writes)")
-    normalization = payload.get("normalization") or {}
-    if not isinstance(normalization, dict) or not all(
-            isinstance(v, dict) and {"mean", "std"} <= set(v) for v in normalization.values()):
-        raise MsakitError(f"{path} is a damaged checkpoint: its 'normalization' is not a mean and std "
-                          "per modality")
-    name = payload["model_name"]
-    if name not in list_models():
-        raise MsakitError(
-            f"{path} holds model {name!r}, which this msakit does not have; "
-            f"available: {', '.join(list_models())}"
-        )
-    try:
-        dims = FeatureDims.from_dict(payload["dims"])
-    except TypeError as exc:
-        raise MsakitError(f"{path} is a damaged checkpoint: its 'dims' do not fit ({exc})") from None
-    model = create_model(name, {**payload["model_config"], **(model_settings or {})}, dims)
+    model = model_from_metadata(payload, str(path), model_settings=model_settings)
+    if not isinstance(state := payload.get("state_dict"), dict):
+        found = "has no" if "state_dict" not in payload else f"has a {type(state).__name__} as"
+        raise MsakitError(f"{path} is a damaged checkpoint: it {found} 'state_dict' (a dict in every "
+                          "checkpoint msakit writes)")
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
-        raise MsakitError(f"{path}: weights do not fit model {name!r}: {first}") from None
+        raise MsakitError(f"{path}: weights do not fit model {payload['model_name']!r}: {first}") from None
     model.eval()
     meta = {k: v for k, v in payload.items() if k != "state_dict"}
     return model, meta

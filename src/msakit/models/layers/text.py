@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,8 +14,6 @@ from msakit.data.tokens import resolve_encoder_path, tokenizer_special_ids
 from msakit.errors import MsakitError
 from msakit.models.base import ModelConfig, PretrainedBlock
 
-if TYPE_CHECKING:
-    pass
 
 def special_token_ids(config: ModelConfig) -> dict[str, Any]:
     """`unk_id` and `special_ids` of a model's tokenizer, for missing-data masks over token ids.
@@ -25,6 +23,28 @@ def special_token_ids(config: ModelConfig) -> dict[str, Any]:
     if config.text_source != "encoder":
         return {}
     return tokenizer_special_ids(config.text_encoder)
+
+
+# the linear layers of a BERT-style block (attention projections and feed-forward), not the
+# pooler: the models read the last hidden states, so adapters there would never be trained
+LORA_TARGETS = (r".*\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
+                r"|intermediate\.dense|output\.dense)")
+
+
+def with_lora(model: nn.Module, config: ModelConfig) -> nn.Module:
+    """`model` with LoRA adapters injected in place (`peft`): only the adapters train."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model.requires_grad_(False)
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=LORA_TARGETS, bias="none")
+    try:
+        model = inject_adapter_in_model(lora, model)
+    except ValueError as exc:  # peft's "Target modules ... not found": not a BERT-style encoder
+        raise MsakitError(f"model.text_adapter=lora: {str(exc).splitlines()[0]}") from None
+    for name, param in model.named_parameters():
+        param.requires_grad_("lora_" in name)
+    return model
 
 
 class TextEncoder(PretrainedBlock):
@@ -58,11 +78,14 @@ class TextEncoder(PretrainedBlock):
             self.out_dim = int(self.model.config.hidden_size)
             if not self.finetune:
                 self.model.requires_grad_(False)
+            elif config.text_adapter == "lora":
+                self.model = with_lora(self.model, config)
         else:
             raise MsakitError(f"text_source must be 'encoder' or 'features', not {self.source!r}")
 
     def pretrained_parameters(self) -> Iterator[nn.Parameter]:
-        """The Hugging Face encoder's weights (none for precomputed features)."""
+        """The Hugging Face encoder's weights, its LoRA adapters included (none for precomputed
+        features): they train at `training.encoder_lr`."""
         return iter(()) if self.model is None else self.model.parameters()
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
