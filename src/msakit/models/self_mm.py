@@ -69,7 +69,10 @@ Where this differs from MMSA, and the setting that restores MMSA's behaviour
 - Selection (none needed). MMSA keeps the checkpoint with the best validation loss (`KeyEval:
   Loss`, the mean of the per-batch L1 losses) and stops after 8 epochs without improvement; msakit
   selects on validation MAE (`select_metric: mae`, the same up to the weight of the last, smaller
-  batch) with `patience: 8`. MMSA has no epoch ceiling; `epochs` here is one.
+  batch) with `patience: 8`. MMSA has no epoch ceiling; `epochs` here is one. The test split
+  enters only where the published settings were chosen: MMSA's tune mode (`run.py`, `_run` with
+  `is_tune`) scores every hyperparameter set on test. The YAML takes those settings as published;
+  msakit's own searches select on validation.
 """
 
 from __future__ import annotations
