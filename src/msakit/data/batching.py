@@ -1,7 +1,9 @@
 """Turn a `Split` into `Batch`es by indexing its shared arrays: one gather per key and batch.
 
 Valid and test splits are iterated in file order (MMSA shuffles them; we never do), the train split
-in an order drawn from the caller's generator so that a run is reproducible for a fixed seed.
+in an order drawn from the caller's generator so that a run is reproducible for a fixed seed. Both
+can be shared out between processes (training under torchrun): evaluation by contiguous
+parts of the split, training batch by batch (`training_shards`).
 """
 
 from __future__ import annotations
@@ -66,9 +68,37 @@ def iterate_batches(
     batch_size: int,
     shuffle: bool = False,
     generator: torch.Generator | None = None,
+    part: tuple[int, int] = (0, 1),
 ) -> Iterator[Batch]:
-    """Yield batches covering `split` once; shuffled only when asked (training)."""
+    """Yield batches covering `split` once; shuffled only when asked (training). With `part`
+    (rank, world), only the rank-th of `world` contiguous, near-equal parts of the order is
+    covered (one process's share of an evaluation)."""
     n = len(split)
     order = torch.randperm(n, generator=generator).numpy() if shuffle else np.arange(n)
-    for start in range(0, n, batch_size):
+    rank, world = part
+    order = np.array_split(order, world)[rank]
+    for start in range(0, len(order), batch_size):
         yield make_batch(split, order[start:start + batch_size])
+
+
+def training_shards(
+    split: Split, batch_size: int, generator: torch.Generator, shard: tuple[int, int] = (0, 1)
+) -> Iterator[tuple[Batch, float]]:
+    """One epoch's training batches in an order drawn from `generator`, as one of `world`
+    processes sees them (`shard` = (rank, world)), with the share of the whole batch each holds.
+
+    Every process draws the same order and cuts it into the same batches of `batch_size` (those a
+    single process trains on); each batch is split into `world` contiguous, near-equal parts and
+    this rank gets its own, so the processes together train on exactly the single process's
+    batches. A rank left without samples (a last batch smaller than `world`) gets the batch's
+    first sample with share 0: it still takes part in the step, and its loss is to count for nothing.
+    """
+    rank, world = shard
+    order = torch.randperm(len(split), generator=generator).numpy()
+    for start in range(0, len(order), batch_size):
+        whole = order[start:start + batch_size]
+        own = np.array_split(whole, world)[rank]
+        if len(own):
+            yield make_batch(split, own), len(own) / len(whole)
+        else:
+            yield make_batch(split, whole[:1]), 0.0

@@ -26,11 +26,19 @@ from msakit.metrics import prediction_warnings
 from msakit.missing import MissingSpec, apply_missing, build_noise
 from msakit.models.layers.text import special_token_ids
 from msakit.models.registry import build_config, create_model, get_model_class
+from msakit.training import distributed
 from msakit.training.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from msakit.training.checkpoint import check_dims_match, load_checkpoint, read_tagged, save_checkpoint
 from msakit.training.config import data_config, parse_overrides, resolve_config, training_config
 from msakit.training.settings import scale_stages
-from msakit.training.trainer import FitResult, Trainer, best_weight_files, first_difference, seed_everything
+from msakit.training.trainer import (
+    FitResult,
+    Trainer,
+    best_weight_files,
+    first_difference,
+    seed_everything,
+    select_device,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +218,9 @@ def seed_runs(
     state) on to `fit_one_seed` and returns the trainer, the seed's results and the metrics its
     checkpoint keeps. The selected model's validation predictions are checked (a constant model is
     a warning in the seed's results). The checkpoint, with the input `normalization`, is then
-    written into `out_dir`, when given, which must hold no other run (`_claim_run_folder`)."""
+    written into `out_dir`, when given, which must hold no other run (`_claim_run_folder`).
+    Under torchrun every rank trains and reads; rank 0 alone changes files, and the others wait
+    for it before they read what it may have removed."""
     _claim_run_folder(out_dir, resume, overwrite)
     runs = []
     for seed in seeds:
@@ -218,12 +228,13 @@ def seed_runs(
         run = _finished_run(out_dir, seed_meta, resume)
         if run is None:
             state = {"state_file": _state_file(out_dir, seed, resume), "state_meta": seed_meta}
+            distributed.barrier()
             trainer, run, metrics = train_seed(seed, state)
             preds, labels = trainer.predict(data.valid)
             run["warnings"] = prediction_warnings(preds, labels, data.train.labels)
             for line in run["warnings"]:
                 logger.warning("seed %d: %s", seed, line)
-            if out_dir is not None:
+            if out_dir is not None and distributed.is_main():
                 _save_seed(out_dir, trainer, config, data, metrics, run, seed_meta, normalization)
         runs.append(run)
     return runs
@@ -248,8 +259,10 @@ def _claim_run_folder(out_dir: Path | None, resume: bool, overwrite: bool) -> No
         raise MsakitError(f"{out_dir} already holds a run ({', '.join(found[:3])}"
                           f"{', ...' if len(found) > 3 else ''}): use --resume to continue it, "
                           "--overwrite to replace it, or another --output")
-    for name in found:
-        (out_dir / name).unlink()
+    if distributed.is_main():
+        for name in found:
+            (out_dir / name).unlink()
+    distributed.barrier()
 
 
 def _state_file(out_dir: Path | None, seed: int, resume: bool) -> Path | None:
@@ -258,7 +271,7 @@ def _state_file(out_dir: Path | None, seed: int, resume: bool) -> Path | None:
     if out_dir is None:
         return None
     path = out_dir / f"seed-{seed}.state.pt"
-    if not resume:
+    if not resume and distributed.is_main():
         _remove_state(path)
     return path
 
@@ -332,7 +345,8 @@ def checkpoint_trainer(
 def train_seeds(setup: RunSetup, seeds: Sequence[int], out_dir: Path | None, *, resume: bool,
                 overwrite: bool, progress: bool) -> list[dict[str, Any]]:
     """`msakit train`'s seeds: each trained and selected on validation, scored on valid and test
-    (every stage, when the model trains in several), with its checkpoint in `out_dir`."""
+    (every stage, when the model trains in several), with its checkpoint in `out_dir`; under
+    torchrun, on every process (`msakit.training.distributed`)."""
     data, config = setup.data, setup.config
     multi_stage = len(config["training"]["stages"]) > 1
 
@@ -349,5 +363,7 @@ def train_seeds(setup: RunSetup, seeds: Sequence[int], out_dir: Path | None, *, 
         }
         return trainer, run, {"valid": run["valid"], "test": run["test"]}
 
-    return seed_runs(seeds, out_dir, resume, config, data, run_meta("train", setup.model, config, data),
-                     train_seed, setup.normalization, overwrite)
+    with distributed.session(select_device(config["training"]["device"])):
+        return seed_runs(seeds, out_dir, resume, config, data,
+                         run_meta("train", setup.model, config, data), train_seed, setup.normalization,
+                         overwrite)

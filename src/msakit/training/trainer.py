@@ -34,12 +34,13 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
-from msakit.data.batching import iterate_batches
+from msakit.data.batching import iterate_batches, training_shards
 from msakit.data.schema import Batch, Split
 from msakit.errors import MsakitError
 from msakit.fileio import atomic_write_bytes
 from msakit.metrics import METRIC_KEYS, compute_metrics, is_better
 from msakit.models.base import MSAModel
+from msakit.training import distributed
 from msakit.training.checkpoint import read_tagged
 from msakit.training.precision import MixedPrecision, use_tf32
 from msakit.training.settings import STATE_WRITE_SHARE, Stage, TrainConfig
@@ -253,7 +254,10 @@ class Trainer:
         missing-data protocol); `track_metrics` are validation metrics whose best epoch of the last
         stage is kept as its own `Snapshot` in `best_by_metric` (per-metric checkpoints)."""
         self.config = config
-        self.device = select_device(config.device)
+        if distributed.launched() and not distributed.active():
+            raise MsakitError("torchrun started this command as one of several processes, but only "
+                              "`msakit train` (without --reproduce) trains on several: run it as one")
+        self.device = distributed.rank_device(select_device(config.device))
         if self.device.type == "cpu":
             # values below 1.2e-38 become 0: peaked softmaxes make such denormals, and x86 CPUs
             # compute with them up to 100x slower (MMSLF's modulated attention ran 3x slower)
@@ -267,7 +271,8 @@ class Trainer:
             self.model.compile()
         self.metric_family = metric_family
         self.train_transform = train_transform
-        self.progress = progress
+        self.progress = progress and distributed.is_main()
+        self._ddp: tuple[tuple[bool, ...], nn.Module] | None = None  # see `_training_model`
         self.loss_fn = task_loss(config.loss)
         self.valid_transform = valid_transform
         self.track_metrics = tuple(track_metrics)
@@ -358,7 +363,8 @@ class Trainer:
         scheduler.load_state_dict(resume["scheduler"])
         if resume.get("scaler"):  # fp16's loss scale; fp32 and bf16 (and states before them) have none
             self.precision.scaler.load_state_dict(resume["scaler"])
-        _set_rng_state(resume["rng"])
+        _set_rng_state(resume["rng_by_rank"][distributed.rank()] if "rng_by_rank" in resume
+                       else resume["rng"])
         self.best_by_metric = {
             metric: Snapshot(s["epoch"], s["valid"], s["state"])
             for metric, s in resume["best_by_metric"].items()
@@ -411,7 +417,7 @@ class Trainer:
                     stopped = cfg.patience is not None and loop.stale >= cfg.patience
                     if stopped:
                         log.info("early stop after %d epochs without improvement", loop.stale)
-                if save is not None and self._state_due(len(history)):
+                if save is not None and distributed.from_main(self._state_due(len(history))):
                     started = time.perf_counter()
                     save()
                     finished = time.perf_counter()
@@ -440,7 +446,11 @@ class Trainer:
         # snapshots tracking several metrics share one state dict; torch.save stores it once (so
         # no dataclasses.asdict here, which would deep-copy every tensor). Best weights found at
         # this very epoch are the model's own and stored once; older ones are written to a file of
-        # their own once, when they change, and the state names that file.
+        # their own once, when they change, and the state names that file. Under torchrun, rank 0
+        # writes, with every rank's random streams (each drew dropout for its own samples).
+        rng_by_rank = distributed.gather(_rng_state())
+        if not distributed.is_main():
+            return
         best_file = None
         if loop.best.best_epoch != loop.epoch:
             best_file = path.with_name(f"{path.stem}.best-{stage_index}-{loop.best.best_epoch}.pt")
@@ -456,7 +466,8 @@ class Trainer:
             "best_by_metric": {m: vars(s) for m, s in self.best_by_metric.items()},
             "optimizer": loop.optimizer.state_dict(), "scheduler": loop.scheduler.state_dict(),
             "scaler": self.precision.scaler.state_dict(), "generator": generator.get_state(),
-            "rng": _rng_state(), "history": [asdict(r) for r in history], "reports": reports,
+            "rng": rng_by_rank[0], "history": [asdict(r) for r in history], "reports": reports,
+            **({"rng_by_rank": rng_by_rank} if len(rng_by_rank) > 1 else {}),
         }
         atomic_write_bytes(path, lambda handle: torch.save(payload, handle))
         for stale in best_weight_files(path):
@@ -465,6 +476,11 @@ class Trainer:
 
     def _read_state(self, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
         state = read_tagged(path, STATE_FORMAT, "training state")
+        processes = len(state.get("rng_by_rank", [state["rng"]]))
+        if processes != distributed.world_size():
+            raise MsakitError(f"{path} was written by a training on {processes} process(es), this one "
+                              f"runs on {distributed.world_size()}: resume it on {processes} "
+                              "(torchrun --nproc_per_node)")
         if state["meta"] != meta:
             raise MsakitError(
                 f"{path} was written by a run with other settings ({first_difference(state['meta'], meta)}); "
@@ -494,10 +510,16 @@ class Trainer:
         scheduler: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator,
         epoch: int, on_step: Callable[[], None] | None = None,
     ) -> float:
-        """One pass over `split` in a shuffled order; returns the mean training loss."""
+        """One pass over `split` in a shuffled order; returns the mean training loss.
+
+        Under torchrun each rank trains on its share of every batch (`training_shards`) and scales
+        its loss by that share times the number of ranks: DDP's mean of the ranks' gradients is
+        then the gradient of the whole batch's mean loss, as one process computes it."""
         self.model.train()
+        model, world = self._training_model(), distributed.world_size()
         total, count = 0.0, 0
-        for batch in iterate_batches(split, self.config.batch_size, shuffle=True, generator=generator):
+        for batch, share in training_shards(split, self.config.batch_size, generator,
+                                            (distributed.rank(), world)):
             clean = batch
             if self.train_transform is not None:
                 batch = self.train_transform(batch, epoch)
@@ -505,7 +527,7 @@ class Trainer:
                 batch = batch.with_updates(clean=clean)
             batch = batch.to(self.device)
             with self.precision.autocast():
-                output = self.model(batch)
+                output = model(batch)
             # the loss in fp32 whatever the forward pass computed in
             task_loss = self.loss_fn(output.pred.float(), batch.labels)
             loss = task_loss
@@ -519,13 +541,28 @@ class Trainer:
                     f"training diverged at epoch {epoch} (loss {loss.item()}); lower training.lr"
                 )
             optimizer.zero_grad(set_to_none=True)
-            self.precision.backward_and_step(loss, optimizer, self.model.parameters(), self.config.grad_clip)
+            self.precision.backward_and_step(loss * (share * world), optimizer, self.model.parameters(),
+                                             self.config.grad_clip)
             scheduler.step()
-            total += loss.item() * len(batch)
-            count += len(batch)
+            samples = len(batch) if share else 0
+            total += loss.item() * samples
+            count += samples
             if on_step is not None:
                 on_step()
+        distributed.align_buffers(self.model)
+        total, count = distributed.total(total, count)
         return total / max(1, count)
+
+    def _training_model(self) -> nn.Module:
+        """The model as training steps call it: itself, or under torchrun in DDP, wrapped again
+        when a stage has changed which of its parameters train."""
+        if not distributed.active():
+            return self.model
+        trainable = tuple(p.requires_grad for p in self.model.parameters())
+        if self._ddp is None or self._ddp[0] != trainable:
+            self._ddp = None  # the old wrapper's gradient hooks go with it, before new ones come
+            self._ddp = (trainable, distributed.wrap(self.model))
+        return self._ddp[1]
 
     def _plain_batches(self, split: Split) -> Iterator[Batch]:
         for batch in iterate_batches(split, self.config.eval_batch_size):
@@ -535,17 +572,19 @@ class Trainer:
     def predict(
         self, split: Split, transform: Callable[[Batch], Batch] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Predictions and labels for a split, in file order; `transform` e.g. drops modalities."""
+        """Predictions and labels for a split, in file order; `transform` e.g. drops modalities.
+        Under torchrun each rank predicts a contiguous part and every rank returns the whole."""
         self.model.eval()
         preds, labels = [], []
-        for batch in iterate_batches(split, self.config.eval_batch_size):
+        for batch in iterate_batches(split, self.config.eval_batch_size,
+                                     part=(distributed.rank(), distributed.world_size())):
             if transform is not None:
                 batch = transform(batch)
             with self.precision.autocast():
                 output = self.model(batch.to(self.device))
             preds.append(output.pred.float().cpu().numpy())
             labels.append(batch.labels.numpy())
-        return np.concatenate(preds), np.concatenate(labels)
+        return distributed.concatenate(preds), distributed.concatenate(labels)
 
     def evaluate(
         self, split: Split, transform: Callable[[Batch], Batch] | None = None
