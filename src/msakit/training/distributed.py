@@ -1,4 +1,4 @@
-"""Training on several processes: `torchrun --nproc_per_node N -m msakit.cli train ...`.
+"""Training on several processes: `torchrun --standalone --nproc_per_node N --no-python msakit train ...`.
 
 torchrun starts N copies of the command and tells each its place in the environment (RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). `msakit train` then opens a process group for
