@@ -50,7 +50,8 @@ Where this differs from MMSA, and the setting that restores MMSA's behaviour
   `encoder_weight_decay`, everything else at `training.lr` / `weight_decay` (MMSA's "other"
   values, biases decayed too: `decay_norms_and_biases: true`). The audio and vision subnetworks
   therefore train at `learning_rate_other` (MOSI, MOSEI audio, SIMS: 1e-3 instead of 5e-3; MOSEI
-  vision: 1e-3 instead of 1e-4; SIMSv2: the same 1e-3).
+  vision: 1e-3 instead of 1e-4; SIMSv2: the same 1e-3) and `weight_decay_other` (MOSEI 1e-2
+  instead of 0, SIMS 1e-3 instead of 1e-2, SIMSv2 1e-3 instead of 0; MOSI the same 1e-3).
 - Empty frame streams. MMSA crashes on a sample with no valid audio or vision frame (an LSTM over
   length 0); here such a stream runs one zeroed step (a missing-data protocol that zeroes a
   modality keeps its frames valid, so it is read as the zeros MMSA would read). Padded frames are
