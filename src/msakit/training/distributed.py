@@ -12,6 +12,7 @@ the loop has one code path.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 import os
@@ -29,6 +30,10 @@ from msakit.errors import MsakitError
 
 Value = TypeVar("Value")
 _SESSIONS = itertools.count()  # the sessions this process has opened (every rank opens the same)
+# buffers not sent at every forward pass: torch 2.13 renamed DDP's broadcast_buffers
+_NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                   if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                   else {"broadcast_buffers": False})
 
 
 def launched() -> bool:
@@ -88,7 +93,7 @@ def session(device: torch.device) -> Iterator[None]:
     # could read the addresses of the closed group's processes and wait on them for ever
     store = dist.PrefixStore(f"msakit-session-{next(_SESSIONS)}", store)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=own_rank,
-                            world_size=ranks, device_id=device if device.type == "cuda" else None)
+                            world_size=ranks)
     messages = logging.getLogger("msakit")
     level = messages.level
     if not is_main():
@@ -111,7 +116,7 @@ def wrap(model: nn.Module) -> nn.Module:
     (`align_buffers`)."""
     if not active():
         return model
-    return DistributedDataParallel(model, find_unused_parameters=True, broadcast_buffers=False)
+    return DistributedDataParallel(model, find_unused_parameters=True, **_NO_BUFFER_SYNC)
 
 
 def align_buffers(model: nn.Module) -> None:
