@@ -1,9 +1,9 @@
 """What each of two ranks does when tests/test_distributed.py launches this file with torchrun.
 
 `python -m torch.distributed.run --standalone --nproc_per_node 2 ddp_worker.py OUT DATA`: two
-optimiser steps of MulT on 2 ranks, `msakit train` for 2 epochs, the same training interrupted
-after its first epoch and resumed, and `msakit evaluate` (refused); rank 0 writes what the
-tests check into OUT.
+optimiser steps of MulT on 2 ranks; `msakit train` of MulT and DashFusion for 2 epochs, and the
+same trainings interrupted after their first epoch and resumed; `msakit evaluate` (refused).
+Rank 0 writes what the tests check into OUT.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from msakit.cli import cli
 from msakit.data import synthetic_dataset
@@ -22,6 +22,7 @@ from msakit.data.schema import MultimodalDataset
 from msakit.models.base import MSAModel
 from msakit.models.registry import create_model
 from msakit.training import distributed
+from msakit.training.config import TINY, model_yaml
 from msakit.training.settings import TrainConfig
 from msakit.training.trainer import Trainer, seed_everything
 from resume_check import Interrupted, interrupt_training
@@ -35,9 +36,18 @@ MULT_WITHOUT_DROPOUT = {
 }
 # 8 samples in batches of 7: a batch shared 4 + 3, then one of 1 sample that a rank sits out
 STEP_SAMPLES, STEP_BATCH = 8, 7
-SMALL_MULT = ["model.embed_dim=8", "model.num_heads=2", "model.layers=1", "model.memory_layers=1",
-              "training.state_every=1"]
-TRAIN = ["--epochs", "2", "--no-progress", *(arg for setting in SMALL_MULT for arg in ("--set", setting))]
+# trained by `msakit train` for 2 epochs, straight and interrupted after the first: DashFusion
+# draws its neighbours at random and rebuilds its bank every other epoch, so the resumed epoch
+# needs both the bank of the training state and each rank's random streams
+TRAINED = {"mult": [], "dashfusion": ["model.refresh_every=2"]}
+
+
+def settings(model: str) -> list[str]:
+    """The `--set` values of `model`'s tiny settings, a training state every epoch and TRAINED's."""
+    tiny = model_yaml(model)[TINY]
+    return [*(f"{section}.{key}={value}" for section in ("model", "training")
+              for key, value in tiny[section].items() if key != "epochs"),
+            "training.state_every=1", *TRAINED[model]]
 
 
 def step_data() -> MultimodalDataset:
@@ -64,23 +74,29 @@ def two_steps(data: MultimodalDataset) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def train(model: str, data: str, output: Path, *options: str) -> Result:
+    args = ["train", model, "--dataset", data, "--epochs", "2", "--no-progress", "--output", str(output)]
+    return CliRunner().invoke(cli, [*args, *(a for s in settings(model) for a in ("--set", s)), *options])
+
+
 def main(out: Path, data: str) -> None:
-    train = ["train", "mult", "--dataset", data, *TRAIN]
     with distributed.session(torch.device("cpu")):
         weights = two_steps(step_data())
     if distributed.is_main():
         torch.save(weights, out / "two-steps.pt")
-    result = CliRunner().invoke(cli, [*train, "--output", str(out / "straight")])
-    assert result.exit_code == 0, result.output
-    with pytest.MonkeyPatch.context() as patch:
-        interrupt_training(patch, after=1)
-        result = CliRunner().invoke(cli, [*train, "--output", str(out / "resumed")])
-    assert isinstance(result.exception, Interrupted), result.output
-    if distributed.is_main():
-        shutil.copy(out / "resumed" / "seed-1111.state.pt", out / "state-of-2-ranks.pt")
-    result = CliRunner().invoke(cli, [*train, "--output", str(out / "resumed"), "--resume"])
-    assert result.exit_code == 0, result.output
-    result = CliRunner().invoke(cli, ["evaluate", str(out / "straight" / "seed-1111.pt"), "--dataset", data])
+    for model in TRAINED:
+        result = train(model, data, out / model / "straight")
+        assert result.exit_code == 0, result.output
+        with pytest.MonkeyPatch.context() as patch:
+            interrupt_training(patch, after=1)
+            result = train(model, data, out / model / "resumed")
+        assert isinstance(result.exception, Interrupted), result.output
+        if distributed.is_main():
+            shutil.copy(out / model / "resumed" / "seed-1111.state.pt", out / model / "state-of-2-ranks.pt")
+        result = train(model, data, out / model / "resumed", "--resume")
+        assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(cli, ["evaluate", str(out / "mult" / "straight" / "seed-1111.pt"),
+                                      "--dataset", data])
     if distributed.is_main():
         (out / "evaluate.txt").write_text(f"{result.exit_code}\n{result.output}")
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddp_worker import SMALL_MULT, STEP_BATCH, STEP_SAMPLES, step_data, step_model, two_steps
+from ddp_worker import STEP_BATCH, STEP_SAMPLES, TRAINED, settings, step_data, step_model, two_steps
 from msakit import api
 from msakit.data import generate_synthetic, save_mmsa, synthetic_dataset
 from msakit.data.batching import training_shards
@@ -74,20 +74,22 @@ def test_two_ranks_take_the_steps_one_process_takes(two_ranks: Path):
 
 
 @pytest.mark.slow
-def test_a_torchrun_training_leaves_one_checkpoint_and_one_results_file(two_ranks: Path):
-    assert sorted(p.name for p in (two_ranks / "straight").iterdir()) == [
+@pytest.mark.parametrize("model", TRAINED)
+def test_a_torchrun_training_leaves_one_checkpoint_and_one_results_file(two_ranks: Path, model: str):
+    assert sorted(p.name for p in (two_ranks / model / "straight").iterdir()) == [
         "results.csv", "results.json", "seed-1111.pt"]
-    results = json.loads((two_ranks / "straight" / "results.json").read_text())
+    results = json.loads((two_ranks / model / "straight" / "results.json").read_text())
     assert [r["epochs_run"] for r in results["seeds"]] == [2]
     assert results["dataset"]["sizes"] == {"train": 24, "valid": 8, "test": 8}
 
 
 @pytest.mark.slow
-def test_a_torchrun_training_resumes_as_if_never_interrupted(two_ranks: Path):
-    straight, resumed = (json.loads((two_ranks / run / "results.json").read_text())
+@pytest.mark.parametrize("model", TRAINED)
+def test_a_torchrun_training_resumes_as_if_never_interrupted(two_ranks: Path, model: str):
+    straight, resumed = (json.loads((two_ranks / model / run / "results.json").read_text())
                          for run in ("straight", "resumed"))
     assert resumed["seeds"] == straight["seeds"]
-    ours, theirs = (load_checkpoint(two_ranks / run / "seed-1111.pt")[0].state_dict()
+    ours, theirs = (load_checkpoint(two_ranks / model / run / "seed-1111.pt")[0].state_dict()
                     for run in ("straight", "resumed"))
     for key in ours:
         assert torch.equal(ours[key], theirs[key]), key
@@ -96,8 +98,9 @@ def test_a_torchrun_training_resumes_as_if_never_interrupted(two_ranks: Path):
 @pytest.mark.slow
 def test_scores_of_a_torchrun_training_are_the_whole_splits(two_ranks: Path):
     # the test metrics rank 0 wrote are those of its checkpoint scored by one process on all 8 clips
-    results = json.loads((two_ranks / "straight" / "results.json").read_text())
-    scored = api.evaluate(str(two_ranks / "straight" / "seed-1111.pt"), str(two_ranks.parent / "data.pkl"))
+    results = json.loads((two_ranks / "mult" / "straight" / "results.json").read_text())
+    scored = api.evaluate(str(two_ranks / "mult" / "straight" / "seed-1111.pt"),
+                          str(two_ranks.parent / "data.pkl"))
     assert np.allclose([scored["metrics"][k] for k in ("mae", "corr")],
                        [results["seeds"][0]["test"][k] for k in ("mae", "corr")], atol=1e-6)
 
@@ -113,7 +116,7 @@ def test_other_commands_are_refused_under_torchrun(two_ranks: Path):
 def test_a_state_of_two_ranks_is_not_resumed_by_one_process(two_ranks: Path, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "seed-1111.state.pt").write_bytes((two_ranks / "state-of-2-ranks.pt").read_bytes())
+    (run / "seed-1111.state.pt").write_bytes((two_ranks / "mult" / "state-of-2-ranks.pt").read_bytes())
     with pytest.raises(MsakitError, match="2 process"):
         api.train("mult", str(two_ranks.parent / "data.pkl"), epochs=2, output=run, resume=True,
-                  progress=False, overrides=SMALL_MULT)
+                  progress=False, overrides=settings("mult"))
