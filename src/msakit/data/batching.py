@@ -91,7 +91,7 @@ def training_shards(
     single process trains on); each batch is split into `world` contiguous, near-equal parts and
     this rank gets its own, so the processes together train on exactly the single process's
     batches. A rank left without samples (a last batch smaller than `world`) gets the batch's
-    first sample with share 0: it still takes part in the step, and its loss is to count for nothing.
+    first sample with share 0: it still takes part in the step, and its loss counts for nothing.
     """
     rank, world = shard
     order = torch.randperm(len(split), generator=generator).numpy()

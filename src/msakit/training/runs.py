@@ -249,10 +249,12 @@ def _claim_run_folder(out_dir: Path | None, resume: bool, overwrite: bool) -> No
     """A run folder describes one run. Files of an earlier run there (results, seed checkpoints or
     training states) are continued with `resume`, removed first with `overwrite` (so a killed rerun
     never leaves one run's results beside another's checkpoints), else refused."""
-    if out_dir is None or not out_dir.is_dir():
+    if out_dir is None:
         return
-    found = sorted(p.name for p in out_dir.iterdir()
-                   if p.name in RUN_RESULTS or (p.name.startswith("seed-") and p.name.endswith(".pt")))
+    # under torchrun, rank 0's look at the folder, before it removes anything, decides for all
+    found = distributed.from_main([] if not out_dir.is_dir() else sorted(
+        p.name for p in out_dir.iterdir()
+        if p.name in RUN_RESULTS or (p.name.startswith("seed-") and p.name.endswith(".pt"))))
     if not found or resume:
         return
     if not overwrite:
