@@ -589,13 +589,17 @@ STORE_HELP = "the results store: a SQLite file or any SQLAlchemy URL [default: S
               help="an existing Ray cluster (e.g. HOST:6379) [default: a local Ray started and stopped here]")
 @click.option("--executor", type=click.Choice(["ray", "local"]), default="ray", show_default=True,
               help="local: one job after another in this process, without Ray")
+@click.option("--only", default=None, metavar="LABELS",
+              help="run only these models of the study, e.g. 'tfn,lmf'")
 @_user_errors
 def study_run(study_file: str, study_dir: str | None, store: str | None, address: str | None,
-              executor: str) -> None:
+              executor: str, only: str | None) -> None:
     """Run every job of STUDY_FILE that the store has no record of (a rerun skips what is done)."""
     from msakit.study import run_study
 
-    summary = run_study(study_file, study_dir=study_dir, store=store, address=address, executor=executor)
+    labels = None if only is None else _names(only, "--only")
+    summary = run_study(study_file, study_dir=study_dir, store=store, address=address, executor=executor,
+                        only=labels)
     click.echo(f"study {summary['study']}: {summary['jobs']} jobs, {summary['ran']} run, "
                f"{summary['skipped']} already done; store {summary['store']}")
     if summary["failures"]:

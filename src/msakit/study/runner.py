@@ -17,7 +17,7 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -164,14 +164,21 @@ def _run_on_ray(jobs: list[Job], root: str, study: Study, address: str | None, f
 
 def run_study(
     path: str | Path, *, study_dir: str | Path | None = None, store: str | None = None,
-    address: str | None = None, executor: str = "ray",
+    address: str | None = None, executor: str = "ray", only: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Runs every job of the study at `path` that the store has no record of; returns a summary
     (jobs, ran, skipped, failures, store, study_dir). `study_dir` holds the jobs' run folders and
-    the default store (default: runs/studies/<name>)."""
+    the default store (default: runs/studies/<name>); `only` names the model labels to run."""
     if executor not in ("ray", "local"):
         raise MsakitError(f"--executor {executor!r}: use ray or local")
     study = load_study(path)
+    if only is not None:
+        labels = [m.label for m in study.models]
+        unknown = sorted(set(only) - set(labels))
+        if unknown:
+            raise MsakitError(f"--only {unknown[0]!r}: not a model of {path}; its models: "
+                              f"{', '.join(labels)}")
+        study = dataclasses.replace(study, models=tuple(m for m in study.models if m.label in only))
     root = Path(study_dir).expanduser() if study_dir is not None else default_folder(study)
     results = ResultStore(store if store is not None else root / "study.db")
     jobs = plan_jobs(study)
@@ -194,4 +201,5 @@ def run_study(
     elif todo:
         _run_on_ray(todo, root_text, study, address, finished)
     return {"study": study.name, "jobs": len(jobs), "ran": len(todo) - len(failures),
-            "skipped": len(jobs) - len(todo), "failures": failures, "store": results.url, "study_dir": str(root)}
+            "skipped": len(jobs) - len(todo), "failures": failures, "store": results.url,
+            "study_dir": str(root)}
