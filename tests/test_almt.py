@@ -141,6 +141,18 @@ def test_mask_padding_false_attends_to_padding_as_the_official_code(dims, batch)
         assert np.isfinite(official(shorter).pred.numpy()).all()
 
 
+def test_max_frames_reads_only_the_first_frames_of_audio_and_vision(dims, batch):
+    """The 2023 release's input: audio and vision cut to their first frames, positions built for them."""
+    model = _almt(dims, max_frames=3).eval()
+    assert model.embed["audio"].positions.shape[1] == TINY["num_tokens"] + 3
+    later = batch.with_updates(audio=torch.cat([batch.audio[:, :3], 50 + batch.audio[:, 3:]], 1),
+                               vision=torch.cat([batch.vision[:, :3], 50 + batch.vision[:, 3:]], 1))
+    earlier = batch.with_updates(audio=batch.audio + 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch).pred, model(later).pred)
+        assert not torch.allclose(model(batch).pred, model(earlier).pred, atol=1e-4)
+
+
 def test_every_parameter_trains(dims, batch):
     model = _almt(dims).train()
     out = model(batch)

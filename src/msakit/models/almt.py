@@ -19,17 +19,24 @@ Notation of the paper (Sec. 3); every sequence below is (B, T, d) with T = 8 tok
    and learned positions added; the extra token's output, through Linear(d -> 1), is y_hat.
 4. Loss: MSE(y_hat, y) only (`training.loss: mse`); ALMT has no auxiliary loss.
 
-Which implementation the published numbers came from: the ALMT paper's tables were produced with
-the authors' code (Haoyu-ha/ALMT, released with the paper), and the papers that compare against
-ALMT copy those tables or rerun that code (LNLN, by the same authors, builds on it). MMSA's port
-(added in October 2024, a year after the paper) builds the same network with the same settings
-(config_regression.json "almt": the official configs' widths and depths; its hyper-modality head
-width, 128 / 8, is the official `ahl_dim_head` 16), so the network here follows both, and the
-parity check (benchmarks/parity/almt.py) compares it with the official code. The two differ only
-in how they train: the official train.py runs 200 epochs and reports each metric from its best
-TEST epoch; MMSA stops after 32 epochs without a lower validation loss. The YAML follows the
-official recipe (200 epochs, no early stop, warm-up then cosine), with checkpoints chosen on
-validation (below).
+Which implementation the published numbers came from: the authors' 2023 release. The paper's
+tables (EMNLP 2023), which later papers cite for ALMT, were made with the authors' code
+(Haoyu-ha/ALMT; its 2023 README names PyTorch 1.11 as their environment) a year before MMSA's port
+(added October 2024, MMSA commit e2c097e). The authors' code exists in two releases with the same
+network: the 2023 one (up to commit 242261e) cut audio and vision to 50 frames (from each clip's
+first frame that is not all zeros) before the model and built every embedding's positions for 50
+steps; the 2025 re-release (0392903 "fix issues", then da94610, the commit checked here) feeds
+every frame (MOSI: 375 audio, 500 vision). MMSA's port is the 2025 network: the same modules and
+settings (config_regression.json "almt" repeats the official widths and depths; its hyper-modality
+head width, 128 / 8, is the official `ahl_dim_head` 16), every frame fed. So the dataset sections
+of the YAML set `max_frames: 50` (the input that produced the published numbers; msakit keeps each
+clip's first 50 frames, the same unless a clip opens with all-zero frames), and
+`--set model.max_frames=null` gives the 2025 release's and MMSA's input. benchmarks/parity/almt.py
+checks msakit (every frame) against the 2025 code and MMSA's port: all three agree to float32
+rounding. The official and MMSA trainers differ: the official train.py runs 200 epochs and reports
+each metric from its best TEST epoch; MMSA stops after 32 epochs without a lower validation loss.
+The YAML follows the official recipe (200 epochs, no early stop, warm-up then cosine), with
+checkpoints chosen on validation (below).
 
 Deviations from the official code, each with its reason:
 - Padding. The official transformers attend to padded frames and to the text encoder's states at
@@ -83,6 +90,8 @@ class ALMTConfig(ModelConfig):
     hyper_depth: int = setting(3, SIZE)  # K hyper-modality layers; the language transformer has K - 1
     fusion_depth: int = setting(2, SIZE)  # cross transformer: 2 for MOSI, 4 for MOSEI and SIMS
     mask_padding: bool = setting(True, FLAG)  # false: attend to padding, as the official code does
+    # audio and vision cut to their first max_frames frames (the 2023 release: 50); null: all
+    max_frames: int | None = setting(None, SIZE.or_null())
 
 
 @register_model("almt")
@@ -97,6 +106,8 @@ class ALMT(MSAModel):
         self.text_encoder = TextEncoder(config, dims)
         widths = {"text": self.text_encoder.out_dim, "audio": dims.audio, "vision": dims.vision}
         lengths = {"text": dims.text_len, "audio": dims.audio_len, "vision": dims.vision_len}
+        if config.max_frames is not None:
+            lengths.update({m: min(lengths[m], config.max_frames) for m in ("audio", "vision")})
         self.project = nn.ModuleDict({m: nn.Linear(w, d) for m, w in widths.items()})
         self.embed = nn.ModuleDict({
             m: TokenTransformer(lengths[m], n, config.embed_depth, **widths_of(config)) for m in widths
@@ -111,6 +122,9 @@ class ALMT(MSAModel):
 
     def embed_one(self, modality: str, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """H1_m (B, num_tokens, d) of one modality's (B, L, D_m) sequence."""
+        if modality != "text" and self.config.max_frames is not None:
+            x = x[:, : self.config.max_frames]
+            mask = None if mask is None else mask[:, : self.config.max_frames]
         if not self.config.mask_padding:
             mask = None
         elif mask is not None:
