@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from contract import test_models as contract
-from contract.test_models import batches_of, build, predict, stage_names
+from contract.test_models import assert_stage_trains, batches_of, build, predict, stage_names
 from msakit import api
 from msakit.data.schema import Batch, FeatureDims
 from msakit.errors import MsakitError
@@ -61,6 +61,19 @@ def test_bf16_autocast_predicts_as_fp32_within_bf16_rounding(name, data, batch, 
     assert low.float().sub(reference).abs().max() <= (
         BF16_STEPS * 2**-8 * max(reference.abs().max().item(), SCALE_FLOOR))
     assert all(p.dtype == torch.float32 for p in model.parameters()), "autocast leaves weights alone"
+
+
+def test_every_stage_trains_under_bf16_autocast(name, data, batch, needs):
+    """Training-time branches (noise, auxiliary losses, stage switches) under autocast: finite
+    losses and gradients, every trainable parameter reached in the last stage, fp32 gradients."""
+    model = build(name, data.dims, needs)
+    model.on_train_epoch_start(1, batches_of(batch))
+    stages = stage_names(name)
+    with MixedPrecision("bf16", torch.device("cpu")).autocast():
+        for index, stage in enumerate(stages):
+            model.set_stage(stage)
+            assert_stage_trains(model, batch, every_parameter=index == len(stages) - 1)
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
 
 
 @pytest.mark.slow

@@ -5,7 +5,8 @@ pass, per model, as a ratio (below 1: bf16 is faster).
     python benchmarks/perf/precision.py --models mult lnln   # re-measure some (other rows stay)
 
 Each model runs with its `synthetic` settings (the networks msakit's synthetic benchmarks train, on
-precomputed 768-wide text features) in its recipe's last stage, on a batch of 32 clips with MOSI's
+precomputed 768-wide text features; text_only, which has none, with its defaults: a fine-tuned
+MiniLM) in its recipe's last stage, on a batch of 32 clips with MOSI's
 feature widths and sequences shortened to text 32, audio 64, vision 64 steps: large enough that the
 matrix products, not Python, take the time, small enough for one thread. The fp32 and bf16 copies
 start from the same weights; after two warm-up steps each, the repeats alternate between them, so
