@@ -288,13 +288,14 @@ def main() -> None:
                  "position parameters more, never read, and compared on the leading part.")
     print(write_report(
         "almt", args.output, REPOSITORY, official_commit(args.official, COMMIT), rows,
-        switches={},
+        switches={"model.max_frames": "null (every frame, as the 2025 release and MMSA feed them) in the "
+                  "official and MMSA rows; 50, the YAML's dataset sections' value, in the 2023 release rows"},
         notes=("Parameters: the official model with BERT replaced by the identity (msakit's with "
                "`model.text_source=features`), or, in the tiny BERT row, both with the same random "
                "1-layer, 32-wide BERT of tests/tiny_bert.py (msakit with `model.text_encoder` set to "
                "its folder; the official text width `l_input_dim` set to 32). Inputs are unpadded, at "
                "the official configs' input lengths, so msakit's padding masks (`model.mask_padding`, "
-               "on by default) hide nothing and no setting is switched. ALMT has no dropout; in the "
+               "on by default) hide nothing. ALMT has no dropout; in the "
                "tiny BERT row both BERTs draw the same dropout masks (the same generator state). "
                "The loss is MSE against random targets, a batch of 4." + mmsa_note + note_2023),
     ))

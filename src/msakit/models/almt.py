@@ -19,24 +19,24 @@ Notation of the paper (Sec. 3); every sequence below is (B, T, d) with T = 8 tok
    and learned positions added; the extra token's output, through Linear(d -> 1), is y_hat.
 4. Loss: MSE(y_hat, y) only (`training.loss: mse`); ALMT has no auxiliary loss.
 
-Which implementation the published numbers came from: the authors' 2023 release. The paper's
+Which implementation the published numbers came from: the authors' first release. The paper's
 tables (EMNLP 2023), which later papers cite for ALMT, were made with the authors' code
-(Haoyu-ha/ALMT; its 2023 README names PyTorch 1.11 as their environment) a year before MMSA's port
-(added October 2024, MMSA commit e2c097e). The authors' code exists in two releases with the same
-network: the 2023 one (up to commit 242261e) cut audio and vision to 50 frames (from each clip's
-first frame that is not all zeros) before the model and built every embedding's positions for 50
-steps; the 2025 re-release (0392903 "fix issues", then da94610, the commit checked here) feeds
+(Haoyu-ha/ALMT; its README up to commit 242261e names PyTorch 1.11 as the paper's environment) a
+year before MMSA's port (added October 2024, MMSA commit e2c097e). The authors' code exists in two
+releases with the same network: the first (2023; last commit 242261e) cut audio and vision to 50
+frames (from each clip's first frame that is not all zeros) before the model and built every
+embedding's positions for 50 steps; the 2025 re-release (0392903 "fix issues", then da94610) feeds
 every frame (MOSI: 375 audio, 500 vision). MMSA's port is the 2025 network: the same modules and
 settings (config_regression.json "almt" repeats the official widths and depths; its hyper-modality
 head width, 128 / 8, is the official `ahl_dim_head` 16), every frame fed. So the dataset sections
 of the YAML set `max_frames: 50` (the input that produced the published numbers; msakit keeps each
 clip's first 50 frames, the same unless a clip opens with all-zero frames), and
-`--set model.max_frames=null` gives the 2025 release's and MMSA's input. benchmarks/parity/almt.py
-checks msakit (every frame) against the 2025 code and MMSA's port: all three agree to float32
-rounding. The official and MMSA trainers differ: the official train.py runs 200 epochs and reports
-each metric from its best TEST epoch; MMSA stops after 32 epochs without a lower validation loss.
-The YAML follows the official recipe (200 epochs, no early stop, warm-up then cosine), with
-checkpoints chosen on validation (below).
+`--set model.max_frames=null` gives the 2025 release's and MMSA's input. benchmarks/parity/almt.py checks
+msakit against the 2025 code and MMSA's port (every frame) and against the first release
+(`max_frames: 50`): they agree to float32 rounding. The official and MMSA trainers differ: the
+official train.py runs 200 epochs and reports each metric from its best TEST epoch; MMSA stops
+after 32 epochs without a lower validation loss. The YAML follows the official recipe (200 epochs,
+no early stop, warm-up then cosine), with checkpoints chosen on validation (below).
 
 Deviations from the official code, each with its reason:
 - Padding. The official transformers attend to padded frames and to the text encoder's states at
@@ -56,7 +56,9 @@ Deviations from the official code, each with its reason:
   (`decay_norms_and_biases: true`), those of the text encoder do not.
 - Text width and positions. The text width is the encoder's (the official code reads it from its
   config, 768 for BERT-base); the embedding transformers' positions are built for the data's
-  padded lengths (the official configs' input lengths, which equal them for the MMSA pickles).
+  padded lengths (audio and vision cut to `max_frames`): the 2025 configs' input lengths, which
+  equal them for the MMSA pickles. The first release built 50 text positions whatever the text
+  length (SIMS has 39 tokens: 11 position rows that no input reaches are left out here).
 - Text encoder. The official code fine-tunes bert-base-uncased (SIMS: bert-base-chinese); msakit's
   default is the packaged MiniLM (`--set model.text_encoder=PATH` for any BERT folder).
 """
