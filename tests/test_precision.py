@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.utils import counters as compiled_graphs  # what TorchDynamo captured
 
 from contract import test_models as contract
 from contract.test_models import assert_stage_trains, batches_of, build, predict, stage_names
@@ -88,13 +89,15 @@ def test_every_model_compiles_and_predicts_as_eager(name, data, batch, needs):
 @pytest.mark.slow
 def test_training_compile_runs_inductor_and_agrees_with_eager(tiny_dataset):
     torch.compiler.reset()
+    compiled_graphs.clear()
     predictions = {}
     for compiled in (False, True):
         seed_everything(0)
         model = create_model("lmf", {"text_source": "features"}, tiny_dataset.dims)
         trainer = Trainer(model, TrainConfig(device="cpu", compile=compiled), "mosi", progress=False)
         predictions[compiled] = trainer.predict(tiny_dataset.test)[0]
-    assert trainer.model.state_dict().keys() == model.state_dict().keys()
+    assert compiled_graphs["stats"]["unique_graphs"] >= 1, "the model ran compiled"
+    # compiled in place: checkpoints and training states keep the weights' own names
     assert not any(key.startswith("_orig_mod") for key in trainer.model.state_dict())
     torch.testing.assert_close(predictions[True], predictions[False], rtol=1e-5, atol=1e-6)
 

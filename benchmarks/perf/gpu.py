@@ -16,7 +16,7 @@ fails (out of memory, say) is a row with its one-line error. What it measures:
   sequence lengths and feature widths (MOSI: text 50, audio 375x5, vision 500x20; MOSEI: audio
   500x74, vision 500x35); after one warm-up batch of each, `--batches` training batches and as many
   samples evaluated. Peak memory is `torch.cuda.max_memory_allocated` over those two passes (weights,
-  optimizer state, activations).
+  optimizer state, activations). fp32 runs with `training.tf32` at its default, true.
 - LNLN's sweep: the intra-modal protocol's 10 rates over MOSI's 686 test clips (LNLN's evaluation),
   and the time of one plain evaluation of them.
 - the BERT-base path: a randomly initialised BERT-base (transformers' BertConfig defaults: 12
@@ -212,7 +212,8 @@ def report(where: dict, results: dict) -> str:
     lines = [
         "# msakit on one GPU" + (" (--tiny: checks the script, measures nothing)" if where["tiny"] else ""),
         "", f"Command: `{where['command']}`. Device: {where['device']}; torch {where['torch']}; "
-        f"{where['elapsed_s']:.0f} s in all.", "",
+        f"{where['elapsed_s']:.0f} s in all. fp32 rows run with `training.tf32` at its default (true): "
+        "on Ampere and later GPUs their matrix products use TF32 tensor cores.", "",
         "## Models (published settings, synthetic clips of the dataset's shapes)", "",
         "| model | stage | shape | precision | batch | params | train samples/s | eval samples/s "
         f"| {memory} |",
