@@ -5,6 +5,7 @@ shared layers: LMF's low-rank identity, TFN's bound, MulT's non-causal mask, the
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -179,14 +180,14 @@ def test_sinusoidal_positions():
 def test_causal_mask_offsets_and_empty_rows():
     query_mask = torch.tensor([[True, True, False], [True, True, True]])
     key_mask = torch.tensor([[True, True, True, True], [False, False, False, False]])
-    attn_mask, padding, empty = attention_masks(query_mask, key_mask, causal=True, num_heads=3)
-    assert padding is None and attn_mask.shape == (6, 3, 4)
+    allowed, empty = attention_masks(query_mask, key_mask, causal=True)
+    assert allowed.shape == (2, 1, 3, 4)
     # sample 0 has 2 valid queries and 4 valid keys: query t may see keys 0 .. t + 2
-    assert attn_mask[0].tolist() == [
-        [False, False, False, True], [False, False, False, False], [False, False, False, False]
+    assert allowed[0, 0].tolist() == [
+        [True, True, True, False], [True, True, True, True], [True, True, True, True]
     ]
     assert empty[:, :, 0].tolist() == [[False, False, False], [True, True, True]]
-    assert not attn_mask.all(-1).any(), "no row may be fully masked (softmax would give NaN)"
+    assert allowed.any(-1).all(), "no row may be fully masked (softmax would give NaN)"
 
 
 def test_causal_encoder_does_not_look_ahead():
@@ -200,6 +201,66 @@ def test_causal_encoder_does_not_look_ahead():
         a, b = encoder(x, mask), encoder(later, mask)
     torch.testing.assert_close(a[:, :3], b[:, :3])
     assert not torch.allclose(a[:, 3:], b[:, 3:])
+
+
+def _plain_stack(encoder, target, target_mask, source=None, source_mask=None):
+    """`encoder` (eval mode) written out: a plain softmax over the keys each query may see, the
+    keys chosen by looping over every sample's valid lengths (up to its last valid step)."""
+    dim, heads = encoder.dim, encoder.num_heads
+
+    def length(mask):
+        return int(mask.nonzero().max()) + 1 if mask.any() else 0
+
+    def embed(x, mask):
+        return math.sqrt(dim) * x * mask.unsqueeze(-1) + sinusoidal_positions(x.shape[1], dim)
+
+    x = embed(target, target_mask)
+    source, key_mask = (None, target_mask) if source is None else (embed(source, source_mask), source_mask)
+    batch, query_len, key_len = x.shape[0], x.shape[1], key_mask.shape[1]
+    allowed = torch.zeros(batch, query_len, key_len, dtype=torch.bool)
+    for b in range(batch):
+        offset = abs(length(key_mask[b]) - length(target_mask[b]))
+        for t in range(query_len):
+            for j in range(key_len):
+                allowed[b, t, j] = bool(key_mask[b, j]) and (not encoder.causal or j <= t + offset)
+    nothing_to_see = ~allowed.any(dim=-1, keepdim=True)
+
+    def split(h):
+        return h.view(batch, h.shape[1], heads, -1).transpose(1, 2)
+
+    for layer in encoder.layers:
+        query = layer.attn_norm(x)
+        keys = query if source is None else layer.attn_norm(source)
+        weight, bias = layer.attn.in_proj_weight, layer.attn.in_proj_bias
+        q, k, v = (h @ weight[i * dim:(i + 1) * dim].T + bias[i * dim:(i + 1) * dim]
+                   for i, h in enumerate((query, keys, keys)))
+        scores = split(q) @ split(k).transpose(-1, -2) / math.sqrt(dim // heads)
+        weights = scores.masked_fill(~allowed.unsqueeze(1), float("-inf")).softmax(dim=-1)
+        mixed = torch.nan_to_num(weights) @ split(v)
+        attended = layer.attn.out_proj(mixed.transpose(1, 2).reshape(batch, query_len, dim))
+        x = x + attended.masked_fill(nothing_to_see, 0.0)
+        x = x + layer.fc2(torch.relu(layer.fc1(layer.ffn_norm(x))))
+    return encoder.norm(x) * target_mask.unsqueeze(-1)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_crossmodal_stack_equals_plain_softmax_attention(causal):
+    torch.manual_seed(0)
+    encoder = CrossModalEncoder(8, 2, layers=2, attn_dropout=0.3, causal=causal).eval()
+    target, source = torch.randn(3, 5, 8), torch.randn(3, 7, 8)
+    target_mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2, [True] * 4 + [False]])
+    # sample 1's source has a hole; sample 2 has no source at all
+    source_mask = torch.tensor([[True] * 7, [True, True, False, True, False, False, False], [False] * 7])
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(target, target_mask, source, source_mask),
+                                   _plain_stack(encoder, target, target_mask, source, source_mask))
+        torch.testing.assert_close(encoder(target, target_mask), _plain_stack(encoder, target, target_mask))
+    # a training pass with its dropout off is the same function
+    for layer in encoder.layers:
+        layer.attn.dropout = 0.0
+    encoder.train()
+    torch.testing.assert_close(encoder(target, target_mask, source, source_mask),
+                               _plain_stack(encoder, target, target_mask, source, source_mask))
 
 
 def test_cross_encoder_ignores_padded_source_and_zeroes_padded_target():

@@ -29,6 +29,9 @@ Deviations from MMSA:
 - MMSA's `nlevels` applies to the memory stacks as max(nlevels, 3); here `memory_layers` is its
   own setting (the YAML holds MMSA's effective values).
 - Feature sizes come from the data and the text encoder, never from the config.
+- Attention runs through `msakit.models.layers.block_attention`: the same function, but on a CPU
+  a training pass never holds the (B, heads, L_b, L_a) weights, and its attention dropout masks
+  are drawn block by block (p rounded to a multiple of 2^-15), not as `F.dropout` draws them.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from msakit.models.layers.block_attention import KeyMask, attention
 from msakit.models.layers.pooling import valid_lengths
 
 
@@ -50,13 +51,15 @@ def sinusoidal_positions(
 
 
 def attention_masks(
-    query_mask: torch.Tensor, key_mask: torch.Tensor, causal: bool, num_heads: int
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    """Masks for `nn.MultiheadAttention` from (B, Lq) and (B, Lk) masks (True = valid step).
+    query_mask: torch.Tensor, key_mask: torch.Tensor, causal: bool
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The keys each query may attend to, from (B, Lq) and (B, Lk) masks (True = valid step).
 
-    Returns (attn_mask, key_padding_mask, empty), at most one of the first two set. `empty` marks
-    queries that may attend to no key, shaped to broadcast over the (B, Lq, D) attention output:
-    their masks are lifted (so the softmax stays finite) and their outputs must be zeroed.
+    Returns (allowed, empty). `allowed` is True where a query may attend to a key: (B, 1, Lq, Lk)
+    when `causal`, else (B, 1, 1, Lk), or None when every key of every sample is valid. `empty`
+    marks queries that may attend to no key, shaped to broadcast over the (B, Lq, D) attention
+    output: every key is allowed to them (so the softmax stays finite) and their outputs must be
+    zeroed.
 
     `causal` is MulT's "future" mask: query t may attend to keys 0 .. t + |n_k - n_q|, where n_q
     and n_k are the sample's valid lengths (the original code uses the padded lengths, which
@@ -65,8 +68,8 @@ def attention_masks(
     batch = key_mask.shape[0]
     if not causal:
         empty = ~key_mask.any(dim=1)
-        padding = ~key_mask & ~empty.unsqueeze(1)
-        return None, padding, empty.view(batch, 1, 1)
+        allowed = None if bool(key_mask.all()) else (key_mask | empty.unsqueeze(1)).view(batch, 1, 1, -1)
+        return allowed, empty.view(batch, 1, 1)
     key_len = key_mask.shape[1]
     offset = (valid_lengths(key_mask) - valid_lengths(query_mask)).abs()
     queries = torch.arange(query_mask.shape[1], device=key_mask.device)
@@ -76,13 +79,17 @@ def attention_masks(
     first_key = torch.where(key_mask, keys, key_len).amin(dim=1)
     empty = (first_key.view(-1, 1) > horizon) | ~key_mask.any(dim=1, keepdim=True)
     empty = empty.unsqueeze(-1)  # (B, Lq, 1)
-    blocked = (keys.view(1, 1, -1) > horizon.unsqueeze(-1)) | ~key_mask.unsqueeze(1)
-    blocked = blocked & ~empty  # (B, Lq, Lk)
-    return blocked.repeat_interleave(num_heads, dim=0), None, empty
+    allowed = (keys.view(1, 1, -1) <= horizon.unsqueeze(-1)) & key_mask.unsqueeze(1)
+    return (allowed | empty).unsqueeze(1), empty
 
 
 class CrossModalLayer(nn.Module):
-    """One pre-LN block: (cross- or self-) attention, then a position-wise feed-forward network."""
+    """One pre-LN block: (cross- or self-) attention, then a position-wise feed-forward network.
+
+    The attention's projections are an `nn.MultiheadAttention`'s parameters (so its initialisation
+    and parameter names stay), applied here around `block_attention.attention`, which takes masks
+    built once per stack and reaches the fused kernels.
+    """
 
     def __init__(
         self,
@@ -105,22 +112,28 @@ class CrossModalLayer(nn.Module):
             nn.init.xavier_uniform_(linear.weight)
             nn.init.zeros_(linear.bias)
 
+    def _attend(self, query: torch.Tensor, source: torch.Tensor | None, mask: KeyMask) -> torch.Tensor:
+        """Multi-head attention of normed (B, Lq, D) queries over a normed source, or themselves."""
+        weight, bias = self.attn.in_proj_weight, self.attn.in_proj_bias
+        if source is None:
+            q, k, v = F.linear(query, weight, bias).chunk(3, dim=-1)
+        else:
+            dim = query.shape[-1]
+            q = F.linear(query, weight[:dim], bias[:dim])
+            k, v = F.linear(source, weight[dim:], bias[dim:]).chunk(2, dim=-1)
+
+        def split(x: torch.Tensor) -> torch.Tensor:
+            return x.unflatten(-1, (self.attn.num_heads, -1)).transpose(1, 2)
+
+        dropout = self.attn.dropout if self.training else 0.0
+        out = attention(split(q), split(k), split(v), mask, dropout)
+        return self.attn.out_proj(out.transpose(1, 2).flatten(2))
+
     def forward(
-        self,
-        x: torch.Tensor,
-        source: torch.Tensor | None,
-        attn_mask: torch.Tensor | None,
-        key_padding_mask: torch.Tensor | None,
-        empty: torch.Tensor,
+        self, x: torch.Tensor, source: torch.Tensor | None, mask: KeyMask, empty: torch.Tensor
     ) -> torch.Tensor:
         query = self.attn_norm(x)
-        # a distinct key tensor keeps self-attention off PyTorch's fused inference path, which is
-        # several times slower on a CPU for padded batches (it converts them to nested tensors)
-        kv = query.view_as(query) if source is None else self.attn_norm(source)
-        h, _ = self.attn(
-            query, kv, kv, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
-            need_weights=False,
-        )
+        h = self._attend(query, None if source is None else self.attn_norm(source), mask)
         x = x + F.dropout(h.masked_fill(empty, 0.0), self.res_dropout, self.training)
         h = F.dropout(F.relu(self.fc1(self.ffn_norm(x))), self.relu_dropout, self.training)
         return x + F.dropout(self.fc2(h), self.res_dropout, self.training)
@@ -181,11 +194,11 @@ class CrossModalEncoder(nn.Module):
             if source_mask is None:
                 raise ValueError("a source sequence needs its source_mask")
             kv, key_mask = self._embed(source, source_mask), source_mask
-        masks = attention_masks(target_mask, key_mask, self.causal, self.num_heads)
+        allowed, empty = attention_masks(target_mask, key_mask, self.causal)
+        mask = KeyMask(allowed, target_mask.shape[1], key_mask.shape[1], self.num_heads)
         for layer in self.layers:
-            x = layer(x, kv, *masks)
+            x = layer(x, kv, mask, empty)
         return self.norm(x).masked_fill(~target_mask.unsqueeze(-1), 0.0)
-
 
 
 def crossmodal_stacks(
