@@ -88,6 +88,14 @@ def attention(
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if q.device.type != "cpu" or not (dropout or needs_grad) or dropout >= 1.0:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.allowed, dropout_p=dropout)
+    return _in_blocks(q, k, v, mask, dropout)
+
+
+# torch.compile leaves it eager: its block plan and seeded generators are host-side Python
+@torch.compiler.disable
+def _in_blocks(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: KeyMask, dropout: float
+) -> torch.Tensor:
     seed = int(torch.randint(2**62, (1,))) if dropout else 0
     return BlockAttention.apply(q, k, v, mask, dropout, seed)
 
