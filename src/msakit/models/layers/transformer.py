@@ -18,6 +18,10 @@ Padding: padded keys are masked out of every attention, padded inputs are zeroed
 padded target positions come out as zeros, so nothing a padded step holds reaches a valid one. A
 query with no key it may attend to (a sample whose source is entirely missing) gets a zero
 attention output instead of the NaN a softmax over nothing would give.
+
+A stack builds its masks once per forward pass and every layer reuses them; attention runs through
+`block_attention.attention` (PyTorch's fused kernels, or, for a CPU training pass, block attention
+that never holds the attention weights).
 """
 
 from __future__ import annotations
