@@ -114,6 +114,20 @@ class Output:
     features: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ExtraPhase:
+    """An optimisation phase a model runs before the main one in every training epoch (MMIM's
+    mutual-information estimators): see `MSAModel.extra_phases`."""
+
+    name: str
+    # the parameters it trains: those whose names start with one of these prefixes; the main
+    # phase's optimiser never steps them
+    parameters: tuple[str, ...]
+    lr: float
+    weight_decay: float
+    share: float = 1.0  # the fraction of the epoch's batches it runs over (from the first)
+
+
 class PretrainedBlock(nn.Module):
     """A block that holds pretrained weights (a Hugging Face text encoder): the trainer gives them
     their own learning rate and weight decay (`MSAModel.pretrained_parameters`)."""
@@ -126,8 +140,9 @@ class MSAModel(nn.Module):
     """Base class of registered models: every hook the trainer calls, with its default.
 
     Subclasses set `config_class` and `modalities`, and override the hooks they need: `set_stage`
-    (multi-stage recipes), `pretrained_parameters` (the parameter group with its own rates), the
-    epoch hooks, `training_state`/`load_training_state`, `side_inputs`.
+    (multi-stage recipes), `pretrained_parameters` (the parameter group with its own rates),
+    `extra_phases` (optimisation phases besides the main one), the epoch hooks,
+    `training_state`/`load_training_state`, `side_inputs`.
     """
 
     config_class: type[ModelConfig] = ModelConfig
@@ -148,6 +163,7 @@ class MSAModel(nn.Module):
         self.dims = dims
         # a fresh or loaded model predicts as after its last stage
         self.stage = self.stages[-1] if self.stages else "main"
+        self.phase = "main"  # the optimisation phase being trained (`extra_phases`)
         missing = [m for m in self.modalities if getattr(dims, m) is None and not (
             m == "text" and dims.has_text_ids)]
         if missing:
@@ -176,6 +192,17 @@ class MSAModel(nn.Module):
         for module in self.modules():
             if isinstance(module, PretrainedBlock):
                 yield from module.pretrained_parameters()
+
+    def extra_phases(self) -> tuple[ExtraPhase, ...]:
+        """Optimisation phases the trainer runs, in order, before the main one in every training
+        epoch. Each is a pass over (a `share` of) the shuffled training batches, with training
+        noise, in which `self.phase` is the phase's name: `forward` returns the phase's losses in
+        `Output.losses`, the trainer adds no task loss, and a separate AdamW, kept across epochs
+        (and in the training state), steps only the phase's parameters at its `lr` and
+        `weight_decay`, at a constant rate, after the gradients of the whole model are clipped
+        together (`training.grad_clip`). Every gradient is cleared before each step of either
+        phase. Outside these passes `self.phase` is "main". The default has none."""
+        return ()
 
     def on_train_epoch_start(self, epoch: int, train_batches: Callable[[], Iterator[Batch]]) -> None:
         """Called by the trainer before every training epoch (numbered from 1 across stages).

@@ -40,7 +40,7 @@ from msakit.data.schema import Batch, Split
 from msakit.errors import MsakitError
 from msakit.fileio import atomic_write_bytes
 from msakit.metrics import METRIC_KEYS, compute_metrics, is_better
-from msakit.models.base import MSAModel
+from msakit.models.base import ExtraPhase, MSAModel
 from msakit.training import distributed
 from msakit.training.checkpoint import read_tagged
 from msakit.training.precision import MixedPrecision, use_tf32
@@ -115,11 +115,12 @@ def build_optimizer(
     `encoder_lr` replace the config's rates when given (a stage's own). Biases and norms are not
     decayed, except the model's own with `decay_norms_and_biases`."""
     pretrained = {id(p) for p in model.pretrained_parameters()}
+    phase_owned = {id(p) for phase in model.extra_phases() for p in phase_parameters(model, phase)}
     base_lr = config.lr if lr is None else lr
     encoder_lr = config.encoder_lr if encoder_lr is None else encoder_lr
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
-        if param.requires_grad:
+        if param.requires_grad and id(param) not in phase_owned:
             is_pretrained = id(param) in pretrained
             no_decay = _is_no_decay(name, param) and (is_pretrained or not config.decay_norms_and_biases)
             groups.setdefault((is_pretrained, no_decay), []).append(param)
@@ -135,6 +136,23 @@ def build_optimizer(
     if not param_groups:
         raise MsakitError("the model has no trainable parameters")
     return torch.optim.AdamW(param_groups)
+
+
+def phase_parameters(model: MSAModel, phase: ExtraPhase) -> list[nn.Parameter]:
+    """The trainable parameters an extra optimisation phase of `model` steps."""
+    params = [p for name, p in model.named_parameters()
+              if p.requires_grad and name.startswith(phase.parameters)]
+    if not params:
+        raise MsakitError(f"{model.registry_name}: the optimisation phase {phase.name!r} trains no "
+                          f"parameter (none named {', '.join(phase.parameters)}... trains)")
+    return params
+
+
+def build_phase_optimizers(model: MSAModel) -> dict[str, torch.optim.Optimizer]:
+    """One AdamW per extra optimisation phase of `model`, by phase name (`MSAModel.extra_phases`)."""
+    return {phase.name: torch.optim.AdamW(phase_parameters(model, phase), lr=phase.lr,
+                                          weight_decay=phase.weight_decay)
+            for phase in model.extra_phases()}
 
 
 def set_stage_rates(optimizer: torch.optim.Optimizer, config: TrainConfig, stage: Stage) -> None:
@@ -215,6 +233,8 @@ class _StageLoop:
     epoch: int = 0  # epochs of this stage already run
     stale: int = 0
     final_state: dict[str, torch.Tensor] | None = None  # the last epoch's weights, for a stage that continues
+    # the optimisers of the model's extra phases (`MSAModel.extra_phases`), by phase name
+    phase_optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
 
 
 def nonfinite_at_initialisation(batch: Batch, losses: dict[str, torch.Tensor]) -> str:
@@ -266,6 +286,10 @@ class Trainer:
         self.model = model.to(self.device)
         use_tf32(self.device, config.tf32)
         self.precision = MixedPrecision(config.precision, self.device)
+        if config.precision == "fp16" and model.extra_phases():
+            # a phase clips the norm of every gradient, which fp16 unscales only for its optimiser
+            raise MsakitError(f"{model.registry_name} trains extra optimisation phases, which "
+                              "training.precision=fp16 cannot clip; use bf16 or fp32")
         if config.compile:
             # in place, unlike torch.compile(model): the weights keep their names (checkpoints,
             # training states) and the model keeps its hooks (set_stage, epoch hooks)
@@ -350,17 +374,21 @@ class Trainer:
             self.model.load_state_dict(previous.final_state)
             optimizer = previous.optimizer
             set_stage_rates(optimizer, self.config, stage)
+            phase_optimizers = previous.phase_optimizers
         else:
             optimizer = build_optimizer(self.model, self.config, stage.lr, stage.encoder_lr)
+            phase_optimizers = build_phase_optimizers(self.model)
         scheduler = build_scheduler(optimizer, self.config, steps_per_epoch * stage.epochs)
         if resume is None:
             self.best_by_metric = {}
             best = FitResult(best_valid={}, best_epoch=0, epochs_run=0, stage=stage.name)
             return _StageLoop(best, copy.deepcopy(self.model.state_dict()), optimizer, scheduler,
-                              steps_per_epoch)
+                              steps_per_epoch, phase_optimizers=phase_optimizers)
         self.model.load_state_dict(resume["model"])
         self.model.load_training_state(resume["model_extra"])
         optimizer.load_state_dict(resume["optimizer"])
+        for name, phase_optimizer in phase_optimizers.items():
+            phase_optimizer.load_state_dict(resume["phase_optimizers"][name])
         scheduler.load_state_dict(resume["scheduler"])
         if resume.get("scaler"):  # fp16's loss scale; fp32 and bf16 (and states before them) have none
             self.precision.scaler.load_state_dict(resume["scaler"])
@@ -372,7 +400,7 @@ class Trainer:
         }
         best = FitResult(**resume["best"], stage=stage.name)
         return _StageLoop(best, resume["best_state"], optimizer, scheduler, steps_per_epoch,
-                          resume["epoch"], resume["stale"])
+                          resume["epoch"], resume["stale"], phase_optimizers=phase_optimizers)
 
     def _fit_stage(
         self, stage: Stage, loop: _StageLoop, train: Split, valid: Split,
@@ -393,7 +421,7 @@ class Trainer:
                 self.model.on_train_epoch_start(len(history) + 1, lambda: self._plain_batches(train))
                 train_loss = self.train_epoch(
                     train, loop.optimizer, loop.scheduler, generator, epoch=len(history) + 1,
-                    on_step=lambda: bar.advance(task),
+                    on_step=lambda: bar.advance(task), phase_optimizers=loop.phase_optimizers,
                 )
                 self.model.on_train_epoch_end(len(history) + 1, lambda: self._plain_batches(train))
                 valid_metrics = self.evaluate(valid, self.valid_transform)
@@ -466,6 +494,7 @@ class Trainer:
             "model_extra": self.model.training_state(),
             "best_by_metric": {m: vars(s) for m, s in self.best_by_metric.items()},
             "optimizer": loop.optimizer.state_dict(), "scheduler": loop.scheduler.state_dict(),
+            "phase_optimizers": {name: o.state_dict() for name, o in loop.phase_optimizers.items()},
             "scaler": self.precision.scaler.state_dict(), "generator": generator.get_state(),
             "rng": rng_by_rank[0], "history": [asdict(r) for r in history], "reports": reports,
             **({"rng_by_rank": rng_by_rank} if len(rng_by_rank) > 1 else {}),
@@ -510,17 +539,43 @@ class Trainer:
         self, split: Split, optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator,
         epoch: int, on_step: Callable[[], None] | None = None,
+        phase_optimizers: dict[str, torch.optim.Optimizer] | None = None,
     ) -> float:
-        """One pass over `split` in a shuffled order; returns the mean training loss.
+        """One pass over `split` in a shuffled order for each extra phase of the model
+        (`MSAModel.extra_phases`, stepped by `phase_optimizers`), then the main one; returns the
+        main pass's mean training loss.
 
         Under torchrun each rank trains on its share of every batch (`training_shards`) and scales
         its loss by that share times the number of ranks: DDP's mean of the ranks' gradients is
         then the gradient of the whole batch's mean loss, as one process computes it."""
         self.model.train()
+        phase_optimizers = phase_optimizers or {}
+        every_optimizer = [optimizer, *phase_optimizers.values()]
+        for phase in self.model.extra_phases():
+            self.model.phase = phase.name
+            try:
+                self._train_pass(split, phase_optimizers[phase.name], None, generator, epoch,
+                                 every_optimizer, share=phase.share)
+            finally:
+                self.model.phase = "main"
+        return self._train_pass(split, optimizer, scheduler, generator, epoch, every_optimizer, on_step)
+
+    def _train_pass(
+        self, split: Split, optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None, generator: torch.Generator,
+        epoch: int, every_optimizer: list[torch.optim.Optimizer],
+        on_step: Callable[[], None] | None = None, share: float = 1.0,
+    ) -> float:
+        """The first `share` of the shuffled batches of `split`, each a step of `optimizer` on the
+        losses of the model's current phase (the task loss too in the main phase), after clearing
+        the gradients of `every_optimizer`; returns the mean loss."""
         model, world = self._training_model(), distributed.world_size()
         total, count = 0.0, 0
-        for batch, share in training_shards(split, self.config.batch_size, generator,
-                                            (distributed.rank(), world)):
+        batches = math.ceil(share * math.ceil(len(split) / self.config.batch_size))
+        for step, (batch, part) in enumerate(training_shards(split, self.config.batch_size, generator,
+                                                             (distributed.rank(), world))):
+            if step == batches:
+                break
             clean = batch
             if self.train_transform is not None:
                 batch = self.train_transform(batch, epoch)
@@ -529,23 +584,29 @@ class Trainer:
             batch = batch.to(self.device)
             with self.precision.autocast():
                 output = model(batch)
-            # the loss in fp32 whatever the forward pass computed in
-            task_loss = self.loss_fn(output.pred.float(), batch.labels)
-            loss = task_loss
-            for aux in output.losses.values():
+            terms = dict(output.losses)
+            if self.model.phase == "main":  # the task loss in fp32 whatever the forward computed in
+                terms = {"task": self.loss_fn(output.pred.float(), batch.labels), **terms}
+            if not terms:
+                raise MsakitError(f"{self.model.registry_name}: its forward returned no loss in the "
+                                  f"optimisation phase {self.model.phase!r}")
+            first, *rest = terms.values()
+            loss = first.float()
+            for aux in rest:
                 loss = loss + aux.float()
             if not torch.isfinite(loss):
                 if epoch == 1 and not optimizer.state:  # no update yet: the rate cannot be the cause
-                    raise MsakitError(nonfinite_at_initialisation(batch, {"task": task_loss,
-                                                                          **output.losses}))
+                    raise MsakitError(nonfinite_at_initialisation(batch, terms))
                 raise MsakitError(
                     f"training diverged at epoch {epoch} (loss {loss.item()}); lower training.lr"
                 )
-            optimizer.zero_grad(set_to_none=True)
-            self.precision.backward_and_step(loss * (share * world), optimizer, self.model.parameters(),
+            for each in every_optimizer:
+                each.zero_grad(set_to_none=True)
+            self.precision.backward_and_step(loss * (part * world), optimizer, self.model.parameters(),
                                              self.config.grad_clip)
-            scheduler.step()
-            samples = len(batch) if share else 0
+            if scheduler is not None:
+                scheduler.step()
+            samples = len(batch) if part else 0
             total += loss.item() * samples
             count += samples
             if on_step is not None:
