@@ -142,7 +142,8 @@ def compare(root: Path, dataset: str, bert: str, zero_nonverbal: bool = False) -
     official.eval()
     ours.eval()
     with torch.no_grad():
-        eval_diff = max_abs(pair.official_prediction(everything).squeeze(-1), ours(pair.batch(everything)).pred)
+        eval_diff = max_abs(pair.official_prediction(everything).squeeze(-1),
+                            ours(pair.batch(everything)).pred)
     criterion = nn.L1Loss()  # MMSA's regression criterion, on (B, 1) outputs and labels
     sgd = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (official, ours)]
     steps, gradients, step = [], [], 0
