@@ -97,7 +97,7 @@ def _command_line() -> str:
 FAMILY_HELP = ("which benchmark's settings section and metric rules apply [default: the catalog name's, "
                "or recognised from the data; else custom: the model's defaults, MOSI's rules]")
 ALIGNED_HELP = ("read the word-aligned (MMSA aligned_*.pkl) or the unaligned pickle [default: the one "
-                "the model's paper trained on: aligned for hme, unaligned for the others]")
+                "the model's paper trained on: aligned for hme and mag_bert, unaligned for the others]")
 dataset_options = [
     click.option("--dataset", "-d", required=True,
                  help="synthetic, mosi, mosei, sims, simsv2, mosi-text, or a .pkl/.csv path"),
