@@ -31,11 +31,14 @@ framework implements and trains it (thuiar/MMSA @a94e65d, `models/singleTask/MMI
    fills (batch index > `entropy_memory`, counted from 0 in each epoch), and the memory is
    emptied at the start of every epoch. The first term is the trainer's task loss
    (`training.loss: l1`), the others are `losses["nce"]`, `losses["lld"]` and `losses["entropy"]`.
-   With `contrast: false` there is no bound phase, the estimators never train, and only -beta H
-   is added to the task loss.
+   With `contrast: false` there is no bound phase, the estimators are frozen (MMSA steps them
+   never then, but counts W_e's gradients in the clipped norm), and only -beta H is added to the
+   task loss.
    The gradients of the whole model are clipped together in both phases (`training.grad_clip`),
-   as MMSA does. Every weight matrix outside the text encoder starts from Xavier-normal values
-   (MMSA's trainer), biases keep PyTorch's initial values.
+   as MMSA does. The entropy projections W_e belong to the bound phase's optimiser, whose loss
+   never reads them, so they keep their initial values (as in MMSA), while their gradients from
+   -beta H count in the main phase's clipped norm. Every weight matrix outside the text encoder
+   starts from Xavier-normal values (MMSA's trainer), biases keep PyTorch's initial values.
 
 Where this differs from MMSA, and the setting that restores MMSA's behaviour
 (benchmarks/parity/mmim.py checks predictions, every loss term and gradients):
@@ -46,10 +49,6 @@ Where this differs from MMSA, and the setting that restores MMSA's behaviour
   samples.
 - Zero vectors in CPC (no setting; MMSA gives NaN). A zero representation (a modality a
   missing-data protocol zeroed) stays zero when scaled to unit norm (`F.normalize`).
-- Entropy projections (no setting). MMSA puts W_e in the MMILB optimiser, whose phase never
-  computes it: it keeps its initial values. Here it is frozen, which leaves its values as they
-  were; its gradients (from -beta H) then no longer count in the norm that `training.grad_clip`
-  clips in the main phase.
 - Optimiser (no setting). MMSA uses Adam with coupled L2 weight decay in two optimisers: the
   MMILB estimators at `lr_mmilb` / `weight_decay_mmilb`, and BERT (`lr_bert`, `weight_decay_bert`)
   and the rest (`lr_main`, `weight_decay_main`), every parameter decayed. msakit has AdamW
@@ -178,7 +177,8 @@ class MutualInformationLowerBound(nn.Module):
         super().__init__()
         self.mu = nn.Sequential(nn.Linear(x_dim, y_dim), nn.ReLU(), nn.Linear(y_dim, y_dim))
         self.logvar = nn.Sequential(nn.Linear(x_dim, y_dim), nn.ReLU(), nn.Linear(y_dim, y_dim))
-        # never trained: MMSA steps it only in the bound phase, which never computes it
+        # in the bound phase's optimiser (MMSA's), but only the main phase computes it: its
+        # gradients count in the clipped norm and it keeps its initial values
         self.entropy_projection = nn.Sequential(nn.Linear(y_dim, y_dim // 4), nn.Tanh())
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -243,8 +243,6 @@ class MMIM(MSAModel):
                 nn.init.xavier_normal_(param)
         if not config.contrast:  # MMSA never steps them then (they are not in its main optimiser)
             self.bounds.requires_grad_(False)
-        for bound in self.bounds.values():
-            bound.entropy_projection.requires_grad_(False)
         # the entropy projections of the last `entropy_memory` main-phase batches, per pair and sign
         self.memory: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
         self.batch_in_epoch = 0
