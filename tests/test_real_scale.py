@@ -42,6 +42,8 @@ def raw_cues(raw_scale, tmp_path_factory) -> str:
 
 def _settings(name: str, cues: str, tiny_bert: str, *extra: str) -> dict:
     overrides = ["model.text_source=features", *extra]
+    if name == "mag_bert":  # its gate sits inside the encoder: the tiny BERT, on unaligned clips
+        overrides = [f"model.text_encoder={tiny_bert}", "model.unaligned_input=resample", *extra]
     if name == "mmslf":
         overrides += [f"model.cues={cues}", f"model.prompt_encoder={tiny_bert}", "model.prompt_max_len=64"]
     return resolve_config(name, "synthetic", overrides)
