@@ -4,6 +4,7 @@ loopback that loses a worker in the middle of a job and still ends with the same
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -111,6 +112,51 @@ def test_a_job_whose_data_changed_fails_alone(tmp_path, tiny_pickle):
         run_job(jobs[0], str(tmp_path / "study"))
 
 
+def test_a_search_tunes_on_validation_only_prunes_and_keeps_its_optuna_study(tmp_path, tiny_pickle,
+                                                                          monkeypatch):
+    import optuna
+
+    from msakit.training.trainer import Trainer
+
+    test_ids = set(api.load_dataset(str(tiny_pickle)).test.ids.tolist())
+    scored = []  # every split any training or scoring in the search reads, by its ids
+    evaluate = Trainer.evaluate
+
+    def spy(self, split, *args, **kwargs):
+        scored.append(set(split.ids.tolist()))
+        return evaluate(self, split, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "evaluate", spy)
+    search = {"models": ["tfn"], "trials": 4, "startup_trials": 1, "sampler_seed": 2,
+              "params": {"training.lr": {"choices": [3.0e-3, 1.0e-9]},
+                         "model.post_fusion_dropout": {"low": 0.0, "high": 0.3}}}
+    path = write_study(tmp_path / "study.yaml", tiny_pickle, models=["tfn"], seeds=[1], search=search,
+                       set=["training.epochs=4", "model.text_source=features"], evaluate={})
+    from msakit.study.executors import LocalExecutor
+    from msakit.study.search import best_settings, load_search, optuna_name, tune
+
+    study = load_study(path)
+    store = f"sqlite:///{tmp_path / 'study.db'}"
+    chosen = tune(study, load_search(study), store, LocalExecutor())
+    assert scored and not any(ids & test_ids for ids in scored)  # no trial ever saw a test clip
+
+    name = optuna_name(study, study.datasets[0], study.models[0],
+                       api.load_dataset(str(tiny_pickle)).fingerprint)
+    searched = optuna.load_study(study_name=name, storage=store)
+    states = [t.state for t in searched.trials]
+    assert len(states) == 4 and optuna.trial.TrialState.PRUNED in states
+    assert chosen[("tiny", "tfn")] == best_settings(study, load_search(study), store)[("tiny", "tfn")]
+    assert "training.lr=0.003" in chosen[("tiny", "tfn")]
+
+    # the study trains the chosen settings with its seeds and scores test once; a rerun adds no trial
+    scored.clear()
+    summary = run_study(path, study_dir=tmp_path, store=store, executor="local")
+    assert summary["ran"] == 1 and len(optuna.load_study(study_name=name, storage=store).trials) == 4
+    record = next(iter(ResultStore(store).records([j.id for j in plan_jobs(study, chosen)]).values()))
+    assert "training.lr=0.003" in " ".join(record["config"] and chosen[("tiny", "tfn")])
+    assert any(ids == test_ids for ids in scored)  # the final model is scored on test, once
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -130,7 +176,8 @@ def ray_cluster():
 
 
 def _job_worker() -> int | None:
-    found = subprocess.run(["pgrep", "-f", "ray::_job_task"], capture_output=True, text=True).stdout.split()
+    found = subprocess.run(["pgrep", "-f", "ray::_with_threads"], capture_output=True,
+                           text=True).stdout.split()
     return int(found[0]) if found else None
 
 
@@ -170,3 +217,44 @@ def test_a_study_on_a_ray_cluster_survives_a_killed_worker(tmp_path, tiny_pickle
     again = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **RAY_ENV},
                            timeout=300)
     assert "2 jobs, 0 run, 2 already done" in again.stdout, again.stderr
+
+
+def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the TensorBoard event files in `folder` (TFRecord frames of Event protos), as
+    TensorBoard shows them: a session START at step P hides what earlier files logged at P or later."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        position = 0
+        while position < len(data):
+            (length,) = struct.unpack("<Q", data[position:position + 8])
+            event = event_pb2.Event.FromString(data[position + 12:position + 12 + length])
+            position += 12 + length + 4
+            if event.session_log.status == event_pb2.SessionLog.START:
+                out = {tag: [(s, v) for s, v in points if s < event.step] for tag, points in out.items()}
+            for value in event.summary.value:
+                out.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return out
+
+
+def test_tensorboard_scalars_follow_the_epochs_and_a_resume(tmp_path, tiny_pickle, monkeypatch):
+    from resume_check import Interrupted, interrupt_training
+
+    overrides = ["training.epochs=4", "training.patience=4", "training.log=tensorboard",
+                 "model.text_source=features"]
+    interrupt_training(monkeypatch, after=2)
+    with pytest.raises(Interrupted):
+        api.train("tfn", str(tiny_pickle), seeds=[1], overrides=overrides, output=tmp_path, progress=False)
+    api.train("tfn", str(tiny_pickle), seeds=[1], overrides=overrides, output=tmp_path, progress=False,
+              resume=True)
+    scalars = _scalars(tmp_path / "tensorboard" / "seed-1")
+    history = json.loads((tmp_path / "results.json").read_text())["seeds"][0]["history"]
+    assert [step for step, _ in scalars["main/train_loss"]] == [1, 2, 3, 4]  # no step twice
+    assert [v for _, v in scalars["main/valid_mae"]] == pytest.approx([h["valid"]["mae"] for h in history])
+    assert {"main/lr_group0", "main/valid_corr"} <= set(scalars)
+    with pytest.raises(MsakitError, match="training.log must be one of none, tensorboard"):
+        api.train("tfn", str(tiny_pickle), seeds=[1], overrides=["training.log=wandb"], progress=False)

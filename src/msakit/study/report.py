@@ -23,8 +23,9 @@ from msakit.errors import MsakitError
 from msakit.evaluation.report import LABELS, format_value, mean_std
 from msakit.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from msakit.metrics import METRIC_KEYS, UNDEFINED_REASONS, metric_family
-from msakit.study.runner import default_folder, load_data, plan_jobs
-from msakit.study.spec import Evaluation, Study, load_study
+from msakit.study.runner import default_folder, plan_jobs
+from msakit.study.search import best_settings, load_search
+from msakit.study.spec import Evaluation, Study, load_data, load_study
 from msakit.study.store import ResultStore
 
 ROBUSTNESS_COLUMNS = ("mae", "acc2_non0", "corr")
@@ -57,7 +58,7 @@ def summarise(study: Study, records: dict[str, dict[str, Any]], jobs: list) -> d
     for ref in study.datasets:
         models: dict[str, Any] = {}
         for model in study.models:
-            cell = [j for j in jobs if j.dataset == ref and j.model == model and j.id in records]
+            cell = [j for j in jobs if j.dataset == ref and j.model.label == model.label and j.id in records]
             if not cell:
                 continue
             runs = [records[j.id] for j in cell]
@@ -76,7 +77,7 @@ def summarise(study: Study, records: dict[str, dict[str, Any]], jobs: list) -> d
                     "condition_mean": [m for m, _ in per_condition],
                     "condition_std": [s for _, s in per_condition],
                 }
-            models[model.label] = {"model": model.model, "overrides": list(model.overrides),
+            models[model.label] = {"model": model.model, "overrides": list(cell[0].model.overrides),
                                    "seeds": sorted(j.seed for j in cell), "clean": clean_mean,
                                    "clean_std": clean_std, "protocols": protocols,
                                    "seconds": sum(r.get("seconds") or 0.0 for r in runs)}
@@ -103,6 +104,12 @@ def markdown(study: Study, summary: dict[str, Any], families: dict[str, str], co
                         [[label, " ".join(map(str, m["seeds"])),
                           *(_cell(k, m["clean"][k], m["clean_std"][k], len(m["seeds"])) for k in keys)]
                          for label, m in sorted(models.items())])
+        tuned = {label: m["overrides"] for label, m in sorted(models.items()) if m["overrides"]}
+        if tuned:
+            lines += ["", "Settings over each model's defaults (the study's, then those its search chose on "
+                      "validation):", ""]
+            lines += _table(["model", "settings"], [[label, " ".join(f"`{o}`" for o in overrides)]
+                                                    for label, overrides in tuned.items()])
         protocols = [e.protocol for e in study.evaluations]
         if protocols:
             described = "; ".join(_describe(e) for e in study.evaluations)
@@ -214,7 +221,8 @@ def report_study(path: str | Path, *, output: str | Path | None = None, store: s
     study = load_study(path)
     root = Path(study_dir).expanduser() if study_dir is not None else default_folder(study)
     results = ResultStore(store if store is not None else root / "study.db")
-    jobs = plan_jobs(study)
+    search = load_search(study)
+    jobs = plan_jobs(study, best_settings(study, search, results.url) if search is not None else None)
     records = results.records(j.id for j in jobs)
     if not records:
         raise MsakitError(f"the store {results.url} has no record of study {study.name}'s jobs: "

@@ -14,36 +14,30 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from msakit import api
-from msakit.data.schema import MultimodalDataset
-from msakit.errors import MsakitError, one_line
-from msakit.study.spec import DatasetRef, Job, Study, job_identity, load_study
+from msakit.errors import MsakitError
+from msakit.study.executors import make_executor
+from msakit.study.search import load_search, tune
+from msakit.study.spec import Job, Study, job_identity, load_data, load_study
 from msakit.study.store import ResultStore
 from msakit.training.runs import aligned_input, resolved_config
 
 logger = logging.getLogger(__name__)
-
-TASK_RETRIES = 3  # attempts after a worker dies (Ray's system failures), each resuming the training
 
 
 def default_folder(study: Study) -> Path:
     return Path("runs") / "studies" / study.name
 
 
-def load_data(ref: DatasetRef, model: str) -> MultimodalDataset:
-    return api.load_dataset(ref.dataset, ref.data_dir, family=ref.family,
-                            aligned=aligned_input(model, ref.aligned))
-
-
-def plan_jobs(study: Study) -> list[Job]:
-    """Every cell of the study, its identity computed from the resolved settings and the data."""
+def plan_jobs(study: Study, tuned: Mapping[tuple[str, str], tuple[str, ...]] | None = None) -> list[Job]:
+    """Every cell of the study, its identity computed from the resolved settings and the data;
+    `tuned` adds the settings a search chose, per (dataset label, model label)."""
     jobs, loaded = [], {}
     for ref in study.datasets:
         for model in study.models:
@@ -51,6 +45,8 @@ def plan_jobs(study: Study) -> list[Job]:
             if (ref, aligned) not in loaded:
                 loaded[ref, aligned] = load_data(ref, model.model)
             data = loaded[ref, aligned]
+            chosen = (tuned or {}).get((ref.label, model.label), ())
+            model = dataclasses.replace(model, overrides=model.overrides + chosen)
             config = resolved_config(model.model, data, model.overrides, None)
             for seed in study.seeds:
                 jobs.append(Job(job_identity(model.model, config, seed, data.fingerprint), ref, model, seed,
@@ -84,15 +80,6 @@ def run_job(job: Job, root: str) -> dict[str, Any]:
     }
 
 
-def _job_task(job: Job, root: str, threads: int) -> dict[str, Any]:
-    """`run_job` in a Ray worker, with as many torch threads as the job asked CPUs."""
-    import torch
-
-    torch.set_num_threads(max(1, threads))
-    logging.basicConfig(level=logging.WARNING)
-    return run_job(job, root)
-
-
 def _todo(jobs: list[Job], store: ResultStore) -> list[Job]:
     """The jobs without a record, or with evaluations their record lacks (those only)."""
     records = store.records(job.id for job in jobs)
@@ -108,69 +95,14 @@ def _todo(jobs: list[Job], store: ResultStore) -> list[Job]:
     return todo
 
 
-Finished = Callable[[Job, dict[str, Any] | None, str | None], None]
-
-
-def _run_here(jobs: list[Job], root: str, finished: Finished) -> None:
-    for job in jobs:
-        try:
-            record = run_job(job, root)
-        except MsakitError as exc:
-            finished(job, None, one_line(exc))
-            continue
-        finished(job, record, None)
-
-
-def _run_on_ray(jobs: list[Job], root: str, study: Study, address: str | None, finished: Finished) -> None:
-    try:
-        import ray
-    except ImportError:
-        raise MsakitError("running a study on Ray needs ray: pip install 'msakit[study]' "
-                          "(or --executor local)") from None
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no telemetry from an offline machine
-    started = not ray.is_initialized()
-    if started:
-        try:
-            if address is None:
-                ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-            else:
-                ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise MsakitError(f"--address {address}: cannot join the Ray cluster ({one_line(exc)})") from None
-    task = ray.remote(_job_task).options(num_cpus=study.cpus, num_gpus=study.gpus, max_retries=TASK_RETRIES,
-                                         retry_exceptions=False)
-    threads = max(1, int(study.cpus))
-    pending = {task.remote(job, root, threads): job for job in jobs}
-    try:
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            job = pending.pop(ready[0])
-            try:
-                record = ray.get(ready[0])
-            except ray.exceptions.RayTaskError as exc:
-                cause = exc.cause if isinstance(exc.cause, BaseException) else exc
-                finished(job, None, one_line(cause))
-                continue
-            except ray.exceptions.RayError as exc:  # the worker died more often than it was retried
-                finished(job, None, one_line(exc))
-                continue
-            finished(job, record, None)
-    finally:
-        for ref in pending:
-            ray.cancel(ref, force=True)
-        if started:
-            ray.shutdown()
-
-
 def run_study(
     path: str | Path, *, study_dir: str | Path | None = None, store: str | None = None,
     address: str | None = None, executor: str = "ray", only: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Runs every job of the study at `path` that the store has no record of; returns a summary
-    (jobs, ran, skipped, failures, store, study_dir). `study_dir` holds the jobs' run folders and
-    the default store (default: runs/studies/<name>); `only` names the model labels to run."""
-    if executor not in ("ray", "local"):
-        raise MsakitError(f"--executor {executor!r}: use ray or local")
+    """Runs the study at `path`: its search first (if it has one; see `msakit.study.search`), then
+    every job the store has no record of. Returns a summary (jobs, ran, skipped, failures, store,
+    study_dir). `study_dir` holds the jobs' run folders and the default store (default:
+    runs/studies/<name>); `only` names the model labels to run."""
     study = load_study(path)
     if only is not None:
         labels = [m.label for m in study.models]
@@ -181,25 +113,30 @@ def run_study(
         study = dataclasses.replace(study, models=tuple(m for m in study.models if m.label in only))
     root = Path(study_dir).expanduser() if study_dir is not None else default_folder(study)
     results = ResultStore(store if store is not None else root / "study.db")
-    jobs = plan_jobs(study)
-    todo = _todo(jobs, results)
-    logger.info("study %s: %d jobs, %d to run, store %s", study.name, len(jobs), len(todo), results.url)
+    search = load_search(study)
+    runner = make_executor(executor, address, study.cpus, study.gpus)
     failures: list[dict[str, str]] = []
-
-    def finished(job: Job, record: dict[str, Any] | None, error: str | None) -> None:
-        name = f"{job.model.label} on {job.dataset.label}, seed {job.seed}"
-        if record is None:
-            failures.append({"job": job.id, "what": name, "error": error or ""})
-            logger.warning("job %s (%s) failed: %s", job.id, name, error)
-            return
-        results.save(job, record)
-        logger.info("job %s (%s) done in %.0f s", job.id, name, record["seconds"])
-
-    root_text = str(root.resolve())
-    if todo and executor == "local":
-        _run_here(todo, root_text, finished)
-    elif todo:
-        _run_on_ray(todo, root_text, study, address, finished)
+    try:
+        tuned = tune(study, search, results.url, runner) if search is not None else {}
+        jobs = plan_jobs(study, tuned)
+        todo = _todo(jobs, results)
+        logger.info("study %s: %d jobs, %d to run, store %s", study.name, len(jobs), len(todo), results.url)
+        root_text = str(root.resolve())
+        for job in todo:
+            runner.submit(job.id, run_job, job, root_text)
+        by_id = {job.id: job for job in todo}
+        while runner.pending:
+            key, record, error = runner.next_done()
+            job = by_id[key]
+            name = f"{job.model.label} on {job.dataset.label}, seed {job.seed}"
+            if record is None:
+                failures.append({"job": job.id, "what": name, "error": error or ""})
+                logger.warning("job %s (%s) failed: %s", job.id, name, error)
+                continue
+            results.save(job, record)
+            logger.info("job %s (%s) done in %.0f s", job.id, name, record["seconds"])
+    finally:
+        runner.close()
     return {"study": study.name, "jobs": len(jobs), "ran": len(todo) - len(failures),
             "skipped": len(jobs) - len(todo), "failures": failures, "store": results.url,
             "study_dir": str(root)}

@@ -18,12 +18,12 @@ search: ...                           # optional: see msakit.study.search
 ```
 
 A job is one (dataset, model, seed) cell. Its identity is a hash of the model, its resolved
-configuration (every setting in force, defaults included), the seed and the dataset's content
-fingerprint: a rerun finds the job's record and skips it, and a changed setting or changed data
-makes a new job. Evaluations are keyed the same way inside a job, so adding a protocol to a study
-scores the existing checkpoints without training them again. msakit's own version is not part of
-the identity: records made by an older msakit are reused (a study that must be redone after a code
-change names another store).
+configuration (every setting in force, defaults included, except `NEUTRAL_SETTINGS`), the seed and
+the dataset's content fingerprint: a rerun finds the job's record and skips it, and a changed
+setting or changed data makes a new job. Evaluations are keyed the same way inside a job, so adding
+a protocol to a study scores the existing checkpoints without training them again. msakit's own
+version is not part of the identity: records made by an older msakit are reused (a study that must
+be redone after a code change names another store).
 """
 
 from __future__ import annotations
@@ -36,8 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from msakit import api
+from msakit.data.schema import MultimodalDataset
 from msakit.errors import MsakitError
 from msakit.fileio import load_yaml
+from msakit.training.runs import aligned_input
 
 STUDY_KEYS = ("name", "datasets", "models", "seeds", "set", "evaluate", "resources", "search")
 DATASET_KEYS = ("dataset", "data_dir", "family", "aligned")
@@ -221,6 +224,20 @@ def load_study(path: str | Path) -> Study:
     )
 
 
+# settings that never change a training's numbers: where its curves go, how often its state is saved
+NEUTRAL_SETTINGS = {"training": ("log", "state_every")}
+
+
 def job_identity(model: str, config: dict[str, Any], seed: int, fingerprint: str) -> str:
-    """What makes two trainings the same: the model, every setting in force, the seed, the data."""
-    return identity({"model": model, "config": config, "seed": seed, "data": fingerprint})
+    """What makes two trainings the same: the model, every setting in force (but the neutral ones),
+    the seed, the data."""
+    kept = {section: {key: value for key, value in values.items()
+                      if key not in NEUTRAL_SETTINGS.get(section, ())}
+            for section, values in config.items()}
+    return identity({"model": model, "config": kept, "seed": seed, "data": fingerprint})
+
+
+def load_data(ref: DatasetRef, model: str) -> MultimodalDataset:
+    """The dataset `ref` names, in the form (aligned or not) `model` reads."""
+    return api.load_dataset(ref.dataset, ref.data_dir, family=ref.family,
+                            aligned=aligned_input(model, ref.aligned))

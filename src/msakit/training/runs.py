@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,10 @@ from msakit.training.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from msakit.training.checkpoint import check_dims_match, load_checkpoint, read_tagged, save_checkpoint
 from msakit.training.config import data_config, parse_overrides, resolve_config, training_config
 from msakit.training.settings import scale_stages
+from msakit.training.tensorboard import TensorBoardLog
 from msakit.training.trainer import (
+    EpochObserver,
+    EpochRecord,
     FitResult,
     Trainer,
     best_weight_files,
@@ -166,13 +170,14 @@ def resolved_config(
 def fit_one_seed(
     model: str, data: MultimodalDataset, config: dict[str, Any], seed: int, progress: bool,
     score_stages: bool = False, state_file: Path | None = None,
-    state_meta: dict[str, Any] | None = None, **trainer_options: Any,
+    state_meta: dict[str, Any] | None = None, log_dir: Path | None = None, **trainer_options: Any,
 ) -> tuple[Trainer, FitResult]:
     """A fresh model trained with `seed` (training noise as configured), selected on validation.
 
     With `score_stages`, the result's `stage_reports` hold each stage's selected epoch, validation
     score and test score (a report of every stage; each still selects on validation only).
-    `state_file` and `state_meta` go to `Trainer.fit` (resumable training).
+    `state_file` and `state_meta` go to `Trainer.fit` (resumable training); with
+    `training.log: tensorboard`, `log_dir` receives the TensorBoard scalars.
     """
     train_cfg = training_config(config["training"])
     seed_everything(seed)
@@ -186,6 +191,9 @@ def fit_one_seed(
         def valid_transform(batch: Batch) -> Batch:
             return apply_missing(batch, spec, **tokens)
 
+    board = TensorBoardLog(log_dir) if train_cfg.log == "tensorboard" and log_dir is not None else None
+    if board is not None:
+        trainer_options["on_epoch"] = _both(board, trainer_options.get("on_epoch"))
     trainer = Trainer(net, train_cfg, data.metric_family, train_transform=noise, progress=progress,
                       valid_transform=valid_transform, **trainer_options)
 
@@ -195,9 +203,24 @@ def fit_one_seed(
             "valid": result.best_valid, "test": trainer.evaluate(data.test),
         }
 
-    fit = trainer.fit(data.train, data.valid, seed, after_stage=score if score_stages else None,
-                      state_file=state_file, state_meta=state_meta)
+    try:
+        fit = trainer.fit(data.train, data.valid, seed, after_stage=score if score_stages else None,
+                          state_file=state_file, state_meta=state_meta)
+    finally:
+        if board is not None:
+            board.close()
     return trainer, fit
+
+
+def _both(first: EpochObserver, second: EpochObserver | None) -> EpochObserver:
+    if second is None:
+        return first
+
+    def observe(record: EpochRecord, step: int, rates: list[float]) -> None:
+        first(record, step, rates)
+        second(record, step, rates)
+
+    return observe
 
 
 SeedTraining = Callable[[int, dict[str, Any]], tuple[Trainer, dict[str, Any], dict[str, Any]]]
@@ -227,7 +250,8 @@ def seed_runs(
         seed_meta = {**meta, "seed": seed}
         run = _finished_run(out_dir, seed_meta, resume)
         if run is None:
-            state = {"state_file": _state_file(out_dir, seed, resume), "state_meta": seed_meta}
+            state = {"state_file": _state_file(out_dir, seed, resume), "state_meta": seed_meta,
+                     "log_dir": None if out_dir is None else out_dir / "tensorboard" / f"seed-{seed}"}
             distributed.barrier()
             trainer, run, metrics = train_seed(seed, state)
             preds, labels = trainer.predict(data.valid)
@@ -264,6 +288,7 @@ def _claim_run_folder(out_dir: Path | None, resume: bool, overwrite: bool) -> No
     if distributed.is_main():
         for name in found:
             (out_dir / name).unlink()
+        shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)  # the replaced run's curves
     distributed.barrier()
 
 

@@ -12,6 +12,7 @@ SELECT_PROTOCOLS = ("none", "intra", "inter")  # the protocols a single rate des
 STATE_WRITE_SHARE = 0.05  # at most this share of training time goes to writing the training state
 STAGE_STARTS = ("restore_best", "continue")
 PRECISIONS = ("fp32", "bf16", "fp16")  # what forward passes compute in (msakit.training.precision)
+LOGS = ("none", "tensorboard")  # where each epoch's scalars go besides the log lines
 
 
 @dataclass
@@ -67,6 +68,9 @@ class TrainConfig:
     precision: str = "fp32"
     tf32: bool = True  # fp32 matrix products on TF32 tensor cores, on CUDA GPUs that have them
     compile: bool = False  # torch.compile the model (in place: its weights' names stay)
+    # tensorboard: each epoch's training loss, validation metrics and learning rates as TensorBoard
+    # scalars in the run folder's tensorboard/seed-<seed>/ (needs tensorboardX, in the study extra)
+    log: str = "none"
 
     def __post_init__(self) -> None:
         if self.state_every != "auto" and (isinstance(self.state_every, bool) or not isinstance(
@@ -96,6 +100,8 @@ class TrainConfig:
         for key in ("decay_norms_and_biases", "tf32", "compile"):
             if not isinstance(getattr(self, key), bool):
                 raise MsakitError(f"training.{key} must be true or false, not {getattr(self, key)!r}")
+        if self.log not in LOGS:
+            raise MsakitError(f"training.log must be one of {', '.join(LOGS)}, not {self.log!r}")
         if self.precision not in PRECISIONS:
             raise MsakitError(f"training.precision must be one of {', '.join(PRECISIONS)}, "
                               f"not {self.precision!r}")

@@ -202,6 +202,10 @@ class EpochRecord:
     improved: bool
 
 
+# an epoch's record, its number over all stages (resumed runs included), the groups' learning rates
+EpochObserver = Callable[[EpochRecord, int, list[float]], None]
+
+
 @dataclass
 class Snapshot:
     """The weights (on the CPU) of the epoch that scored best on one validation metric."""
@@ -270,10 +274,13 @@ class Trainer:
         progress: bool = True,
         valid_transform: Callable[[Batch], Batch] | None = None,
         track_metrics: Sequence[str] = (),
+        on_epoch: EpochObserver | None = None,
     ) -> None:
         """`valid_transform` is applied to validation batches before they are scored (e.g. a
         missing-data protocol); `track_metrics` are validation metrics whose best epoch of the last
-        stage is kept as its own `Snapshot` in `best_by_metric` (per-metric checkpoints)."""
+        stage is kept as its own `Snapshot` in `best_by_metric` (per-metric checkpoints);
+        `on_epoch` sees each epoch's record and learning rates once it is validated (TensorBoard
+        scalars, a search's pruning: an exception it raises ends the fit)."""
         self.config = config
         if distributed.launched() and not distributed.active():
             raise MsakitError("torchrun started this command as one of several processes, but only "
@@ -301,6 +308,7 @@ class Trainer:
         self.loss_fn = task_loss(config.loss)
         self.valid_transform = valid_transform
         self.track_metrics = tuple(track_metrics)
+        self.on_epoch = on_epoch
         self.best_by_metric: dict[str, Snapshot] = {}
         for metric in (config.select_metric, *self.track_metrics):
             if metric not in METRIC_KEYS[metric_family]:
@@ -428,6 +436,9 @@ class Trainer:
                 self._track(epoch, valid_metrics)
                 improved = is_better(metric, valid_metrics[metric], best.best_valid.get(metric))
                 history.append(EpochRecord(stage.name, epoch, train_loss, valid_metrics, improved))
+                if self.on_epoch is not None:
+                    self.on_epoch(history[-1], len(history),
+                                  [group["lr"] for group in loop.optimizer.param_groups])
                 log.info(
                     "%s epoch %d/%d  train loss %.4f  valid %s %.4f%s", stage.name, epoch,
                     stage.epochs, train_loss, metric, valid_metrics[metric],
