@@ -28,7 +28,8 @@ Deviations from MMSA:
   the valid frames in [floor(t F / n), ceil((t + 1) F / n)), F the frames up to the last valid
   one.
 - The encoder is any BERT-architecture folder (embeddings, encoder, pooler), the packaged MiniLM by
-  default; MMSA's are bert-base-uncased (MOSI, MOSEI) and bert-base-chinese (SIMS). BERT's attention
+  default, and the gate's text width is its width (MMSA's feature_dims[0], 768, which must equal
+  BERT's); MMSA's are bert-base-uncased (MOSI, MOSEI) and bert-base-chinese (SIMS). BERT's attention
   mask is built here as the additive mask MMSA's transformers 4 helper builds (transformers 5
   dropped `get_extended_attention_mask`). With `text_adapter: lora` the pooler, like every weight
   but the adapters, stays frozen; MMSA fine-tunes all of BERT.
