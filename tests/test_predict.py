@@ -177,3 +177,17 @@ def test_an_output_of_another_model_or_format_is_refused(tmp_path, pickle_checkp
     with pytest.raises(MsakitError, match="is not a prediction file of msakit"):
         api.predict([tmp_path / "a.mp4"], pickle_checkpoint, output=tmp_path / "other.csv")
     assert (tmp_path / "other.csv").read_text() == "id,label\n1,2\n"  # nothing written is lost
+
+
+MOSI_CLIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "media" / "mosi_Oz06ZWiO20M_6.mp4"
+
+
+@needs_extra
+@pytest.mark.skipif(not MOSI_CLIP.is_file(), reason="../shared/data/media absent")
+def test_predict_with_no_checkpoint_scores_a_real_clip_with_the_packaged_model():
+    result = CliRunner().invoke(cli, ["predict", str(MOSI_CLIP), "--json"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout)[0]
+    assert row["used"] == ["text"] and row["transcript_source"] == "asr" and row["transcript"]
+    assert row["present"] == {"text": True, "audio": True, "vision": True} and math.isfinite(row["score"])
+    assert "reads the transcript only" in result.stderr

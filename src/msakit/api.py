@@ -252,15 +252,14 @@ def predict(
     packaged default model when `checkpoint` is None (it reads the transcript only).
 
     Each result has `score`, `class` (negative / neutral / positive), `label` and `label_name` (the
-    7-point scale; SIMS-family checkpoints: 5-point), `present` and `used` modalities, `transcript`;
-    a file that cannot be scored has `error` instead. `text` is the transcript of a single file.
+    7-point scale; SIMS-family checkpoints: 5-point), `present` and `used` modalities, `transcript`,
+    and `notice` when the model cannot use everything the file has; a file that cannot be scored
+    has `error` instead. `text` is the transcript of a single file.
     `features` / `overrides` may change only where transcripts come from (`transcript.*`).
     `output` (.csv or .jsonl) receives each result as it comes; run again, the files it already
     scored are skipped (`overwrite` starts it afresh). `workers`: extraction processes (default: one
     per core, none for a single file). Returns this run's results.
     """
     predictor = Predictor(checkpoint, features, overrides=list(overrides), device=device)
-    if predictor.notice:
-        logger.info(predictor.notice)
     return predict_many(predictor, list(files), text=text, output=output, workers=workers,
                         overwrite=overwrite, progress=progress).results

@@ -455,6 +455,8 @@ def predict(files: tuple[str, ...], checkpoint: str | None, output: str | None, 
     results = api.predict(list(files), checkpoint, text=text, features=features, overrides=list(overrides),
                           device=device, output=output, workers=workers, overwrite=overwrite,
                           progress=not no_progress and sys.stderr.isatty())
+    for notice in dict.fromkeys(r["notice"] for r in results if "notice" in r):
+        click.echo(f"msakit: note: {notice}", err=True)
     if as_json:
         click.echo(strict_json(results), nl=False)
     elif output is None:

@@ -192,6 +192,7 @@ class Predictor:
             "transcript": features["transcript"],
             "transcript_source": features["transcript_source"],
             "notes": features["notes"],
+            **({"notice": self.notice} if self.notice else {}),
             "seconds": {"extract": extract_seconds, "model": time.perf_counter() - start},
         }
 
