@@ -10,13 +10,13 @@ The non-verbal streams enter BERT between two of its layers: the input H (B, L, 
     C_m = softmax(8 (H W_q^m)(M W_k^m)^T) (M W_v^m)     for (m, M) in {(v, V), (a, A)}
     H' = H + W_c [C_v; C_a] + b_c
 
-(frame-level audio and vision of any length, projected to BERT's width D; one attention head per
-modality whose text queries read the frames, its scores multiplied by 8 as in MMSA, not divided
-by sqrt(D)). The remaining layers run on H'. The prediction reads the last layer's first ([CLS])
-state: y = W_o Dropout(tanh(W_h Dropout(h_cls))). BERT's embedding layer is not trained (MMSA
-computes it under no_grad: `freeze_embeddings`). The enhancement and the head start as MMSA's
-`init_weights` leaves them: weights N(0, initializer_range of the encoder, 0.02 for BERT), biases 0.
-The trainer's task loss is MMSA's L1 (`training.loss: l1`).
+(frame-level audio and vision of any length, projected to BERT's width D; per modality one
+attention head, W_q, W_k, W_v affine, whose text queries read the frames, its scores multiplied by
+8 as in MMSA, not divided by sqrt(D)). The remaining layers run on H'. The prediction reads the
+last layer's first ([CLS]) state: y = W_o Dropout(tanh(W_h Dropout(h_cls))). BERT's embedding layer
+is not trained (MMSA computes it under no_grad: `freeze_embeddings`). The enhancement and the head
+start as MMSA's `init_weights` leaves them: weights N(0, initializer_range of the encoder, 0.02 for
+BERT), biases 0. The trainer's task loss is MMSA's L1 (`training.loss: l1`).
 
 The text path. Layers before `injection_layer` always compute what the plain encoder computes.
 With all-zero audio and vision, A and V are constant vectors, so each C_m is the one vector
@@ -78,7 +78,7 @@ DEFAULT_INIT_STD = 0.02  # BERT's initializer_range, for an encoder that names n
 
 @dataclass
 class CENetConfig(ModelConfig):
-    """CENet's settings; the defaults are MMSA's."""
+    """CENet's settings; the defaults are MMSA's, except `mask_nonverbal_padding` (docstring)."""
 
     injection_layer: int = setting(1, COUNT)  # the BERT layer whose input is enhanced
     head_dropout: float = setting(0.1, RATE)  # BERT's hidden_dropout_prob, MMSA's head dropout
