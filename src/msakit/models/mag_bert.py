@@ -6,14 +6,14 @@ trains/singleTask/BERT_MAG.py).
 Word-aligned input: token i of the text reads audio frame a_i and vision frame v_i. After BERT's
 embedding layer, before its first transformer layer, the gate shifts each token embedding e_i:
     g^v_i = ReLU(W_hv [v_i; e_i])        g^a_i = ReLU(W_ha [a_i; e_i])
-    h_i   = g^v_i * (W_v v_i) + g^a_i * (W_a a_i)                     (the non-verbal displacement)
+    h_i   = g^v_i * (W_v v_i + b_v) + g^a_i * (W_a a_i + b_a)       (the non-verbal displacement)
     alpha_i = min(beta * ||e_i|| / (||h_i|| + 1e-6), 1),  ||h_i|| read as 1 where it is 0
     e'_i  = Dropout(LayerNorm(e_i + alpha_i h_i))
 so the displacement is never longer than beta times the embedding (`beta_shift`), and dropout
 `gate_dropout` follows the gate's own LayerNorm. BERT's transformer layers and pooler then run on
 e' under the text's attention mask, and y = W Dropout(pooler([CLS])) with BERT's
 `hidden_dropout_prob`. The trainer adds the task loss (L1, as MMSA's).
-Where the non-verbal input is zero the displacement is the gated biases of W_v and W_a: zero as
+Where the non-verbal input is zero the displacement is g^v_i b_v + g^a_i b_a: zero as
 initialised (normal(0, BERT's initializer_range) weights and zero biases, as MMSA's from_pretrained
 initialises the gate and the head), so the text then reaches the encoder as LayerNorm(e).
 
@@ -23,10 +23,11 @@ Deviations from MMSA:
 - Input is aligned when audio and vision have as many steps as the token ids (MMSA's aligned
   pickles: 50 and 50); msakit reads the aligned pickles for this model (`aligned_input`) and, by
   default (`unaligned_input: refuse`), refuses other input in one line, as MMSA only runs aligned
-  data (`need_data_aligned`). `unaligned_input: resample`, msakit's addition (for unaligned
-  datasets and for predicting from media), lets token t of the n attended ones read the mean of
-  the valid frames in [floor(t F / n), ceil((t + 1) F / n)), F the frames up to the last valid
-  one.
+  data (`need_data_aligned`; SIMS has no aligned pickle, so MMSA hands its gate 39 tokens against
+  400 and 55 frames, where the concatenation fails). `unaligned_input: resample`, msakit's
+  addition (for SIMS, other unaligned data and predicting from media), lets token t of the n
+  attended ones read the mean of the valid frames in [floor(t F / n), ceil((t + 1) F / n)), F the
+  frames up to the last valid one.
 - The encoder is any BERT-architecture folder (embeddings, encoder, pooler), the packaged MiniLM by
   default, and the gate's text width is its width (MMSA's feature_dims[0], 768, which must equal
   BERT's); MMSA's are bert-base-uncased (MOSI, MOSEI) and bert-base-chinese (SIMS). BERT's attention
