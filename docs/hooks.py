@@ -3,6 +3,7 @@
 A page writes one of these directives on a line of its own:
 
     <!-- docstring: tfn -->             the model file's docstring (equations, deviations), verbatim
+    <!-- docstring: msakit.study.spec -->  a module's docstring (a dotted name), verbatim
     <!-- include: PATH -->              a Markdown file as it is (the changelog)
     <!-- file: PATH -->                 a file as a fenced code block, its language from the suffix
     <!-- results: PATH -->              a results document, its headings moved below the page's
@@ -99,8 +100,8 @@ def read(path: str) -> str:
 
 def model_docstring(name: str) -> str:
     """The docstring of the module that registers `name`, and its class docstring where that says
-    more than the one line `msakit models` prints."""
-    source = MODELS / f"{name}.py"
+    more than the one line `msakit models` prints; for a dotted name, that module's docstring."""
+    source = SRC.joinpath(*name.split(".")).with_suffix(".py") if "." in name else MODELS / f"{name}.py"
     tree = ast.parse(source.read_text(encoding="utf-8"))
     parts = [ast.get_docstring(tree) or ""]
     for node in tree.body:

@@ -89,6 +89,26 @@ def _family(data: MultimodalDataset) -> str:
     return metric_family(data.family)
 
 
+def robustness_table(study: Study, models: dict[str, Any], family: str) -> list[str]:
+    """Clean MAE, then each protocol's mean over its conditions (MAE, Acc-2, Corr), per model."""
+    columns = SIMS_ROBUSTNESS_COLUMNS if family == "sims" else ROBUSTNESS_COLUMNS
+    protocols = [e.protocol for e in study.evaluations]
+    described = "; ".join(_describe(e) for e in study.evaluations)
+    lines = [f"Test split; each protocol cell is the mean over its conditions ({described}), then "
+             "mean ± std over seeds.", ""]
+    head = ["model", "seeds", f"clean {LABELS['mae']}",
+            *(f"{p} {LABELS[k]}" for p in protocols for k in columns)]
+    rows = []
+    for label, m in sorted(models.items()):
+        row = [label, " ".join(map(str, m["seeds"])), format_value("mae", m["clean"]["mae"])]
+        for p in protocols:
+            found = m["protocols"].get(p)
+            row += [_cell(k, found["mean"][k], found["std"][k], len(m["seeds"])) if found else "-"
+                    for k in columns]
+        rows.append(row)
+    return lines + _table(head, rows)
+
+
 def markdown(study: Study, summary: dict[str, Any], families: dict[str, str], command: str,
              missing: int) -> str:
     lines = [f"# Study {study.name}", ""]
@@ -110,23 +130,8 @@ def markdown(study: Study, summary: dict[str, Any], families: dict[str, str], co
                       "validation):", ""]
             lines += _table(["model", "settings"], [[label, " ".join(f"`{o}`" for o in overrides)]
                                                     for label, overrides in tuned.items()])
-        protocols = [e.protocol for e in study.evaluations]
-        if protocols:
-            described = "; ".join(_describe(e) for e in study.evaluations)
-            lines += ["", "### Robustness", "",
-                      f"Test split; each protocol cell is the mean over its conditions ({described}), then "
-                      "mean ± std over seeds.", ""]
-            head = ["model", "seeds", f"clean {LABELS['mae']}",
-                    *(f"{p} {LABELS[k]}" for p in protocols for k in columns)]
-            rows = []
-            for label, m in sorted(models.items()):
-                row = [label, " ".join(map(str, m["seeds"])), format_value("mae", m["clean"]["mae"])]
-                for p in protocols:
-                    found = m["protocols"].get(p)
-                    row += [_cell(k, found["mean"][k], found["std"][k], len(m["seeds"])) if found else "-"
-                            for k in columns]
-                rows.append(row)
-            lines += _table(head, rows)
+        if study.evaluations:
+            lines += ["", "### Robustness", "", *robustness_table(study, models, family)]
             for evaluation in study.evaluations:
                 p = evaluation.protocol
                 with_p = {label: m["protocols"][p] for label, m in sorted(models.items())
@@ -243,6 +248,11 @@ def report_study(path: str | Path, *, output: str | Path | None = None, store: s
                 plot_protocol(out / f"curves-{dataset}-{evaluation.protocol}", title, with_p,
                               evaluation.protocol)
     atomic_write_text(out / "leaderboard.md", text)
+    if study.evaluations:  # the robustness tables alone, for pages that show only them
+        compact = []
+        for dataset, models in summary.items():
+            compact += [f"**{dataset}**", "", *robustness_table(study, models, families[dataset]), ""]
+        atomic_write_text(out / "robustness.md", "\n".join([*compact, f"Regenerate: `{command}`", ""]))
     atomic_write_text(out / "leaderboard.html", html_page(text))
     atomic_write_json(out / "leaderboard.json", {"study": study.name, "command": command, "jobs": len(jobs),
                                                  "records": len(records), "datasets": summary},
