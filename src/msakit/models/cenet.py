@@ -36,10 +36,12 @@ Where this differs from MMSA, and the setting that restores MMSA's behaviour
   `presence`, as MMSA's does.
 - Injection layer (`injection_layer`; MMSA hard-codes 1). It must be below the encoder's layer
   count (MMSA, with fewer layers, would never inject).
+- The paper's feature transformation for the acoustic and visual modalities (in the authors' own
+  code, Say2L/CENet) is not part of MMSA's implementation, which msakit follows: MMSA's CE accepts
+  visual and acoustic ids that it never reads and projects the raw frames with the MLPs above.
 - Unused modules are left out: MMSA builds part-of-speech, word-sentiment and polarity embeddings
-  (AMIO asks for them) that never receive ids and so add nothing, and its CE accepts visual and
-  acoustic ids that it never reads. MMSA's BERT computes its pooler, which nothing reads; the
-  Hugging Face encoder here keeps its pooler, unread too.
+  (AMIO asks for them) that never receive ids and so add nothing. MMSA's BERT computes its
+  pooler, which nothing reads; the Hugging Face encoder here keeps its pooler, unread too.
 - Optimiser (no setting). MMSA: Adam with coupled L2 decay (eps 3e-8 MOSI and SIMSv2, 2e-8 SIMS,
   1e-8 MOSEI), every parameter at `learning_rate`, decayed except BERT's and the head's biases and
   LayerNorm gains, the enhancement's biases decayed too. msakit: AdamW (decoupled decay, eps 1e-8)
