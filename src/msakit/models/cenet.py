@@ -20,7 +20,7 @@ BERT), biases 0. The trainer's task loss is MMSA's L1 (`training.loss: l1`).
 
 The text path. Layers before `injection_layer` always compute what the plain encoder computes.
 With all-zero audio and vision, A and V are constant vectors, so each C_m is the one vector
-W_v^m(const) + b_v^m (attention over identical frames) and the injection adds the same vector
+W_v^m applied to that constant (attention over identical frames) and the injection adds the same vector
 s_0 = W_c [C_v; C_a] + b_c to every token. s_0 = 0 while every bias of the enhancement is zero, as
 it is at initialisation: there a zero non-verbal input leaves every hidden state the plain
 encoder's. Once training has moved those biases, zero input shifts every token by s_0 (test).
@@ -51,8 +51,8 @@ Where this differs from MMSA, and the setting that restores MMSA's behaviour
 - Selection (none needed). MMSA keeps the epoch with the best validation loss (KeyEval Loss, the
   mean of per-batch L1 losses) and stops after 8 epochs without improvement; msakit selects on
   validation MAE (the same up to the weight of the last, smaller batch), `patience: 8`. MMSA has
-  no epoch ceiling; `epochs` here is one. The published settings were chosen by MMSA's tune mode,
-  which scores every candidate on the test split; the YAML takes them as published.
+  no epoch ceiling; `epochs` here is one. MMSA's CENet trainer scores the test split only for its
+  per-epoch log, never for selection; the YAML takes MMSA's settings as published.
 - Precomputed text (`text_source: features`, absent from MMSA, whose CENet needs BERT): the
   encoder is the identity, so the enhancement shifts the precomputed states (padded steps zeroed)
   and the head reads their first step. The parity check's identity rows compare exactly this.
