@@ -164,7 +164,7 @@ def mixture_entropy(positive: torch.Tensor, negative: torch.Tensor) -> torch.Ten
 
     def covariance(samples: torch.Tensor) -> torch.Tensor:
         centred = samples - samples.mean(0)
-        return torch.einsum("ni,nj->ij", centred, centred) / len(samples)
+        return (centred.unsqueeze(-1) @ centred.unsqueeze(1)).mean(0)
 
     return 0.25 * (torch.logdet(covariance(positive)) + torch.logdet(covariance(negative)))
 
@@ -219,9 +219,10 @@ class MMIM(MSAModel):
         super().__init__(config, dims)
         self.text_encoder = TextEncoder(config, dims)
         text_dim = self.text_encoder.out_dim
-        self.audio = FrameEncoder(dims.audio, config.audio_hidden, config.audio_out, config.bidirectional)
+        # MMSA's order of parameters, which sets the order of the clipped norm's sum
         self.vision = FrameEncoder(dims.vision, config.vision_hidden, config.vision_out,
                                    config.bidirectional)
+        self.audio = FrameEncoder(dims.audio, config.audio_hidden, config.audio_out, config.bidirectional)
         # the pairs (x, y) whose MI is bounded, by name: text-vision, text-audio, vision-audio
         self.pairs = {"tv": ("text", "vision"), "ta": ("text", "audio")}
         if config.va_bound:
