@@ -201,3 +201,16 @@ def test_the_synthetic_settings_build_and_run(dims, batch):
     model = create_model("tfr_net", resolve_config("tfr_net", "synthetic")["model"], dims).train()
     out = model(batch)
     assert torch.isfinite(out.pred).all() and all(torch.isfinite(v) for v in out.losses.values())
+
+
+def test_mask_padding_false_lets_padding_reach_the_prediction(dims, batch):
+    """Sample 2 has 1 valid audio frame of 10: what its padded frames hold matters only to MMSA's
+    reading (`mask_padding: false`)."""
+    audio = batch.audio.clone()
+    audio[2, 1:] += 5.0
+    changed = batch.with_updates(audio=audio)
+    for mask_padding in (True, False):
+        model = _tfr(dims, mask_padding=mask_padding).eval()
+        with torch.no_grad():
+            before, after = model(batch).pred[2], model(changed).pred[2]
+        assert (before != after).item() != mask_padding
