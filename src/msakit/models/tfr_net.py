@@ -34,37 +34,41 @@ in every epoch as MMSA's masks, drawn once when its data loader starts. Position
 data protocol or a training noise already removed are not removed again and are not
 reconstructed (their target is gone). Evaluation and prediction read the batch as given.
 
+Kept from MMSA although unusual:
+- The temporal transformer reads its input (L_b, B, 3d) permuted to (B, 3d, L_b) as (sequence,
+  batch, embedding): it attends across the SAMPLES of the batch, causally (sample i reads samples
+  1..i), not across the 3d channels of one sample. It feeds only the reconstruction losses, so a
+  prediction never depends on the rest of its batch; the losses do (like any batch statistic).
+  The width L_b is the dataset's padded length, to which a training batch is padded.
+- The text target S_t is computed with gradients: the reconstruction loss also trains the encoder
+  through its target. The convolution is skipped where a width already equals d.
+
 Deviations from MMSA:
 - Padding is masked (`mask_padding: true`): padded steps are zeroed and masked out of every
-  attention, and the fusion's max runs over valid steps only; MMSA lets attention see padding and
-  takes the max over padded steps too. `mask_padding: false` restores MMSA's (the GRUs read the
-  valid steps either way, as MMSA's packing does).
-- The causal mask's offset |L_k - L_q| uses each sample's valid lengths (MMSA: padded lengths).
-- As in MMSA, the temporal transformer reads its input (L_b, B, 3d) permuted to (B, 3d, L_b) as
-  (sequence, batch, embedding): it attends across the SAMPLES of the batch, causally (sample i
-  reads samples 1..i), not across the 3d channels of one sample. It only feeds the reconstruction
-  losses, so a prediction never depends on the rest of its batch; the losses do (like any batch
-  statistic). The batch is padded to the dataset's sequence lengths, which the width L_b is.
+  attention, the causal mask's offset |L_k - L_q| uses each sample's valid lengths, and the
+  fusion's max runs over valid steps only; MMSA lets attention see padding, offsets by the padded
+  lengths and takes the max over padded steps too. `mask_padding: false` restores all three (the
+  GRUs read the valid steps either way, as MMSA's packing does).
 - `temporal_heads` must divide the three sequence lengths: MMSA's 25 cannot run SIMS' 39 text
-  tokens, so the SIMS settings use 1.
+  tokens (it crashes), so the SIMS settings use 1.
 - MMSA clips each gradient element to +-grad_clip (`clip_grad_value_`): `grad_clip_value` clamps
-  this model's gradients as backward computes them (the same in one process without fp16 loss
-  scaling, which it refuses). MMSA's trainer zeroes the gradients every `update_epochs` (4)
-  batches but steps after every batch (twice after every fourth), so an update sums the gradients
-  of the last one to four batches; msakit steps once per batch on that batch's gradient.
-- MMSA's Adam (L2 weight decay, BERT biases and LayerNorms exempt) with ReduceLROnPlateau
-  (factor 0.1, patience 5 on the validation loss) becomes msakit's optimiser at constant rates
-  with MMSA's weight decays. Checkpoints are chosen on the validation MAE (MMSA: the validation
+  this model's gradients as backward computes them, which is the same in one process without
+  fp16 loss scaling (it refuses those, in one line).
+- Training loop (msakit's one loop; no setting restores these): MMSA's trainer zeroes the
+  gradients every `update_epochs` (4) batches but steps after every batch (twice after every
+  fourth), so each update sums the gradients of the last one to four batches; msakit steps once
+  per batch on that batch's gradient. MMSA's Adam with L2 weight decay and ReduceLROnPlateau
+  (factor 0.1, patience 5 on the validation loss) becomes AdamW with decoupled decay (MMSA's
+  values) at constant rates. Checkpoints are chosen on the validation MAE (MMSA: the validation
   L1 loss, the same number).
-- The text target S_t is computed with gradients, as in MMSA (the reconstruction loss also
-  trains the encoder through its target).
 - MMSA's mask keeps position 0 and the last valid token of the text; msakit keeps the
-  tokenizer's special tokens ([CLS], [SEP], [PAD]) wherever they are.
+  tokenizer's special tokens ([CLS], [SEP], [PAD]) wherever they are (the same positions on
+  BERT input). MMSA draws its masks with numpy from `missing_seed`, msakit from its own streams:
+  the same rate, other positions.
 - A training batch of one sample is normalised with the running BatchNorm statistics (batch
   statistics of one sample are undefined; MMSA crashes there).
-- The convolution is skipped when a width already equals d, as in MMSA. The text width is the
-  encoder's (MMSA: 768). Only the settings MMSA publishes are offered (crossmodal alignment,
-  linear generators, gated fusion, the "combine" reconstruction loss).
+- The text width is the encoder's (MMSA: 768). Only the settings MMSA publishes are offered
+  (crossmodal alignment, linear generators, gated fusion, the "combine" reconstruction loss).
 """
 
 from __future__ import annotations
