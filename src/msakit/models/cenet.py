@@ -103,11 +103,21 @@ class FrameAttention(nn.Module):
         self.key = nn.Linear(width, width)
         self.value = nn.Linear(width, width)
 
-    def forward(self, text: torch.Tensor, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """text (B, L, D), frames (B, F, D), mask (B, F) True where a frame is read -> (B, L, D)."""
-        scores = SCORE_SCALE * self.query(text) @ self.key(frames).transpose(1, 2)
+    def forward(self, text: torch.Tensor, hidden: torch.Tensor, projection: nn.Linear,
+                mask: torch.Tensor) -> torch.Tensor:
+        """text (B, L, D); hidden (B, F, D), the frames before the transform's last layer
+        `projection` (M = projection(hidden)); mask (B, F) True where a frame is read -> (B, L, D).
+
+        softmax(8 Q key(M)^T) value(M), computed without mapping the F frames through `projection`,
+        `key` and `value` (F >> L: up to 500 frames for 50 tokens): the two maps of the keys are
+        folded into the L queries, and as each row of attention weights sums to 1, `projection`
+        and `value` (affine) apply to the mixed frames instead of to every frame."""
+        query = self.query(text)
+        folded = query @ self.key.weight @ projection.weight
+        offset = query @ (self.key.weight @ projection.bias + self.key.bias)
+        scores = SCORE_SCALE * (folded @ hidden.transpose(1, 2) + offset.unsqueeze(-1))
         scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
-        return torch.softmax(scores, dim=-1) @ self.value(frames)
+        return self.value(projection(torch.softmax(scores, dim=-1) @ hidden))
 
 
 class CrossModalEnhancement(nn.Module):
@@ -136,8 +146,10 @@ class CrossModalEnhancement(nn.Module):
                 vision: torch.Tensor, vision_mask: torch.Tensor) -> torch.Tensor:
         vision, vision_read = self._frames(vision, vision_mask)
         audio, audio_read = self._frames(audio, audio_mask)
-        from_vision = self.vision_attention(text, self.vision_transform(vision), vision_read)
-        from_audio = self.audio_attention(text, self.audio_transform(audio), audio_read)
+        from_vision = self.vision_attention(text, self.vision_transform[:2](vision),
+                                            self.vision_transform[2], vision_read)
+        from_audio = self.audio_attention(text, self.audio_transform[:2](audio),
+                                          self.audio_transform[2], audio_read)
         return text + self.combine(torch.cat([from_vision, from_audio], dim=-1))
 
 
