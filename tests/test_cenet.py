@@ -10,7 +10,7 @@ import torch
 from msakit.data.schema import Batch
 from msakit.errors import MsakitError
 from msakit.models import create_model
-from msakit.models.cenet import CENet
+from msakit.models.cenet import CENet, FrameAttention
 from msakit.models.registry import build_config
 from msakit.training.config import resolve_config
 from msakit.training.trainer import seed_everything
@@ -98,6 +98,29 @@ def test_layers_before_the_injection_are_the_plain_encoders(dims, batch):
         hook.remove()
     torch.testing.assert_close(outputs[0], plain[0], rtol=0, atol=0)
     assert (outputs[1] - plain[1]).abs().max() > 1e-4
+
+
+def test_the_folded_frame_attention_is_mmsas_attention_over_the_transformed_frames():
+    """softmax(8 Q K^T) V with K, V computed from every transformed frame (MMSA's order), against
+    the model's folded form, with weights large enough for peaked attention; padded frames unread."""
+    torch.manual_seed(0)
+    width, frames = 6, 9
+    attention = FrameAttention(width).double()
+    projection = torch.nn.Linear(width, width).double()
+    with torch.no_grad():
+        for param in (*attention.parameters(), *projection.parameters()):
+            param.normal_(std=1.0)
+    text = torch.randn(2, 4, width, dtype=torch.float64)
+    hidden = torch.randn(2, frames, width, dtype=torch.float64)
+    mask = torch.ones(2, frames, dtype=torch.bool)
+    mask[1, 5:] = False
+    transformed = projection(hidden)
+    scores = 8 * attention.query(text) @ attention.key(transformed).transpose(1, 2)
+    scores[1, :, 5:] = float("-inf")
+    weights = torch.softmax(scores, dim=-1)
+    assert weights.max() > 0.9, "the check needs peaked attention"
+    expected = weights @ attention.value(transformed)
+    torch.testing.assert_close(attention(text, hidden, projection, mask), expected, rtol=1e-10, atol=1e-10)
 
 
 def _frames(batch: Batch, modality: str, values: torch.Tensor, mask: torch.Tensor) -> Batch:
