@@ -167,7 +167,7 @@ def test_the_phase_optimiser_survives_a_resume(tiny_dataset, tmp_path):
     def trainer() -> Trainer:
         seed_everything(0)
         model = create_model("mmim", TINY, tiny_dataset.dims)
-        config = TrainConfig(epochs=3, batch_size=16, lr=3e-3, device="cpu", patience=None)
+        config = TrainConfig(epochs=2, batch_size=16, lr=3e-3, device="cpu", patience=None)
         return Trainer(model, config, tiny_dataset.metric_family, progress=False)
 
     assert_resumed_fit_is_the_straight_fit(trainer, tiny_dataset, 0, tmp_path / "state.pt", epochs=1)
@@ -186,6 +186,17 @@ def test_a_batch_of_one_and_zeroed_modalities_stay_finite(dims, batch: Batch):
     zeroed = batch.with_updates(text=torch.zeros_like(batch.text))
     losses = model(zeroed).losses
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_the_packaged_minilm_encodes_the_text(dims, batch):
+    """The [CLS] state of the packaged MiniLM (width 384) feeds the fusion, the text-vision and
+    text-audio bounds and the text CPC; the bound loss reaches the encoder too (as in MMSA, whose
+    bound phase backpropagates into BERT before clearing those gradients)."""
+    model = _mmim(dims, text_source="encoder", text_encoder="minilm").train()
+    assert model.bounds["tv"].mu[0].in_features == 384 and model.cpc["text"].net.out_features == 384
+    out = model(batch)
+    (out.pred.pow(2).mean() + sum(out.losses.values())).backward()
+    assert all(p.grad is not None for p in model.text_encoder.model.encoder.parameters())
 
 
 @pytest.mark.parametrize("family", ["mosi", "mosei", "sims", "simsv2", "synthetic"])

@@ -107,6 +107,8 @@ from msakit.models.registry import register_model
 
 SHARE = Rule("a fraction in (0, 1]", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
              and 0 < v <= 1)
+# the entropy projection of an MMILB is a quarter as wide as its y
+QUARTERABLE = Rule("an integer >= 4", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 4)
 BOUND_PHASE = "bound"
 
 
@@ -116,8 +118,8 @@ class MMIMConfig(ModelConfig):
 
     audio_hidden: int = setting(16, SIZE)  # d_ah
     vision_hidden: int = setting(16, SIZE)  # d_vh
-    audio_out: int = setting(16, SIZE)  # d_aout
-    vision_out: int = setting(16, SIZE)  # d_vout
+    audio_out: int = setting(16, QUARTERABLE)  # d_aout
+    vision_out: int = setting(16, QUARTERABLE)  # d_vout
     bidirectional: bool = setting(True, FLAG)
     fusion_hidden: int = setting(128, SIZE)  # d_prjh
     fusion_dropout: float = setting(0.1, RATE)  # dropout_prj
