@@ -6,6 +6,9 @@ VALIDATION split, best weights restored at the end of each stage. A multi-stage 
 stages as data (`TrainConfig.stages`); each stage is this same loop, after `model.set_stage(name)`,
 and starts either from the previous stage's best weights with a fresh optimizer or, declared
 `start: continue`, from its last weights with its optimizer as it was.
+A model may declare extra optimisation phases (`MSAModel.extra_phases`: MMIM's estimators): in every
+epoch, before the main pass, the same loop runs a pass per phase on the phase's own loss with an
+optimizer of its own over the phase's parameters, which the main optimizer does not hold.
 Before and after each epoch the model may look at the whole clean training split
 (`on_train_epoch_start`, `on_train_epoch_end`: memory banks and neighbour indexes); models that
 compare noisy and clean input get the clean batch as `batch.clean`. Optionally, validation is
