@@ -16,7 +16,10 @@ attention head, W_q, W_k, W_v affine, whose text queries read the frames, its sc
 last layer's first ([CLS]) state: y = W_o Dropout(tanh(W_h Dropout(h_cls))). BERT's embedding layer
 is not trained (MMSA computes it under no_grad: `freeze_embeddings`). The enhancement and the head
 start as MMSA's `init_weights` leaves them: weights N(0, initializer_range of the encoder, 0.02 for
-BERT), biases 0. The trainer's task loss is MMSA's L1 (`training.loss: l1`).
+BERT), biases 0. The trainer's task loss is MMSA's L1 (`training.loss: l1`). The attention is
+computed with the frame transform's last layer and the key and value maps moved to the text side
+(`FrameAttention`: the same function, products over L tokens instead of F frames, tested against
+MMSA's order).
 
 The text path. Layers before `injection_layer` always compute what the plain encoder computes.
 With all-zero audio and vision, A and V are constant vectors, so each C_m is the one vector
