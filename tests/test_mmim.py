@@ -188,6 +188,20 @@ def test_a_batch_of_one_and_zeroed_modalities_stay_finite(dims, batch: Batch):
     assert all(torch.isfinite(v) for v in losses.values())
 
 
+def test_text_lengths_read_as_many_frames_as_the_text_has_tokens(dims, batch):
+    """`rnn_lengths: text` (MMSA on word-aligned data): each clip's audio LSTM reads its first
+    n_tokens frames, padded or not, capped at the padded length."""
+    model = _mmim(dims, rnn_lengths="text").eval()
+    tokens = batch.text_mask.sum(1)
+    with torch.no_grad():
+        out = model(batch).features["audio"]
+        for i, n in enumerate(tokens.tolist()):
+            frames = batch.audio[i:i + 1, :n]
+            alone = model.audio(frames, torch.ones(frames.shape[:2], dtype=torch.bool))
+            torch.testing.assert_close(out[i:i + 1], alone)
+    assert not torch.equal(out, _mmim(dims).eval()(batch).features["audio"])
+
+
 def test_the_packaged_minilm_encodes_the_text(dims, batch):
     """The [CLS] state of the packaged MiniLM (width 384) feeds the fusion, the text-vision and
     text-audio bounds and the text CPC; the bound loss reaches the encoder too (as in MMSA, whose

@@ -31,8 +31,8 @@ framework implements and trains it (thuiar/MMSA @a94e65d, `models/singleTask/MMI
    fills (batch index > `entropy_memory`, counted from 0 in each epoch), and the memory is
    emptied at the start of every epoch. The first term is the trainer's task loss
    (`training.loss: l1`), the others are `losses["nce"]`, `losses["lld"]` and `losses["entropy"]`.
-   With `contrast: false` there is no bound phase, the estimators are frozen (MMSA steps them
-   never then, but counts W_e's gradients in the clipped norm), and only -beta H is added to the
+   With `contrast: false` there is no bound phase, the estimators are frozen (MMSA never steps
+   them then, but counts W_e's gradients in the clipped norm), and only -beta H is added to the
    task loss.
    The gradients of the whole model are clipped together in both phases (`training.grad_clip`),
    as MMSA does. The entropy projections W_e belong to the bound phase's optimiser, whose loss
@@ -43,7 +43,7 @@ framework implements and trains it (thuiar/MMSA @a94e65d, `models/singleTask/MMI
 Where this differs from MMSA, and the setting that restores MMSA's behaviour
 (benchmarks/parity/mmim.py checks predictions, every loss term and gradients):
 - Too few samples for a covariance (no setting; MMSA gives -inf or NaN). When a mixture component
-  has fewer samples (memory and batch) than the projection is wide, its covariance is singular
+  has no more samples (memory and batch) than the projection is wide, its covariance is singular
   and log det is -inf: that pair's entropy term is left out of the batch's H. The published
   settings (batches of 32, width 4) reach it only in a batch with under 5 positive or negative
   samples.
@@ -57,7 +57,9 @@ Where this differs from MMSA, and the setting that restores MMSA's behaviour
   rest (biases decayed too: `decay_norms_and_biases`). MMSA's ReduceLROnPlateau (patience 20 on
   the validation loss) never acts before early stopping (8 epochs): a constant rate here.
 - Padding. Audio and vision LSTMs read each modality's own valid frames, as MMSA does on the
-  published (unaligned) data; on word-aligned data MMSA reads them up to the text's token count.
+  published (unaligned) data; on word-aligned data MMSA reads them up to the text's token count
+  ([CLS] and [SEP] included), which `rnn_lengths: text` restores (capped at each modality's
+  padded length).
   A sample with no valid frame runs one zeroed step (MMSA crashes: an LSTM over length 0). MMSA's
   encoders fail on a batch of one (a squeeze) and on more than one LSTM layer; here one layer, as
   published, and any batch size.
@@ -99,6 +101,7 @@ from msakit.models.base import (
     MSAModel,
     Output,
     Rule,
+    one_of,
     setting,
 )
 from msakit.models.layers.pooling import valid_lengths
@@ -132,6 +135,9 @@ class MMIMConfig(ModelConfig):
     bound_lr: float = setting(1e-3, POSITIVE)  # lr_mmilb
     bound_weight_decay: float = setting(1e-4, WEIGHT)  # weight_decay_mmilb
     bound_share: float = setting(1.0, SHARE)  # MMSA: 0.5 on MOSEI
+    # the frames the LSTMs read: "own", each modality's valid ones; "text", as many as the text
+    # has tokens (MMSA on word-aligned data)
+    rnn_lengths: str = setting("own", one_of("own", "text"))
 
 
 class FrameEncoder(nn.Module):
@@ -143,10 +149,14 @@ class FrameEncoder(nn.Module):
         self.rnn = nn.LSTM(in_dim, hidden, batch_first=True, bidirectional=bidirectional)
         self.linear = nn.Linear((2 if bidirectional else 1) * hidden, out_dim)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x: (B, L, D), mask: (B, L) bool -> (B, out_dim)."""
-        lengths = valid_lengths(mask).clamp(min=1).cpu()
-        x = x.masked_fill(~mask.unsqueeze(-1), 0.0)  # padded values (even inf) never reach the LSTM
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """x: (B, L, D), mask: (B, L) bool -> (B, out_dim). The LSTM reads `lengths` (B,) frames
+        (capped at L), or the valid ones, which alone are then read as they are."""
+        if lengths is None:
+            lengths = valid_lengths(mask)
+            x = x.masked_fill(~mask.unsqueeze(-1), 0.0)  # padded values (even inf) never reach the LSTM
+        lengths = lengths.clamp(min=1, max=x.shape[1]).cpu()
         _, (final, _) = self.rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
         directions = 2 if self.rnn.bidirectional else 1
         return self.linear(torch.cat(list(final[-directions:]), dim=-1))
@@ -262,9 +272,10 @@ class MMIM(MSAModel):
         self.batch_in_epoch = 0
 
     def forward(self, batch: Batch) -> Output:
-        states, _ = self.text_encoder(batch)
-        h = {"text": states[:, 0], "audio": self.audio(batch.audio, batch.audio_mask),
-             "vision": self.vision(batch.vision, batch.vision_mask)}
+        states, text_mask = self.text_encoder(batch)
+        lengths = valid_lengths(text_mask) if self.config.rnn_lengths == "text" else None
+        h = {"text": states[:, 0], "audio": self.audio(batch.audio, batch.audio_mask, lengths),
+             "vision": self.vision(batch.vision, batch.vision_mask, lengths)}
         fused = torch.cat([h["text"], h["audio"], h["vision"]], dim=-1)
         z = torch.tanh(self.fusion_2(torch.tanh(self.fusion_1(self.fusion_dropout(fused)))))
         pred = self.head(z).squeeze(-1)
