@@ -25,9 +25,10 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
-# weights formed at once per block (B x heads x block queries x keys): a few MB, so a block stays
-# in the cache between its passes while the Python loop over blocks stays short
-BLOCK_ELEMENTS = 1 << 20
+# weights formed at once per block (B x heads x block queries x keys): 16 MB, so a block stays in
+# a server's last-level cache between its passes while the loop over blocks stays short (with
+# several threads on a busy machine, every extra small operation waits on the slowest thread)
+BLOCK_ELEMENTS = 1 << 22
 RANDOM_BITS = 15  # per dropout decision: p is rounded to a multiple of 2^-15
 
 
