@@ -47,6 +47,13 @@ Where this differs from MMSA, and the setting that restores MMSA's behaviour
   and log det is -inf: that pair's entropy term is left out of the batch's H. The published
   settings (batches of 32, width 4) reach it only in a batch with under 5 positive or negative
   samples.
+- A singular covariance in float (no setting; MMSA gives NaN). On raw-scale input the Tanh of the
+  entropy projection saturates, the samples coincide and a covariance's determinant rounds to 0 or
+  below: that pair's entropy term is left out, as with too few samples.
+- A bounded log-variance (no setting; MMSA gives inf). MMILB's logvar is clamped to
+  [-LOGVAR_BOUND, LOGVAR_BOUND] (variances 2e-9 to 5e8): on raw-scale input an unbounded logvar
+  goes far below -88, exp(logvar) underflows to 0 and lld is infinite. Trained on normalised
+  features it stays well inside (the parity check never reaches the bound).
 - Zero vectors in CPC (no setting; MMSA gives NaN). A zero representation (a modality a
   missing-data protocol zeroed) stays zero when scaled to unit norm (`F.normalize`).
 - Optimiser (no setting). MMSA uses Adam with coupled L2 weight decay in two optimisers: the
@@ -162,14 +169,19 @@ class FrameEncoder(nn.Module):
         return self.linear(torch.cat(list(final[-directions:]), dim=-1))
 
 
+LOGVAR_BOUND = 20.0
+
+
 def gaussian_log_likelihood(mu: torch.Tensor, logvar: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """MMILB's lld: mean over the batch of sum_d -(mu - y)^2 / (2 exp(logvar))."""
-    return (-(mu - y).pow(2) / 2.0 / logvar.exp()).sum(-1).mean()
+    """MMILB's lld: mean over the batch of sum_d -(mu - y)^2 / (2 exp(logvar)), logvar bounded."""
+    variance = logvar.clamp(-LOGVAR_BOUND, LOGVAR_BOUND).exp()
+    return (-(mu - y).pow(2) / 2.0 / variance).sum(-1).mean()
 
 
 def mixture_entropy(positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor | None:
     """(log det Sigma_+ + log det Sigma_-) / 4 of two sample sets (N, D), each covariance the
-    mean of the centred outer products; None when either has fewer than D + 1 samples."""
+    mean of the centred outer products; None when either has fewer than D + 1 samples, or when
+    a covariance is singular in float (its determinant not above 0)."""
     width = positive.shape[1]
     if len(positive) <= width or len(negative) <= width:
         return None
@@ -178,7 +190,10 @@ def mixture_entropy(positive: torch.Tensor, negative: torch.Tensor) -> torch.Ten
         centred = samples - samples.mean(0)
         return (centred.unsqueeze(-1) @ centred.unsqueeze(1)).mean(0)
 
-    return 0.25 * (torch.logdet(covariance(positive)) + torch.logdet(covariance(negative)))
+    signs, logdets = torch.linalg.slogdet(torch.stack([covariance(positive), covariance(negative)]))
+    if not bool((signs > 0).all() and torch.isfinite(logdets).all()):
+        return None
+    return 0.25 * logdets.sum()
 
 
 class MutualInformationLowerBound(nn.Module):
