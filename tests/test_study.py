@@ -165,24 +165,49 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """A real Ray head on loopback with one worker CPU, stopped afterwards."""
+    """A real Ray head on loopback with one worker CPU, in its own process group: stopping it stops
+    this cluster only (`ray stop` would stop every Ray of the user on the machine)."""
     port = _free_port()
-    env = {**os.environ, **RAY_ENV}
-    subprocess.run([str(RAY), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                    "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats"],
-                   check=True, env=env, timeout=180, capture_output=True)
-    yield f"127.0.0.1:{port}"
-    subprocess.run([str(RAY), "stop", "--force"], env=env, timeout=120, capture_output=True)
+    head = subprocess.Popen([str(RAY), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+                             f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
+                             "--disable-usage-stats"], env={**os.environ, **RAY_ENV},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while True:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        assert head.poll() is None and time.monotonic() < deadline, "the Ray head did not start"
+        time.sleep(0.2)
+    yield f"127.0.0.1:{port}", head.pid
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
 
 
-def _job_worker() -> int | None:
+def _ancestors(pid: int) -> set[int]:
+    seen = set()
+    while pid > 1 and pid not in seen:
+        seen.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+    return seen
+
+
+def _job_worker(head: int) -> int | None:
+    """A worker of this cluster (a descendant of its head) running a job."""
     found = subprocess.run(["pgrep", "-f", "ray::_with_threads"], capture_output=True,
                            text=True).stdout.split()
-    return int(found[0]) if found else None
+    return next((int(pid) for pid in found if head in _ancestors(int(pid))), None)
 
 
 @pytest.mark.slow
 def test_a_study_on_a_ray_cluster_survives_a_killed_worker(tmp_path, tiny_pickle, ray_cluster):
+    address, head = ray_cluster
     path = write_study(tmp_path / "study.yaml", tiny_pickle, seeds=[1],
                        set=["training.epochs=40", "training.patience=40", "training.state_every=1",
                             "model.text_source=features"])
@@ -191,14 +216,14 @@ def test_a_study_on_a_ray_cluster_survives_a_killed_worker(tmp_path, tiny_pickle
 
     folder = tmp_path / "on-ray"
     command = [sys.executable, "-c", "from msakit.cli import main; main()", "study", "run", str(path),
-               "--address", ray_cluster, "--dir", str(folder)]
+               "--address", address, "--dir", str(folder)]
     study = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              env={**os.environ, **RAY_ENV})
     killed = None
     deadline = time.monotonic() + 300
     while killed is None and study.poll() is None and time.monotonic() < deadline:
         if any(folder.glob("jobs/*/seed-1.state*.pt")):  # a job is in the middle of its training
-            killed = _job_worker()
+            killed = _job_worker(head)
             if killed is not None:
                 os.kill(killed, signal.SIGKILL)
         time.sleep(0.01)
