@@ -63,8 +63,9 @@ class RayExecutor:
         self.started = not ray.is_initialized()
         if self.started:
             try:
-                if address is None:
-                    ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+                if address is None:  # "local": a new instance, never a cluster some `ray start` left
+                    ray.init(address="local", include_dashboard=False, log_to_driver=False,
+                             logging_level=logging.WARNING)
                 else:
                     ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
             except (ConnectionError, RuntimeError, ValueError) as exc:
