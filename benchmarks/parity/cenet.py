@@ -35,6 +35,7 @@ from msakit_parity import (
     full_batch,
     gradient_difference,
     max_abs,
+    mmsa_packages,
     official_commit,
     parameter_count,
     parse_args,
@@ -117,19 +118,8 @@ def stand_in_pytorch_transformers() -> None:
 def official_modules(root: Path) -> tuple[types.ModuleType, types.ModuleType]:
     """MMSA's models/singleTask/CENET.py and trains/singleTask/CENET.py, their relative imports
     served by stand-in packages (the real __init__ files import every model and MMSA's runner)."""
-    src = root / "src" if (root / "src" / "MMSA").is_dir() else root
-    for name in [n for n in sys.modules if n == "MMSA" or n.startswith("MMSA.")]:
-        del sys.modules[name]
-    sys.path.insert(0, str(src))
-    for name in ("MMSA", "MMSA.models", "MMSA.models.singleTask", "MMSA.trains",
-                 "MMSA.trains.singleTask"):
-        package = types.ModuleType(name)
-        package.__path__ = [str(src.joinpath(*name.split(".")))]
-        sys.modules[name] = package
-    utils = types.ModuleType("MMSA.utils")  # the trainer's metrics, which the loss does not need
-    utils.MetricsTop = lambda mode: types.SimpleNamespace(getMetics=lambda dataset: None)
-    utils.dict_to_str = str
-    sys.modules["MMSA.utils"] = utils
+    mmsa_packages(root, "MMSA", "MMSA.models", "MMSA.models.singleTask", "MMSA.trains",
+                  "MMSA.trains.singleTask")
     stand_in_pytorch_transformers()
     return (importlib.import_module("MMSA.models.singleTask.CENET"),
             importlib.import_module("MMSA.trains.singleTask.CENET"))

@@ -36,6 +36,7 @@ from msakit_parity import (
     full_batch,
     gradient_difference,
     max_abs,
+    mmsa_packages,
     official_commit,
     parameter_count,
     parse_args,
@@ -87,19 +88,8 @@ def official_modules(root: Path, encoder: type | None) -> tuple[types.ModuleType
     """MMSA's models/singleTask/MISA.py and trains/singleTask/MISA.py, their relative imports served
     by stand-in packages (the real __init__ files import every model and MMSA's runner); the text
     encoder is `encoder`, or MMSA's own BertTextEncoder when None."""
-    src = root / "src" if (root / "src" / "MMSA").is_dir() else root
-    for name in [n for n in sys.modules if n == "MMSA" or n.startswith("MMSA.")]:
-        del sys.modules[name]
-    sys.path.insert(0, str(src))
-    for name in ("MMSA", "MMSA.models", "MMSA.models.subNets", "MMSA.models.singleTask",
-                 "MMSA.trains", "MMSA.trains.singleTask"):
-        package = types.ModuleType(name)
-        package.__path__ = [str(src.joinpath(*name.split(".")))]
-        sys.modules[name] = package
-    utils = types.ModuleType("MMSA.utils")  # the trainer's metrics, which no loss needs
-    utils.MetricsTop = lambda mode: types.SimpleNamespace(getMetics=lambda dataset: None)
-    utils.dict_to_str = str
-    sys.modules["MMSA.utils"] = utils
+    mmsa_packages(root, "MMSA", "MMSA.models", "MMSA.models.subNets", "MMSA.models.singleTask",
+                  "MMSA.trains", "MMSA.trains.singleTask")
     sys.modules["MMSA.models.subNets"].BertTextEncoder = encoder or importlib.import_module(
         "MMSA.models.subNets.BertTextEncoder").BertTextEncoder
     return (importlib.import_module("MMSA.models.singleTask.MISA"),

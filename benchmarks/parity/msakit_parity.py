@@ -15,6 +15,7 @@ import re
 import shlex
 import subprocess
 import sys
+import types
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -59,6 +60,26 @@ def import_official(root: Path, *modules: str) -> list:
 
     sys.path.insert(0, str(root))
     return [importlib.import_module(m) for m in modules]
+
+
+def mmsa_packages(root: Path, *packages: str) -> Path:
+    """Stand-in packages for MMSA's `packages` (their real __init__ files import every model and
+    MMSA's runner), so that one model's and trainer's files import with their relative imports, and
+    MMSA.utils with the trainer's metric table stubbed (no loss reads it). MMSA modules imported
+    before are dropped. Returns MMSA's source folder (`root/src`, or `root` itself)."""
+    src = root / "src" if (root / "src" / "MMSA").is_dir() else root
+    for name in [n for n in sys.modules if n == "MMSA" or n.startswith("MMSA.")]:
+        del sys.modules[name]
+    sys.path.insert(0, str(src))
+    for name in packages:
+        package = types.ModuleType(name)
+        package.__path__ = [str(src.joinpath(*name.split(".")))]
+        sys.modules[name] = package
+    utils = types.ModuleType("MMSA.utils")
+    utils.MetricsTop = lambda mode: types.SimpleNamespace(getMetics=lambda dataset: None)
+    utils.dict_to_str = str
+    sys.modules["MMSA.utils"] = utils
+    return src
 
 
 def full_batch(labels: torch.Tensor, clean: Batch | None = None, **inputs: torch.Tensor) -> Batch:

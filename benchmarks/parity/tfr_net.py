@@ -41,6 +41,7 @@ from msakit_parity import (
     full_batch,
     gradient_difference,
     max_abs,
+    mmsa_packages,
     official_commit,
     parameter_count,
     parse_args,
@@ -116,14 +117,7 @@ def official_module(root: Path, encoder: Callable[..., nn.Module] | None,
     __init__ files import every model and MMSA's runner). The text encoder is built by `encoder`,
     or, when None, is MMSA's own BertTextEncoder (which TFR_NET builds for bert-base-uncased:
     `bert_folder` then names the folder it loads instead)."""
-    src = root / "src" if (root / "src" / "MMSA").is_dir() else root
-    for name in [n for n in sys.modules if n == "MMSA" or n.startswith("MMSA.")]:
-        del sys.modules[name]
-    sys.path.insert(0, str(src))
-    for name in ("MMSA", "MMSA.models", "MMSA.models.subNets", "MMSA.models.missingTask"):
-        package = types.ModuleType(name)
-        package.__path__ = [str(src.joinpath(*name.split(".")))]
-        sys.modules[name] = package
+    mmsa_packages(root, "MMSA", "MMSA.models", "MMSA.models.subNets", "MMSA.models.missingTask")
     if encoder is None:
         real = importlib.import_module("MMSA.models.subNets.BertTextEncoder").BertTextEncoder
         encoder = lambda use_finetune: real(use_finetune, pretrained=str(bert_folder))  # noqa: E731
