@@ -37,6 +37,7 @@ from msakit_parity import (
     full_batch,
     gradient_difference,
     max_abs,
+    mmsa_packages,
     official_commit,
     parameter_count,
     parse_args,
@@ -70,30 +71,13 @@ RENAMES = [
 ]
 
 
-class _NoMetrics:
-    """MMSA's metric table, which the trainer only looks up in its constructor."""
-
-    def __init__(self, *args: object) -> None:
-        pass
-
-    def getMetics(self, *args: object) -> None:  # noqa: N802 (MMSA's name)
-        return None
-
-
 def official_modules(root: Path) -> tuple[types.ModuleType, types.ModuleType]:
     """MMSA's model and trainer modules, imported without MMSA/__init__ (which loads its whole
-    runner and every model's dependencies): package shells hold the two files' relative imports."""
-    src = root / "src" / "MMSA"
-    for name in ("MMSA", "MMSA.models", "MMSA.models.multiTask", "MMSA.trains", "MMSA.trains.multiTask"):
-        shell = types.ModuleType(name)
-        shell.__path__ = [str(src.joinpath(*name.split(".")[1:]))]
-        sys.modules[name] = shell
-    spec = importlib.util.spec_from_file_location(
-        "MMSA.models.subNets.BertTextEncoder", src / "models" / "subNets" / "BertTextEncoder.py")
-    bert = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bert)
-    sys.modules["MMSA.models.subNets"] = types.SimpleNamespace(BertTextEncoder=bert.BertTextEncoder)
-    sys.modules["MMSA.utils"] = types.SimpleNamespace(MetricsTop=_NoMetrics, dict_to_str=str)
+    runner and every model's dependencies): package stand-ins hold the two files' relative imports."""
+    mmsa_packages(root, "MMSA", "MMSA.models", "MMSA.models.subNets", "MMSA.models.multiTask", "MMSA.trains",
+                  "MMSA.trains.multiTask")
+    sys.modules["MMSA.models.subNets"].BertTextEncoder = importlib.import_module(
+        "MMSA.models.subNets.BertTextEncoder").BertTextEncoder
     return (importlib.import_module("MMSA.models.multiTask.SELF_MM"),
             importlib.import_module("MMSA.trains.multiTask.SELF_MM"))
 
