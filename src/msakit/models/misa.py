@@ -64,7 +64,6 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from msakit.data.schema import Batch, FeatureDims
-from msakit.errors import MsakitError
 from msakit.models.base import (
     POSITIVE,
     RATE,
@@ -76,6 +75,7 @@ from msakit.models.base import (
     one_of,
     setting,
 )
+from msakit.models.layers.gradients import check_clamping, clamp_gradients
 from msakit.models.layers.pooling import masked_mean, valid_lengths
 from msakit.models.layers.text import TextEncoder
 from msakit.models.registry import register_model
@@ -150,16 +150,6 @@ def difference(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (unit_rows(x).t() @ unit_rows(y)).pow(2).mean()
 
 
-class _ClampGradient:
-    """A tensor hook clamping a gradient to [-value, value] (a class, so the model stays picklable)."""
-
-    def __init__(self, value: float) -> None:
-        self.value = value
-
-    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
-        return grad.clamp(-self.value, self.value)
-
-
 @register_model("misa")
 class MISA(MSAModel):
     """MISA: shared and private codes per modality, a transformer over them, three losses."""
@@ -189,9 +179,7 @@ class MISA(MSAModel):
             nn.Linear(6 * d, 3 * d), nn.Dropout(config.dropout), nn.ReLU(), nn.Linear(3 * d, 1)
         )
         if config.grad_clip_value is not None:
-            for param in self.parameters():
-                if param.requires_grad:
-                    param.register_hook(_ClampGradient(config.grad_clip_value))
+            clamp_gradients(self, config.grad_clip_value)
 
     def _frame_lengths(self, batch: Batch, modality: str, text_mask: torch.Tensor) -> torch.Tensor:
         mask = getattr(batch, f"{modality}_mask")
@@ -206,21 +194,9 @@ class MISA(MSAModel):
         rnn = self.audio_rnn if modality == "audio" else self.vision_rnn
         return rnn(x, lengths)
 
-    def _check_clamping(self, device: torch.device) -> None:
-        """The clamp acts on the gradients backward computes, which are MMSA's only in one process
-        without loss scaling: fp16's scaler multiplies them, DDP averages them after the clamp."""
-        if torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.float16:
-            cause = "training.precision=fp16 scales them (use bf16 or fp32)"
-        elif torch.distributed.is_available() and torch.distributed.is_initialized():
-            cause = "several processes average them after the clamp (train in one process)"
-        else:
-            return
-        raise MsakitError(f"misa: model.grad_clip_value clamps gradients as backward computes them, "
-                          f"but {cause}; or set model.grad_clip_value=null")
-
     def forward(self, batch: Batch) -> Output:
         if self.training and self.config.grad_clip_value is not None:
-            self._check_clamping(batch.labels.device)
+            check_clamping(self.registry_name, batch.labels.device)
         states, text_mask = self.text_encoder(batch)
         utterances = {
             "text": masked_mean(states, text_mask),

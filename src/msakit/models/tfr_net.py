@@ -73,7 +73,6 @@ Deviations from MMSA:
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -98,6 +97,7 @@ from msakit.models.base import (
     Output,
     setting,
 )
+from msakit.models.layers.gradients import check_clamping, clamp_gradients
 from msakit.models.layers.pooling import masked_max, valid_lengths
 from msakit.models.layers.text import TextEncoder, special_token_ids
 from msakit.models.layers.transformer import CrossModalEncoder, crossmodal_stacks
@@ -188,10 +188,6 @@ class GatedEncoder(nn.Module):
         return self.dropout(masked_max(rep, pool_mask))
 
 
-def _clamp_gradient(value: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    return functools.partial(torch.clamp, min=-value, max=value)  # picklable, unlike a lambda
-
-
 @register_model("tfr_net")
 class TFRNet(MSAModel):
     """TFR-Net: crossmodal alignment, gated fusion, reconstruction of randomly removed features."""
@@ -246,9 +242,7 @@ class TFRNet(MSAModel):
         # set per epoch by the trainer's hook; a model trained without the hook always reconstructs
         self.reconstructing = True
         if c.grad_clip_value is not None:
-            for param in self.parameters():
-                if param.requires_grad:
-                    param.register_hook(_clamp_gradient(c.grad_clip_value))
+            clamp_gradients(self, c.grad_clip_value)
 
     def on_train_epoch_start(self, epoch: int, train_batches: Callable[[], Iterator[Batch]]) -> None:
         self.reconstructing = epoch >= self.config.reconstruction_from_epoch
@@ -264,18 +258,6 @@ class TFRNet(MSAModel):
         removed = {m: seen.dropped[m] & ~before[m] if m in before else seen.dropped[m]
                    for m in MODALITIES}
         return seen, removed
-
-    def _check_clamping(self, device: torch.device) -> None:
-        """The clamp acts on the gradients backward computes, which are MMSA's only in one process
-        without loss scaling: fp16's scaler multiplies them, DDP averages them after the clamp."""
-        if torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.float16:
-            cause = "training.precision=fp16 scales them (use bf16 or fp32)"
-        elif torch.distributed.is_available() and torch.distributed.is_initialized():
-            cause = "several processes average them after the clamp (train in one process)"
-        else:
-            return
-        raise MsakitError(f"tfr_net: model.grad_clip_value clamps gradients as backward computes them, "
-                          f"but {cause}; or set model.grad_clip_value=null")
 
     def _normalise(self, fused: torch.Tensor) -> torch.Tensor:
         """BatchNorm; a training batch of one sample (no batch statistics) uses the running ones."""
@@ -306,7 +288,7 @@ class TFRNet(MSAModel):
     def forward(self, batch: Batch) -> Output:
         c = self.config
         if self.training and c.grad_clip_value is not None:
-            self._check_clamping(batch.labels.device)
+            check_clamping(self.registry_name, batch.labels.device)
         removing = self.training and c.missing_rate > 0
         seen, removed = self.remove(batch) if removing else (batch, {})
         text, text_mask = self.text_encoder(seen)
