@@ -18,14 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from msakit.data.schema import MultimodalDataset
 from msakit.errors import MsakitError
 from msakit.evaluation.report import LABELS, format_value, mean_std
 from msakit.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
-from msakit.metrics import METRIC_KEYS, UNDEFINED_REASONS, metric_family
+from msakit.metrics import METRIC_KEYS, UNDEFINED_REASONS
 from msakit.study.runner import default_folder, plan_jobs
 from msakit.study.search import best_settings, load_search
-from msakit.study.spec import Evaluation, Study, load_data, load_study
+from msakit.study.spec import Evaluation, Study, load_study
 from msakit.study.store import ResultStore
 
 ROBUSTNESS_COLUMNS = ("mae", "acc2_non0", "corr")
@@ -83,10 +82,6 @@ def summarise(study: Study, records: dict[str, dict[str, Any]], jobs: list) -> d
                                    "seconds": sum(r.get("seconds") or 0.0 for r in runs)}
         out[ref.label] = models
     return out
-
-
-def _family(data: MultimodalDataset) -> str:
-    return metric_family(data.family)
 
 
 def robustness_table(study: Study, models: dict[str, Any], family: str) -> list[str]:
@@ -234,7 +229,7 @@ def report_study(path: str | Path, *, output: str | Path | None = None, store: s
                           f"run `msakit study run {path}` first")
     out = Path(output).expanduser() if output is not None else root / "report"
     summary = summarise(study, records, jobs)
-    families = {ref.label: _family(load_data(ref, study.models[0].model)) for ref in study.datasets}
+    families = {job.dataset.label: job.metric_family for job in jobs}  # planning loaded the data once
     store_part = ([] if store is None else ["--store", str(store)]) + \
         ([] if study_dir is None else ["--dir", str(study_dir)])
     command = shlex.join(["msakit", "study", "run", str(path), *store_part]) + " && " + shlex.join(

@@ -50,7 +50,7 @@ def plan_jobs(study: Study, tuned: Mapping[tuple[str, str], tuple[str, ...]] | N
             config = resolved_config(model.model, data, model.overrides, None)
             for seed in study.seeds:
                 jobs.append(Job(job_identity(model.model, config, seed, data.fingerprint), ref, model, seed,
-                                data.fingerprint, config, study.evaluations))
+                                data.fingerprint, config, study.evaluations, data.metric_family))
     return jobs
 
 

@@ -115,6 +115,7 @@ class Job:
     fingerprint: str
     config: dict[str, Any] = field(compare=False, repr=False)
     evaluations: tuple[Evaluation, ...] = ()
+    metric_family: str = "mosi"  # the data's: which metrics its tables show
 
 
 def _fail(path: str, where: str, message: str) -> MsakitError:
