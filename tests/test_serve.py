@@ -125,7 +125,8 @@ def test_media_text_and_batches_are_scored(client: httpx.Client, clips: Path, up
 
 
 def chunks(size: int) -> Iterator[bytes]:
-    """A body without Content-Length (chunked): only counting as it streams can refuse it."""
+    """A well-formed upload without Content-Length (chunked): only counting as it streams can refuse it."""
+    yield b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a.mp4"\r\n\r\n'
     for _ in range(size // 8192):
         yield b"\0" * 8192
 
