@@ -128,6 +128,18 @@ class ExtraPhase:
     share: float = 1.0  # the fraction of the epoch's batches it runs over (from the first)
 
 
+@dataclass(frozen=True)
+class ParameterGroup:
+    """Parameters of a model that train at a learning rate and weight decay of their own (MMSA's
+    per-module optimiser groups): see `MSAModel.parameter_groups`."""
+
+    name: str
+    # the parameters it holds: those whose names start with one of these prefixes
+    parameters: tuple[str, ...]
+    lr: float | None = None  # None: `training.lr` (or the stage's)
+    weight_decay: float | None = None  # None: `training.weight_decay`
+
+
 class PretrainedBlock(nn.Module):
     """A block that holds pretrained weights (a Hugging Face text encoder): the trainer gives them
     their own learning rate and weight decay (`MSAModel.pretrained_parameters`)."""
@@ -141,7 +153,8 @@ class MSAModel(nn.Module):
 
     Subclasses set `config_class` and `modalities`, and override the hooks they need: `set_stage`
     (multi-stage recipes), `pretrained_parameters` (the parameter group with its own rates),
-    `extra_phases` (optimisation phases besides the main one), the epoch hooks,
+    `parameter_groups` (other parts with rates of their own), `extra_phases` (optimisation phases
+    besides the main one), the epoch hooks,
     `training_state`/`load_training_state`, `side_inputs`.
     """
 
@@ -193,6 +206,16 @@ class MSAModel(nn.Module):
             if isinstance(module, PretrainedBlock):
                 yield from module.pretrained_parameters()
 
+    def parameter_groups(self) -> tuple[ParameterGroup, ...]:
+        """Parts of the model that the main optimiser trains at their own learning rate and weight
+        decay instead of `training.lr` and `training.weight_decay` (Self-MM's audio and vision
+        subnetworks, as MMSA's optimiser groups them). A group's rate is the same in every stage,
+        and the schedule scales it like the others; its biases and normalisation gains follow
+        `training.decay_norms_and_biases`, like the rest of the model's own. Pretrained weights and
+        an extra phase's parameters stay where they are, whatever a prefix names. The default has
+        none."""
+        return ()
+
     def extra_phases(self) -> tuple[ExtraPhase, ...]:
         """Optimisation phases the trainer runs, in order, before the main one in every training
         epoch. Each is a pass over (a `share` of) the shuffled training batches, with training
@@ -200,8 +223,10 @@ class MSAModel(nn.Module):
         `Output.losses`, the trainer adds no task loss, and a separate AdamW, kept across epochs
         (and in the training state), steps only the phase's parameters at its `lr` and
         `weight_decay`, at a constant rate, after the gradients of the whole model are clipped
-        together (`training.grad_clip`). Every gradient is cleared before each step of either
-        phase. Outside these passes `self.phase` is "main". The default has none."""
+        together (`training.grad_clip_value` after every backward, `training.grad_clip` before the
+        step), with `training.accumulate_steps` as in the main pass. Every gradient is cleared
+        before each step (each group of accumulated batches) of either phase. Outside these
+        passes `self.phase` is "main". The default has none."""
         return ()
 
     def on_train_epoch_start(self, epoch: int, train_batches: Callable[[], Iterator[Batch]]) -> None:

@@ -47,14 +47,32 @@ class MixedPrecision:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def backward_and_step(
-        self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, parameters: Iterable[nn.Parameter],
-        grad_clip: float | None,
-    ) -> None:
-        """Gradients of `loss`, clipped to `grad_clip` (norm of the true, unscaled gradients), then the
-        optimizer's step; with fp16, a step whose scaled gradients overflowed is skipped and the
-        scale lowered."""
+    def backward(self, loss: torch.Tensor) -> None:
+        """Gradients of `loss` added to the parameters' (fp16: of the loss times the scale)."""
         self.scaler.scale(loss).backward()
+
+    def clip_values(self, parameters: Iterable[nn.Parameter], value: float) -> None:
+        """Every gradient element clipped to [-value, value], as the true, unscaled gradients. fp16
+        clamps the scaled ones at value x scale: the scale is a power of two, so this is the same
+        clamp exactly, and it needs no unscaling (which fp16 allows once per step, while an
+        accumulating loop clips after every backward). Non-finite fp16 gradients are left as they
+        are, for the step to see the overflow and skip."""
+        with_grads = [p for p in parameters if p.grad is not None]
+        if not with_grads:
+            return
+        bound = value
+        if self.scaler.is_enabled():
+            if not torch.stack([torch.isfinite(p.grad).all() for p in with_grads]).all():
+                return
+            bound = value * self.scaler.get_scale()
+        nn.utils.clip_grad_value_(with_grads, bound)
+
+    def step(
+        self, optimizer: torch.optim.Optimizer, parameters: Iterable[nn.Parameter], grad_clip: float | None,
+    ) -> None:
+        """The optimizer's step on the gradients, their norm first clipped to `grad_clip` (the norm
+        of the true, unscaled gradients); with fp16, a step whose scaled gradients overflowed is
+        skipped and the scale lowered."""
         if grad_clip is not None:
             self.scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(parameters, grad_clip)

@@ -45,6 +45,12 @@ class TrainConfig:
     warmup_ratio: float = 0.0  # fraction of all optimiser steps spent warming up linearly
     schedule: str = "constant"  # constant | linear | cosine (after warm-up)
     grad_clip: float | None = None  # max global gradient norm; None = no clipping
+    # clip each gradient element to [-value, value] after every backward pass (MMSA's
+    # clip_grad_value_ for MISA, TFR-Net, MulT); None = no clipping by value
+    grad_clip_value: float | None = None
+    # batches whose gradients are summed before each optimiser step (MMSA's update_epochs): each
+    # batch's loss is its own mean, an epoch's last incomplete group is computed and dropped
+    accumulate_steps: int = 1
     loss: str = "l1"  # task loss: l1 | mse
     patience: int | None = 8  # epochs without validation improvement before stopping
     select_metric: str = "mae"  # validation metric that picks the checkpoint
@@ -77,7 +83,7 @@ class TrainConfig:
                 self.state_every, int) or self.state_every < 1):
             raise MsakitError(
                 f"training.state_every must be auto or an integer >= 1, not {self.state_every!r}")
-        for key in ("epochs", "batch_size", "eval_batch_size"):
+        for key in ("epochs", "batch_size", "eval_batch_size", "accumulate_steps"):
             _check_number(key, getattr(self, key), integer=True, low=1)
         if self.patience is not None:
             _check_number("patience", self.patience, integer=True, low=1)
@@ -93,6 +99,8 @@ class TrainConfig:
             raise MsakitError("training.select_rate must be below 1 (a missing rate is in [0, 1)), not 1")
         if self.grad_clip is not None:
             _check_number("grad_clip", self.grad_clip, low=0)
+        if self.grad_clip_value is not None:
+            _check_number("grad_clip_value", self.grad_clip_value, low=0)
         try:
             self.stages = [s if isinstance(s, Stage) else Stage(**s) for s in self.stages]
         except TypeError as exc:

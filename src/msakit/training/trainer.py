@@ -1,7 +1,9 @@
 """The one training loop every model uses.
 
-AdamW (pretrained text-encoder weights get their own learning rate), linear warm-up then a constant,
-linear or cosine schedule, optional gradient clipping, early stopping and checkpoint selection on the
+AdamW (pretrained text-encoder weights, and any part the model names in `parameter_groups`, get their
+own learning rate), linear warm-up then a constant, linear or cosine schedule, optional gradient
+clipping (by value after every backward pass, by norm before every step), optional gradient
+accumulation over several batches per step, early stopping and checkpoint selection on the
 VALIDATION split, best weights restored at the end of each stage. A multi-stage method declares its
 stages as data (`TrainConfig.stages`); each stage is this same loop, after `model.set_stage(name)`,
 and starts either from the previous stage's best weights with a fresh optimizer or, declared
@@ -22,6 +24,7 @@ the model in DistributedDataParallel (`msakit.training.distributed`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -43,7 +46,7 @@ from msakit.data.schema import Batch, Split
 from msakit.errors import MsakitError
 from msakit.fileio import atomic_write_bytes
 from msakit.metrics import METRIC_KEYS, compute_metrics, is_better
-from msakit.models.base import ExtraPhase, MSAModel
+from msakit.models.base import ExtraPhase, MSAModel, ParameterGroup
 from msakit.training import distributed
 from msakit.training.checkpoint import read_tagged
 from msakit.training.precision import MixedPrecision, use_tf32
@@ -114,31 +117,56 @@ def _is_no_decay(name: str, param: nn.Parameter) -> bool:
 def build_optimizer(
     model: MSAModel, config: TrainConfig, lr: float | None = None, encoder_lr: float | None = None
 ) -> torch.optim.AdamW:
-    """AdamW with four groups: (pretrained encoder | rest) x (decayed | not decayed); `lr` and
-    `encoder_lr` replace the config's rates when given (a stage's own). Biases and norms are not
-    decayed, except the model's own with `decay_norms_and_biases`."""
+    """AdamW with groups (pretrained encoder | each of the model's `parameter_groups` | rest) x
+    (decayed | not decayed); `lr` and `encoder_lr` replace the config's rates when given (a stage's
+    own), except for a model's group with a rate of its own. Biases and norms are not decayed,
+    except the model's own with `decay_norms_and_biases`."""
     pretrained = {id(p) for p in model.pretrained_parameters()}
     phase_owned = {id(p) for phase in model.extra_phases() for p in phase_parameters(model, phase)}
     base_lr = config.lr if lr is None else lr
     encoder_lr = config.encoder_lr if encoder_lr is None else encoder_lr
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    own_group = {id(p): group for group in model.parameter_groups()
+                 for p in group_parameters(model, group, pretrained | phase_owned)}
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad and id(param) not in phase_owned:
             is_pretrained = id(param) in pretrained
+            kind = "encoder" if is_pretrained else own_group[id(param)].name if id(param) in own_group else ""
             no_decay = _is_no_decay(name, param) and (is_pretrained or not config.decay_norms_and_biases)
-            groups.setdefault((is_pretrained, no_decay), []).append(param)
+            groups.setdefault((kind, no_decay), []).append(param)
+    declared = {group.name: group for group in own_group.values()}
     param_groups = []
-    for (is_pretrained, no_decay), params in groups.items():
-        decay = config.encoder_weight_decay if is_pretrained else config.weight_decay
+    for (kind, no_decay), params in groups.items():
+        own = declared.get(kind)
+        if kind == "encoder":
+            rate, decay = encoder_lr, config.encoder_weight_decay
+        elif own is not None:
+            rate = base_lr if own.lr is None else own.lr
+            decay = config.weight_decay if own.weight_decay is None else own.weight_decay
+        else:
+            rate, decay = base_lr, config.weight_decay
         param_groups.append({
             "params": params,
-            "lr": encoder_lr if is_pretrained else base_lr,
+            "lr": rate,
             "weight_decay": 0.0 if no_decay else decay,
-            "pretrained": is_pretrained,  # which rate a continued stage sets (`set_stage_rates`)
+            # which rate a continued stage sets (`set_stage_rates`); a model's group with a rate of
+            # its own keeps it
+            "pretrained": kind == "encoder",
+            "own_lr": own is not None and own.lr is not None,
         })
     if not param_groups:
         raise MsakitError("the model has no trainable parameters")
     return torch.optim.AdamW(param_groups)
+
+
+def group_parameters(model: MSAModel, group: ParameterGroup, elsewhere: set[int]) -> list[nn.Parameter]:
+    """The trainable parameters a model's optimiser group holds (none of `elsewhere`, the pretrained
+    weights and the extra phases' parameters)."""
+    named = [p for name, p in model.named_parameters() if name.startswith(group.parameters)]
+    if not named:
+        raise MsakitError(f"{model.registry_name}: the optimiser group {group.name!r} holds no "
+                          f"parameter (none is named {', '.join(group.parameters)}...)")
+    return [p for p in named if p.requires_grad and id(p) not in elsewhere]
 
 
 def phase_parameters(model: MSAModel, phase: ExtraPhase) -> list[nn.Parameter]:
@@ -162,6 +190,8 @@ def set_stage_rates(optimizer: torch.optim.Optimizer, config: TrainConfig, stage
     """Give an optimizer carried over into `stage` that stage's learning rates (the schedule built
     next scales them from there)."""
     for group in optimizer.param_groups:
+        if group.get("own_lr"):
+            continue
         own = stage.encoder_lr if group["pretrained"] else stage.lr
         default = config.encoder_lr if group["pretrained"] else config.lr
         group["lr"] = group["initial_lr"] = default if own is None else own
@@ -260,6 +290,14 @@ def nonfinite_at_initialisation(batch: Batch, losses: dict[str, torch.Tensor]) -
             "scales are the usual cause: try --set data.normalize=zscore")
 
 
+def _averaging(model: nn.Module, needed: bool) -> contextlib.AbstractContextManager[Any]:
+    """Where a backward pass runs: under torchrun (DDP) without averaging the ranks' gradients
+    unless `needed` (a step or a clip by value reads them after it); elsewhere as it is."""
+    if needed or not isinstance(model, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
 def best_weight_files(state_file: Path) -> list[Path]:
     """The best-weights files a training state file `state_file` has written beside it."""
     return sorted(state_file.parent.glob(f"{state_file.stem}.best-*.pt"))
@@ -354,6 +392,11 @@ class Trainer:
                      self.stages()[saved["stage_index"]].name, saved["epoch"])
         result = FitResult(best_valid={}, best_epoch=0, epochs_run=0)
         steps_per_epoch = math.ceil(len(train) / self.config.batch_size)
+        if steps_per_epoch < self.config.accumulate_steps:
+            raise MsakitError(
+                f"training.accumulate_steps={self.config.accumulate_steps} sums the gradients of more "
+                f"batches than an epoch has ({steps_per_epoch} of {self.config.batch_size} from "
+                f"{len(train)} training samples), so no step would be taken; lower it or batch_size")
         stages, previous = self.stages(), None
         for index, stage in enumerate(stages):
             self.model.set_stage(stage.name)
@@ -389,7 +432,9 @@ class Trainer:
         else:
             optimizer = build_optimizer(self.model, self.config, stage.lr, stage.encoder_lr)
             phase_optimizers = build_phase_optimizers(self.model)
-        scheduler = build_scheduler(optimizer, self.config, steps_per_epoch * stage.epochs)
+        # one scheduler step per optimiser step: an epoch's complete groups of accumulated batches
+        updates_per_epoch = steps_per_epoch // self.config.accumulate_steps
+        scheduler = build_scheduler(optimizer, self.config, updates_per_epoch * stage.epochs)
         if resume is None:
             self.best_by_metric = {}
             best = FitResult(best_valid={}, best_epoch=0, epochs_run=0, stage=stage.name)
@@ -580,13 +625,19 @@ class Trainer:
         epoch: int, every_optimizer: list[torch.optim.Optimizer],
         on_step: Callable[[], None] | None = None, share: float = 1.0,
     ) -> float:
-        """The first `share` of the shuffled batches of `split`, each a step of `optimizer` on the
-        losses of the model's current phase (the task loss too in the main phase), after clearing
-        the gradients of `every_optimizer`; returns the mean loss."""
+        """The first `share` of the shuffled batches of `split` on the losses of the model's current
+        phase (the task loss too in the main phase); returns the mean loss. Gradients are summed
+        over each group of `accumulate_steps` batches (each loss the batch's mean, as MMSA's
+        `update_epochs`) and clipped by value after every backward pass, so a group's later
+        batches add to gradients already clipped (MMSA's clip_grad_value_ after each
+        `loss.backward()`); after the group's last one their norm is clipped and `optimizer` steps.
+        The gradients of `every_optimizer` are cleared before each group; those of a last,
+        incomplete group are computed and dropped (MMSA's loop never steps on them)."""
         model, world = self._training_model(), distributed.world_size()
+        cfg = self.config
         total, count = 0.0, 0
-        batches = math.ceil(share * math.ceil(len(split) / self.config.batch_size))
-        for step, (batch, part) in enumerate(training_shards(split, self.config.batch_size, generator,
+        batches = math.ceil(share * math.ceil(len(split) / cfg.batch_size))
+        for step, (batch, part) in enumerate(training_shards(split, cfg.batch_size, generator,
                                                              (distributed.rank(), world))):
             if step == batches:
                 break
@@ -614,17 +665,26 @@ class Trainer:
                 raise MsakitError(
                     f"training diverged at epoch {epoch} (loss {loss.item()}); lower training.lr"
                 )
-            for each in every_optimizer:
-                each.zero_grad(set_to_none=True)
-            self.precision.backward_and_step(loss * (part * world), optimizer, self.model.parameters(),
-                                             self.config.grad_clip)
-            if scheduler is not None:
-                scheduler.step()
+            if step % cfg.accumulate_steps == 0:
+                for each in every_optimizer:
+                    each.zero_grad(set_to_none=True)
+            steps_now = step % cfg.accumulate_steps == cfg.accumulate_steps - 1
+            with _averaging(model, steps_now or cfg.grad_clip_value is not None):
+                self.precision.backward(loss * (part * world))
+            if cfg.grad_clip_value is not None:
+                self.precision.clip_values(self.model.parameters(), cfg.grad_clip_value)
+            if steps_now:
+                self.precision.step(optimizer, self.model.parameters(), cfg.grad_clip)
+                if scheduler is not None:
+                    scheduler.step()
             samples = len(batch) if part else 0
             total += loss.item() * samples
             count += samples
             if on_step is not None:
                 on_step()
+        if batches % cfg.accumulate_steps:  # the dropped group's gradients
+            for each in every_optimizer:
+                each.zero_grad(set_to_none=True)
         distributed.align_buffers(self.model)
         total, count = distributed.total(total, count)
         return total / max(1, count)
