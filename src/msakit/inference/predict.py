@@ -15,6 +15,13 @@ Three kinds of model score new input, each loaded once for any number of files:
 
 Each modality is padded (or cut) to the lengths the model was built for, and absent modalities are
 marked in the batch's `presence`.
+
+A checkpoint trained on word-aligned input (`word_aligned`) reads step i of audio and vision as word
+i of the transcript. Trained on a `msakit extract` dataset with `alignment.unit: word`, its media go
+through the same word alignment (`msakit.features.alignment`); any other checkpoint whose audio and
+vision have as many steps as its text (an MMSA `aligned_*.pkl`, synthetic aligned data) counts as
+word-aligned too. Precomputed features given to such a checkpoint must have one row per word of the
+given text (`transcript_words`), in order, else they are refused.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from msakit.data.batching import make_batch
 from msakit.data.normalize import normalize_split
 from msakit.data.schema import MODALITIES, Split
 from msakit.errors import MsakitError
+from msakit.features.alignment import transcript_words
 from msakit.features.config import (
     FeatureConfig,
     apply_overrides,
@@ -84,6 +92,7 @@ class Predictor:
         given = apply_overrides(trained, list(overrides), f"the feature configuration of {self.checkpoint}")
         check_compatible(trained, given, self.checkpoint)
         self.config = given
+        self.word_aligned = given.word_aligned if not self.unavailable else _steps_aligned(self.model)
         self.reads = tuple(m for m in self.model.modalities if m not in self.unavailable)
         self.pipeline = FeaturePipeline(given, reads=self.reads)
         self._check_widths()
@@ -126,6 +135,7 @@ class Predictor:
             "scale": sentiment_classes(0.0, self.family)["scale"],
             "reads": list(self.reads),
             "not_computable": list(self.unavailable),
+            "word_aligned": self.word_aligned,
             "notice": self.notice,
             "features": self.config.to_dict(),
             "card": self.meta.get("card"),
@@ -191,6 +201,7 @@ class Predictor:
             "used": used,
             "transcript": features["transcript"],
             "transcript_source": features["transcript_source"],
+            **({"words": features["words"]} if "words" in features else {}),
             "notes": features["notes"],
             **({"notice": self.notice} if self.notice else {}),
             "seconds": {"extract": extract_seconds, "model": time.perf_counter() - start},
@@ -213,15 +224,16 @@ class Predictor:
         start = time.perf_counter()
         extracted = self.pipeline.extract_text(text)
         extracted["path"] = ""
-        given = self._frame_features(features or {})
+        given = self._frame_features(features or {}, text)
         for modality, array in given.items():
             extracted[modality] = array
             extracted["present"] = {**extracted["present"], modality: len(array) > 0}
         used = self._usable(extracted, given=list(given))
         return self._result(extracted, used, "request", time.perf_counter() - start)
 
-    def _frame_features(self, given: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """Given frame features as float32 (frames, width) arrays checked against the model."""
+    def _frame_features(self, given: Mapping[str, Any], text: str) -> dict[str, np.ndarray]:
+        """Given frame features as float32 (frames, width) arrays checked against the model (for a
+        word-aligned model: one row per word of `text`)."""
         if not isinstance(given, Mapping):
             raise MsakitError(f"features must be a mapping of modality -> frames, not {type(given).__name__}")
         unknown = sorted(set(given) - set(FRAME_MODALITIES))
@@ -243,8 +255,23 @@ class Predictor:
                                   f"{tuple(array.shape)}")
             if not np.isfinite(array).all():
                 raise MsakitError(f"features.{modality} holds a NaN or infinite value")
+            words = len(transcript_words(text)) if self.word_aligned else len(array)
+            if len(array) and len(array) != words:
+                raise MsakitError(
+                    f"features.{modality} has {len(array)} rows, but {self.model_name} was trained on "
+                    f"word-aligned input: give one row per word of the text ({words} words), each the "
+                    "mean of the word's frames")
             out[modality] = array
         return out
+
+
+def _steps_aligned(model: MSAModel) -> bool:
+    """Whether the audio and vision the model reads had as many steps as its text: how a model
+    trained on an aligned pickle, which records no feature configuration, is recognised."""
+    dims = model.dims
+    frames = [getattr(dims, f"{m}_len") for m in FRAME_MODALITIES
+              if m in model.modalities and getattr(dims, m) is not None]
+    return bool(frames) and dims.text_len is not None and all(length == dims.text_len for length in frames)
 
 
 def _text_only_config(model: MSAModel, checkpoint: str) -> FeatureConfig:
