@@ -85,7 +85,7 @@ def test_a_study_runs_once_reuses_its_records_and_reports(tmp_path, tiny_pickle)
     widened = write_study(tmp_path / "study.yaml", tiny_pickle,
                           models=["tfn", {"model": "lmf", "set": ["model.rank=3"]}],
                           evaluate={"intra": {"rates": [0.0, 0.5]}, "fixed": {"subsets": ["t", "tav"]},
-                                    "inter": {"rates": [0.3]}})
+                                    "inter": {"rates": [0.3, 0.6]}})
     assert run_study(widened, study_dir=folder, executor="local")["ran"] == 4
     assert {p: p.stat().st_mtime_ns for p in folder.glob("jobs/*/seed-*.pt")} == checkpoints
 

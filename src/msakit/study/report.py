@@ -1,11 +1,15 @@
 """`msakit study report`: the leaderboard of a study, from its store.
 
-Per dataset: the clean test metrics of every model (mean ± std over seeds), the robustness table
-(clean MAE, then each protocol's mean over its conditions: MAE, Acc-2 and Corr), one table per
-protocol with every condition, and per-rate curves with error bands (PNG and SVG; MAE and Corr on
-separate axes, distinct markers and line styles). Written as markdown, a static HTML page and JSON;
-each table names the command that regenerates it. Only the records of the study's current jobs are
-read, so a changed setting never mixes with results of the old one.
+Per dataset: the clean test metrics of every model (mean ± std over seeds), each training stage's
+test metrics for models trained in stages, the robustness table (clean MAE, then each protocol's
+mean over its conditions: MAE, Acc-2 and Corr), one table per evaluation with every condition, and
+per-rate curves with error bands (PNG and SVG; MAE and Corr on separate axes, distinct markers and
+line styles). Models with their own evaluations share the robustness table's protocol columns and
+get a per-condition table per distinct evaluation. Domain generalization has its own table: per
+target and model, out-of-domain and in-domain metrics and their gap (mean ± std over seeds), then
+each model's mean over the targets. Written as markdown, a static HTML page and JSON; each table
+names the command that regenerates it. Only the records of the study's current jobs are read, so a
+changed setting never mixes with results of the old one.
 """
 
 from __future__ import annotations
@@ -50,20 +54,52 @@ def _describe(evaluation: Evaluation) -> str:
     return f"{evaluation.protocol}: {rates}"
 
 
+def _distinct(evaluations: Sequence[Evaluation]) -> list[Evaluation]:
+    return list(dict.fromkeys(evaluations))
+
+
+def _evaluations(study: Study, labels: Sequence[str]) -> list[Evaluation]:
+    """The distinct evaluations of the models labelled `labels`, in the study's order."""
+    return _distinct([e for m in study.models if m.label in labels for e in m.evaluations])
+
+
+def _curve_stems(dataset: str, evaluations: Sequence[Evaluation]) -> dict[str, str | None]:
+    """Per evaluation key: the curves' file stem (None for a single condition: no curve to draw);
+    numbered only where one protocol is evaluated in more than one way."""
+    out: dict[str, str | None] = {}
+    for evaluation in evaluations:
+        same = [e for e in evaluations if e.protocol == evaluation.protocol]
+        single = evaluation.rates is not None and len(evaluation.rates) == 1 or \
+            evaluation.subsets is not None and len(evaluation.subsets) == 1
+        suffix = "" if len(same) == 1 else f"-{same.index(evaluation) + 1}"
+        out[evaluation.key] = None if single else f"curves-{dataset}-{evaluation.protocol}{suffix}"
+    return out
+
+
+def _stages(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Each training stage's test metrics, mean/std over the runs (models trained in stages)."""
+    if not all(r["train"].get("stages") for r in runs):
+        return {}
+    names = [stage["stage"] for stage in runs[0]["train"]["stages"]]
+    return {name: dict(zip(("mean", "std"), mean_std([r["train"]["stages"][i]["test"] for r in runs]),
+                           strict=True))
+            for i, name in enumerate(names)}
+
+
 def summarise(study: Study, records: dict[str, dict[str, Any]], jobs: list) -> dict[str, Any]:
-    """Per dataset and model label: seeds recorded, clean test mean/std, each protocol's mean/std
-    and its per-condition means/stds."""
+    """Per dataset and model label: seeds recorded, clean test mean/std, each stage's, each
+    protocol's mean/std and its per-condition means/stds (domain generalization: `summarise_dg`)."""
     out: dict[str, Any] = {}
     for ref in study.datasets:
         models: dict[str, Any] = {}
-        for model in study.models:
+        for model in (m for m in study.models if m.dg is None):
             cell = [j for j in jobs if j.dataset == ref and j.model.label == model.label and j.id in records]
             if not cell:
                 continue
             runs = [records[j.id] for j in cell]
             clean_mean, clean_std = mean_std([r["train"]["test"] for r in runs])
             protocols = {}
-            for evaluation in study.evaluations:
+            for evaluation in model.evaluations:
                 done = [r["evaluations"][evaluation.key] for r in runs if evaluation.key in r["evaluations"]]
                 if len(done) != len(runs):
                     continue
@@ -72,23 +108,76 @@ def summarise(study: Study, records: dict[str, dict[str, Any]], jobs: list) -> d
                 per_condition = [mean_std([d["rows"][i]["metrics"] for d in done])
                                  for i in range(len(conditions))]
                 protocols[evaluation.protocol] = {
-                    "describe": _describe(evaluation), "mean": mean, "std": std, "conditions": conditions,
+                    "key": evaluation.key, "describe": _describe(evaluation), "mean": mean, "std": std,
+                    "conditions": conditions,
                     "condition_mean": [m for m, _ in per_condition],
                     "condition_std": [s for _, s in per_condition],
                 }
             models[model.label] = {"model": model.model, "overrides": list(cell[0].model.overrides),
                                    "seeds": sorted(j.seed for j in cell), "clean": clean_mean,
-                                   "clean_std": clean_std, "protocols": protocols,
+                                   "clean_std": clean_std, "stages": _stages(runs), "protocols": protocols,
                                    "seconds": sum(r.get("seconds") or 0.0 for r in runs)}
         out[ref.label] = models
     return out
 
 
+def summarise_dg(study: Study, records: dict[str, dict[str, Any]], jobs: list) -> dict[str, Any]:
+    """Per dataset, target and model label: the seeds recorded and the mean/std over them of the
+    in-domain and out-of-domain metrics and their gap."""
+    out: dict[str, Any] = {}
+    for ref in study.datasets:
+        targets: dict[str, Any] = {}
+        for model in (m for m in study.models if m.dg is not None):
+            for target in model.dg.targets:
+                cell = sorted((j for j in jobs if j.dataset == ref and j.model.label == model.label
+                               and j.target == target and j.id in records), key=lambda j: j.seed)
+                if not cell:
+                    continue
+                runs = [records[j.id]["train"] for j in cell]
+                found = {"seeds": [j.seed for j in cell], "group_by": model.dg.group_by,
+                         "seconds": sum(records[j.id].get("seconds") or 0.0 for j in cell)}
+                for part in ("out_of_domain", "in_domain", "gap"):
+                    found[part] = dict(zip(("mean", "std"), mean_std([r[part] for r in runs]), strict=True))
+                targets.setdefault(target, {})[model.label] = found
+        if targets:
+            out[ref.label] = targets
+    return out
+
+
+def dg_table(targets: dict[str, Any], family: str) -> list[str]:
+    """Per target and model: out-of-domain, in-domain and gap (out - in) metrics, mean ± std over
+    seeds; then each model's mean over the targets (where it has every one)."""
+    columns = SIMS_ROBUSTNESS_COLUMNS if family == "sims" else ROBUSTNESS_COLUMNS
+    parts = (("out_of_domain", "out-of-domain"), ("in_domain", "in-domain"), ("gap", "gap"))
+    group_by = next(iter(next(iter(targets.values())).values()))["group_by"]
+    lines = [f"Each run trains on every group ({group_by}) but the target, selects on their validation "
+             "data, and is scored on the target (out of domain) and on the sources' test split (in "
+             "domain); gap = out-of-domain - in-domain; mean ± std over seeds.", ""]
+    head = ["target", "model", "seeds", *(f"{name} {LABELS[k]}" for _, name in parts for k in columns)]
+    rows = []
+    labels: list[str] = []
+    for target, models in targets.items():
+        for label, found in models.items():
+            labels += [label] if label not in labels else []
+            rows.append([target, label, " ".join(map(str, found["seeds"])),
+                         *(_cell(k, found[part]["mean"][k], found[part]["std"][k], len(found["seeds"]))
+                           for part, _ in parts for k in columns)])
+    if len(targets) > 1:
+        for label in labels:
+            every = [models.get(label) for models in targets.values()]
+            if all(every):
+                rows.append([f"mean of {len(every)} targets", label, "",
+                             *(format_value(k, float(np.mean([f[part]["mean"][k] for f in every])))
+                               for part, _ in parts for k in columns)])
+    return lines + _table(head, rows)
+
+
 def robustness_table(study: Study, models: dict[str, Any], family: str) -> list[str]:
     """Clean MAE, then each protocol's mean over its conditions (MAE, Acc-2, Corr), per model."""
     columns = SIMS_ROBUSTNESS_COLUMNS if family == "sims" else ROBUSTNESS_COLUMNS
-    protocols = [e.protocol for e in study.evaluations]
-    described = "; ".join(_describe(e) for e in study.evaluations)
+    evaluations = _evaluations(study, list(models))
+    protocols = list(dict.fromkeys(e.protocol for e in evaluations))
+    described = "; ".join(_describe(e) for e in evaluations)
     lines = [f"Test split; each protocol cell is the mean over its conditions ({described}), then "
              "mean ± std over seeds.", ""]
     head = ["model", "seeds", f"clean {LABELS['mae']}",
@@ -105,32 +194,48 @@ def robustness_table(study: Study, models: dict[str, Any], family: str) -> list[
 
 
 def markdown(study: Study, summary: dict[str, Any], families: dict[str, str], command: str,
-             missing: int) -> str:
+             missing: int, dg: dict[str, Any] | None = None) -> str:
     lines = [f"# Study {study.name}", ""]
     if missing:
         lines += [f"{missing} job(s) of the study have no record yet: their cells are left out.", ""]
-    for dataset, models in summary.items():
+    for dataset in dict.fromkeys([*summary, *(dg or {})]):
         family = families[dataset]
+        lines += [f"## {dataset}", ""]
+        if dataset in (dg or {}):
+            lines += ["### Domain generalization", "", *dg_table(dg[dataset], family), ""]
+        models = summary.get(dataset)
+        if not models:
+            continue
         keys = METRIC_KEYS[family]
         columns = SIMS_ROBUSTNESS_COLUMNS if family == "sims" else ROBUSTNESS_COLUMNS
-        lines += [f"## {dataset}", "", "### Clean test split", "",
+        lines += ["### Clean test split", "",
                   "Mean ± std over seeds; each seed selected on validation.", ""]
         lines += _table(["model", "seeds", *(LABELS[k] for k in keys)],
                         [[label, " ".join(map(str, m["seeds"])),
                           *(_cell(k, m["clean"][k], m["clean_std"][k], len(m["seeds"])) for k in keys)]
                          for label, m in sorted(models.items())])
+        staged = {label: m for label, m in sorted(models.items()) if m["stages"]}
+        if staged:
+            lines += ["", "### Training stages", "",
+                      "Each stage's selected checkpoint on the test split (the last is the model's own).", ""]
+            lines += _table(["model", "stage", "seeds", *(LABELS[k] for k in keys)],
+                            [[label, stage, " ".join(map(str, m["seeds"])),
+                              *(_cell(k, found["mean"][k], found["std"][k], len(m["seeds"])) for k in keys)]
+                             for label, m in staged.items() for stage, found in m["stages"].items()])
         tuned = {label: m["overrides"] for label, m in sorted(models.items()) if m["overrides"]}
         if tuned:
             lines += ["", "Settings over each model's defaults (the study's, then those its search chose on "
                       "validation):", ""]
             lines += _table(["model", "settings"], [[label, " ".join(f"`{o}`" for o in overrides)]
                                                     for label, overrides in tuned.items()])
-        if study.evaluations:
+        evaluations = _evaluations(study, list(models))
+        stems = _curve_stems(dataset, evaluations)
+        if evaluations:
             lines += ["", "### Robustness", "", *robustness_table(study, models, family)]
-            for evaluation in study.evaluations:
+            for evaluation in evaluations:
                 p = evaluation.protocol
                 with_p = {label: m["protocols"][p] for label, m in sorted(models.items())
-                          if p in m["protocols"]}
+                          if m["protocols"].get(p, {}).get("key") == evaluation.key}
                 if not with_p:
                     continue
                 conditions = next(iter(with_p.values()))["conditions"]
@@ -142,7 +247,8 @@ def markdown(study: Study, summary: dict[str, Any], families: dict[str, str], co
                                                        strict=True)),
                          _cell(key, found["mean"][key], found["std"][key], len(models[label]["seeds"]))]
                         for label, found in with_p.items()])
-                lines += ["", f"![{dataset} {p}](curves-{dataset}-{p}.svg)"]
+                if stems[evaluation.key] is not None:
+                    lines += ["", f"![{dataset} {p}]({stems[evaluation.key]}.svg)"]
         lines.append("")
     lines += [f"Regenerate: `{command}`", ""]
     return "\n".join(lines)
@@ -229,28 +335,35 @@ def report_study(path: str | Path, *, output: str | Path | None = None, store: s
                           f"run `msakit study run {path}` first")
     out = Path(output).expanduser() if output is not None else root / "report"
     summary = summarise(study, records, jobs)
+    dg = summarise_dg(study, records, jobs)
     families = {job.dataset.label: job.metric_family for job in jobs}  # planning loaded the data once
     store_part = ([] if store is None else ["--store", str(store)]) + \
         ([] if study_dir is None else ["--dir", str(study_dir)])
     command = shlex.join(["msakit", "study", "run", str(path), *store_part]) + " && " + shlex.join(
         ["msakit", "study", "report", str(path), *store_part, "--output", str(out)])
-    text = markdown(study, summary, families, command, len(jobs) - len(records))
+    text = markdown(study, summary, families, command, len(jobs) - len(records), dg)
     for dataset, models in summary.items():
-        for evaluation in study.evaluations:
-            with_p = {label: m for label, m in models.items() if evaluation.protocol in m["protocols"]}
-            if with_p:
+        evaluations = _evaluations(study, list(models))
+        for evaluation, stem in zip(evaluations, _curve_stems(dataset, evaluations).values(), strict=True):
+            with_p = {label: m for label, m in models.items()
+                      if m["protocols"].get(evaluation.protocol, {}).get("key") == evaluation.key}
+            if with_p and stem is not None:
                 title = f"{study.name}: {dataset}, {_describe(evaluation)}"
-                plot_protocol(out / f"curves-{dataset}-{evaluation.protocol}", title, with_p,
-                              evaluation.protocol)
+                plot_protocol(out / stem, title, with_p, evaluation.protocol)
     atomic_write_text(out / "leaderboard.md", text)
-    if study.evaluations:  # the robustness tables alone, for pages that show only them
-        compact = []
-        for dataset, models in summary.items():
+    # the robustness (or domain-generalization) tables alone, for pages that show only them
+    compact = []
+    for dataset, models in summary.items():
+        if _evaluations(study, list(models)):
             compact += [f"**{dataset}**", "", *robustness_table(study, models, families[dataset]), ""]
+    for dataset, targets in dg.items():
+        compact += [f"**{dataset}**", "", *dg_table(targets, families[dataset]), ""]
+    if compact:
         atomic_write_text(out / "robustness.md", "\n".join([*compact, f"Regenerate: `{command}`", ""]))
     atomic_write_text(out / "leaderboard.html", html_page(text))
     atomic_write_json(out / "leaderboard.json", {"study": study.name, "command": command, "jobs": len(jobs),
-                                                 "records": len(records), "datasets": summary},
+                                                 "records": len(records), "datasets": summary,
+                                                 **({"domain_generalization": dg} if dg else {})},
                       UNDEFINED_REASONS)
     return {"study": study.name, "output": str(out), "jobs": len(jobs), "records": len(records),
             "markdown": text}

@@ -48,10 +48,30 @@ def plan_jobs(study: Study, tuned: Mapping[tuple[str, str], tuple[str, ...]] | N
             chosen = (tuned or {}).get((ref.label, model.label), ())
             model = dataclasses.replace(model, overrides=model.overrides + chosen)
             config = resolved_config(model.model, data, model.overrides, None)
-            for seed in study.seeds:
-                jobs.append(Job(job_identity(model.model, config, seed, data.fingerprint), ref, model, seed,
-                                data.fingerprint, config, study.evaluations, data.metric_family))
+            if model.dg is None:
+                for seed in study.seeds:
+                    jobs.append(Job(job_identity(model.model, config, seed, data.fingerprint), ref, model,
+                                    seed, data.fingerprint, config, model.evaluations, data.metric_family))
+                continue
+            for target in model.dg.targets:
+                for seed in study.seeds:
+                    key = job_identity(model.model, config, seed, data.fingerprint, target, model.dg.group_by)
+                    jobs.append(Job(key, ref, model, seed, data.fingerprint, config, (), data.metric_family,
+                                    target, model.dg.group_by))
     return jobs
+
+
+def _dg_job(job: Job, data: Any, run_dir: Path, start: float) -> dict[str, Any]:
+    """Train on every group but the job's target, select on their validation data, score in and
+    out of domain (`api.dg`)."""
+    result = api.dg(job.model.model, job.target, dataset=data, group_by=job.group_by, seeds=[job.seed],
+                    overrides=list(job.model.overrides), output=run_dir, resume=True, progress=False,
+                    command=f"msakit study run (job {job.id})")
+    seed = result["seeds"][0]
+    kept = ("valid", "in_domain", "out_of_domain", "gap", "per_domain", "best_epoch", "epochs_run")
+    return {"train": {"target": job.target, "group_by": job.group_by, **{key: seed.get(key) for key in kept},
+                      "warnings": result.get("warnings")},
+            "evaluations": {}, "host": platform.node(), "seconds": time.perf_counter() - start}
 
 
 def run_job(job: Job, root: str) -> dict[str, Any]:
@@ -62,6 +82,8 @@ def run_job(job: Job, root: str) -> dict[str, Any]:
         raise MsakitError(f"{job.dataset.dataset} changed since the study was planned (content fingerprint "
                           f"{data.fingerprint[:12]}, planned {job.fingerprint[:12]}): run the study again")
     run_dir = Path(root) / "jobs" / job.id
+    if job.target is not None:
+        return _dg_job(job, data, run_dir, start)
     trained = api.train(job.model.model, data, seeds=[job.seed], overrides=list(job.model.overrides),
                         output=run_dir, resume=True, progress=False,
                         command=f"msakit study run (job {job.id})")
@@ -75,7 +97,8 @@ def run_job(job: Job, root: str) -> dict[str, Any]:
                                        "spec": dataclasses.asdict(evaluation),
                                        "rows": result["rows"], "mean": result["mean"]}
     return {
-        "train": {key: seed.get(key) for key in ("valid", "test", "best_epoch", "epochs_run", "warnings")},
+        "train": {**{key: seed.get(key) for key in ("valid", "test", "best_epoch", "epochs_run", "warnings")},
+                  **({"stages": seed["stages"]} if seed.get("stages") else {})},  # per stage: its test
         "evaluations": evaluations, "host": platform.node(), "seconds": time.perf_counter() - start,
     }
 
@@ -128,7 +151,8 @@ def run_study(
         while runner.pending:
             key, record, error = runner.next_done()
             job = by_id[key]
-            name = f"{job.model.label} on {job.dataset.label}, seed {job.seed}"
+            target = "" if job.target is None else f", target {job.target}"
+            name = f"{job.model.label} on {job.dataset.label}{target}, seed {job.seed}"
             if record is None:
                 failures.append({"job": job.id, "what": name, "error": error or ""})
                 logger.warning("job %s (%s) failed: %s", job.id, name, error)

@@ -5,8 +5,14 @@ the test split clean and under the missing-data protocols the file lists:
 
 ```yaml
 name: robustness-synthetic
-datasets: [synthetic]                 # names or paths, or {dataset, data_dir, family, aligned}
-models: [tfn, lmf, {model: cyin, label: cyin-zscore, set: [data.normalize=zscore]}]
+datasets:                             # names or paths, or {dataset, data_dir, family, aligned,
+  - synthetic                         #   options, label}; `options`: the synthetic generator's sizes
+  - {dataset: synthetic, options: {audio_len: 50, vision_len: 50}}   # label synthetic-audio_len50-...
+models:                               # names, or {model, label, set, evaluate}
+  - tfn
+  - {model: cyin, label: cyin-zscore, set: [data.normalize=zscore]}
+  - {model: hme, label: hme-mr0.1, set: [training.noise=inter, training.noise_rate=0.1],
+     evaluate: {inter: {rates: [0.1]}, fixed: {}}}   # its own evaluations replace the study's
 seeds: [1111, 1112, 1113]
 set: [training.epochs=20]            # settings for every model (a model's own `set` comes after)
 evaluate:                             # protocols on the test split; each optional
@@ -17,13 +23,27 @@ resources: {cpus: 1, gpus: 0}        # what one job asks of a Ray worker
 search: ...                           # optional: see msakit.study.search
 ```
 
-A job is one (dataset, model, seed) cell. Its identity is a hash of the model, its resolved
-configuration (every setting in force, defaults included, except `NEUTRAL_SETTINGS`), the seed and
-the dataset's content fingerprint: a rerun finds the job's record and skips it, and a changed
-setting or changed data makes a new job. Evaluations are keyed the same way inside a job, so adding
-a protocol to a study scores the existing checkpoints without training them again. msakit's own
-version is not part of the identity: records made by an older msakit are reused (a study that must
-be redone after a code change names another store).
+A model's own `evaluate:` replaces the study's for that model only: a grid over a setting (HME
+trained and tested at each missing rate) is one model entry per value, each named by its label
+and scored where it was trained, with no cross product of settings and protocols to prune.
+
+Domain generalization is an evaluation of its own, `evaluate: {dg: {targets: ['0', '3'],
+group_by: domains}}` (`group_by` as `msakit dg` takes it; default domains): each target is one job
+per seed that trains on the dataset's other groups, selects on their validation data and records
+in-domain (the sources' test split) and out-of-domain (the target) metrics (`msakit.api.dg`). It
+takes no missing-data protocol beside it.
+
+A job is one (dataset, model, seed) cell, or (dataset, model, target, seed) for domain
+generalization. Its identity is a hash of the model, its resolved configuration (every setting in
+force, defaults included, except `NEUTRAL_SETTINGS`), the seed, the dataset's content fingerprint
+(which covers its generator options) and the DG target and grouping: a rerun finds the job's record
+and skips it, and a changed setting or changed data makes a new job. A setting that names a file
+(`FILE_SETTINGS`, e.g. `model.cues=PATH`, relative to the working directory) enters the identity
+by the file's content, not its path: a changed cue file makes new jobs, a moved one does not; a
+missing one is an error when the study is loaded. Evaluations are keyed the same way inside a job,
+so adding a protocol to a study scores the existing checkpoints without training them again.
+msakit's own version is not part of the identity: records made by an older msakit are reused (a
+study that must be redone after a code change names another store).
 """
 
 from __future__ import annotations
@@ -37,16 +57,21 @@ from pathlib import Path
 from typing import Any
 
 from msakit import api
+from msakit.data.catalog import SYNTHETIC, check_synthetic_sizes
 from msakit.data.schema import MultimodalDataset
 from msakit.errors import MsakitError
 from msakit.fileio import load_yaml
+from msakit.training.config import parse_overrides
 from msakit.training.runs import aligned_input
 
 STUDY_KEYS = ("name", "datasets", "models", "seeds", "set", "evaluate", "resources", "search")
-DATASET_KEYS = ("dataset", "data_dir", "family", "aligned")
-MODEL_KEYS = ("model", "label", "set")
+DATASET_KEYS = ("dataset", "data_dir", "family", "aligned", "options", "label")
+MODEL_KEYS = ("model", "label", "set", "evaluate")
 EVALUATION_KEYS = ("rates", "subsets", "seeds")
 PROTOCOL_NAMES = ("intra", "inter", "fixed")
+DG_KEYS = ("targets", "group_by")
+# settings whose value is a file the training reads: the identity holds its content, not its path
+FILE_SETTINGS = {"model": ("cues",)}
 
 
 def identity(value: Any) -> str:
@@ -62,19 +87,17 @@ class DatasetRef:
     data_dir: str | None = None
     family: str | None = None
     aligned: bool | None = None
+    options: tuple[tuple[str, Any], ...] = ()  # the synthetic generator's sizes, sorted by name
+    name: str | None = None  # the label the file gives
 
     @property
     def label(self) -> str:
-        return Path(self.dataset).stem if self.dataset.endswith((".pkl", ".csv")) else self.dataset
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """A model of the study and the settings it trains with; `label` names its rows."""
-
-    model: str
-    label: str
-    overrides: tuple[str, ...] = ()
+        """The dataset's name in tables and file names: the file's `label`, else the dataset's name
+        and its options (e.g. synthetic-audio_len50-vision_len50)."""
+        if self.name is not None:
+            return self.name
+        base = Path(self.dataset).stem if self.dataset.endswith((".pkl", ".csv")) else self.dataset
+        return "-".join([base, *(f"{key}{value}" for key, value in self.options)])
 
 
 @dataclass(frozen=True)
@@ -92,13 +115,36 @@ class Evaluation:
 
 
 @dataclass(frozen=True)
+class DomainGeneralization:
+    """Train on every group of the dataset but the target, test on the target; one job per target."""
+
+    targets: tuple[str, ...]
+    group_by: str = "domains"
+
+
+Evaluations = tuple[tuple[Evaluation, ...], DomainGeneralization | None]  # what an `evaluate:` holds
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model of the study, the settings it trains with and what its checkpoints are scored on
+    (its own `evaluate:`, else the study's); `label` names its rows."""
+
+    model: str
+    label: str
+    overrides: tuple[str, ...] = ()
+    evaluations: tuple[Evaluation, ...] = ()
+    dg: DomainGeneralization | None = None
+
+
+@dataclass(frozen=True)
 class Study:
     name: str
     path: str
     datasets: tuple[DatasetRef, ...]
     models: tuple[ModelRef, ...]
     seeds: tuple[int, ...]
-    evaluations: tuple[Evaluation, ...]
+    evaluations: tuple[Evaluation, ...]  # the study's; each model's own are on its ModelRef
     cpus: float = 1.0
     gpus: float = 0.0
     search: dict[str, Any] | None = None
@@ -106,7 +152,8 @@ class Study:
 
 @dataclass(frozen=True)
 class Job:
-    """One cell of the grid: train `model` on `dataset` with `seed`, then run the evaluations."""
+    """One cell of the grid: train `model` on `dataset` with `seed`, then run the evaluations; with
+    a `target`, train on the dataset's other groups (`group_by`) and score in and out of domain."""
 
     id: str
     dataset: DatasetRef
@@ -116,6 +163,8 @@ class Job:
     config: dict[str, Any] = field(compare=False, repr=False)
     evaluations: tuple[Evaluation, ...] = ()
     metric_family: str = "mosi"  # the data's: which metrics its tables show
+    target: str | None = None
+    group_by: str | None = None
 
 
 def _fail(path: str, where: str, message: str) -> MsakitError:
@@ -151,42 +200,99 @@ def _numbers(path: str, where: str, value: Any, kind: type) -> tuple:
 def _dataset(path: str, index: int, value: Any) -> DatasetRef:
     if isinstance(value, str):
         return DatasetRef(value)
-    value = _check_keys(path, f"datasets[{index}]", value, DATASET_KEYS)
+    where = f"datasets[{index}]"
+    value = dict(_check_keys(path, where, value, DATASET_KEYS))
     if not isinstance(value.get("dataset"), str):
-        raise _fail(path, f"datasets[{index}].dataset", "a dataset name or path is required")
-    return DatasetRef(**value)
+        raise _fail(path, f"{where}.dataset", "a dataset name or path is required")
+    options = value.pop("options", None) or {}
+    if not isinstance(options, dict):
+        raise _fail(path, f"{where}.options", "expected a mapping of generator options, e.g. {audio_len: 50}")
+    for key, option in options.items():
+        if isinstance(option, bool) or not isinstance(option, int | float):
+            raise _fail(path, f"{where}.options.{key}", f"expected a number, not {option!r}")
+    if options:
+        try:  # the generator's own check: an unknown option, or options on a dataset without them
+            check_dataset_options(value["dataset"], options)
+        except MsakitError as exc:
+            raise _fail(path, f"{where}.options", str(exc)) from None
+    label = value.pop("label", None)
+    if label is not None and (not isinstance(label, str) or not label.strip()):
+        raise _fail(path, f"{where}.label", "expected a non-empty string")
+    return DatasetRef(**value, options=tuple(sorted(options.items())), name=label)
 
 
-def _model(path: str, index: int, value: Any) -> ModelRef:
+def _files(path: str, where: str, overrides: tuple[str, ...]) -> tuple[str, ...]:
+    """`overrides` with each file setting (`FILE_SETTINGS`) made absolute; a missing file is an error."""
+    try:
+        parsed = parse_overrides(list(overrides))
+    except MsakitError as exc:
+        raise _fail(path, where, str(exc)) from None
+    named = {(section, key): value for section, keys in FILE_SETTINGS.items()
+             for key, value in parsed.get(section, {}).items() if key in keys and value is not None}
+    out = []
+    for override in overrides:
+        setting = override.split("=", 1)[0].strip()
+        section, _, key = setting.partition(".")
+        if (section, key) in named:
+            file = Path(str(named[section, key])).expanduser()
+            if not file.is_file():
+                raise _fail(path, where, f"{setting}={named[section, key]}: no such file")
+            override = f"{setting}={file.resolve()}"
+        out.append(override)
+    return tuple(out)
+
+
+def _model(path: str, index: int, value: Any, shared: tuple[str, ...],
+           evaluations: Evaluations) -> ModelRef:
+    """The model entry at `index`, after the study's shared settings and with the study's
+    evaluations unless it has its own."""
+    where = f"models[{index}]"
     if isinstance(value, str):
-        return ModelRef(value, value)
-    value = _check_keys(path, f"models[{index}]", value, MODEL_KEYS)
+        value = {"model": value}
+    value = _check_keys(path, where, value, MODEL_KEYS)
     if not isinstance(value.get("model"), str):
-        raise _fail(path, f"models[{index}].model", "a registered model name is required")
+        raise _fail(path, f"{where}.model", "a registered model name is required")
     label = value.get("label", value["model"])
     if not isinstance(label, str) or not label:
-        raise _fail(path, f"models[{index}].label", "expected a non-empty string")
-    return ModelRef(value["model"], label, _strings(path, f"models[{index}].set", value.get("set")))
+        raise _fail(path, f"{where}.label", "expected a non-empty string")
+    overrides = _files(path, f"{where}.set", shared + _strings(path, f"{where}.set", value.get("set")))
+    protocols, dg = _evaluations(path, f"{where}.evaluate", value["evaluate"]) if "evaluate" in value \
+        else evaluations
+    return ModelRef(value["model"], label, overrides, protocols, dg)
 
 
-def _evaluations(path: str, value: Any) -> tuple[Evaluation, ...]:
-    value = _check_keys(path, "evaluate", value or {}, PROTOCOL_NAMES)
+def _evaluations(path: str, where: str, value: Any) -> Evaluations:
+    """The missing-data protocols of an `evaluate:` mapping, or its domain-generalization targets."""
+    value = _check_keys(path, where, value or {}, (*PROTOCOL_NAMES, "dg"))
+    if "dg" in value:
+        if len(value) > 1:
+            other = next(k for k in value if k != "dg")
+            raise _fail(path, f"{where}.{other}", "a dg evaluation takes no missing-data protocol beside it")
+        settings = _check_keys(path, f"{where}.dg", value["dg"] or {}, DG_KEYS)
+        targets = settings.get("targets")
+        if not isinstance(targets, list) or not targets or \
+                not all(isinstance(t, str | int) and not isinstance(t, bool) for t in targets):
+            raise _fail(path, f"{where}.dg.targets", "expected a non-empty list of group names, e.g. ['0']")
+        group_by = settings.get("group_by", "domains")
+        if not isinstance(group_by, str) or not group_by:
+            raise _fail(path, f"{where}.dg.group_by", "expected domains, video, cluster or FILE.csv:COLUMN")
+        return (), DomainGeneralization(tuple(str(t) for t in targets), group_by)
     out = []
     for protocol, settings in value.items():
-        settings = _check_keys(path, f"evaluate.{protocol}", settings or {}, EVALUATION_KEYS)
+        settings = _check_keys(path, f"{where}.{protocol}", settings or {}, EVALUATION_KEYS)
         rates = settings.get("rates")
         subsets = settings.get("subsets")
         if protocol == "fixed" and rates is not None:
-            raise _fail(path, "evaluate.fixed.rates", "the fixed protocol takes subsets, not rates")
+            raise _fail(path, f"{where}.fixed.rates", "the fixed protocol takes subsets, not rates")
         if protocol != "fixed" and subsets is not None:
-            raise _fail(path, f"evaluate.{protocol}.subsets", f"the {protocol} protocol takes rates")
+            raise _fail(path, f"{where}.{protocol}.subsets", f"the {protocol} protocol takes rates")
         out.append(Evaluation(
             protocol,
-            rates=None if rates is None else _numbers(path, f"evaluate.{protocol}.rates", rates, float),
-            subsets=None if subsets is None else _strings(path, f"evaluate.{protocol}.subsets", subsets),
-            seeds=_numbers(path, f"evaluate.{protocol}.seeds", settings.get("seeds", [0]), int),
+            rates=None if rates is None else _numbers(path, f"{where}.{protocol}.rates", rates, float),
+            subsets=None if subsets is None else _strings(path, f"{where}.{protocol}.subsets", subsets),
+            seeds=_numbers(path, f"{where}.{protocol}.seeds", settings.get("seeds", [0]), int),
         ))
-    return tuple(out)
+    return tuple(out), None
 
 
 def load_study(path: str | Path) -> Study:
@@ -203,11 +309,17 @@ def load_study(path: str | Path) -> Study:
         if not isinstance(document.get(key), list) or not document[key]:
             raise _fail(where, key, "expected a non-empty list")
     shared = _strings(where, "set", document.get("set"))
-    models = [_model(where, i, m) for i, m in enumerate(document["models"])]
+    evaluations = _evaluations(where, "evaluate", document.get("evaluate"))
+    models = [_model(where, i, m, shared, evaluations) for i, m in enumerate(document["models"])]
     labels = [m.label for m in models]
     repeated = next((label for label in labels if labels.count(label) > 1), None)
     if repeated:
         raise _fail(where, "models", f"two models are labelled {repeated!r}: give each a distinct `label`")
+    datasets = [_dataset(where, i, d) for i, d in enumerate(document["datasets"])]
+    names = [d.label for d in datasets]
+    repeated = next((name for name in names if names.count(name) > 1), None)
+    if repeated:
+        raise _fail(where, "datasets", f"two datasets are labelled {repeated!r}: give each its own `label`")
     resources = _check_keys(where, "resources", document.get("resources") or {}, ("cpus", "gpus"))
     for key, amount in resources.items():
         if isinstance(amount, bool) or not isinstance(amount, int | float) or amount < 0:
@@ -217,28 +329,58 @@ def load_study(path: str | Path) -> Study:
         raise _fail(where, "search", "expected a mapping")
     return Study(
         name=name.strip(), path=where,
-        datasets=tuple(_dataset(where, i, d) for i, d in enumerate(document["datasets"])),
-        models=tuple(dataclasses.replace(m, overrides=shared + m.overrides) for m in models),
+        datasets=tuple(datasets), models=tuple(models),
         seeds=_numbers(where, "seeds", document.get("seeds", [1111]), int),
-        evaluations=_evaluations(where, document.get("evaluate")),
+        evaluations=evaluations[0],
         cpus=float(resources.get("cpus", 1)), gpus=float(resources.get("gpus", 0)), search=search,
     )
 
 
 # settings that never change a training's numbers: where its curves go, how often its state is saved
 NEUTRAL_SETTINGS = {"training": ("log", "state_every")}
+# settings added after studies had records, at the value that trains as msakit did before they
+# existed: left out of the identity at that value, so that adding a setting keeps the records
+ADDED_SETTINGS = {"training": {"accumulate_steps": 1, "grad_clip_value": None}}
 
 
-def job_identity(model: str, config: dict[str, Any], seed: int, fingerprint: str) -> str:
-    """What makes two trainings the same: the model, every setting in force (but the neutral ones),
-    the seed, the data."""
-    kept = {section: {key: value for key, value in values.items()
-                      if key not in NEUTRAL_SETTINGS.get(section, ())}
+def file_identity(path: str | Path) -> dict[str, str]:
+    """A file's place in a job identity: the hash of its content."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {"file sha256": digest.hexdigest()}
+
+
+def job_identity(model: str, config: dict[str, Any], seed: int, fingerprint: str,
+                 target: str | None = None, group_by: str | None = None) -> str:
+    """What makes two trainings the same: the model, every setting in force (but the neutral ones,
+    and those of `ADDED_SETTINGS` at their listed value; the files of `FILE_SETTINGS` by content),
+    the seed, the data, and a DG job's target and grouping."""
+    def counts(section: str, key: str, value: Any) -> bool:
+        added = ADDED_SETTINGS.get(section, {})
+        return key not in NEUTRAL_SETTINGS.get(section, ()) and not (key in added and value == added[key])
+
+    kept = {section: {key: file_identity(value) if value is not None and key in FILE_SETTINGS.get(section, ())
+                      else value
+                      for key, value in values.items() if counts(section, key, value)}
             for section, values in config.items()}
-    return identity({"model": model, "config": kept, "seed": seed, "data": fingerprint})
+    cell = {"model": model, "config": kept, "seed": seed, "data": fingerprint}
+    if target is not None:
+        cell["dg"] = {"target": target, "group_by": group_by}
+    return identity(cell)
+
+
+def check_dataset_options(dataset: str, options: dict[str, Any]) -> None:
+    """A one-line error for generator options `dataset` does not take (only the synthetic datasets
+    have a generator)."""
+    if dataset.strip().lower() not in SYNTHETIC:
+        raise MsakitError(f"generator options apply only to the synthetic datasets ({', '.join(SYNTHETIC)}), "
+                          f"not {dataset!r}")
+    check_synthetic_sizes(options)
 
 
 def load_data(ref: DatasetRef, model: str) -> MultimodalDataset:
-    """The dataset `ref` names, in the form (aligned or not) `model` reads."""
+    """The dataset `ref` names, with its generator options, in the form (aligned or not) `model` reads."""
     return api.load_dataset(ref.dataset, ref.data_dir, family=ref.family,
-                            aligned=aligned_input(model, ref.aligned))
+                            aligned=aligned_input(model, ref.aligned), **dict(ref.options))

@@ -1,0 +1,137 @@
+"""Study kinds beyond the clean/protocol grid: domain-generalization jobs (equal to a direct `api.dg`
+call), a model's own evaluations, synthetic generator options in the data fingerprint, files named
+in settings entering the job identity by content, and the one-line errors of these keys."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from msakit import api
+from msakit.errors import MsakitError
+from msakit.study import load_study, plan_jobs, report_study, run_study
+from msakit.study.spec import job_identity
+from msakit.study.store import ResultStore
+
+pytest.importorskip("sqlalchemy")
+
+# a tiny synthetic-dg (4 domains): the generator's options, as a study's dataset entry carries them
+DG_SIZES = {"n_train": 120, "n_valid": 60, "n_test": 60, "text_len": 6, "audio_len": 8, "vision_len": 8,
+            "text_dim": 16}
+TINY_MIDG = ["model.hidden=8", "model.heads=2", "model.adapter_dim=4", "model.adapter_heads=2",
+             "model.num_experts=3", "model.expert_hidden=8", "training.epochs=2", "training.batch_size=8"]
+TINY_DATA = {"n_train": 40, "n_valid": 12, "n_test": 16, "text_len": 6, "audio_len": 8, "vision_len": 8,
+             "text_dim": 16}
+
+
+def write(path, **document):
+    path.write_text(yaml.safe_dump({"name": "kinds", "seeds": [1], **document}, sort_keys=False))
+    return path
+
+
+def dg_study(path):
+    return write(
+        path, datasets=[{"dataset": "synthetic-dg", "options": DG_SIZES}], set=TINY_MIDG,
+        models=["midg", {"model": "midg", "label": "erm", "set": ["model.invariance_weight=0"]}],
+        evaluate={"dg": {"targets": ["0", "3"], "group_by": "domains"}})
+
+
+def test_a_dg_study_records_what_a_direct_dg_call_gives_and_reports_it(tmp_path):
+    path = dg_study(tmp_path / "dg.yaml")
+    summary = run_study(path, study_dir=tmp_path / "study", executor="local")
+    assert (summary["jobs"], summary["ran"], summary["failures"]) == (4, 4, [])
+    study = load_study(path)
+    jobs = plan_jobs(study)
+    records = ResultStore(tmp_path / "study" / "study.db").records(j.id for j in jobs)
+    erm = next(j for j in jobs if j.model.label == "erm" and j.target == "3")
+    direct = api.dg("midg", "3", dataset=api.load_dataset("synthetic-dg", **DG_SIZES), seeds=[1],
+                    overrides=[*TINY_MIDG, "model.invariance_weight=0"], progress=False)["seeds"][0]
+    recorded = records[erm.id]["train"]
+    for part in ("in_domain", "out_of_domain", "gap", "best_epoch"):
+        assert recorded[part] == direct[part], part  # bit for bit
+    # the target and the grouping are part of a job's identity
+    assert len({j.id for j in jobs}) == 4
+
+    report = report_study(path, study_dir=tmp_path / "study")
+    text = report["markdown"]
+    assert "### Domain generalization" in text and "out-of-domain MAE" in text and "gap MAE" in text
+    assert "| mean of 2 targets | erm |" in text and "| 3 | midg | 1 |" in text
+
+
+def test_a_model_evaluates_as_its_own_entry_says(tmp_path):
+    path = write(
+        tmp_path / "own.yaml", datasets=[{"dataset": "synthetic", "options": TINY_DATA}],
+        set=["training.epochs=1", "model.text_hidden=8", "model.audio_hidden=4", "model.vision_hidden=4",
+             "model.text_out=4", "model.post_fusion_dim=4"],
+        models=["tfn", {"model": "tfn", "label": "tfn-mr0.5", "set": ["training.noise=inter",
+                                                                        "training.noise_rate=0.5"],
+                        "evaluate": {"inter": {"rates": [0.5]}, "fixed": {"subsets": ["t", "ta"]}}}],
+        evaluate={"intra": {"rates": [0.0, 0.5]}})
+    study = load_study(path)
+    plain, own = study.models
+    assert [e.protocol for e in plain.evaluations] == ["intra"]
+    assert [(e.protocol, e.rates, e.subsets) for e in own.evaluations] == \
+        [("inter", (0.5,), None), ("fixed", None, ("t", "ta"))]
+    assert run_study(path, study_dir=tmp_path / "study", executor="local")["failures"] == []
+    text = report_study(path, study_dir=tmp_path / "study")["markdown"]
+    assert "### inter: r = 0.5: MAE per condition" in text
+    assert "### intra: r = 0, 0.5: MAE per condition" in text
+    robustness = text.split("### Robustness")[1].split("###")[0]
+    assert "| tfn | 1 |" in robustness and "| tfn-mr0.5 | 1 |" in robustness
+
+
+def test_generator_options_change_the_data_and_the_jobs(tmp_path):
+    small = write(tmp_path / "a.yaml", models=["tfn"],
+                  datasets=[{"dataset": "synthetic", "options": TINY_DATA}])
+    longer = write(tmp_path / "b.yaml", models=["tfn"],
+                   datasets=[{"dataset": "synthetic", "options": {**TINY_DATA, "audio_len": 9}}])
+    first, second = plan_jobs(load_study(small))[0], plan_jobs(load_study(longer))[0]
+    assert first.fingerprint != second.fingerprint and first.id != second.id
+    assert second.dataset.label == \
+        "synthetic-audio_len9-n_test16-n_train40-n_valid12-text_dim16-text_len6-vision_len8"
+
+
+def test_a_changed_file_named_in_the_settings_is_a_new_job(tmp_path):
+    cues = tmp_path / "cues.jsonl"
+    cues.write_text('{"backend": "offline", "id": "a", "cue": "one"}\n')
+    path = write(tmp_path / "cues.yaml", datasets=[{"dataset": "synthetic", "options": TINY_DATA}],
+                 models=[{"model": "mmslf", "set": [f"model.cues={cues}"]}])
+    before = plan_jobs(load_study(path))[0].id
+    moved = tmp_path / "elsewhere.jsonl"
+    moved.write_bytes(cues.read_bytes())
+    relocated = write(tmp_path / "moved.yaml", datasets=[{"dataset": "synthetic", "options": TINY_DATA}],
+                      models=[{"model": "mmslf", "set": [f"model.cues={moved}"]}])
+    assert plan_jobs(load_study(relocated))[0].id == before  # the content counts, not the path
+    cues.write_text('{"backend": "offline", "id": "a", "cue": "two"}\n')
+    assert plan_jobs(load_study(path))[0].id != before
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"datasets": [{"dataset": "synthetic", "options": {"colour": 3}}]},
+     r"datasets\[0\]\.options: unknown synthetic size option\(s\) colour"),
+    ({"datasets": [{"dataset": "synthetic", "options": {"audio_len": "long"}}]},
+     r"datasets\[0\]\.options\.audio_len: expected a number"),
+    ({"datasets": ["synthetic", {"dataset": "synthetic", "label": "synthetic"}]},
+     "two datasets are labelled 'synthetic'"),
+    ({"models": [{"model": "tfn", "evaluate": {"dg": {"targets": ["0"]}, "intra": {}}}]},
+     r"models\[0\]\.evaluate\.intra: a dg evaluation takes no missing-data protocol"),
+    ({"evaluate": {"dg": {"targets": []}}}, r"evaluate\.dg\.targets: expected a non-empty list"),
+    ({"evaluate": {"dg": {"targets": ["0"], "by": "video"}}}, r"evaluate\.dg: unknown key 'by'"),
+    ({"models": [{"model": "tfn", "evaluate": {"inter": {"subsets": ["t"]}}}]},
+     r"models\[0\]\.evaluate\.inter\.subsets: the inter protocol takes rates"),
+    ({"models": [{"model": "mmslf", "set": ["model.cues=/no/such/cues.jsonl"]}]},
+     r"models\[0\]\.set: model\.cues=/no/such/cues\.jsonl: no such file"),
+])
+def test_bad_keys_are_one_line_naming_them(tmp_path, change, message):
+    path = write(tmp_path / "bad.yaml", **{"datasets": ["synthetic"], "models": ["tfn"], **change})
+    with pytest.raises(MsakitError, match=message) as caught:
+        load_study(path)
+    assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_setting_added_later_keeps_the_identity_at_its_old_behaviour():
+    before = {"model": {"hidden": 8}, "training": {"lr": 1e-3}}
+    at_old = {"model": {"hidden": 8}, "training": {"lr": 1e-3, "accumulate_steps": 1}}
+    changed = {"model": {"hidden": 8}, "training": {"lr": 1e-3, "accumulate_steps": 2}}
+    assert job_identity("tfn", at_old, 1, "data") == job_identity("tfn", before, 1, "data")
+    assert job_identity("tfn", changed, 1, "data") != job_identity("tfn", before, 1, "data")
