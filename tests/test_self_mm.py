@@ -1,5 +1,6 @@
-"""Self-MM: the ULGM's generated labels against the paper's rule, its chunked updates, its memory
-across a resume, and the published settings. The registry-wide contract covers the rest."""
+"""Self-MM: the ULGM's generated labels against the paper's rule, its memory across a resume (with
+accumulated batches), its optimiser groups, and the published settings. The registry-wide
+contract covers the rest."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from msakit.models.registry import build_config
 from msakit.models.self_mm import HEADS, UNIMODAL, SelfMM
 from msakit.training.config import resolve_config
 from msakit.training.settings import TrainConfig
-from msakit.training.trainer import Trainer, seed_everything
+from msakit.training.trainer import Trainer, build_optimizer, seed_everything
 from resume_check import assert_resumed_fit_is_the_straight_fit
 
 TINY = {"audio_hidden": 4, "vision_hidden": 4, "audio_out": 4, "vision_out": 4, "post_fusion_dim": 8,
@@ -125,22 +126,16 @@ def test_generated_labels_follow_the_papers_rule(dims, split, batch):
         np.testing.assert_allclose(after, (epoch - 1) / (epoch + 1) * before, rtol=1e-4, atol=1e-6)
 
 
-def test_chunked_updates_are_batches_of_the_chunk_size(dims, split, batch):
-    """A batch updated in chunks of 2 leaves the memory as three batches of 2 with the same weights
-    (MMSA's accumulated batches)."""
-    whole, parts = _model(dims, label_update_chunk=2), _model(dims)
-    for model in (whole, parts):
-        for epoch in (1, 2):
-            _hook(model, epoch, split)
-            model.train()
-            if model is whole:
-                model(batch)
-            else:
-                for start in range(0, N, 2):
-                    model(make_batch(split, np.arange(start, start + 2)))
-    for key in ("labels", "features", "centres"):
-        for head in HEADS:
-            torch.testing.assert_close(getattr(whole.memory, key)[head], getattr(parts.memory, key)[head])
+def test_the_audio_and_vision_subnetworks_train_at_their_own_rates(dims):
+    """MMSA's groups on MOSEI: audio 5e-3 without decay, vision 1e-4 without decay, the rest 1e-3 with
+    1e-2, biases included (the encoder's group is the pretrained one, absent on text features)."""
+    resolved = resolve_config("self_mm", "mosei", ["model.text_source=features"])
+    model = create_model("self_mm", {**resolved["model"], **TINY}, dims)
+    optimizer = build_optimizer(model, TrainConfig(**resolved["training"]))
+    rate = {id(p): (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+    for name, param in model.named_parameters():
+        expected = {"audio": (5e-3, 0.0), "vision": (1e-4, 0.0)}.get(name.split(".")[0], (1e-3, 1e-2))
+        assert rate[id(param)] == expected, name
 
 
 def test_the_label_memory_survives_a_resume(tiny_dataset, tmp_path):
@@ -148,9 +143,10 @@ def test_the_label_memory_survives_a_resume(tiny_dataset, tmp_path):
 
     def trainer() -> Trainer:
         seed_everything(0)
-        model = create_model("self_mm", {"text_source": "features", **TINY, "label_update_chunk": 8},
-                             tiny_dataset.dims)
-        config = TrainConfig(epochs=4, batch_size=16, lr=3e-3, device="cpu", patience=None)
+        model = create_model("self_mm", {"text_source": "features", **TINY}, tiny_dataset.dims)
+        # 3 batches an epoch: one group of 2 accumulated, the third computed (the ULGM runs) and dropped
+        config = TrainConfig(epochs=4, batch_size=16, accumulate_steps=2, lr=3e-3, device="cpu",
+                             patience=None)
         trainers.append(Trainer(model, config, tiny_dataset.metric_family, progress=False))
         return trainers[-1]
 
@@ -169,7 +165,7 @@ def _memory_of_rank(rank: int, world: int, init_file: str, out_file: str) -> Non
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                                          world_size=world)
     split = _signed_split()
-    model = _model(MultimodalDataset("tiny", "synthetic", split, split, split).dims, label_update_chunk=2)
+    model = _model(MultimodalDataset("tiny", "synthetic", split, split, split).dims)
     for epoch in (1, 2):
         _hook(model, epoch, split)
         model.train()(make_batch(split, np.array_split(np.arange(N), world)[rank]))
@@ -182,7 +178,7 @@ def _memory_of_rank(rank: int, world: int, init_file: str, out_file: str) -> Non
 def test_ranks_keep_the_memory_one_process_keeps(dims, split, batch, tmp_path):
     """Two ranks, each with half of every batch, end with the memory of one process with the
     whole batches (torchrun)."""
-    single = _model(dims, label_update_chunk=2)
+    single = _model(dims)
     for epoch in (1, 2):
         _hook(single, epoch, split)
         single.train()(batch)
@@ -221,11 +217,15 @@ def test_yaml_resolves_for_every_family(family):
 
 def test_yaml_holds_the_published_values():
     """Spot checks against MMSA's config_regression.json (self_mm) @a94e65d: batch sizes 16/32/32/16
-    with update_epochs 4, H 3/3/1/3, post_text_dim 32/32/64/64, weight_decay_other."""
+    with update_epochs 4, H 3/3/1/3, post_text_dim 32/32/64/64, the groups' rates and decays."""
     families = ("mosi", "mosei", "sims", "simsv2")
     configs = [resolve_config("self_mm", f) for f in families]
-    assert [c["model"]["label_update_chunk"] for c in configs] == [16, 32, 32, 16]
-    assert [c["training"]["batch_size"] for c in configs] == [64, 128, 128, 64]
+    assert [c["training"]["batch_size"] for c in configs] == [16, 32, 32, 16]
+    assert {c["training"]["accumulate_steps"] for c in configs} == {4}
+    assert [c["model"]["audio_lr"] for c in configs] == [5e-3, 5e-3, 5e-3, 1e-3]
+    assert [c["model"]["vision_lr"] for c in configs] == [5e-3, 1e-4, 5e-3, 1e-3]
+    assert [c["model"]["audio_weight_decay"] for c in configs] == [1e-3, 0.0, 1e-2, 0.0]
+    assert [c["model"]["vision_weight_decay"] for c in configs] == [1e-3, 0.0, 1e-2, 0.0]
     assert [c["model"]["label_bound"] for c in configs] == [3.0, 3.0, 1.0, 3.0]
     assert [c["model"]["post_text_dim"] for c in configs] == [32, 32, 64, 64]
     assert [c["training"]["weight_decay"] for c in configs] == [1e-3, 1e-2, 1e-3, 1e-3]

@@ -38,18 +38,12 @@ Deviations from MMSA:
   prediction; it is left out (4 d_h + 4 parameters fewer, nothing else changes). So is the
   adversarial domain discriminator of `use_cmd_sim: false`, which MMSA's trainer cannot run (it
   reads attributes it never sets); every published setting uses CMD.
-- MMSA clips each gradient element to +-grad_clip (`clip_grad_value_`), msakit's trainer only
-  the global norm: `grad_clip_value` clamps each gradient element of this model as backward
-  computes it, which is MMSA's clipping (set it per dataset; null = none). It refuses, in one
-  line, what would make the clamp act on other gradients than MMSA's: fp16 loss scaling and
-  training in several processes.
-- MMSA accumulates the gradients of two batches per update (`update_epochs: 2`) and drops the
-  odd last batch of an epoch; msakit's loop updates after every batch, so the YAML doubles MMSA's
-  batch size (the same samples per update; Adam ignores the factor 2 of summing two batch
-  means). CMD and the difference loss then see batches twice MMSA's size.
 - Checkpoints are chosen on the validation MAE (msakit's selection), MMSA's on the validation MSE.
-- MMSA's `weight_decay` values are never handed to its optimiser (plain Adam), so the YAML has
-  none; BERT is fine-tuned at the model's learning rate, as MMSA does.
+- MMSA's `weight_decay` values are never handed to its optimiser (plain Adam, one parameter
+  group), so the YAML has none; BERT is fine-tuned at the model's learning rate, as MMSA does.
+  MMSA's gradient clipping by value after every backward (`grad_clip`) and its accumulation of two
+  batches per update (`update_epochs: 2`, the odd last batch of an epoch dropped) are the
+  training loop's `grad_clip_value` and `accumulate_steps`, set in the YAML.
 - The text width is the encoder's (MMSA hard-codes BERT-base's 768); with `text_source: features`
   the mean runs over the precomputed text features.
 - MMSA's `rnncell: gru` alternative, unused by every published setting, is not offered.
@@ -65,7 +59,6 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from msakit.data.schema import Batch, FeatureDims
 from msakit.models.base import (
-    POSITIVE,
     RATE,
     SIZE,
     WEIGHT,
@@ -75,7 +68,6 @@ from msakit.models.base import (
     one_of,
     setting,
 )
-from msakit.models.layers.gradients import check_clamping, clamp_gradients
 from msakit.models.layers.pooling import masked_mean, valid_lengths
 from msakit.models.layers.text import TextEncoder
 from msakit.models.registry import register_model
@@ -101,8 +93,6 @@ class MISAConfig(ModelConfig):
     recon_weight: float = setting(1.0, WEIGHT)
     # "own": each modality's valid frames; "text": the text's token count (MMSA)
     rnn_lengths: str = setting("own", one_of("own", "text"))
-    # clamp every gradient element to +-value (MMSA's clip_grad_value_); null = no clamping
-    grad_clip_value: float | None = setting(None, POSITIVE.or_null())
 
 
 class StackedBiLSTM(nn.Module):
@@ -178,8 +168,6 @@ class MISA(MSAModel):
         self.head = nn.Sequential(
             nn.Linear(6 * d, 3 * d), nn.Dropout(config.dropout), nn.ReLU(), nn.Linear(3 * d, 1)
         )
-        if config.grad_clip_value is not None:
-            clamp_gradients(self, config.grad_clip_value)
 
     def _frame_lengths(self, batch: Batch, modality: str, text_mask: torch.Tensor) -> torch.Tensor:
         mask = getattr(batch, f"{modality}_mask")
@@ -195,8 +183,6 @@ class MISA(MSAModel):
         return rnn(x, lengths)
 
     def forward(self, batch: Batch) -> Output:
-        if self.training and self.config.grad_clip_value is not None:
-            check_clamping(self.registry_name, batch.labels.device)
         states, text_mask = self.text_encoder(batch)
         utterances = {
             "text": masked_mean(states, text_mask),

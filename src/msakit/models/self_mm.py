@@ -34,24 +34,14 @@ AAAI 2021), as the MMSA framework implements and trains it (thuiar/MMSA @a94e65d
 
 Where this differs from MMSA, and the setting that restores MMSA's behaviour
 (benchmarks/parity/self_mm.py checks predictions, losses, generated labels and gradients):
-- Gradient accumulation (`label_update_chunk`). MMSA sums the gradients of `update_epochs` = 4
-  batches before each optimiser step (the gradients of an epoch's last 1-3 batches are computed
-  and then discarded), and runs the ULGM after each batch. msakit's loop steps after every batch,
-  so the YAML trains with batches 4x MMSA's and `label_update_chunk` = MMSA's batch size: the
-  ULGM then updates the memory chunk by chunk within a batch, which is what four accumulated
-  batches of MMSA do (the same weights for all four). What remains: the optimiser sees the mean
-  gradient instead of the sum of four means (Adam is indifferent to that scale, up to its eps),
-  and the last, smaller batch of an epoch is used rather than discarded. `null`: one update
-  per batch.
-- Optimiser (no setting). MMSA uses Adam with coupled L2 weight decay and five parameter groups:
-  BERT (`learning_rate_bert`, decayed except biases and LayerNorm), the audio LSTM subnetwork, the
-  vision one, and the rest (each with its own rate and decay, biases included). msakit's loop
-  has AdamW (decoupled decay) and two groups: the encoder at `training.encoder_lr` /
-  `encoder_weight_decay`, everything else at `training.lr` / `weight_decay` (MMSA's "other"
-  values, biases decayed too: `decay_norms_and_biases: true`). The audio and vision subnetworks
-  therefore train at `learning_rate_other` (MOSI, MOSEI audio, SIMS: 1e-3 instead of 5e-3; MOSEI
-  vision: 1e-3 instead of 1e-4; SIMSv2: the same 1e-3) and `weight_decay_other` (MOSEI 1e-2
-  instead of 0, SIMS 1e-3 instead of 1e-2, SIMSv2 1e-3 instead of 0; MOSI the same 1e-3).
+- Optimiser (no setting). MMSA uses Adam with coupled L2 weight decay, msakit's loop AdamW
+  (decoupled decay). MMSA's five parameter groups are kept: BERT at `training.encoder_lr` /
+  `encoder_weight_decay` (biases and LayerNorm not decayed), the audio and vision subnetworks at
+  `audio_lr` / `audio_weight_decay` and `vision_lr` / `vision_weight_decay` (`parameter_groups`),
+  the rest at `training.lr` / `weight_decay`, biases decayed too (`decay_norms_and_biases: true`).
+  MMSA's gradient accumulation (`update_epochs` 4: the gradients of four batch means summed per
+  step, an epoch's last 1-3 batches computed and dropped, the ULGM run after every batch) is the
+  loop's `training.accumulate_steps`.
 - Empty frame streams. MMSA crashes on a sample with no valid audio or vision frame (an LSTM over
   length 0); here such a stream runs one zeroed step (a missing-data protocol that zeroes a
   modality keeps its frames valid, so it is read as the zeros MMSA would read). Padded frames are
@@ -95,9 +85,11 @@ from msakit.models.base import (
     POSITIVE,
     RATE,
     SIZE,
+    WEIGHT,
     ModelConfig,
     MSAModel,
     Output,
+    ParameterGroup,
     setting,
 )
 from msakit.models.layers.subnets import TextSubNet
@@ -129,9 +121,12 @@ class SelfMMConfig(ModelConfig):
     post_vision_dropout: float = setting(0.0, RATE)
     label_bound: float = setting(3.0, POSITIVE)  # H: generated labels are clipped to [-H, H]
     exclude_zero: bool = setting(True, FLAG)  # excludeZero: label 0 counts as neither side
-    # samples per ULGM update within a batch (MMSA's batch size under gradient accumulation);
-    # null: the whole batch at once
-    label_update_chunk: int | None = setting(None, SIZE.or_null())
+    # the audio and vision subnetworks' own optimiser group (MMSA's learning_rate_audio/_video,
+    # weight_decay_audio/_video); null: training.lr, training.weight_decay
+    audio_lr: float | None = setting(None, WEIGHT.or_null())
+    audio_weight_decay: float | None = setting(None, WEIGHT.or_null())
+    vision_lr: float | None = setting(None, WEIGHT.or_null())
+    vision_weight_decay: float | None = setting(None, WEIGHT.or_null())
 
 
 class Head(nn.Module):
@@ -283,12 +278,14 @@ class SelfMM(MSAModel):
         # the memory keeps the labels' precision whatever the forward computed in (autocast)
         index, detached = whole_batch(index, {s: r.detach().to(fused.dtype)
                                               for s, r in representations.items()})
-        chunk = cfg.label_update_chunk or len(index)
-        for start in range(0, len(index), chunk):
-            part = slice(start, start + chunk)
-            memory.update({s: r[part] for s, r in detached.items()}, index[part], self.epoch,
-                          cfg.label_bound, cfg.exclude_zero)
+        memory.update(detached, index, self.epoch, cfg.label_bound, cfg.exclude_zero)
         return Output(pred=scores["fusion"], losses=losses, features=features)
+
+    def parameter_groups(self) -> tuple[ParameterGroup, ...]:
+        """MMSA's optimiser groups of the audio and vision subnetworks (BERT's is the encoder's)."""
+        cfg = self.config
+        return (ParameterGroup("audio", ("audio.",), cfg.audio_lr, cfg.audio_weight_decay),
+                ParameterGroup("vision", ("vision.",), cfg.vision_lr, cfg.vision_weight_decay))
 
     def on_train_epoch_start(self, epoch: int, train_batches: Callable[[], Iterator[Batch]]) -> None:
         """Keep the epoch number (the ULGM's n); before epoch 1 (or when no memory came back with

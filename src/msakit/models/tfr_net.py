@@ -51,13 +51,13 @@ Deviations from MMSA:
   GRUs read the valid steps either way, as MMSA's packing does).
 - `temporal_heads` must divide the three sequence lengths: MMSA's 25 cannot run SIMS' 39 text
   tokens (it crashes), so the SIMS settings use 1.
-- MMSA clips each gradient element to +-grad_clip (`clip_grad_value_`): `grad_clip_value` clamps
-  this model's gradients as backward computes them, which is the same in one process without
-  fp16 loss scaling (it refuses those, in one line).
 - Training loop (msakit's one loop; no setting restores these): MMSA's trainer zeroes the
   gradients every `update_epochs` (4) batches but steps after every batch (twice after every
   fourth), so each update sums the gradients of the last one to four batches; msakit steps once
-  per batch on that batch's gradient. MMSA's Adam with L2 weight decay and ReduceLROnPlateau
+  per batch on that batch's gradient. That is no gradient accumulation (which steps once per
+  group: `training.accumulate_steps`), so the YAML keeps 1. MMSA's clipping of each gradient
+  element after every backward (`grad_clip`, clip_grad_value_) is the loop's
+  `training.grad_clip_value`. MMSA's Adam with L2 weight decay and ReduceLROnPlateau
   (factor 0.1, patience 5 on the validation loss) becomes AdamW with decoupled decay (MMSA's
   values) at constant rates. Checkpoints are chosen on the validation MAE (MMSA: the validation
   L1 loss, the same number).
@@ -88,7 +88,6 @@ from msakit.missing.masks import drop_within_modalities
 from msakit.models.base import (
     COUNT,
     FLAG,
-    POSITIVE,
     RATE,
     SIZE,
     WEIGHT,
@@ -97,7 +96,6 @@ from msakit.models.base import (
     Output,
     setting,
 )
-from msakit.models.layers.gradients import check_clamping, clamp_gradients
 from msakit.models.layers.pooling import masked_max, valid_lengths
 from msakit.models.layers.text import TextEncoder, special_token_ids
 from msakit.models.layers.transformer import CrossModalEncoder, crossmodal_stacks
@@ -144,8 +142,6 @@ class TFRNetConfig(ModelConfig):
     missing_seed: int = setting(1111, COUNT)
     reconstruction_from_epoch: int = setting(2, SIZE)  # MMSA adds the losses after epoch 1
     mask_padding: bool = setting(True, FLAG)
-    # clamp every gradient element to +-value (MMSA's clip_grad_value_); null = no clamping
-    grad_clip_value: float | None = setting(None, POSITIVE.or_null())
 
 
 def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, removed: torch.Tensor,
@@ -241,8 +237,6 @@ class TFRNet(MSAModel):
                                   nn.Dropout(c.head_dropout), nn.Linear(c.head_hidden, 1))
         # set per epoch by the trainer's hook; a model trained without the hook always reconstructs
         self.reconstructing = True
-        if c.grad_clip_value is not None:
-            clamp_gradients(self, c.grad_clip_value)
 
     def on_train_epoch_start(self, epoch: int, train_batches: Callable[[], Iterator[Batch]]) -> None:
         self.reconstructing = epoch >= self.config.reconstruction_from_epoch
@@ -287,8 +281,6 @@ class TFRNet(MSAModel):
 
     def forward(self, batch: Batch) -> Output:
         c = self.config
-        if self.training and c.grad_clip_value is not None:
-            check_clamping(self.registry_name, batch.labels.device)
         removing = self.training and c.missing_rate > 0
         seen, removed = self.remove(batch) if removing else (batch, {})
         text, text_mask = self.text_encoder(seen)
