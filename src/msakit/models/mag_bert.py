@@ -25,7 +25,8 @@ Deviations from MMSA:
   default (`unaligned_input: refuse`), refuses other input in one line, as MMSA only runs aligned
   data (`need_data_aligned`; SIMS has no aligned pickle, so MMSA hands its gate 39 tokens against
   400 and 55 frames, where the concatenation fails). `unaligned_input: resample`, msakit's
-  addition (for SIMS, other unaligned data and predicting from media), lets token t of the n
+  addition (for SIMS and other unaligned data; media are word-aligned by `msakit extract` and
+  `predict` with `alignment.unit: word`, `msakit.features.alignment`), lets token t of the n
   attended ones read the mean of the valid frames in [floor(t F / n), ceil((t + 1) F / n)), F the
   frames up to the last valid one.
 - The encoder is any BERT-architecture folder (embeddings, encoder, pooler), the packaged MiniLM by
