@@ -19,7 +19,7 @@ from msakit.data.mmsa import load_mmsa, save_mmsa
 from msakit.data.synthetic import synthetic_dataset
 from msakit.data.tokens import load_tokenizer
 from msakit.errors import MsakitError
-from msakit.features import FeaturePipeline, feature_names, load_feature_config
+from msakit.features import FeaturePipeline, build_dataset, feature_names, load_feature_config
 from msakit.features.alignment import word_average
 from msakit.features.config import FeatureConfig
 from msakit.features.dataset import LabelRow, _cache_key, assemble
@@ -56,6 +56,25 @@ def test_word_alignment_is_a_feature_setting_that_keys_the_cache(tmp_path: Path)
     media = tmp_path / "clip.mp4"
     media.write_bytes(b"x")
     assert _cache_key(frame, media, "hi") != _cache_key(word, media, "hi")
+
+
+@needs_extra
+def test_extract_builds_word_aligned_datasets(tmp_path: Path) -> None:
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for i in range(3):
+        write_clip(clips / f"{i}.mp4", seconds=0.5, tone=200.0 + 100 * i)
+    labels = tmp_path / "label.csv"
+    labels.write_text("id,text,label,mode\n0,a bad film,-2,train\n1,so so,0.2,valid\n2,great,2.8,test\n")
+    word = load_feature_config(overrides=["alignment.unit=word", "text.max_tokens=8"])
+    report = build_dataset(clips, labels, tmp_path / "ds.pkl", word, workers=0, progress=False)
+    assert report["extracted"] == 3 and all(c["transcript_source"] == "given" for c in report["clips_detail"])
+    data = load_mmsa(tmp_path / "ds.pkl")
+    assert data.dims.audio_len == data.dims.vision_len == data.dims.text_len == 8
+    assert [data.split(s).audio_lengths[0] for s in ("train", "valid", "test")] == [3, 2, 1]  # words
+    assert data.features["config"]["alignment"] == {"unit": "word"}
+    again = build_dataset(clips, labels, tmp_path / "ds.pkl", word, workers=0, progress=False)
+    assert again["from_cache"] == 3  # and a frame configuration misses these entries (test above)
 
 
 # --- an aligned checkpoint trained on a word-aligned `msakit extract` dataset -------------------------
@@ -112,6 +131,8 @@ def test_word_timings_give_one_row_per_word_averaged_from_the_frames(
     clip = write_clip(tmp_path / "clip.mp4", seconds=1.0)  # a tone, no face, no transcript file
     predictor = Predictor(aligned_checkpoint)
     assert predictor.word_aligned and predictor.card()["word_aligned"]
+    with pytest.raises(MsakitError, match="alignment.unit 'word' -> 'frame'"):
+        Predictor(aligned_checkpoint, overrides=["alignment.unit=frame"])
     monkeypatch.setattr(predictor.pipeline.transcript, "recognise_words", lambda waveform: list(TIMED))
 
     features = predictor.pipeline.extract(clip)
