@@ -19,6 +19,7 @@ benchmarks/results/mmslf_oracle_cues.{json,md}.
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import time
@@ -26,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 
-from mmslf_distillation import only_stage
 from mmslf_teacher_cues import permuted_cues, teacher_predictions, write_cues
 from msakit import api
 from msakit.cues.backend import label_phrase
@@ -34,6 +34,7 @@ from msakit.data.schema import SPLITS, MultimodalDataset
 from msakit.data.synthetic import synthetic_dataset
 from msakit.evaluation.report import format_value, mean_std
 from msakit.metrics import compute_metrics
+from msakit.training.config import resolve_config
 from records import machine_name, rebuild_table, save_record
 
 COLUMNS = ("mae", "corr")
@@ -50,6 +51,12 @@ def oracle_cues(data: MultimodalDataset) -> dict[str, dict]:
                                        "model": "label", "prompt_version": "oracle-1",
                                        "visual_cues": "", "language_cues": text, "text": text}
     return records
+
+
+def only_stage(name: str) -> str:
+    """The override that trains mmslf's stage `name` alone, as configured for the synthetic data."""
+    stage = next(s for s in resolve_config("mmslf", "synthetic")["training"]["stages"] if s["name"] == name)
+    return f"training.stages={json.dumps([stage])}"
 
 
 def write_oracle_files(runs_dir: Path, data: MultimodalDataset) -> tuple[Path, Path]:
@@ -126,7 +133,7 @@ def main() -> None:
     parser.add_argument("--table", action="store_true", help="only rebuild the table from the records")
     parser.add_argument("--cues-only", action="store_true",
                         help="only write <runs-dir>/oracle.jsonl (and its permutation), e.g. for "
-                             "mmslf_distillation.py --cues")
+                             "studies/mmslf-distillation-variants.yaml")
     args = parser.parse_args()
     runs_dir = Path(args.runs_dir)
     if args.cues_only:

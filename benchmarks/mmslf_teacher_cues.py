@@ -1,10 +1,11 @@
 """Does MMSLF's teacher read its cues? The saved teachers scored with their cue texts changed.
 
-    python benchmarks/mmslf_teacher_cues.py        # after benchmarks/mmslf_distillation.py
+    python benchmarks/mmslf_teacher_cues.py        # after msakit study run studies/mmslf-distillation.yaml
     python benchmarks/mmslf_teacher_cues.py --table   # only rebuild the table
 
-Each distilled checkpoint of `mmslf_distillation.py` (`<runs-dir>/mmslf/seed-<seed>.pt`) keeps its
-frozen teacher. Each teacher is scored on every split with:
+Each distilled checkpoint of the mmslf-distillation study (its `mmslf` model, or the model `--label`
+names in the study `--study` names; `<study dir>/jobs/<job id>/seed-<seed>.pt`) keeps its frozen
+teacher. Each teacher is scored on every split with:
 - its own cues, as it was trained and selected;
 - the cues of other samples of the same split (one fixed permutation): if the teacher uses what
   the cues say about each clip, its score must drop;
@@ -14,13 +15,14 @@ frozen teacher. Each teacher is scored on every split with:
 It also measures how much the prompt can say: on the training split, the size of the projected
 cue states against the learned positions they are added to, and how much the prompt summary P
 differs between clips (its across-clip standard deviation over its root mean square).
-The changed cue files are written beside the checkpoints (`<runs-dir>/mmslf-cue-variants/`); the
+The changed cue files are written into the study's folder (`<study dir>/mmslf-cue-variants/`); the
 table goes to benchmarks/results/mmslf_teacher_cues.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
@@ -39,6 +41,8 @@ from msakit.data.synthetic import synthetic_dataset
 from msakit.evaluation.report import format_value, mean_std
 from msakit.fileio import atomic_write_json, atomic_write_text
 from msakit.metrics import compute_metrics
+from msakit.study import load_study, plan_jobs
+from msakit.study.runner import default_folder
 from msakit.training.checkpoint import load_checkpoint
 from msakit.training.settings import TrainConfig
 from msakit.training.trainer import Trainer
@@ -150,7 +154,7 @@ def prompt_variation(checkpoint: Path, cues: Path, data: MultimodalDataset) -> d
 def table(records: list[dict], command: str) -> tuple[dict, str]:
     summary = {}
     lines = [
-        "MMSLF teachers of `benchmarks/mmslf_distillation.py` (synthetic default, offline cues), "
+        "MMSLF teachers of the mmslf-distillation study (synthetic default, offline cues), "
         "scored with changed cue texts: MAE, Corr, and how far the predictions moved from those with "
         "its own cues (mean absolute change, in label units); mean ± std over seeds.",
         "",
@@ -187,11 +191,26 @@ def table(records: list[dict], command: str) -> tuple[dict, str]:
     return summary, "\n".join(lines)
 
 
+def distilled_checkpoints(study_file: str, study_dir: str | None, label: str,
+                          seeds: list[int]) -> tuple[Path, dict[int, Path]]:
+    """The study's folder and the checkpoints its model `label` trained, per seed."""
+    study = load_study(study_file)
+    models = tuple(m for m in study.models if m.label == label)
+    if not models:
+        raise SystemExit(f"{study_file}: no model labelled {label!r}")
+    folder = Path(study_dir) if study_dir else default_folder(study)
+    jobs = plan_jobs(dataclasses.replace(study, models=models, seeds=tuple(seeds)))
+    return folder, {job.seed: folder / "jobs" / job.id / f"seed-{job.seed}.pt" for job in jobs}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1111, 1112, 1113])
     parser.add_argument("--cues", default="runs/synthetic_cues.jsonl")
-    parser.add_argument("--runs-dir", default="runs/robustness_synthetic")
+    parser.add_argument("--study", default="studies/mmslf-distillation.yaml",
+                        help="the study that trained the distilled students")
+    parser.add_argument("--study-dir", help="its folder (default: runs/studies/<its name>)")
+    parser.add_argument("--label", default="mmslf", help="the study's model whose teachers are scored")
     parser.add_argument("--output", default="benchmarks/results/mmslf_teacher_cues")
     parser.add_argument("--table", action="store_true", help="only rebuild the table from the JSON")
     args = parser.parse_args()
@@ -200,14 +219,13 @@ def main() -> None:
         saved = json.loads(Path(f"{out}.json").read_text())
         write_table(out, saved["records"], saved["command"])
         return
-    runs_dir = Path(args.runs_dir)
-    checkpoints = {seed: runs_dir / "mmslf" / f"seed-{seed}.pt" for seed in args.seeds}
+    study_dir, checkpoints = distilled_checkpoints(args.study, args.study_dir, args.label, args.seeds)
     missing = [str(p) for p in checkpoints.values() if not p.is_file()]
     if missing or not Path(args.cues).is_file():
-        parser.error(f"run benchmarks/mmslf_distillation.py first: missing {', '.join(missing) or args.cues}")
+        parser.error(f"run `msakit study run {args.study}` first: missing {', '.join(missing) or args.cues}")
     data = synthetic_dataset()
     records = read_cue_records(Path(args.cues))
-    variants = runs_dir / "mmslf-cue-variants"
+    variants = study_dir / "mmslf-cue-variants"
     variants.mkdir(parents=True, exist_ok=True)
     cue_files = {
         "own": Path(args.cues).resolve(),

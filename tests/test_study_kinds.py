@@ -65,19 +65,29 @@ def test_a_model_evaluates_as_its_own_entry_says(tmp_path):
              "model.text_out=4", "model.post_fusion_dim=4"],
         models=["tfn", {"model": "tfn", "label": "tfn-mr0.5", "set": ["training.noise=inter",
                                                                         "training.noise_rate=0.5"],
-                        "evaluate": {"inter": {"rates": [0.5]}, "fixed": {"subsets": ["t", "ta"]}}}],
+                        "evaluate": {"inter": {"rates": [0.5]}, "fixed": {"subsets": ["t", "ta"]}}},
+                # trains as tfn does: one job, scored a second time with a test-time setting
+                {"model": "tfn", "label": "tfn-rescored",
+                 "evaluate": {"intra": {"rates": [0.0, 0.5], "set": ["model.post_fusion_dropout=0.5"]}}}],
         evaluate={"intra": {"rates": [0.0, 0.5]}})
     study = load_study(path)
-    plain, own = study.models
+    plain, own, rescored = study.models
     assert [e.protocol for e in plain.evaluations] == ["intra"]
     assert [(e.protocol, e.rates, e.subsets) for e in own.evaluations] == \
         [("inter", (0.5,), None), ("fixed", None, ("t", "ta"))]
-    assert run_study(path, study_dir=tmp_path / "study", executor="local")["failures"] == []
+    summary = run_study(path, study_dir=tmp_path / "study", executor="local")
+    assert (summary["jobs"], summary["ran"], summary["failures"]) == (2, 2, [])
+    jobs = plan_jobs(study)
+    shared = next(j.id for j in jobs if j.model.label == "tfn")
+    assert next(j.id for j in jobs if j.model.label == "tfn-rescored") == shared
+    record = ResultStore(tmp_path / "study" / "study.db").records([shared])[shared]
+    assert set(record["evaluations"]) == {plain.evaluations[0].key, rescored.evaluations[0].key}
+    assert plain.evaluations[0].key != rescored.evaluations[0].key
     text = report_study(path, study_dir=tmp_path / "study")["markdown"]
     assert "### inter: r = 0.5: MAE per condition" in text
     assert "### intra: r = 0, 0.5: MAE per condition" in text
     robustness = text.split("### Robustness")[1].split("###")[0]
-    assert "| tfn | 1 |" in robustness and "| tfn-mr0.5 | 1 |" in robustness
+    assert all(f"| {label} | 1 |" in robustness for label in ("tfn", "tfn-mr0.5", "tfn-rescored"))
 
 
 def test_generator_options_change_the_data_and_the_jobs(tmp_path):
@@ -119,6 +129,8 @@ def test_a_changed_file_named_in_the_settings_is_a_new_job(tmp_path):
     ({"evaluate": {"dg": {"targets": ["0"], "by": "video"}}}, r"evaluate\.dg: unknown key 'by'"),
     ({"models": [{"model": "tfn", "evaluate": {"inter": {"subsets": ["t"]}}}]},
      r"models\[0\]\.evaluate\.inter\.subsets: the inter protocol takes rates"),
+    ({"evaluate": {"intra": {"set": ["training.lr=1"]}}},
+     r"evaluate\.intra\.set: 'training\.lr=1': only model\.KEY=VALUE test-time settings"),
     ({"models": [{"model": "mmslf", "set": ["model.cues=/no/such/cues.jsonl"]}]},
      r"models\[0\]\.set: model\.cues=/no/such/cues\.jsonl: no such file"),
 ])

@@ -341,7 +341,8 @@ def report_study(path: str | Path, *, output: str | Path | None = None, store: s
         ([] if study_dir is None else ["--dir", str(study_dir)])
     command = shlex.join(["msakit", "study", "run", str(path), *store_part]) + " && " + shlex.join(
         ["msakit", "study", "report", str(path), *store_part, "--output", str(out)])
-    text = markdown(study, summary, families, command, len(jobs) - len(records), dg)
+    distinct = len({j.id for j in jobs})  # model entries that train alike share one job
+    text = markdown(study, summary, families, command, distinct - len(records), dg)
     for dataset, models in summary.items():
         evaluations = _evaluations(study, list(models))
         for evaluation, stem in zip(evaluations, _curve_stems(dataset, evaluations).values(), strict=True):
@@ -361,9 +362,9 @@ def report_study(path: str | Path, *, output: str | Path | None = None, store: s
     if compact:
         atomic_write_text(out / "robustness.md", "\n".join([*compact, f"Regenerate: `{command}`", ""]))
     atomic_write_text(out / "leaderboard.html", html_page(text))
-    atomic_write_json(out / "leaderboard.json", {"study": study.name, "command": command, "jobs": len(jobs),
+    atomic_write_json(out / "leaderboard.json", {"study": study.name, "command": command, "jobs": distinct,
                                                  "records": len(records), "datasets": summary,
                                                  **({"domain_generalization": dg} if dg else {})},
                       UNDEFINED_REASONS)
-    return {"study": study.name, "output": str(out), "jobs": len(jobs), "records": len(records),
+    return {"study": study.name, "output": str(out), "jobs": distinct, "records": len(records),
             "markdown": text}

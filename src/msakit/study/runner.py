@@ -92,7 +92,8 @@ def run_job(job: Job, root: str) -> dict[str, Any]:
     evaluations = {}
     for evaluation in job.evaluations:
         result = api.robustness(checkpoint, data, protocol=evaluation.protocol, rates=evaluation.rates,
-                                subsets=evaluation.subsets, seeds=evaluation.seeds, device="auto")
+                                subsets=evaluation.subsets, seeds=evaluation.seeds, device="auto",
+                                overrides=evaluation.overrides)
         evaluations[evaluation.key] = {"protocol": evaluation.protocol,
                                        "spec": dataclasses.asdict(evaluation),
                                        "rows": result["rows"], "mean": result["mean"]}
@@ -103,11 +104,22 @@ def run_job(job: Job, root: str) -> dict[str, Any]:
     }
 
 
+def _merged(jobs: list[Job]) -> list[Job]:
+    """One job per identity: model entries that train alike share a training and their evaluations."""
+    out: dict[str, Job] = {}
+    for job in jobs:
+        if job.id in out:
+            evaluations = tuple(dict.fromkeys(out[job.id].evaluations + job.evaluations))
+            job = dataclasses.replace(out[job.id], evaluations=evaluations)
+        out[job.id] = job
+    return list(out.values())
+
+
 def _todo(jobs: list[Job], store: ResultStore) -> list[Job]:
     """The jobs without a record, or with evaluations their record lacks (those only)."""
     records = store.records(job.id for job in jobs)
     todo = []
-    for job in jobs:
+    for job in _merged(jobs):
         done = records.get(job.id, {}).get("evaluations")
         if done is None:
             todo.append(job)
@@ -143,7 +155,8 @@ def run_study(
         tuned = tune(study, search, results.url, runner) if search is not None else {}
         jobs = plan_jobs(study, tuned)
         todo = _todo(jobs, results)
-        logger.info("study %s: %d jobs, %d to run, store %s", study.name, len(jobs), len(todo), results.url)
+        count = len({job.id for job in jobs})
+        logger.info("study %s: %d jobs, %d to run, store %s", study.name, count, len(todo), results.url)
         root_text = str(root.resolve())
         for job in todo:
             runner.submit(job.id, run_job, job, root_text)
@@ -161,6 +174,6 @@ def run_study(
             logger.info("job %s (%s) done in %.0f s", job.id, name, record["seconds"])
     finally:
         runner.close()
-    return {"study": study.name, "jobs": len(jobs), "ran": len(todo) - len(failures),
-            "skipped": len(jobs) - len(todo), "failures": failures, "store": results.url,
+    return {"study": study.name, "jobs": count, "ran": len(todo) - len(failures),
+            "skipped": count - len(todo), "failures": failures, "store": results.url,
             "study_dir": str(root)}

@@ -23,9 +23,13 @@ resources: {cpus: 1, gpus: 0}        # what one job asks of a Ray worker
 search: ...                           # optional: see msakit.study.search
 ```
 
-A model's own `evaluate:` replaces the study's for that model only: a grid over a setting (HME
+An evaluation's `set: [model.KEY=VALUE]` scores the checkpoint with those test-time settings in
+place of the saved ones (`msakit robustness --set`). A model's own `evaluate:` replaces the
+study's for that model only: a grid over a setting (HME
 trained and tested at each missing rate) is one model entry per value, each named by its label
-and scored where it was trained, with no cross product of settings and protocols to prune.
+and scored where it was trained, with no cross product of settings and protocols to prune. Two model
+entries that train the same way are one job: an entry that only adds evaluations (e.g. with
+test-time settings) scores the other's checkpoints without training them again.
 
 Domain generalization is an evaluation of its own, `evaluate: {dg: {targets: ['0', '3'],
 group_by: domains}}` (`group_by` as `msakit dg` takes it; default domains): each target is one job
@@ -67,7 +71,7 @@ from msakit.training.runs import aligned_input
 STUDY_KEYS = ("name", "datasets", "models", "seeds", "set", "evaluate", "resources", "search")
 DATASET_KEYS = ("dataset", "data_dir", "family", "aligned", "options", "label")
 MODEL_KEYS = ("model", "label", "set", "evaluate")
-EVALUATION_KEYS = ("rates", "subsets", "seeds")
+EVALUATION_KEYS = ("rates", "subsets", "seeds", "set")
 PROTOCOL_NAMES = ("intra", "inter", "fixed")
 DG_KEYS = ("targets", "group_by")
 # settings whose value is a file the training reads: the identity holds its content, not its path
@@ -108,10 +112,14 @@ class Evaluation:
     rates: tuple[float, ...] | None = None
     subsets: tuple[str, ...] | None = None
     seeds: tuple[int, ...] = (0,)
+    overrides: tuple[str, ...] = ()  # model.KEY=VALUE test-time settings the checkpoint is scored with
 
     @property
     def key(self) -> str:
-        return identity(dataclasses.asdict(self))
+        fields = dataclasses.asdict(self)
+        if not self.overrides:  # keys made before test-time settings existed stay the same
+            del fields["overrides"]
+        return identity(fields)
 
 
 @dataclass(frozen=True)
@@ -242,6 +250,15 @@ def _files(path: str, where: str, overrides: tuple[str, ...]) -> tuple[str, ...]
     return tuple(out)
 
 
+def _test_time(path: str, where: str, value: Any) -> tuple[str, ...]:
+    """An evaluation's `set`: model settings only, the ones a saved checkpoint is scored with."""
+    overrides = _strings(path, where, value)
+    wrong = next((o for o in overrides if not o.strip().startswith("model.")), None)
+    if wrong is not None:
+        raise _fail(path, where, f"{wrong!r}: only model.KEY=VALUE test-time settings apply to a checkpoint")
+    return overrides
+
+
 def _model(path: str, index: int, value: Any, shared: tuple[str, ...],
            evaluations: Evaluations) -> ModelRef:
     """The model entry at `index`, after the study's shared settings and with the study's
@@ -291,6 +308,7 @@ def _evaluations(path: str, where: str, value: Any) -> Evaluations:
             rates=None if rates is None else _numbers(path, f"{where}.{protocol}.rates", rates, float),
             subsets=None if subsets is None else _strings(path, f"{where}.{protocol}.subsets", subsets),
             seeds=_numbers(path, f"{where}.{protocol}.seeds", settings.get("seeds", [0]), int),
+            overrides=_test_time(path, f"{where}.{protocol}.set", settings.get("set")),
         ))
     return tuple(out), None
 

@@ -1,6 +1,6 @@
 """Cost of HME's cross-sample retrieval over a memory bank of MOSEI size (16,326 training samples).
 
-    OMP_NUM_THREADS=1 python benchmarks/hme_retrieval.py
+    OMP_NUM_THREADS=1 python benchmarks/perf/hme_retrieval.py
 
 For one training batch (256 queries, d = 192, the published width) and one modality: `retrieve`
 (blocked cosine search, `models/layers/neighbours.py`) against the whole bank, for top-32 and for
@@ -8,7 +8,7 @@ For one training batch (256 queries, d = 192, the published width) and one modal
 (256 x 256) for scale. A training step retrieves for 3 modalities; evaluation the same per batch.
 Also the bank's size in a checkpoint (H for 3 modalities in float32, presence, id hashes).
 
-Writes benchmarks/results/hme_retrieval.json and .md.
+Writes benchmarks/results/perf/hme_retrieval.json and .md.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def timed(fn, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--output", default="benchmarks/results/hme_retrieval")
+    parser.add_argument("--output", default="benchmarks/results/perf/hme_retrieval")
     args = parser.parse_args()
     torch.manual_seed(0)
     bank = torch.randn(BANK, DIM)
