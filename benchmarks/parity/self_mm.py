@@ -12,12 +12,12 @@ evaluation mode, then trains both for three epochs over 16 samples in batches of
 shuffled order, the same dropout draws, SGD on both): at every step the four predictions, the
 fusion loss, each unimodal loss (MMSA's `weighted_loss` on its label map), the total, every
 parameter's gradient, and after the step's ULGM update (MMSA's `update_labels`, `update_features`,
-`update_centers`) the generated labels and the centres of the whole memory. A second run checks
-`label_update_chunk`: msakit's batches of 16 updated in chunks of 4 against MMSA's four batches of 4
-whose gradients it accumulates (`update_epochs` 4), without dropout (one forward against four draw
-dropout differently) and in float64 (a batch of 16 and four of 4 round differently in float32, and
-the ULGM's ratio of distance gaps magnifies that to about 2e-5 in the generated labels); msakit's
-gradient of the batch mean is scaled by 4 to MMSA's sum of four batch means.
+`update_centers`) the generated labels and the centres of the whole memory. The loop row runs
+MMSA's own training loop (trains/multiTask/SELF_MM.py `do_train`: its five Adam parameter groups,
+four batches' gradients summed per step, an epoch's last incomplete group dropped, the ULGM after
+every batch) against msakit's (`Trainer.train_epoch` with the YAML's `accumulate_steps` and the
+model's `parameter_groups`) over the same batches, in float64 with every dropout off, and compares
+the gradients each optimiser step reads, the generated labels and the weights after training.
 Writes benchmarks/results/parity/self_mm.{json,md}.
 """
 
@@ -26,13 +26,16 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import shutil
 import sys
 import tempfile
 import types
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from mmsa_loop import recording_steps, run_do_train, step_differences, without_dropout
 from msakit_parity import (
     full_batch,
     gradient_difference,
@@ -44,12 +47,14 @@ from msakit_parity import (
     rename_state,
     write_report,
 )
-from torch import nn
 
-from msakit.data.schema import Batch, FeatureDims
+from msakit.data.batching import training_shards
+from msakit.data.schema import Batch, FeatureDims, Split
 from msakit.models import create_model
 from msakit.models.self_mm import HEADS, UNIMODAL, SelfMM
 from msakit.training.config import resolve_config
+from msakit.training.settings import TrainConfig
+from msakit.training.trainer import Trainer, build_optimizer, build_scheduler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 from tiny_bert import make_tiny_bert  # noqa: E402  (the tests' tiny BERT, on both sides)
@@ -58,6 +63,7 @@ REPOSITORY = "thuiar/MMSA"
 COMMIT = "a94e65d07fa1ae0d44e552390074b29b0898edfd"
 DATASETS = ("mosi", "mosei", "sims", "simsv2")
 SAMPLES, BATCH, EPOCHS = 16, 4, 3
+LOOP_SAMPLES = 18  # 5 batches of 4 an epoch: one group of 4 accumulated, the fifth dropped
 TEXT_LEN, AUDIO_LEN, VISION_LEN = 12, 20, 15
 TASK = {"fusion": "M", "text": "T", "audio": "A", "vision": "V"}
 
@@ -82,12 +88,13 @@ def official_modules(root: Path) -> tuple[types.ModuleType, types.ModuleType]:
             importlib.import_module("MMSA.trains.multiTask.SELF_MM"))
 
 
-def official_args(root: Path, dataset: str, bert: str, text_dim: int) -> types.SimpleNamespace:
+def official_args(root: Path, dataset: str, bert: str, text_dim: int,
+                  samples: int = SAMPLES) -> types.SimpleNamespace:
     config = json.loads((root / "src" / "MMSA" / "config" / "config_regression.json").read_text())
     params = {**config["self_mm"]["commonParams"], **config["self_mm"]["datasetParams"][dataset],
               **config["datasetCommonParams"][dataset]["unaligned"]}
     params["feature_dims"] = [text_dim, *params["feature_dims"][1:]]
-    params.update(text_out=text_dim, pretrained=bert, train_samples=SAMPLES, device="cpu",
+    params.update(text_out=text_dim, pretrained=bert, train_samples=samples, device="cpu",
                   train_mode="regression", dataset_name=dataset, model_name="self_mm")
     return types.SimpleNamespace(**params)
 
@@ -172,7 +179,7 @@ def worst(rows: list[dict[str, float]]) -> dict[str, float]:
 
 def compare_steps(root: Path, dataset: str, bert: str) -> dict:
     """Evaluation predictions, then every training step with MMSA's batches (dropout active)."""
-    pair = Pair(root, dataset, bert, label_update_chunk="null")
+    pair = Pair(root, dataset, bert)
     official, ours = pair.official, pair.ours
     everything = torch.arange(SAMPLES)
     official.eval()
@@ -225,67 +232,108 @@ def compare_steps(root: Path, dataset: str, bert: str) -> dict:
     }
 
 
-def without_dropout(model: nn.Module, bert: nn.Module) -> None:
-    """Training mode with every dropout off (BERT's attention dropout follows its own mode)."""
-    model.train()
-    bert.eval()
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.eval()
+def bert_without_dropout(folder: Path) -> str:
+    """A copy of the tiny BERT of `folder` with its hidden and attention dropout at 0 (MMSA's loop
+    puts BERT in training mode, and the two sides would draw its masks differently)."""
+    copy = folder.with_name(folder.name + "-without-dropout")
+    shutil.copytree(folder, copy, dirs_exist_ok=True)
+    config = json.loads((copy / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (copy / "config.json").write_text(json.dumps(config))
+    return str(copy)
 
 
-def compare_chunks(root: Path, dataset: str, bert: str, update_epochs: int = 4) -> dict:
-    """msakit's batch of 16 updated in chunks of 4 against MMSA's 4 accumulated batches of 4."""
-    pair = Pair(root, dataset, bert, torch.float64, label_update_chunk=BATCH)
-    official, ours = pair.official, pair.ours
-    everything = torch.arange(SAMPLES)
-    pair.start()
-    sgd = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (official, ours)]
-    steps, gradients = [], []
-    for epoch in range(1, EPOCHS + 1):
-        ours.on_train_epoch_start(epoch, lambda: iter([pair.batch(everything)]))
-        without_dropout(official, official.text_model)
-        without_dropout(ours, ours.text_encoder)
-        for optimizer in sgd:
-            optimizer.zero_grad()
-        order = torch.randperm(SAMPLES, generator=pair.order)
-        predictions, losses = [], {h: 0.0 for h in HEADS}
-        for index in order.split(BATCH)[:update_epochs]:
-            theirs = pair.official_outputs(index)
-            their_losses = pair.official_losses(theirs, index)
-            sum(their_losses.values()).backward()
-            pair.official_update(theirs, index, epoch)
-            predictions.append(theirs["M"].squeeze(-1))
-            losses = {h: losses[h] + their_losses[h] / update_epochs for h in HEADS}
-        mine = ours(pair.batch(order))
-        my_losses = {"fusion": F.l1_loss(mine.pred, pair.labels[order]), **mine.losses}
-        (update_epochs * sum(my_losses.values())).backward()
-        steps.append({"prediction (train)": max_abs(torch.cat(predictions), mine.pred),
-                      **{f"{h} loss": max_abs(losses[h], my_losses[h]) for h in HEADS},
-                      **pair.memory_difference()})
-        gradients.append(gradient_difference(official, ours, pair.official_name.__getitem__))
-        for optimizer in sgd:
-            optimizer.step()
+def compare_loop(root: Path, dataset: str, bert: str) -> dict:
+    """MMSA's do_train against msakit's loop for EPOCHS epochs, float64, no dropout."""
+    model_module, trainer_module = official_modules(root)
+    torch.manual_seed(0)
+    args = official_args(root, dataset, bert, 32, samples=LOOP_SAMPLES)
+    for key in ("weight_decay_bert", "weight_decay_audio", "weight_decay_video", "weight_decay_other"):
+        setattr(args, key, 0.0)  # MMSA's Adam decays by L2, msakit's AdamW decoupled: compared without
+    official = model_module.SELF_MM(args)
+    audio_dim, vision_dim = args.feature_dims[1:]
+    dims = FeatureDims(text=None, audio=audio_dim, vision=vision_dim, text_len=TEXT_LEN,
+                       audio_len=AUDIO_LEN, vision_len=VISION_LEN, has_text_ids=True)
+    resolved = resolve_config("self_mm", dataset, [
+        f"model.text_encoder={bert}", "model.audio_weight_decay=0", "model.vision_weight_decay=0",
+        "training.weight_decay=0", "training.encoder_weight_decay=0"])
+    ours: SelfMM = create_model("self_mm", resolved["model"], dims)
+    ours.load_state_dict(rename_state(official.state_dict(), RENAMES), strict=True)
+    official_name = rename_state({k: k for k, _ in official.named_parameters()}, RENAMES)
+    for model in (official, ours):
+        without_dropout(model)
+        model.double()
+
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(1000, 2000, (LOOP_SAMPLES, TEXT_LEN), generator=generator)
+    text = torch.stack([ids, torch.ones_like(ids), torch.zeros_like(ids)], dim=1)
+    split = Split(
+        ids=np.array([str(i) for i in range(LOOP_SAMPLES)]),
+        labels=((torch.rand(LOOP_SAMPLES, generator=generator) * 2 - 1) * args.H).numpy(),
+        text_bert=text.numpy(),
+        audio=torch.randn(LOOP_SAMPLES, AUDIO_LEN, audio_dim, generator=generator,
+                          dtype=torch.float64).numpy(),
+        vision=torch.randn(LOOP_SAMPLES, VISION_LEN, vision_dim, generator=generator,
+                           dtype=torch.float64).numpy(),
+        audio_lengths=np.full(LOOP_SAMPLES, AUDIO_LEN), vision_lengths=np.full(LOOP_SAMPLES, VISION_LEN))
+
+    def official_batch(index: torch.Tensor) -> dict:
+        return {"text": text[index], "audio": torch.as_tensor(split.audio[index.numpy()]),
+                "vision": torch.as_tensor(split.vision[index.numpy()]), "index": index,
+                "id": [str(i) for i in index.tolist()],
+                "labels": {"M": torch.as_tensor(split.labels[index.numpy()]).double()},
+                "audio_lengths": torch.full((len(index),), AUDIO_LEN),
+                "vision_lengths": torch.full((len(index),), VISION_LEN)}
+
+    replay = torch.Generator().manual_seed(3)  # the orders msakit's loop draws below
+    epochs = [[official_batch(torch.arange(LOOP_SAMPLES))]]  # do_train's first pass: init_labels
+    epochs += [[official_batch(b.index) for b, _ in training_shards(split, BATCH, replay)]
+               for _ in range(EPOCHS)]
+    official_trainer = trainer_module.SELF_MM(args)
+    for table in (official_trainer.feature_map, official_trainer.label_map):
+        for key in table:  # MMSA's index_put needs its features' dtype
+            table[key] = table[key].double()
+    their_steps, my_steps = [], []
+    with recording_steps(torch.optim.Adam, official, their_steps):
+        run_do_train(official_trainer, official, epochs, EPOCHS)
+
+    config = TrainConfig(**{**resolved["training"], "batch_size": BATCH, "epochs": EPOCHS, "device": "cpu"})
+    trainer = Trainer(ours, config, "mosi", progress=False)
+    generator = torch.Generator().manual_seed(3)
+    with recording_steps(torch.optim.AdamW, ours, my_steps):
+        optimizer = build_optimizer(ours, config)
+        scheduler = build_scheduler(optimizer, config, EPOCHS)
+        for epoch in range(1, EPOCHS + 1):
+            ours.on_train_epoch_start(epoch, lambda: trainer._plain_batches(split))
+            trainer.train_epoch(split, optimizer, scheduler, generator, epoch=epoch)
+    if len(their_steps) != len(my_steps):
+        raise RuntimeError(f"MMSA stepped {len(their_steps)} times, msakit {len(my_steps)}")
+    theirs = dict(official.named_parameters())
     return {
-        "dataset": f"{dataset}, update_epochs {update_epochs} / label_update_chunk {BATCH}",
+        "dataset": f"{dataset}, MMSA's training loop (float64)",
         "parameters": {"official": parameter_count(official), "msakit": parameter_count(ours)},
-        "max_abs_diff": worst(steps),
-        "gradients": max(gradients, key=lambda g: g["relative"]),
-        "steps": EPOCHS,
+        "max_abs_diff": {
+            "generated labels": max(max_abs(official_trainer.label_map[h], ours.memory.labels[h])
+                                    for h in HEADS),
+            "weights after training": max(max_abs(p, theirs[official_name[n]])
+                                          for n, p in ours.named_parameters()),
+        },
+        "gradients": step_differences(their_steps, my_steps, official_name),
+        "steps": len(my_steps),
+        "learning_rates": sorted({g["lr"] for g in optimizer.param_groups}),
     }
 
 
 def main() -> None:
     args = parse_args("self_mm", REPOSITORY, COMMIT)
     with tempfile.TemporaryDirectory() as folder:
-        bert = str(make_tiny_bert(Path(folder)))
+        bert = str(make_tiny_bert(Path(folder) / "bert"))
         rows = [compare_steps(args.official, d, bert) for d in DATASETS]
-        rows.append(compare_chunks(args.official, "mosi", bert))
+        rows += [compare_loop(args.official, d, bert_without_dropout(Path(bert))) for d in ("mosi", "mosei")]
     shifts = ", ".join(f"{r['dataset']} {r['largest_generated_shift']:.2f}" for r in rows[:len(DATASETS)])
     print(write_report(
         "self_mm", args.output, REPOSITORY, official_commit(args.official, COMMIT), rows,
-        switches={"label_update_chunk": "null in the per-step rows (MMSA's ULGM update per batch, "
-                                        "one optimiser step per batch); 4 in the last row"},
+        switches={},
         notes=(f"Both sides load the same tiny random BERT (tests/tiny_bert.py: 1 layer, width 32) in "
                f"place of bert-base, so MMSA's `text_out` is 32; parameter counts include it. "
                f"Inputs are unpadded ({TEXT_LEN} tokens, {AUDIO_LEN} audio and {VISION_LEN} vision "
@@ -294,10 +342,18 @@ def main() -> None:
                "dropout active with the same draws, SGD (lr 0.05) on both; every column is the "
                "largest difference over all steps (losses, predictions and gradients before the "
                "step's update; generated labels and centres over the whole memory after it; labels "
-               "are generated from epoch 2 on). The last row: one msakit batch of 16 per epoch "
-               "against MMSA's 4 accumulated batches, dropout off, float64 weights and inputs (both label "
-               "memories too), msakit's loss x 4 (MMSA "
-               "sums 4 batch means). The generated labels moved from the given ones by up to "
+               "are generated from epoch 2 on). Loop rows: "
+               f"{LOOP_SAMPLES} samples, {EPOCHS} epochs of 5 batches of {BATCH} (one step on the "
+               "first four, the fifth dropped), each side's own loop and optimiser (MMSA: do_train, "
+               "Adam over its five groups; msakit: AdamW over the encoder's, the model's audio and "
+               "vision groups and the rest, learning rates from each side's config: "
+               + "; ".join(f"{r['dataset'].split(',')[0]} {', '.join(f'{x:g}' for x in r['learning_rates'])}"
+                           for r in rows if "learning_rates" in r)
+               + "), weight decay 0 on both (MMSA's Adam decays by L2, AdamW decoupled), the tiny "
+               "BERT with its dropout at 0, weights and inputs in float64 (MMSA's label memory too; "
+               "msakit's keeps the float32 of the labels its loop reads); the gradients column is the "
+               "largest over every step, as the step reads them. The generated labels moved from the given "
+               "ones by up to "
                f"{shifts} (largest |y_s - y_m| after the last step)."),
     ))
 
