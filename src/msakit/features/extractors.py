@@ -204,8 +204,8 @@ class Transcript(Extractor):
         reached = np.diff(text_index, prepend=text_index[0] - 1).astype(bool)
         times = time_index[reached] / model.tokens_per_second
         bounds = np.cumsum([0, *(len(piece) for piece in pieces)])
-        return [(word, float(times[a]), float(times[b])) for word, a, b in zip(words, bounds[:-1], bounds[1:],
-                                                                              strict=True)]
+        return [(word, float(times[start]), float(times[end]))
+                for word, start, end in zip(words, bounds[:-1], bounds[1:], strict=True)]
 
     def _time_words(self, clip: Clip) -> None:
         """`clip.words`: Whisper's timings of the recognised words, or forced alignment of given text."""
@@ -221,8 +221,8 @@ class Transcript(Extractor):
             raise MsakitError(
                 f"{clip.path}: a word-aligned model needs word timings, and forced alignment of a "
                 f"{clip.transcript_source} transcript covers one {WHISPER_WINDOW_SECONDS:g} s Whisper "
-                f"window, not {seconds:.1f} s: leave the transcript out (no .txt, no --text) so that "
-                "speech recognition times the words")
+                f"window, not {seconds:.1f} s: leave the transcript out (no .txt, --text or label text) "
+                "so that speech recognition times the words")
         clip.words = self.align(clip.waveform, clip.transcript)
         clip.transcript = " ".join(word for word, _, _ in clip.words)
 
