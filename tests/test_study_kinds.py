@@ -10,6 +10,7 @@ import yaml
 from msakit import api
 from msakit.errors import MsakitError
 from msakit.study import load_study, plan_jobs, report_study, run_study
+from msakit.study.search import load_search
 from msakit.study.spec import job_identity
 from msakit.study.store import ResultStore
 
@@ -131,13 +132,15 @@ def test_a_changed_file_named_in_the_settings_is_a_new_job(tmp_path):
      r"models\[0\]\.evaluate\.inter\.subsets: the inter protocol takes rates"),
     ({"evaluate": {"intra": {"set": ["training.lr=1"]}}},
      r"evaluate\.intra\.set: 'training\.lr=1': only model\.KEY=VALUE test-time settings"),
+    ({"evaluate": {"dg": {"targets": ["0"]}}, "search": {"params": {"training.lr": {"choices": [0.1]}}}},
+     r"search\.models: 'tfn' is evaluated by domain generalization"),
     ({"models": [{"model": "mmslf", "set": ["model.cues=/no/such/cues.jsonl"]}]},
      r"models\[0\]\.set: model\.cues=/no/such/cues\.jsonl: no such file"),
 ])
 def test_bad_keys_are_one_line_naming_them(tmp_path, change, message):
     path = write(tmp_path / "bad.yaml", **{"datasets": ["synthetic"], "models": ["tfn"], **change})
     with pytest.raises(MsakitError, match=message) as caught:
-        load_study(path)
+        load_search(load_study(path))
     assert str(path) in str(caught.value) and "\n" not in str(caught.value)
 
 

@@ -105,6 +105,10 @@ def load_search(study: Study) -> Search | None:
     models = spec.get("models", labels)
     if not isinstance(models, list) or not models or any(m not in labels for m in models):
         raise _fail(path, "models", f"expected a list of the study's model labels ({', '.join(labels)})")
+    by_domain = next((m.label for m in study.models if m.label in models and m.dg is not None), None)
+    if by_domain is not None:  # its selection data are the sources', per target: no one split to tune on
+        raise _fail(path, "models", f"{by_domain!r} is evaluated by domain generalization, which a search "
+                                    "does not tune; leave it out of search.models")
     known = sorted({k for keys in METRIC_KEYS.values() for k in keys})
     metric = spec.get("metric", "mae")
     if metric not in known:
