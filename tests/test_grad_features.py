@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from msakit.data import synthetic_dataset
 from msakit.data.batching import training_shards
 from msakit.errors import MsakitError
 from msakit.models import create_model
@@ -183,3 +184,46 @@ def test_a_group_that_names_no_parameter_is_refused(tiny_dataset):
     model = _grouped(tiny_dataset, (ParameterGroup("audio", ("audio_net.",), lr=1e-3),))
     with pytest.raises(MsakitError, match="optimiser group 'audio' holds no parameter"):
         build_optimizer(model, TrainConfig())
+
+
+def _data():
+    return synthetic_dataset(n_train=48, n_valid=16, n_test=24, text_len=16, audio_len=40, audio_dim=5,
+                             vision_len=30, vision_dim=20, text_dim=32, seed=0)
+
+
+def _accumulated_epoch(clip_value: float | None) -> dict[str, torch.Tensor]:
+    """text_only's weights after one epoch in groups of 2 batches of 10 (the fifth batch dropped), by
+    plain gradient descent (AdamW would turn rounding noise into steps), on as many processes as
+    the open process group has."""
+    data = _data()
+    seed_everything(0)
+    model = create_model("text_only", FEATURES, data.dims)
+    config = TrainConfig(batch_size=10, accumulate_steps=2, grad_clip_value=clip_value, device="cpu")
+    trainer = Trainer(model, config, data.metric_family, progress=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    trainer.train_epoch(data.train, optimizer, scheduler, torch.Generator().manual_seed(0), epoch=1)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _rank(rank: int, init_file: str, out_file: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    weights = [_accumulated_epoch(clip) for clip in (None, 2e-2)]
+    if rank == 0:
+        torch.save(weights, out_file)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes, each importing torch and msakit
+def test_two_ranks_accumulate_and_clip_as_one_process(tmp_path):
+    """Without a clip by value the ranks average only before each step (DDP's no_sync in between);
+    with one, after every backward pass, so the clip sees the whole batch's gradient, as one
+    process's does."""
+    files = (str(tmp_path / "init"), str(tmp_path / "weights.pt"))
+    torch.multiprocessing.spawn(_rank, args=files, nprocs=2)
+    ranks = torch.load(tmp_path / "weights.pt")
+    for clip, weights in zip((None, 2e-2), ranks, strict=True):
+        alone = _accumulated_epoch(clip)
+        for name, value in alone.items():
+            torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-6, msg=f"{clip} {name}")
+    assert any(not torch.allclose(a, b) for a, b in zip(ranks[0].values(), ranks[1].values(), strict=True))

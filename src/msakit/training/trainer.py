@@ -291,8 +291,8 @@ def nonfinite_at_initialisation(batch: Batch, losses: dict[str, torch.Tensor]) -
 
 
 def _averaging(model: nn.Module, needed: bool) -> contextlib.AbstractContextManager[Any]:
-    """Where a backward pass runs: under torchrun (DDP) without averaging the ranks' gradients
-    unless `needed` (a step or a clip by value reads them after it); elsewhere as it is."""
+    """Where a forward and backward pass run: under torchrun (DDP) without averaging the ranks'
+    gradients unless `needed` (a step or a clip by value reads them after it); elsewhere as is."""
     if needed or not isinstance(model, nn.parallel.DistributedDataParallel):
         return contextlib.nullcontext()
     return model.no_sync()
@@ -647,29 +647,13 @@ class Trainer:
             if self.model.needs_clean_input:
                 batch = batch.with_updates(clean=clean)
             batch = batch.to(self.device)
-            with self.precision.autocast():
-                output = model(batch)
-            terms = dict(output.losses)
-            if self.model.phase == "main":  # the task loss in fp32 whatever the forward computed in
-                terms = {"task": self.loss_fn(output.pred.float(), batch.labels), **terms}
-            if not terms:
-                raise MsakitError(f"{self.model.registry_name}: its forward returned no loss in the "
-                                  f"optimisation phase {self.model.phase!r}")
-            first, *rest = terms.values()
-            loss = first.float()
-            for aux in rest:
-                loss = loss + aux.float()
-            if not torch.isfinite(loss):
-                if epoch == 1 and not optimizer.state:  # no update yet: the rate cannot be the cause
-                    raise MsakitError(nonfinite_at_initialisation(batch, terms))
-                raise MsakitError(
-                    f"training diverged at epoch {epoch} (loss {loss.item()}); lower training.lr"
-                )
+            steps_now = step % cfg.accumulate_steps == cfg.accumulate_steps - 1
             if step % cfg.accumulate_steps == 0:
                 for each in every_optimizer:
                     each.zero_grad(set_to_none=True)
-            steps_now = step % cfg.accumulate_steps == cfg.accumulate_steps - 1
+            # DDP decides at the forward pass whether the backward pass averages the ranks' gradients
             with _averaging(model, steps_now or cfg.grad_clip_value is not None):
+                loss = self._batch_loss(model, batch, epoch, optimizer)
                 self.precision.backward(loss * (part * world))
             if cfg.grad_clip_value is not None:
                 self.precision.clip_values(self.model.parameters(), cfg.grad_clip_value)
@@ -688,6 +672,28 @@ class Trainer:
         distributed.align_buffers(self.model)
         total, count = distributed.total(total, count)
         return total / max(1, count)
+
+    def _batch_loss(self, model: nn.Module, batch: Batch, epoch: int,
+                    optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        """The fp32 sum of the losses of the model's current phase on `batch` (the task loss too in
+        the main phase); a loss that is not finite is a one-line error."""
+        with self.precision.autocast():
+            output = model(batch)
+        terms = dict(output.losses)
+        if self.model.phase == "main":  # the task loss in fp32 whatever the forward computed in
+            terms = {"task": self.loss_fn(output.pred.float(), batch.labels), **terms}
+        if not terms:
+            raise MsakitError(f"{self.model.registry_name}: its forward returned no loss in the "
+                              f"optimisation phase {self.model.phase!r}")
+        first, *rest = terms.values()
+        loss = first.float()
+        for aux in rest:
+            loss = loss + aux.float()
+        if not torch.isfinite(loss):
+            if epoch == 1 and not optimizer.state:  # no update yet: the rate cannot be the cause
+                raise MsakitError(nonfinite_at_initialisation(batch, terms))
+            raise MsakitError(f"training diverged at epoch {epoch} (loss {loss.item()}); lower training.lr")
+        return loss
 
     def _training_model(self) -> nn.Module:
         """The model as training steps call it: itself, or under torchrun in DDP, wrapped again
