@@ -91,6 +91,29 @@ def test_a_model_evaluates_as_its_own_entry_says(tmp_path):
     assert all(f"| {label} | 1 |" in robustness for label in ("tfn", "tfn-mr0.5", "tfn-rescored"))
 
 
+TINY_LNLN = ["model.hidden_dim=8", "model.num_tokens=2", "model.heads=2", "model.dim_head=4",
+             "model.mlp_dim=8", "model.embed_depth=1", "model.checker_depth=1", "model.proxy_depth=1",
+             "model.reconstructor_depth=1", "model.language_depth=1", "model.fusion_depth=1",
+             "model.discriminator_hidden=4", "model.checker_hidden=4", "training.epochs=2",
+             "training.batch_size=8"]
+
+
+def test_a_reproduce_study_records_what_a_direct_reproduce_call_gives(tmp_path):
+    path = write(tmp_path / "recipe.yaml", datasets=[{"dataset": "synthetic", "options": TINY_DATA}],
+                 models=[{"model": "lnln", "set": TINY_LNLN}], evaluate={"reproduce": {}})
+    summary = run_study(path, study_dir=tmp_path / "study", executor="local")
+    assert (summary["jobs"], summary["failures"]) == (1, [])
+    (job,) = plan_jobs(load_study(path))
+    record = ResultStore(tmp_path / "study" / "study.db").records([job.id])[job.id]
+    recorded = record["evaluations"]["reproduce"]
+    direct = api.reproduce("lnln", api.load_dataset("synthetic", **TINY_DATA), seeds=[1], overrides=TINY_LNLN,
+                           progress=False)["seeds"][0]
+    assert recorded["rows"] == direct["rows"] and recorded["mean"] == direct["mean"]  # bit for bit
+    assert [row["condition"] for row in recorded["rows"]][:2] == ["0.00", "0.10"]
+    text = report_study(path, study_dir=tmp_path / "study")["markdown"]
+    assert "### The papers' recipes (reproduce)" in text and "| lnln | 1 | intra |" in text
+
+
 def test_generator_options_change_the_data_and_the_jobs(tmp_path):
     small = write(tmp_path / "a.yaml", models=["tfn"],
                   datasets=[{"dataset": "synthetic", "options": TINY_DATA}])
@@ -125,7 +148,7 @@ def test_a_changed_file_named_in_the_settings_is_a_new_job(tmp_path):
     ({"datasets": ["synthetic", {"dataset": "synthetic", "label": "synthetic"}]},
      "two datasets are labelled 'synthetic'"),
     ({"models": [{"model": "tfn", "evaluate": {"dg": {"targets": ["0"]}, "intra": {}}}]},
-     r"models\[0\]\.evaluate\.intra: a dg evaluation takes no missing-data protocol"),
+     r"models\[0\]\.evaluate\.intra: a dg evaluation takes no other evaluation"),
     ({"evaluate": {"dg": {"targets": []}}}, r"evaluate\.dg\.targets: expected a non-empty list"),
     ({"evaluate": {"dg": {"targets": ["0"], "by": "video"}}}, r"evaluate\.dg: unknown key 'by'"),
     ({"models": [{"model": "tfn", "evaluate": {"inter": {"subsets": ["t"]}}}]},
@@ -134,6 +157,10 @@ def test_a_changed_file_named_in_the_settings_is_a_new_job(tmp_path):
      r"evaluate\.intra\.set: 'training\.lr=1': only model\.KEY=VALUE test-time settings"),
     ({"evaluate": {"dg": {"targets": ["0"]}}, "search": {"params": {"training.lr": {"choices": [0.1]}}}},
      r"search\.models: 'tfn' is evaluated by domain generalization"),
+    ({"evaluate": {"reproduce": {}}}, r"models\[0\]: tfn declares no `reproduce:` recipe"),
+    ({"models": [{"model": "lnln", "evaluate": {"reproduce": {"rates": [0.5]}}}]},
+     r"models\[0\]\.evaluate\.reproduce: takes no settings"),
+    ({"evaluate": {"reproduce": {}, "intra": {}}}, r"evaluate\.intra: a reproduce evaluation takes no other"),
     ({"models": [{"model": "mmslf", "set": ["model.cues=/no/such/cues.jsonl"]}]},
      r"models\[0\]\.set: model\.cues=/no/such/cues\.jsonl: no such file"),
 ])

@@ -5,7 +5,8 @@ test metrics for models trained in stages, the robustness table (clean MAE, then
 mean over its conditions: MAE, Acc-2 and Corr), one table per evaluation with every condition, and
 per-rate curves with error bands (PNG and SVG; MAE and Corr on separate axes, distinct markers and
 line styles). Models with their own evaluations share the robustness table's protocol columns and
-get a per-condition table per distinct evaluation. Domain generalization has its own table: per
+get a per-condition table per distinct evaluation. Models evaluated by their paper's recipe have
+a table of their own (the recipe's mean, then MAE per condition). Domain generalization has its own table: per
 target and model, out-of-domain and in-domain metrics and their gap (mean ± std over seeds), then
 each model's mean over the targets. Written as markdown, a static HTML page and JSON; each table
 names the command that regenerates it. Only the records of the study's current jobs are read, so a
@@ -92,7 +93,7 @@ def summarise(study: Study, records: dict[str, dict[str, Any]], jobs: list) -> d
     out: dict[str, Any] = {}
     for ref in study.datasets:
         models: dict[str, Any] = {}
-        for model in (m for m in study.models if m.dg is None):
+        for model in (m for m in study.models if m.dg is None and not m.reproduce):
             cell = [j for j in jobs if j.dataset == ref and j.model.label == model.label and j.id in records]
             if not cell:
                 continue
@@ -142,6 +143,50 @@ def summarise_dg(study: Study, records: dict[str, dict[str, Any]], jobs: list) -
         if targets:
             out[ref.label] = targets
     return out
+
+
+def summarise_reproduce(study: Study, records: dict[str, dict[str, Any]], jobs: list) -> dict[str, Any]:
+    """Per dataset and model label (models evaluated by their `reproduce:` recipe): the seeds, the
+    selection rule, and the mean/std over seeds of the recipe's mean and of each condition."""
+    out: dict[str, Any] = {}
+    for ref in study.datasets:
+        models: dict[str, Any] = {}
+        for model in (m for m in study.models if m.reproduce):
+            cell = sorted((j for j in jobs if j.dataset == ref and j.model.label == model.label
+                           and j.id in records), key=lambda j: j.seed)
+            if not cell:
+                continue
+            runs = [records[j.id]["evaluations"]["reproduce"] for j in cell]
+            mean, std = mean_std([r["mean"] for r in runs])
+            conditions = [row["condition"] for row in runs[0]["rows"]]
+            per_condition = [mean_std([r["rows"][i]["metrics"] for r in runs])
+                             for i in range(len(conditions))]
+            models[model.label] = {"seeds": [j.seed for j in cell], "protocol": runs[0]["spec"]["protocol"],
+                                   "selection": runs[0]["selection"], "mean": mean, "std": std,
+                                   "conditions": conditions, "condition_mean": [m for m, _ in per_condition],
+                                   "condition_std": [s for _, s in per_condition]}
+        if models:
+            out[ref.label] = models
+    return out
+
+
+def reproduce_tables(models: dict[str, Any], family: str) -> list[str]:
+    """The recipe's mean over its conditions per model, then MAE per condition."""
+    columns = SIMS_ROBUSTNESS_COLUMNS if family == "sims" else ROBUSTNESS_COLUMNS
+    lines = ["Each model trained, selected and scored on test as its YAML's `reproduce:` recipe says, once "
+             "per study seed; the mean over the recipe's conditions, then mean ± std over seeds.", ""]
+    lines += _table(["model", "seeds", "protocol", *(LABELS[k] for k in columns), "selection"],
+                    [[label, " ".join(map(str, m["seeds"])), m["protocol"],
+                      *(_cell(k, m["mean"][k], m["std"][k], len(m["seeds"])) for k in columns),
+                      m["selection"]]
+                     for label, m in sorted(models.items())])
+    for label, m in sorted(models.items()):
+        lines += ["", f"{label}: {LABELS['mae']} per condition", ""]
+        lines += _table([*m["conditions"], "mean"],
+                        [[*(_cell("mae", mean["mae"], std["mae"], len(m["seeds"]))
+                            for mean, std in zip(m["condition_mean"], m["condition_std"], strict=True)),
+                          _cell("mae", m["mean"]["mae"], m["std"]["mae"], len(m["seeds"]))]])
+    return lines
 
 
 def dg_table(targets: dict[str, Any], family: str) -> list[str]:
@@ -194,15 +239,18 @@ def robustness_table(study: Study, models: dict[str, Any], family: str) -> list[
 
 
 def markdown(study: Study, summary: dict[str, Any], families: dict[str, str], command: str,
-             missing: int, dg: dict[str, Any] | None = None) -> str:
+             missing: int, dg: dict[str, Any] | None = None, reproduced: dict[str, Any] | None = None) -> str:
     lines = [f"# Study {study.name}", ""]
     if missing:
         lines += [f"{missing} job(s) of the study have no record yet: their cells are left out.", ""]
-    for dataset in dict.fromkeys([*summary, *(dg or {})]):
+    for dataset in dict.fromkeys([*summary, *(dg or {}), *(reproduced or {})]):
         family = families[dataset]
         lines += [f"## {dataset}", ""]
         if dataset in (dg or {}):
             lines += ["### Domain generalization", "", *dg_table(dg[dataset], family), ""]
+        if dataset in (reproduced or {}):
+            lines += ["### The papers' recipes (reproduce)", "",
+                      *reproduce_tables(reproduced[dataset], family), ""]
         models = summary.get(dataset)
         if not models:
             continue
@@ -336,13 +384,14 @@ def report_study(path: str | Path, *, output: str | Path | None = None, store: s
     out = Path(output).expanduser() if output is not None else root / "report"
     summary = summarise(study, records, jobs)
     dg = summarise_dg(study, records, jobs)
+    reproduced = summarise_reproduce(study, records, jobs)
     families = {job.dataset.label: job.metric_family for job in jobs}  # planning loaded the data once
     store_part = ([] if store is None else ["--store", str(store)]) + \
         ([] if study_dir is None else ["--dir", str(study_dir)])
     command = shlex.join(["msakit", "study", "run", str(path), *store_part]) + " && " + shlex.join(
         ["msakit", "study", "report", str(path), *store_part, "--output", str(out)])
     distinct = len({j.id for j in jobs})  # model entries that train alike share one job
-    text = markdown(study, summary, families, command, distinct - len(records), dg)
+    text = markdown(study, summary, families, command, distinct - len(records), dg, reproduced)
     for dataset, models in summary.items():
         evaluations = _evaluations(study, list(models))
         for evaluation, stem in zip(evaluations, _curve_stems(dataset, evaluations).values(), strict=True):
@@ -364,7 +413,8 @@ def report_study(path: str | Path, *, output: str | Path | None = None, store: s
     atomic_write_text(out / "leaderboard.html", html_page(text))
     atomic_write_json(out / "leaderboard.json", {"study": study.name, "command": command, "jobs": distinct,
                                                  "records": len(records), "datasets": summary,
-                                                 **({"domain_generalization": dg} if dg else {})},
+                                                 **({"domain_generalization": dg} if dg else {}),
+                                                 **({"reproduce": reproduced} if reproduced else {})},
                       UNDEFINED_REASONS)
     return {"study": study.name, "output": str(out), "jobs": distinct, "records": len(records),
             "markdown": text}

@@ -24,7 +24,7 @@ from msakit import api
 from msakit.errors import MsakitError
 from msakit.study.executors import make_executor
 from msakit.study.search import load_search, tune
-from msakit.study.spec import Job, Study, job_identity, load_data, load_study
+from msakit.study.spec import Job, Study, job_identity, load_data, load_study, study_recipe
 from msakit.study.store import ResultStore
 from msakit.training.runs import aligned_input, resolved_config
 
@@ -48,6 +48,13 @@ def plan_jobs(study: Study, tuned: Mapping[tuple[str, str], tuple[str, ...]] | N
             chosen = (tuned or {}).get((ref.label, model.label), ())
             model = dataclasses.replace(model, overrides=model.overrides + chosen)
             config = resolved_config(model.model, data, model.overrides, None)
+            if model.reproduce:
+                recipe = study_recipe(model.model)
+                for seed in study.seeds:
+                    key = job_identity(model.model, config, seed, data.fingerprint, recipe=recipe)
+                    jobs.append(Job(key, ref, model, seed, data.fingerprint, config, (), data.metric_family,
+                                    recipe=recipe))
+                continue
             if model.dg is None:
                 for seed in study.seeds:
                     jobs.append(Job(job_identity(model.model, config, seed, data.fingerprint), ref, model,
@@ -74,6 +81,19 @@ def _dg_job(job: Job, data: Any, run_dir: Path, start: float) -> dict[str, Any]:
             "evaluations": {}, "host": platform.node(), "seconds": time.perf_counter() - start}
 
 
+def _reproduce_job(job: Job, data: Any, run_dir: Path, start: float) -> dict[str, Any]:
+    """Train and score the job's seed by the model's `reproduce:` recipe (`api.reproduce`)."""
+    result = api.reproduce(job.model.model, data, seeds=[job.seed], overrides=list(job.model.overrides),
+                           output=run_dir, resume=True, progress=False,
+                           command=f"msakit study run (job {job.id})")
+    seed = result["seeds"][0]
+    scored = {"protocol": "reproduce", "spec": job.recipe, "selection": result["selection"],
+              "rows": seed["rows"], "mean": seed["mean"], "epochs": seed.get("epochs")}
+    return {"train": {"selection": result["selection"], "warnings": result.get("warnings")},
+            "evaluations": {"reproduce": scored}, "host": platform.node(),
+            "seconds": time.perf_counter() - start}
+
+
 def run_job(job: Job, root: str) -> dict[str, Any]:
     """Train the job's seed (or read it back from its run folder) and run its evaluations."""
     start = time.perf_counter()
@@ -84,6 +104,8 @@ def run_job(job: Job, root: str) -> dict[str, Any]:
     run_dir = Path(root) / "jobs" / job.id
     if job.target is not None:
         return _dg_job(job, data, run_dir, start)
+    if job.recipe is not None:
+        return _reproduce_job(job, data, run_dir, start)
     trained = api.train(job.model.model, data, seeds=[job.seed], overrides=list(job.model.overrides),
                         output=run_dir, resume=True, progress=False,
                         command=f"msakit study run (job {job.id})")

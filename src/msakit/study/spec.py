@@ -31,6 +31,10 @@ and scored where it was trained, with no cross product of settings and protocols
 entries that train the same way are one job: an entry that only adds evaluations (e.g. with
 test-time settings) scores the other's checkpoints without training them again.
 
+`evaluate: {reproduce: {}}` trains and scores each seed by the model YAML's `reproduce:` recipe
+(`msakit.api.reproduce`: its protocol, rates, selection, one model per rate where it says so), the
+study's seeds in place of the recipe's; the recipe is part of the job's identity.
+
 Domain generalization is an evaluation of its own, `evaluate: {dg: {targets: ['0', '3'],
 group_by: domains}}` (`group_by` as `msakit dg` takes it; default domains): each target is one job
 per seed that trains on the dataset's other groups, selects on their validation data and records
@@ -64,8 +68,9 @@ from msakit import api
 from msakit.data.catalog import SYNTHETIC, check_synthetic_sizes
 from msakit.data.schema import MultimodalDataset
 from msakit.errors import MsakitError
+from msakit.evaluation.reproduce import load_recipe
 from msakit.fileio import load_yaml
-from msakit.training.config import parse_overrides
+from msakit.training.config import model_yaml, parse_overrides
 from msakit.training.runs import aligned_input
 
 STUDY_KEYS = ("name", "datasets", "models", "seeds", "set", "evaluate", "resources", "search")
@@ -130,7 +135,8 @@ class DomainGeneralization:
     group_by: str = "domains"
 
 
-Evaluations = tuple[tuple[Evaluation, ...], DomainGeneralization | None]  # what an `evaluate:` holds
+# what an `evaluate:` holds: missing-data protocols, or domain generalization, or the paper's recipe
+Evaluations = tuple[tuple[Evaluation, ...], DomainGeneralization | None, bool]
 
 
 @dataclass(frozen=True)
@@ -143,6 +149,7 @@ class ModelRef:
     overrides: tuple[str, ...] = ()
     evaluations: tuple[Evaluation, ...] = ()
     dg: DomainGeneralization | None = None
+    reproduce: bool = False  # trained and scored by its YAML's `reproduce:` recipe instead
 
 
 @dataclass(frozen=True)
@@ -173,6 +180,7 @@ class Job:
     metric_family: str = "mosi"  # the data's: which metrics its tables show
     target: str | None = None
     group_by: str | None = None
+    recipe: dict[str, Any] | None = field(default=None, compare=False, repr=False)  # seeds aside
 
 
 def _fail(path: str, where: str, message: str) -> MsakitError:
@@ -273,18 +281,27 @@ def _model(path: str, index: int, value: Any, shared: tuple[str, ...],
     if not isinstance(label, str) or not label:
         raise _fail(path, f"{where}.label", "expected a non-empty string")
     overrides = _files(path, f"{where}.set", shared + _strings(path, f"{where}.set", value.get("set")))
-    protocols, dg = _evaluations(path, f"{where}.evaluate", value["evaluate"]) if "evaluate" in value \
-        else evaluations
-    return ModelRef(value["model"], label, overrides, protocols, dg)
+    protocols, dg, reproduce = _evaluations(path, f"{where}.evaluate", value["evaluate"]) \
+        if "evaluate" in value else evaluations
+    if reproduce and not model_yaml(value["model"]).get("reproduce"):
+        raise _fail(path, where, f"{value['model']} declares no `reproduce:` recipe in its YAML, "
+                                 "so it cannot be evaluated by one")
+    return ModelRef(value["model"], label, overrides, protocols, dg, reproduce)
 
 
 def _evaluations(path: str, where: str, value: Any) -> Evaluations:
     """The missing-data protocols of an `evaluate:` mapping, or its domain-generalization targets."""
-    value = _check_keys(path, where, value or {}, (*PROTOCOL_NAMES, "dg"))
-    if "dg" in value:
-        if len(value) > 1:
-            other = next(k for k in value if k != "dg")
-            raise _fail(path, f"{where}.{other}", "a dg evaluation takes no missing-data protocol beside it")
+    value = _check_keys(path, where, value or {}, (*PROTOCOL_NAMES, "dg", "reproduce"))
+    alone = next((kind for kind in ("dg", "reproduce") if kind in value), None)
+    if alone is not None and len(value) > 1:
+        other = next(k for k in value if k != alone)
+        raise _fail(path, f"{where}.{other}", f"a {alone} evaluation takes no other evaluation beside it")
+    if alone == "reproduce":
+        if value["reproduce"]:
+            raise _fail(path, f"{where}.reproduce", "takes no settings ({}): the model's YAML holds the "
+                                                    "recipe, the study its seeds")
+        return (), None, True
+    if alone == "dg":
         settings = _check_keys(path, f"{where}.dg", value["dg"] or {}, DG_KEYS)
         targets = settings.get("targets")
         if not isinstance(targets, list) or not targets or \
@@ -293,7 +310,7 @@ def _evaluations(path: str, where: str, value: Any) -> Evaluations:
         group_by = settings.get("group_by", "domains")
         if not isinstance(group_by, str) or not group_by:
             raise _fail(path, f"{where}.dg.group_by", "expected domains, video, cluster or FILE.csv:COLUMN")
-        return (), DomainGeneralization(tuple(str(t) for t in targets), group_by)
+        return (), DomainGeneralization(tuple(str(t) for t in targets), group_by), False
     out = []
     for protocol, settings in value.items():
         settings = _check_keys(path, f"{where}.{protocol}", settings or {}, EVALUATION_KEYS)
@@ -310,7 +327,7 @@ def _evaluations(path: str, where: str, value: Any) -> Evaluations:
             seeds=_numbers(path, f"{where}.{protocol}.seeds", settings.get("seeds", [0]), int),
             overrides=_test_time(path, f"{where}.{protocol}.set", settings.get("set")),
         ))
-    return tuple(out), None
+    return tuple(out), None, False
 
 
 def load_study(path: str | Path) -> Study:
@@ -371,10 +388,11 @@ def file_identity(path: str | Path) -> dict[str, str]:
 
 
 def job_identity(model: str, config: dict[str, Any], seed: int, fingerprint: str,
-                 target: str | None = None, group_by: str | None = None) -> str:
+                 target: str | None = None, group_by: str | None = None,
+                 recipe: dict[str, Any] | None = None) -> str:
     """What makes two trainings the same: the model, every setting in force (but the neutral ones,
     and those of `ADDED_SETTINGS` at their listed value; the files of `FILE_SETTINGS` by content),
-    the seed, the data, and a DG job's target and grouping."""
+    the seed, the data, a DG job's target and grouping, a reproduce job's recipe."""
     def counts(section: str, key: str, value: Any) -> bool:
         added = ADDED_SETTINGS.get(section, {})
         return key not in NEUTRAL_SETTINGS.get(section, ()) and not (key in added and value == added[key])
@@ -386,7 +404,16 @@ def job_identity(model: str, config: dict[str, Any], seed: int, fingerprint: str
     cell = {"model": model, "config": kept, "seed": seed, "data": fingerprint}
     if target is not None:
         cell["dg"] = {"target": target, "group_by": group_by}
+    if recipe is not None:
+        cell["reproduce"] = recipe
     return identity(cell)
+
+
+def study_recipe(model: str) -> dict[str, Any]:
+    """The model's `reproduce:` recipe as a study runs it: every setting but its seeds (the study's)."""
+    recipe = dataclasses.asdict(load_recipe(model_yaml(model).get("reproduce"), model))
+    del recipe["seeds"]
+    return recipe
 
 
 def check_dataset_options(dataset: str, options: dict[str, Any]) -> None:
