@@ -280,7 +280,7 @@ def _model(path: str, index: int, value: Any, shared: tuple[str, ...],
     label = value.get("label", value["model"])
     if not isinstance(label, str) or not label:
         raise _fail(path, f"{where}.label", "expected a non-empty string")
-    overrides = _files(path, f"{where}.set", shared + _strings(path, f"{where}.set", value.get("set")))
+    overrides = shared + _files(path, f"{where}.set", _strings(path, f"{where}.set", value.get("set")))
     protocols, dg, reproduce = _evaluations(path, f"{where}.evaluate", value["evaluate"]) \
         if "evaluate" in value else evaluations
     if reproduce and not model_yaml(value["model"]).get("reproduce"):
@@ -290,7 +290,8 @@ def _model(path: str, index: int, value: Any, shared: tuple[str, ...],
 
 
 def _evaluations(path: str, where: str, value: Any) -> Evaluations:
-    """The missing-data protocols of an `evaluate:` mapping, or its domain-generalization targets."""
+    """What an `evaluate:` mapping asks: missing-data protocols, or domain-generalization targets,
+    or the model's `reproduce:` recipe (the last two alone)."""
     value = _check_keys(path, where, value or {}, (*PROTOCOL_NAMES, "dg", "reproduce"))
     alone = next((kind for kind in ("dg", "reproduce") if kind in value), None)
     if alone is not None and len(value) > 1:
@@ -343,7 +344,7 @@ def load_study(path: str | Path) -> Study:
     for key in ("datasets", "models"):
         if not isinstance(document.get(key), list) or not document[key]:
             raise _fail(where, key, "expected a non-empty list")
-    shared = _strings(where, "set", document.get("set"))
+    shared = _files(where, "set", _strings(where, "set", document.get("set")))
     evaluations = _evaluations(where, "evaluate", document.get("evaluate"))
     models = [_model(where, i, m, shared, evaluations) for i, m in enumerate(document["models"])]
     labels = [m.label for m in models]
