@@ -371,7 +371,9 @@ def main() -> None:
         "fused vector is [text, vision, audio]: the head's weights are copied permuted. The results "
         "committed with this script were produced from a checkout rebuilt from the stored index of "
         "RH-Lin/CyIN at da04a3d, where transformers_encoder/transformer.py and position_embedding.py "
-        "exist only as .pyc files: those two came from thuiar/MMSA, the code CyIN builds on.")
+        "exist only as .pyc files: those two came from thuiar/MMSA, the code CyIN builds on, "
+        "transformer.py as of MMSA 177bc04 (every encoder adds sinusoidal positions; from 1dea18d "
+        "on, MMSA's encoders add none unless asked, and the predictions then differ by ~0.1).")
     print(write_report("cyin", args.output, REPOSITORY, official_commit(args.official, COMMIT), rows,
                        SWITCHES, notes))
 
