@@ -127,7 +127,9 @@ def test_yaml_holds_mmsa_values():
     assert [lmf["model"][k] for k in ("rank", "text_hidden", "text_out")] == [4, 64, 32]
     mult = resolve_config("mult", "mosi")
     assert (mult["model"]["embed_dim"], mult["model"]["num_heads"]) == (50, 10)
-    assert mult["training"]["grad_clip"] == 0.6
+    # MMSA's MULT trainer: clip_grad_value_(0.6) after every backward, a step every update_epochs = 8
+    assert (mult["training"]["grad_clip_value"], mult["training"]["accumulate_steps"]) == (0.6, 8)
+    assert "grad_clip" not in mult["training"]
     assert resolve_config("mult", "sims")["model"]["memory_layers"] == 3
 
 
