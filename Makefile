@@ -37,7 +37,7 @@ test: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/perf/throughput.py
 
 clean:
 	rm -rf $(VENV) runs site .pytest_cache .ruff_cache

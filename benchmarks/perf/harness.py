@@ -9,7 +9,6 @@ step is the step `msakit train` takes.
 from __future__ import annotations
 
 import platform
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from throughput import SHAPES  # benchmarks/perf/throughput.py: the datasets' shapes, once
 
 from msakit.cues import OfflineBackend, attach_cues, generate_cues
 from msakit.data.schema import MultimodalDataset, Split
@@ -27,9 +27,6 @@ from msakit.models.layers.text import special_token_ids
 from msakit.models.registry import build_config
 from msakit.training.config import resolve_config, training_config
 from msakit.training.trainer import Trainer, build_optimizer, build_scheduler, seed_everything
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from throughput import SHAPES  # noqa: E402  (benchmarks/throughput.py: the datasets' shapes, once)
 
 __all__ = ["SHAPES", "Step", "first_rows", "machine", "needs_cues", "stand_in_data", "timed", "with_cues"]
 

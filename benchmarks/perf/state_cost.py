@@ -1,13 +1,13 @@
 """What the resumable training state costs: bytes written per epoch and the share of the training
 time spent writing it, for TFN and LNLN on MOSI-shaped synthetic data.
 
-    python benchmarks/state_cost.py --label after                          # this checkout
-    PYTHONPATH=/tmp/before/src python benchmarks/state_cost.py --label before   # an older checkout
+    python benchmarks/perf/state_cost.py --label after                     # this checkout
+    PYTHONPATH=/tmp/before/src python benchmarks/perf/state_cost.py --label before   # an older checkout
 
 Each model trains `--epochs` epochs with its `synthetic` settings through `api.train` (so the state
 is written exactly as a run writes it); every write of `seed-<seed>.state.pt` is timed and the file
 size after it counted. `--set` passes settings on (e.g. `--set training.state_every=1`). Rows are
-kept per label in benchmarks/results/state_cost.{json,md}, so the table shows before and after.
+kept per label in benchmarks/results/perf/state_cost.{json,md}, so the table shows before and after.
 """
 
 from __future__ import annotations
@@ -26,9 +26,11 @@ from msakit import api
 from msakit.data.catalog import load_dataset
 from msakit.fileio import atomic_write_json, atomic_write_text
 from msakit.training.trainer import Trainer
-from records import machine_name
 
-OUTPUT = Path("benchmarks/results/state_cost")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/records.py
+from records import machine_name  # noqa: E402
+
+OUTPUT = Path("benchmarks/results/perf/state_cost")
 
 
 def measure(model: str, data, epochs: int, overrides: list[str]) -> dict:

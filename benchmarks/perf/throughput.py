@@ -1,7 +1,7 @@
 """Training and evaluation throughput (samples/s) and peak memory per model, at MOSI and MOSEI shapes.
 
-    python benchmarks/throughput.py                       # every model, both shapes
-    python benchmarks/throughput.py --models mult --samples 16   # re-measure one model only
+    python benchmarks/perf/throughput.py                  # every model, both shapes
+    python benchmarks/perf/throughput.py --models mult --samples 16   # re-measure one model only
 
 A model trained in stages (MMSLF: teacher, then student) gets one row per stage, each stage measured
 as it trains (the student's step includes the frozen teacher's forward pass); MMSLF's cues are
@@ -14,7 +14,7 @@ vision 500x35; text 50 tokens); throughput is per sample, so `--samples` of them
 full split. Each model runs with its published configuration for that dataset (batch size, text
 encoder). "intra 10 rates / 1 eval" is the time of a whole intra-modal robustness evaluation
 (rates 0.0-0.9) over that of one plain evaluation: about 10 means masking adds little. Writes
-benchmarks/results/throughput.json and throughput.md; rows of models not re-measured are kept.
+benchmarks/results/perf/throughput.json and throughput.md; rows of models not re-measured are kept.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--output", default="benchmarks/results")
+    parser.add_argument("--output", default="benchmarks/results/perf")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "SHAPE"), help=argparse.SUPPRESS)
     parser.add_argument("--stage", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -131,7 +131,7 @@ def main() -> None:
         return
     from msakit.fileio import atomic_write_json, atomic_write_text
 
-    command = shlex.join(["python", "benchmarks/throughput.py", *sys.argv[1:]])
+    command = shlex.join(["python", "benchmarks/perf/throughput.py", *sys.argv[1:]])
     machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                f"torch {torch.__version__}")
     if torch.cuda.is_available():

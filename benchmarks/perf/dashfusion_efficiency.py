@@ -1,7 +1,7 @@
 """DashFusion's efficiency claims, measured: hierarchical bottleneck fusion against concatenation +
 self-attention, and the cost of building the neighbour index at MOSEI size.
 
-    OMP_NUM_THREADS=1 python benchmarks/dashfusion_efficiency.py
+    OMP_NUM_THREADS=1 python benchmarks/perf/dashfusion_efficiency.py
 
 1. Fusion. The paper says its hierarchical bottleneck fusion (HBF) needs about 145M multiply-adds
    where concatenating the three sequences and running self-attention over them needs about 324M.
@@ -18,7 +18,7 @@ self-attention, and the cost of building the neighbour index at MOSEI size.
    that a dense similarity matrix alone would need (the official code also keeps an N x N rank
    matrix and loops over N^2 pairs in Python).
 
-Writes benchmarks/results/dashfusion_efficiency.json and .md.
+Writes benchmarks/results/perf/dashfusion_efficiency.json and .md.
 """
 
 from __future__ import annotations
@@ -143,9 +143,9 @@ def index_row(n: int, dim: int = 384, k: int = 10, block: int = 1024) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", default="benchmarks/results")
+    parser.add_argument("--output", default="benchmarks/results/perf")
     args = parser.parse_args()
-    command = shlex.join(["python", "benchmarks/dashfusion_efficiency.py", *sys.argv[1:]])
+    command = shlex.join(["python", "benchmarks/perf/dashfusion_efficiency.py", *sys.argv[1:]])
     # the index first: peak RSS only grows, so its growth must be read before anything larger runs;
     # a small search first loads the kernels' code, which would count as growth otherwise
     fixed = fixed_mmap_threshold()

@@ -1,7 +1,7 @@
 """Load test of `msakit serve` on loopback: throughput and latency of text-only and media requests.
 
-    python benchmarks/serve.py                        # the packaged default model, the MOSI clip
-    python benchmarks/serve.py --checkpoint run/seed-1111.pt --media clip.mp4 --media-requests 40
+    python benchmarks/perf/serve.py                   # the packaged default model, the MOSI clip
+    python benchmarks/perf/serve.py --checkpoint run/seed-1111.pt --media clip.mp4 --media-requests 40
 
 Starts `msakit serve` in a process of its own on a free loopback port, waits for /healthz, warms
 the model up with one untimed request of each kind (the first loads Whisper and the text encoder),
@@ -9,7 +9,7 @@ then sends a fixed number of requests at a fixed concurrency, one kind after the
 Media requests upload the clip as multipart/form-data with no transcript (speech recognition runs);
 the server gets as many extraction slots as the media concurrency, so none is refused with a 429.
 Latency is from sending the request to reading the whole answer; any answer other than 200 counts
-as an error. Writes benchmarks/results/serve.json and serve.md.
+as an error. Writes benchmarks/results/perf/serve.json and serve.md.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 from msakit import __version__
 from msakit.fileio import atomic_write_json, atomic_write_text
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "perf"
 SENTENCES = ("the plot was thin but the actors were wonderful", "I did not like this film at all",
              "it was fine, nothing special", "an ambitious, weird and interesting failure")
 
@@ -171,7 +171,7 @@ def main() -> None:
         server.wait(60)
         log.unlink(missing_ok=True)
     result = {
-        "command": shlex.join(["python", "benchmarks/serve.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "benchmarks/perf/serve.py", *sys.argv[1:]]),
         "msakit_version": __version__,
         "machine": {"cpus": os.cpu_count(), "cpu": cpu_name(), "python": platform.python_version(),
                     "torch": torch.__version__, "load_average": load_average,
@@ -180,13 +180,13 @@ def main() -> None:
         "media": {"file": args.media.name, "megabytes": len(media) / 1e6},
         "runs": runs,
     }
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     atomic_write_json(RESULTS / "serve.json", result)
     atomic_write_text(RESULTS / "serve.md", markdown(result))
     print(markdown(result))
     errors = sum(run["errors"] for run in runs.values())
     if errors:
-        sys.exit(f"{errors} request(s) failed: see benchmarks/results/serve.json")
+        sys.exit(f"{errors} request(s) failed: see benchmarks/results/perf/serve.json")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Feature extraction speed on this machine, per extractor, and predict latency with a warm model.
 
-    python benchmarks/extraction.py --video ../shared/data/media/mosi_Oz06ZWiO20M_6.mp4
+    python benchmarks/perf/extraction.py --video ../shared/data/media/mosi_Oz06ZWiO20M_6.mp4
 
 Needs the extract extra (`pip install -e '.[extract]'`). Measures, on one video:
 
@@ -13,7 +13,7 @@ Needs the extract extra (`pip install -e '.[extract]'`). Measures, on one video:
 3. `Predictor.predict` on the clip with a warm model (a TFN trained for one epoch on those copies):
    median latency from file to score, with and without a given transcript.
 
-Writes benchmarks/results/extraction.json and .md.
+Writes benchmarks/results/perf/extraction.json and .md.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from msakit.features import FeaturePipeline, build_dataset, load_feature_config
 from msakit.fileio import atomic_write_json, atomic_write_text
 from msakit.inference import Predictor
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "perf"
 
 
 def per_extractor(video: Path, overrides: list[str], repeats: int) -> dict[str, Any]:
@@ -142,13 +142,13 @@ def main() -> None:
         build = dataset_build(args.video, args.copies, args.workers, Path(tmp))
         latency = predict_latency(args.video, Path(tmp), args.repeats)
     result = {
-        "command": shlex.join(["python", "benchmarks/extraction.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "benchmarks/perf/extraction.py", *sys.argv[1:]]),
         "msakit_version": __version__,
         "machine": {"cpus": os.cpu_count(), "cpu": cpu_name(),
                     "python": platform.python_version(), "torch": torch.__version__},
         "repeats": args.repeats, "per_extractor": rows, "dataset_build": build, "predict": latency,
     }
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     atomic_write_json(RESULTS / "extraction.json", result)
     atomic_write_text(RESULTS / "extraction.md", markdown(result))
     print(markdown(result))
