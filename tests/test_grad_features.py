@@ -16,7 +16,13 @@ from msakit.models import create_model
 from msakit.models.base import ParameterGroup
 from msakit.training.precision import MixedPrecision
 from msakit.training.settings import Stage, TrainConfig
-from msakit.training.trainer import Trainer, build_optimizer, seed_everything, set_stage_rates
+from msakit.training.trainer import (
+    Trainer,
+    build_optimizer,
+    build_scheduler,
+    seed_everything,
+    set_stage_rates,
+)
 from resume_check import assert_same_fit, fit_until_interrupted
 
 FEATURES = {"text_source": "features", "hidden": 16, "dropout": 0.0}
@@ -108,15 +114,82 @@ def test_accumulated_batches_equal_one_step_over_their_concatenation(tiny_datase
                        rtol=1e-5, atol=1e-7)
 
 
-def test_a_fit_interrupted_between_epochs_with_a_dropped_group_resumes_exactly(tiny_dataset, tmp_path):
+def _mmsa_tfr_net_steps(model: nn.Module, dataset, config: TrainConfig, seed: int) -> list[dict]:
+    """MMSA's TFR-Net loop written out (update_epochs = accumulate_steps): zero_grad when a group
+    starts, then per batch backward, clip_grad_value_, step; a second step when the group completes;
+    `left` restarts every epoch. Keeps each step's weights, gradients and rate as the step reads them."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = build_optimizer(model, config)
+    # 5 batches an epoch: 5 steps, and one more for the one complete group of 4
+    scheduler = build_scheduler(optimizer, config, config.epochs * (5 + 1))
+    model.train()
+    steps = []
+
+    def step() -> None:
+        steps.append({"lr": optimizer.param_groups[0]["lr"],
+                      **{n: (p.detach().clone(), p.grad.clone()) for n, p in model.named_parameters()}})
+        optimizer.step()
+        scheduler.step()
+
+    for _ in range(config.epochs):
+        left = config.accumulate_steps
+        for batch, _ in training_shards(dataset.train, config.batch_size, generator):
+            if left == config.accumulate_steps:
+                optimizer.zero_grad()
+            left -= 1
+            nn.functional.l1_loss(model(batch).pred, batch.labels).backward()
+            nn.utils.clip_grad_value_([p for p in model.parameters() if p.requires_grad],
+                                      config.grad_clip_value)
+            step()
+            if not left:
+                step()
+                left = config.accumulate_steps
+    return steps
+
+
+def test_step_every_batch_follows_mmsa_tfr_nets_sequence(tiny_dataset):
+    # 48 samples in batches of 10, groups of 4: per epoch a complete group (steps after batches
+    # 1, 2, 3 and twice after 4) and an incomplete one (a step after batch 5); two epochs show that
+    # the incomplete group's sum does not reach the next epoch
+    trainer = _trainer(tiny_dataset, epochs=2, batch_size=10, accumulate_steps=4, step_every_batch=True,
+                       grad_clip_value=0.05, schedule="linear")
+    reference = copy.deepcopy(trainer.model)
+    ours = []
+    original = torch.optim.AdamW.step
+
+    def record(optimizer, *args, **kwargs):
+        ours.append({"lr": optimizer.param_groups[0]["lr"], **{
+            n: (p.detach().clone(), p.grad.clone()) for n, p in trainer.model.named_parameters()}})
+        return original(optimizer, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.optim.AdamW, "step", record)
+        trainer.fit(tiny_dataset.train, tiny_dataset.valid, seed=1)
+    theirs = _mmsa_tfr_net_steps(reference, tiny_dataset, trainer.config, seed=1)
+    assert len(ours) == len(theirs) == 12
+    for k, (mine, reference_step) in enumerate(zip(ours, theirs, strict=True)):
+        assert mine["lr"] == reference_step["lr"], k
+        for name in reference_step.keys() - {"lr"}:
+            for got, expected in zip(mine[name], reference_step[name], strict=True):
+                torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=f"step {k} {name}")
+    # the weights move at every step, the double step included (it reads the same gradients)
+    first = next(n for n in ours[0] if n != "lr")
+    assert torch.equal(ours[3][first][1], ours[4][first][1])
+    assert not torch.equal(ours[3][first][0], ours[4][first][0])
+
+
+@pytest.mark.parametrize("step_every_batch", [False, True])
+def test_a_fit_interrupted_between_epochs_with_a_dropped_group_resumes_exactly(tiny_dataset, tmp_path,
+                                                                              step_every_batch):
     # 48 samples in batches of 10, groups of 2: every epoch ends with a batch whose gradient is
-    # dropped, and the schedule counts 2 steps an epoch
+    # dropped (step_every_batch: stepped on, then dropped), and the schedule counts 2 steps an
+    # epoch (step_every_batch: 7)
     def trainer() -> Trainer:
         seed_everything(3)
         model = create_model("text_only", {**FEATURES, "dropout": 0.3}, tiny_dataset.dims)
         config = TrainConfig(epochs=4, batch_size=10, accumulate_steps=2, lr=1e-2, device="cpu",
                              warmup_ratio=0.3, schedule="linear", grad_clip_value=0.05, patience=None,
-                             state_every=1)
+                             state_every=1, step_every_batch=step_every_batch)
         return Trainer(model, config, "mosi", progress=False)
 
     straight = trainer()
@@ -135,10 +208,16 @@ def test_accumulating_more_batches_than_an_epoch_has_is_refused(tiny_dataset):
 
 
 @pytest.mark.parametrize(("key", "value"), [("grad_clip_value", -1), ("grad_clip_value", "big"),
-                                            ("accumulate_steps", 0), ("accumulate_steps", 1.5)])
+                                            ("accumulate_steps", 0), ("accumulate_steps", 1.5),
+                                            ("step_every_batch", "yes")])
 def test_bad_gradient_settings_are_named(key, value):
     with pytest.raises(MsakitError, match=f"training.{key} must be"):
         TrainConfig(**{key: value})
+
+
+def test_step_every_batch_refuses_fp16():
+    with pytest.raises(MsakitError, match="training.step_every_batch needs precision fp32 or bf16"):
+        TrainConfig(step_every_batch=True, precision="fp16")
 
 
 def test_fp16_clips_the_scaled_gradients_as_the_unscaled_ones_and_keeps_overflow_visible():

@@ -376,7 +376,7 @@ def load_study(path: str | Path) -> Study:
 NEUTRAL_SETTINGS = {"training": ("log", "state_every")}
 # settings added after studies had records, at the value that trains as msakit did before they
 # existed: left out of the identity at that value, so that adding a setting keeps the records
-ADDED_SETTINGS = {"training": {"accumulate_steps": 1, "grad_clip_value": None}}
+ADDED_SETTINGS = {"training": {"accumulate_steps": 1, "grad_clip_value": None, "step_every_batch": False}}
 
 
 def file_identity(path: str | Path) -> dict[str, str]:

@@ -51,6 +51,10 @@ class TrainConfig:
     # batches whose gradients are summed before each optimiser step (MMSA's update_epochs): each
     # batch's loss is its own mean, an epoch's last incomplete group is computed and dropped
     accumulate_steps: int = 1
+    # with accumulate_steps: the gradients are still cleared at the start of each group, but the
+    # optimiser steps after every batch on the group's running sum and once more on that sum when
+    # the group completes (MMSA's TFR-Net trainer); an incomplete last group takes its batches' steps
+    step_every_batch: bool = False
     loss: str = "l1"  # task loss: l1 | mse
     patience: int | None = 8  # epochs without validation improvement before stopping
     select_metric: str = "mae"  # validation metric that picks the checkpoint
@@ -105,7 +109,7 @@ class TrainConfig:
             self.stages = [s if isinstance(s, Stage) else Stage(**s) for s in self.stages]
         except TypeError as exc:
             raise MsakitError(f"training.stages: each stage needs name and epochs ({exc})") from None
-        for key in ("decay_norms_and_biases", "tf32", "compile"):
+        for key in ("decay_norms_and_biases", "tf32", "compile", "step_every_batch"):
             if not isinstance(getattr(self, key), bool):
                 raise MsakitError(f"training.{key} must be true or false, not {getattr(self, key)!r}")
         if self.log not in LOGS:
@@ -113,6 +117,9 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise MsakitError(f"training.precision must be one of {', '.join(PRECISIONS)}, "
                               f"not {self.precision!r}")
+        if self.step_every_batch and self.precision == "fp16":
+            raise MsakitError("training.step_every_batch needs precision fp32 or bf16: fp16's loss "
+                              "scaling unscales the running gradient sum in place at every step")
         for index, stage in enumerate(self.stages):
             _check_number(f"stages[{stage.name}].epochs", stage.epochs, integer=True, low=1)
             if stage.start not in STAGE_STARTS:

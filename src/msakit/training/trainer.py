@@ -392,7 +392,7 @@ class Trainer:
                      self.stages()[saved["stage_index"]].name, saved["epoch"])
         result = FitResult(best_valid={}, best_epoch=0, epochs_run=0)
         steps_per_epoch = math.ceil(len(train) / self.config.batch_size)
-        if steps_per_epoch < self.config.accumulate_steps:
+        if steps_per_epoch < self.config.accumulate_steps and not self.config.step_every_batch:
             raise MsakitError(
                 f"training.accumulate_steps={self.config.accumulate_steps} sums the gradients of more "
                 f"batches than an epoch has ({steps_per_epoch} of {self.config.batch_size} from "
@@ -433,7 +433,10 @@ class Trainer:
             optimizer = build_optimizer(self.model, self.config, stage.lr, stage.encoder_lr)
             phase_optimizers = build_phase_optimizers(self.model)
         # one scheduler step per optimiser step: an epoch's complete groups of accumulated batches
+        # (step_every_batch: every batch, and each complete group once more)
         updates_per_epoch = steps_per_epoch // self.config.accumulate_steps
+        if self.config.step_every_batch:
+            updates_per_epoch += steps_per_epoch
         scheduler = build_scheduler(optimizer, self.config, updates_per_epoch * stage.epochs)
         if resume is None:
             self.best_by_metric = {}
@@ -632,7 +635,10 @@ class Trainer:
         batches add to gradients already clipped (MMSA's clip_grad_value_ after each
         `loss.backward()`); after the group's last one their norm is clipped and `optimizer` steps.
         The gradients of `every_optimizer` are cleared before each group; those of a last,
-        incomplete group are computed and dropped (MMSA's loop never steps on them)."""
+        incomplete group are computed and dropped (MMSA's loop never steps on them). With
+        `step_every_batch` the norm clip and the step also follow every batch, on the running sum
+        (an incomplete group's batches too), and a group's last batch steps twice on it (MMSA's
+        TFR-Net trainer)."""
         model, world = self._training_model(), distributed.world_size()
         cfg = self.config
         total, count = 0.0, 0
@@ -652,12 +658,12 @@ class Trainer:
                 for each in every_optimizer:
                     each.zero_grad(set_to_none=True)
             # DDP decides at the forward pass whether the backward pass averages the ranks' gradients
-            with _averaging(model, steps_now or cfg.grad_clip_value is not None):
+            with _averaging(model, steps_now or cfg.grad_clip_value is not None or cfg.step_every_batch):
                 loss = self._batch_loss(model, batch, epoch, optimizer)
                 self.precision.backward(loss * (part * world))
             if cfg.grad_clip_value is not None:
                 self.precision.clip_values(self.model.parameters(), cfg.grad_clip_value)
-            if steps_now:
+            for _ in range(int(cfg.step_every_batch) + int(steps_now)):
                 self.precision.step(optimizer, self.model.parameters(), cfg.grad_clip)
                 if scheduler is not None:
                     scheduler.step()
