@@ -177,7 +177,8 @@ def test_yaml_holds_mmsas_settings(family):
     assert (model.recon_weight_text, model.recon_weight_audio, model.recon_weight_vision) == weights
     assert (model.dim, model.heads, model.memory_layers, model.similarity_weight) == (30, 6, 3, 5.0)
     assert (model.missing_rate, model.missing_seed, training["grad_clip_value"]) == (0.2, 1111, 0.8)
-    assert training.get("accumulate_steps", 1) == 1  # MMSA's update_epochs is no accumulation
+    # MMSA's update_epochs 4: cleared every 4 batches, a step after each and one more after the 4th
+    assert (training["accumulate_steps"], training["step_every_batch"]) == (4, True)
     assert (training["batch_size"], training["lr"], training["encoder_lr"]) == (batch_size, lr, bert_lr)
     assert (training["weight_decay"], training["encoder_weight_decay"]) == (1e-3, 1e-4)
     assert (training["loss"], training["patience"], training["grad_clip"]) == ("l1", 6, None)
@@ -185,7 +186,11 @@ def test_yaml_holds_mmsas_settings(family):
 
 
 def test_the_synthetic_settings_build_and_run(dims, batch):
-    model = create_model("tfr_net", resolve_config("tfr_net", "synthetic")["model"], dims).train()
+    resolved = resolve_config("tfr_net", "synthetic")
+    # one step per batch on its own gradient, as before the MMSA sections stepped as MMSA does
+    assert resolved["training"].get("accumulate_steps", 1) == 1
+    assert not resolved["training"].get("step_every_batch", False)
+    model = create_model("tfr_net", resolved["model"], dims).train()
     out = model(batch)
     assert torch.isfinite(out.pred).all() and all(torch.isfinite(v) for v in out.losses.values())
 

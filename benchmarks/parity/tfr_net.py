@@ -22,7 +22,17 @@ clip_grad_value_ (msakit: its training loop's clip, `MixedPrecision.clip_values`
 `training.grad_clip_value` runs after every backward pass), every parameter's gradient. Rows: MOSI and MOSEI
 (MMSA's 25 temporal heads, sequence lengths that it divides); SIMS with 1 temporal head (MMSA's 25
 cannot divide its 39 text tokens); MOSI through the random BERT; MOSI with a clip value small
-enough to clip many gradient elements. Writes benchmarks/results/parity/tfr_net.{json,md}.
+enough to clip many gradient elements.
+The loop rows run MMSA's own training loop (trains/missingTask/TFR_NET.py `do_train`: the
+gradients cleared every update_epochs = 4 batches, a step after every batch on their running sum
+clipped by value after each backward, a second step after every fourth, the reconstruction losses
+from epoch 2) against msakit's (`Trainer.train_epoch` with the YAML's `accumulate_steps: 4`,
+`step_every_batch: true` and `grad_clip_value`) for two epochs of five batches over the same
+batches and removed positions, every dropout off, in float64 and in float32, both sides stepping
+with plain SGD over their own parameter groups and rates, and compare the gradients each optimiser
+step reads and the weights after training. The same run with MMSA's Adam and msakit's AdamW is
+reported in the notes (Adam's first steps turn rounding noise into updates; see there).
+Writes benchmarks/results/parity/tfr_net.{json,md}.
 """
 
 from __future__ import annotations
@@ -36,8 +46,10 @@ import types
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from mmsa_loop import recording_steps, run_do_train, step_differences, without_dropout
 from msakit_parity import (
     full_batch,
     gradient_difference,
@@ -51,10 +63,13 @@ from msakit_parity import (
 )
 from torch import nn
 
-from msakit.data.schema import MODALITIES, FeatureDims
+from msakit.data.batching import training_shards
+from msakit.data.schema import MODALITIES, Batch, FeatureDims, Split
 from msakit.models import create_model
 from msakit.training.config import resolve_config
 from msakit.training.precision import MixedPrecision
+from msakit.training.settings import TrainConfig
+from msakit.training.trainer import Trainer, build_optimizer, build_scheduler
 
 REPOSITORY = "thuiar/MMSA"
 COMMIT = "a94e65d07fa1ae0d44e552390074b29b0898edfd"
@@ -66,6 +81,9 @@ VOCABULARY = 1000
 UNK = 100
 SMALL_CLIP = 0.05  # clips a large share of the gradient elements
 FIRST_WORD = 104  # past [PAD] 0, [UNK] 100, [CLS] 101, [SEP] 102, [MASK] 103
+# 5 batches an epoch: MMSA steps after batches 1-3, twice after 4 and once after 5 (an incomplete
+# group), 6 steps an epoch; epoch 2 adds the reconstruction losses
+LOOP_SAMPLES, LOOP_EPOCHS = 30, 2
 LETTERS = {"l": "text", "a": "audio", "v": "vision"}
 GENERATORS = {"t": "text", "a": "audio", "v": "vision"}
 DROPOUTS = ("text_dropout", "attn_dropout", "attn_dropout_a", "attn_dropout_v", "relu_dropout",
@@ -119,12 +137,28 @@ def official_module(root: Path, encoder: Callable[..., nn.Module] | None,
     __init__ files import every model and MMSA's runner). The text encoder is built by `encoder`,
     or, when None, is MMSA's own BertTextEncoder (which TFR_NET builds for bert-base-uncased:
     `bert_folder` then names the folder it loads instead)."""
-    mmsa_packages(root, "MMSA", "MMSA.models", "MMSA.models.subNets", "MMSA.models.missingTask")
+    mmsa_packages(root, "MMSA", "MMSA.models", "MMSA.models.subNets", "MMSA.models.missingTask",
+                  "MMSA.trains", "MMSA.trains.missingTask")
+    # the trainer imports its log helpers from these modules (no loss reads them)
+    sys.modules["MMSA.utils.functions"] = types.SimpleNamespace(dict_to_str=str)
+    metrics = sys.modules["MMSA.utils"].MetricsTop
+    sys.modules["MMSA.utils.metricsTop"] = types.SimpleNamespace(MetricsTop=metrics)
     if encoder is None:
         real = importlib.import_module("MMSA.models.subNets.BertTextEncoder").BertTextEncoder
         encoder = lambda use_finetune: real(use_finetune, pretrained=str(bert_folder))  # noqa: E731
     sys.modules["MMSA.models.subNets.BertTextEncoder"] = types.SimpleNamespace(BertTextEncoder=encoder)
     return importlib.import_module("MMSA.models.missingTask.TFR_NET.model")
+
+
+def official_trainer(args: Args, optimizer: type[torch.optim.Optimizer]) -> object:
+    """MMSA's trains/missingTask/TFR_NET.py trainer (after `official_module`), its Adam replaced by
+    `optimizer` over the same parameter groups and rates. Its scheduler's `verbose=True` (log lines
+    only) is dropped: recent torch's ReduceLROnPlateau no longer takes it."""
+    module = importlib.import_module("MMSA.trains.missingTask.TFR_NET")
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau
+    module.ReduceLROnPlateau = lambda optimizer, verbose=False, **kwargs: plateau(optimizer, **kwargs)
+    module.optim = types.SimpleNamespace(Adam=optimizer)
+    return module.TFR_NET(args)
 
 
 def official_args(root: Path, dataset: str, lengths: tuple[int, ...], text_width: int,
@@ -251,6 +285,102 @@ def compare(root: Path, dataset: str, label: str, lengths: tuple[int, int, int] 
     }
 
 
+def compare_loop(root: Path, label: str, dtype: torch.dtype, clip: float | None = None,
+                 adam: bool = False) -> dict:
+    """MMSA's do_train against msakit's loop on MOSI's settings for LOOP_EPOCHS epochs, every
+    dropout off, weights and inputs in `dtype` (text: a fixed table of 768-d states). Both sides
+    step with plain SGD over their own parameter groups and rates, or with `adam`, MMSA's Adam and
+    msakit's AdamW."""
+    torch.manual_seed(0)
+    table = torch.randn(VOCABULARY, 768).to(dtype)
+    table[UNK] = 0.0
+    module = official_module(root, lambda use_finetune: StatesLookup(table), None)
+    # MMSA's Adam decays by L2, msakit's AdamW decoupled: compared without
+    changes = {"weight_decay_other": 0.0, "weight_decay_bert": 0.0}
+    if clip is not None:
+        changes["grad_clip"] = clip
+    args = official_args(root, "mosi", LENGTHS, 768, **changes)
+    official = module.TFR_NET(args)
+    text_len, audio_len, vision_len = LENGTHS
+    _, audio_dim, vision_dim = args.feature_dims
+    dims = FeatureDims(text=768, audio=audio_dim, vision=vision_dim, text_len=text_len,
+                       audio_len=audio_len, vision_len=vision_len, has_text_ids=True)
+    resolved = resolve_config("tfr_net", "mosi", [
+        *(f"model.{key}=0.0" for key in OUR_DROPOUTS), "model.text_source=features",
+        "training.weight_decay=0", "training.encoder_weight_decay=0"])
+    ours = create_model("tfr_net", resolved["model"], dims)
+    kept = {k: v for k, v in official.state_dict().items() if not k.endswith(UNUSED)
+            and not k.startswith(UNUSED)}
+    ours.load_state_dict(rename_state(kept, RENAMES, INNER), strict=True)
+    official_name = rename_state({k: k for k, _ in official.named_parameters()}, RENAMES, INNER)
+    for model in (official, ours):
+        without_dropout(model)
+        model.to(dtype)
+
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(FIRST_WORD, VOCABULARY, (LOOP_SAMPLES, text_len), generator=generator)
+    ids[:, 0], ids[:, -1] = 101, 102
+    text_bert = torch.stack([ids, torch.ones_like(ids), torch.zeros_like(ids)], dim=1)
+    split = Split(
+        ids=np.array([f"clip{i}" for i in range(LOOP_SAMPLES)]),
+        labels=(torch.rand(LOOP_SAMPLES, generator=generator) * 6 - 3).to(dtype).numpy(),
+        text=table[ids].numpy(), text_bert=text_bert.numpy(),
+        audio=torch.randn(LOOP_SAMPLES, audio_len, audio_dim, generator=generator).to(dtype).numpy(),
+        vision=torch.randn(LOOP_SAMPLES, vision_len, vision_dim, generator=generator).to(dtype).numpy(),
+        audio_lengths=np.full(LOOP_SAMPLES, audio_len), vision_lengths=np.full(LOOP_SAMPLES, vision_len))
+
+    def official_batch(batch: Batch) -> dict:
+        """The batch as MMSA's data loader hands it over, with the positions msakit's model removes."""
+        seen, removed = ours.remove(batch)
+        kept_mask = {m: (~removed[m]).to(dtype) for m in MODALITIES}
+        ones = {m: torch.ones(len(batch), n, dtype=dtype) for m, n in zip(MODALITIES, LENGTHS, strict=True)}
+        return {"text": batch.text_ids.to(dtype), "text_m": seen.text_ids.to(dtype),
+                "text_missing_mask": kept_mask["text"],
+                **{key: value for m in ("audio", "vision") for key, value in (
+                    (m, getattr(batch, m)), (f"{m}_m", getattr(seen, m)), (f"{m}_mask", ones[m]),
+                    (f"{m}_missing_mask", kept_mask[m]))},
+                "labels": {"M": batch.labels.to(dtype)}}
+
+    replay = torch.Generator().manual_seed(3)  # the orders msakit's loop draws below
+    epochs = [[official_batch(b) for b, _ in training_shards(split, BATCH, replay)]
+              for _ in range(LOOP_EPOCHS)]
+    their_steps, my_steps = [], []
+    their_optimizer = torch.optim.Adam if adam else torch.optim.SGD
+    with recording_steps(their_optimizer, official, their_steps):
+        run_do_train(official_trainer(args, their_optimizer), official, epochs, LOOP_EPOCHS)
+
+    config = TrainConfig(**{**resolved["training"], "batch_size": BATCH, "epochs": LOOP_EPOCHS,
+                            "device": "cpu", "grad_clip_value": args.grad_clip})
+    trainer = Trainer(ours, config, "mosi", progress=False)
+    generator = torch.Generator().manual_seed(3)
+    batches = LOOP_SAMPLES // BATCH
+    with recording_steps(torch.optim.AdamW if adam else torch.optim.SGD, ours, my_steps):
+        optimizer = build_optimizer(ours, config)
+        if not adam:
+            optimizer = torch.optim.SGD([{k: g[k] for k in ("params", "lr", "weight_decay")}
+                                         for g in optimizer.param_groups])
+        scheduler = build_scheduler(optimizer, config, LOOP_EPOCHS * (batches + batches // 4))
+        for epoch in range(1, LOOP_EPOCHS + 1):
+            ours.on_train_epoch_start(epoch, lambda: trainer._plain_batches(split))
+            trainer.train_epoch(split, optimizer, scheduler, generator, epoch=epoch)
+    if len(their_steps) != len(my_steps):
+        raise RuntimeError(f"MMSA stepped {len(their_steps)} times, msakit {len(my_steps)}")
+    theirs = dict(official.named_parameters())
+    clipped = sum(int((g.abs() >= args.grad_clip).sum()) for step in my_steps for g in step.values()
+                  if g is not None)
+    return {
+        "dataset": label,
+        "parameters": {"official": parameter_count(official), "msakit": parameter_count(ours)},
+        "clipped_gradient_elements": f"{clipped} over {len(my_steps)} steps",
+        "max_abs_diff": {"weights after training": max(max_abs(p, theirs[official_name[n]])
+                                                       for n, p in ours.named_parameters())},
+        "gradients": step_differences(their_steps, my_steps, official_name),
+        "steps": len(my_steps),
+        "settings": {k: config.__dict__[k] for k in ("accumulate_steps", "step_every_batch",
+                                                      "grad_clip_value")},
+    }
+
+
 def main() -> None:
     args = parse_args("tfr_net", REPOSITORY, COMMIT)
     rows = [compare(args.official, d, d) for d in ("mosi", "mosei")]
@@ -259,12 +389,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         rows.append(compare(args.official, "mosi", "mosi, random 32-wide BERT",
                             bert=small_bert(Path(folder))))
+    rows.append(compare_loop(args.official, "mosi, MMSA's training loop (float64)", torch.float64))
+    rows.append(compare_loop(args.official, f"mosi, MMSA's training loop, clipped at {SMALL_CLIP:g} "
+                             "(float64)", torch.float64, clip=SMALL_CLIP))
+    rows.append(compare_loop(args.official, "mosi, MMSA's training loop (float32)", torch.float32))
+    adam = [compare_loop(args.official, f"Adam, {name}", dtype, adam=True)
+            for name, dtype in (("float64", torch.float64), ("float32", torch.float32))]
     print(write_report(
         "tfr_net", args.output, REPOSITORY, official_commit(args.official, COMMIT), rows,
         switches={"training.grad_clip_value": "the dataset's MMSA grad_clip (msakit's default for "
                                               f"each dataset); {SMALL_CLIP:g} in the clipped row",
                   "model.temporal_heads": "1 in the SIMS row, on both sides (MMSA's 25 cannot divide "
                                           "SIMS' 39 text tokens; msakit's SIMS setting is 1)",
+                  "training.accumulate_steps, training.step_every_batch": "4 and true in the loop rows "
+                                                                          "(msakit's MOSI settings: MMSA's "
+                                                                          "update_epochs and its stepping)",
                   "dropouts": "every dropout 0 on both sides, so that training mode is deterministic"},
         notes=("Parameters: equal. The text encoder is a fixed table of 768-d states (no parameters, "
                "its [UNK] row zero) except in the BERT row, where both sides count the same random "
@@ -276,13 +415,29 @@ def main() -> None:
                "losses are the official RECLoss on the official generators' outputs (unweighted; msakit's "
                "divided by its weight) and the weighted sum the official forward returns; the total is "
                "L1 + that sum (MMSA's trainer from epoch 2). Gradients are compared after MMSA's "
-               "clip_grad_value_ and the clip of msakit's loop (`training.grad_clip_value`). MMSA's "
-               "loop itself is not compared: it steps after every batch on the running sum of up to "
-               "four batches' gradients and twice after every fourth, which msakit's loop does not "
-               "reproduce (the model's docstring). Removed positions: "
+               "clip_grad_value_ and the clip of msakit's loop (`training.grad_clip_value`). Loop rows: "
+               f"{LOOP_SAMPLES} samples, {LOOP_EPOCHS} epochs of 5 batches of {BATCH} in the same order "
+               "with the same removed positions (MOSI's settings, every dropout 0, weight decay 0 on both "
+               "sides: MMSA's Adam decays by L2, msakit's AdamW decoupled), each side's own loop: 6 steps "
+               "an epoch (after batches 1-3, twice after 4, once after the incomplete group's batch 5), "
+               f"{adam[0]['steps']} in all on both sides; the gradients column is the largest over every "
+               "step, as the step reads them (the running sum, clipped after each backward), the weights "
+               "column the largest weight difference after training (float64 agrees to about 1e-7, not "
+               "1e-15: msakit's loop computes the task loss, and so its gradient 1/batch, in float32). "
+               "Both sides step with plain SGD at "
+               "their configured rates (MMSA's Adam replaced in its trainer module): with MMSA's Adam and "
+               "msakit's AdamW the same run ends "
+               + " and ".join(f"{r['max_abs_diff']['weights after training']:.1e} apart in the weights, "
+                              f"{r['gradients']['relative']:.1e} relative in the gradients in "
+                              f"{r['dataset'].split(', ')[1]}" for r in adam)
+               + ", since Adam's first update, lr g / (|g| + eps), is of the order of lr wherever |g| "
+               "nears eps = 1e-8, so rounding noise in gradients that are zero or nearly zero in exact "
+               "arithmetic (e.g. the attention key biases', computed differently by the two attention "
+               "implementations) moves weights by a sizeable share of the rate. Removed positions: "
                + "; ".join(f"{r['dataset']}: "
-                           + ", ".join(f"{m} {v}" for m, v in r["removed_positions"].items()) for r in rows)
-               + ". Gradient elements at the clip value: "
+                           + ", ".join(f"{m} {v}" for m, v in r["removed_positions"].items())
+                           for r in rows if "removed_positions" in r)
+               + ". Gradient elements at the clip value (loop rows: summed over the steps' gradients): "
                + "; ".join(f"{r['dataset']}: {r['clipped_gradient_elements']}" for r in rows) + "."),
     ))
 

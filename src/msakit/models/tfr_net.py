@@ -51,16 +51,16 @@ Deviations from MMSA:
   GRUs read the valid steps either way, as MMSA's packing does).
 - `temporal_heads` must divide the three sequence lengths: MMSA's 25 cannot run SIMS' 39 text
   tokens (it crashes), so the SIMS settings use 1.
-- Training loop (msakit's one loop; no setting restores these): MMSA's trainer zeroes the
-  gradients every `update_epochs` (4) batches but steps after every batch (twice after every
-  fourth), so each update sums the gradients of the last one to four batches; msakit steps once
-  per batch on that batch's gradient. That is no gradient accumulation (which steps once per
-  group: `training.accumulate_steps`), so the YAML keeps 1. MMSA's clipping of each gradient
-  element after every backward (`grad_clip`, clip_grad_value_) is the loop's
-  `training.grad_clip_value`. MMSA's Adam with L2 weight decay and ReduceLROnPlateau
-  (factor 0.1, patience 5 on the validation loss) becomes AdamW with decoupled decay (MMSA's
-  values) at constant rates. Checkpoints are chosen on the validation MAE (MMSA: the validation
-  L1 loss, the same number).
+- Training loop (msakit's one loop): MMSA's trainer zeroes the gradients every `update_epochs`
+  (4) batches but steps after every batch on their running sum (clipped by value after each
+  backward: `grad_clip`, clip_grad_value_) and once more on the same sum after every fourth; an
+  epoch's last incomplete group steps after each of its batches and its sum ends with the epoch.
+  The MMSA settings say so in the loop's terms: `training.accumulate_steps: 4`,
+  `step_every_batch: true`, `grad_clip_value`; the synthetic settings step once per batch on
+  that batch's gradient (`accumulate_steps: 1`, `step_every_batch: false`). MMSA's Adam with L2
+  weight decay and ReduceLROnPlateau (factor 0.1, patience 5 on the validation loss; no setting
+  restores these) becomes AdamW with decoupled decay (MMSA's values) at constant rates.
+  Checkpoints are chosen on the validation MAE (MMSA: the validation L1 loss, the same number).
 - MMSA's mask keeps position 0 and the last valid token of the text; msakit keeps the
   tokenizer's special tokens ([CLS], [SEP], [PAD]) wherever they are (the same positions on
   BERT input). MMSA draws its masks with numpy from `missing_seed`, msakit from its own streams:
