@@ -9,6 +9,8 @@ import pytest
 from msakit import api
 from msakit.data import generate_synthetic, save_mmsa
 from msakit.errors import MsakitError
+from msakit.training import runs
+from msakit.training.settings import ADDED_SETTINGS
 from resume_check import Interrupted, interrupt_training
 
 SIZES = {"n_train": 24, "n_valid": 8, "n_test": 8, "text_len": 8, "audio_len": 10, "vision_len": 10,
@@ -83,3 +85,29 @@ def test_a_pickles_fingerprint_is_remembered_by_its_size_and_time(tmp_path, monk
     fingerprint_cache().write_text("{not json")  # a damaged cache costs a hash, nothing else
     monkeypatch.undo()
     assert load_mmsa(path).fingerprint == first
+
+
+def test_a_run_saved_before_a_setting_existed_resumes_at_its_old_behaviour(tmp_path, monkeypatch):
+    """A run written by an msakit without `training.accumulate_steps` (and the other ADDED_SETTINGS)
+    is the same run as one with them at the value that trains as it did: it continues, finished
+    seeds and the interrupted seed's state alike, and a changed value is still refused."""
+    data = save_mmsa(generate_synthetic(seed=0, **SIZES), tmp_path / "data.pkl")
+    current = runs.run_meta
+
+    def as_written_before(*args, **kwargs):
+        meta = current(*args, **kwargs)
+        training = {key: value for key, value in meta["config"]["training"].items()
+                    if key not in ADDED_SETTINGS["training"]}
+        return {**meta, "config": {**meta["config"], "training": training}}
+
+    monkeypatch.setattr(runs, "run_meta", as_written_before)
+    interrupt_training(monkeypatch, after=3)  # seed 1 finished, seed 2 killed after one epoch
+    with pytest.raises(Interrupted):
+        _train(data, tmp_path / "run")
+    monkeypatch.undo()
+    trained = interrupt_training(monkeypatch, after=99)
+    resumed = _train(data, tmp_path / "run", resume=True)
+    assert trained == [2] and [s["seed"] for s in resumed["seeds"]] == [1, 2]
+    with pytest.raises(MsakitError, match=r"accumulate_steps: None then, 2 now"):
+        api.train("text_only", str(data), seeds=[1], epochs=2, output=tmp_path / "run", progress=False,
+                  resume=True, overrides=[*FAST, "training.accumulate_steps=2"])

@@ -72,6 +72,7 @@ from msakit.evaluation.reproduce import load_recipe
 from msakit.fileio import load_yaml
 from msakit.training.config import model_yaml, parse_overrides
 from msakit.training.runs import aligned_input
+from msakit.training.settings import without_added_settings
 
 STUDY_KEYS = ("name", "datasets", "models", "seeds", "set", "evaluate", "resources", "search")
 DATASET_KEYS = ("dataset", "data_dir", "family", "aligned", "options", "label")
@@ -374,9 +375,6 @@ def load_study(path: str | Path) -> Study:
 
 # settings that never change a training's numbers: where its curves go, how often its state is saved
 NEUTRAL_SETTINGS = {"training": ("log", "state_every")}
-# settings added after studies had records, at the value that trains as msakit did before they
-# existed: left out of the identity at that value, so that adding a setting keeps the records
-ADDED_SETTINGS = {"training": {"accumulate_steps": 1, "grad_clip_value": None, "step_every_batch": False}}
 
 
 def file_identity(path: str | Path) -> dict[str, str]:
@@ -392,16 +390,13 @@ def job_identity(model: str, config: dict[str, Any], seed: int, fingerprint: str
                  target: str | None = None, group_by: str | None = None,
                  recipe: dict[str, Any] | None = None) -> str:
     """What makes two trainings the same: the model, every setting in force (but the neutral ones,
-    and those of `ADDED_SETTINGS` at their listed value; the files of `FILE_SETTINGS` by content),
-    the seed, the data, a DG job's target and grouping, a reproduce job's recipe."""
-    def counts(section: str, key: str, value: Any) -> bool:
-        added = ADDED_SETTINGS.get(section, {})
-        return key not in NEUTRAL_SETTINGS.get(section, ()) and not (key in added and value == added[key])
-
+    and those of `msakit.training.settings.ADDED_SETTINGS` at their listed value; the files of
+    `FILE_SETTINGS` by content), the seed, the data, a DG job's target and grouping, a reproduce
+    job's recipe."""
     kept = {section: {key: file_identity(value) if value is not None and key in FILE_SETTINGS.get(section, ())
                       else value
-                      for key, value in values.items() if counts(section, key, value)}
-            for section, values in config.items()}
+                      for key, value in values.items() if key not in NEUTRAL_SETTINGS.get(section, ())}
+            for section, values in without_added_settings(config).items()}
     cell = {"model": model, "config": kept, "seed": seed, "data": fingerprint}
     if target is not None:
         cell["dg"] = {"target": target, "group_by": group_by}

@@ -31,7 +31,7 @@ from msakit.training import distributed
 from msakit.training.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from msakit.training.checkpoint import check_dims_match, load_checkpoint, read_tagged, save_checkpoint
 from msakit.training.config import data_config, parse_overrides, resolve_config, training_config
-from msakit.training.settings import scale_stages
+from msakit.training.settings import comparable_run, scale_stages
 from msakit.training.tensorboard import TensorBoardLog
 from msakit.training.trainer import (
     EpochObserver,
@@ -320,10 +320,11 @@ def _finished_run(out_dir: Path | None, meta: dict[str, Any], resume: bool) -> d
     _, saved = load_checkpoint(path)
     if "run" not in saved:  # written by a version without resumable runs: train it again
         return None
-    if saved["run_meta"] != meta:
+    saved_meta, meta = comparable_run(saved["run_meta"]), comparable_run(meta)
+    if saved_meta != meta:
         raise MsakitError(
             f"--resume: {path} was written by a run with other settings "
-            f"({first_difference(saved['run_meta'], meta)}); use another output folder to keep it"
+            f"({first_difference(saved_meta, meta)}); use another output folder to keep it"
         )
     return saved["run"]
 

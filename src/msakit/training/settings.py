@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from msakit.errors import MsakitError
 
@@ -13,6 +15,27 @@ STATE_WRITE_SHARE = 0.05  # at most this share of training time goes to writing 
 STAGE_STARTS = ("restore_best", "continue")
 PRECISIONS = ("fp32", "bf16", "fp16")  # what forward passes compute in (msakit.training.precision)
 LOGS = ("none", "tensorboard")  # where each epoch's scalars go besides the log lines
+# Settings added after runs and studies had been saved, each with the value that trains exactly as
+# msakit did before it existed. A run saved without one is the same run as one with it at that value:
+# `--resume` continues it, and a study keeps its record (`without_added_settings`).
+ADDED_SETTINGS: dict[str, dict[str, Any]] = {
+    "training": {"accumulate_steps": 1, "grad_clip_value": None, "step_every_batch": False},
+}
+
+
+def without_added_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """`config` (sections of settings) without the `ADDED_SETTINGS` that are at their listed value."""
+    def kept(section: str, key: str, value: Any) -> bool:
+        added = ADDED_SETTINGS.get(section, {})
+        return not (key in added and value == added[key])
+
+    return {section: {key: value for key, value in values.items() if kept(section, key, value)}
+            if isinstance(values, Mapping) else values for section, values in config.items()}
+
+
+def comparable_run(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved run's identity (`msakit.training.runs.run_meta`) as it is compared before resuming."""
+    return {**meta, "config": without_added_settings(meta["config"])} if "config" in meta else dict(meta)
 
 
 @dataclass

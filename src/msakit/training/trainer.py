@@ -50,7 +50,7 @@ from msakit.models.base import ExtraPhase, MSAModel, ParameterGroup
 from msakit.training import distributed
 from msakit.training.checkpoint import read_tagged
 from msakit.training.precision import MixedPrecision, use_tf32
-from msakit.training.settings import STATE_WRITE_SHARE, Stage, TrainConfig
+from msakit.training.settings import STATE_WRITE_SHARE, Stage, TrainConfig, comparable_run
 
 log = logging.getLogger(__name__)
 
@@ -573,9 +573,10 @@ class Trainer:
             raise MsakitError(f"{path} was written by a training on {processes} process(es), this one "
                               f"runs on {distributed.world_size()}: resume it on {processes} "
                               "(torchrun --nproc_per_node)")
-        if state["meta"] != meta:
+        saved_meta, meta = comparable_run(state["meta"]), comparable_run(meta)
+        if saved_meta != meta:
             raise MsakitError(
-                f"{path} was written by a run with other settings ({first_difference(state['meta'], meta)}); "
+                f"{path} was written by a run with other settings ({first_difference(saved_meta, meta)}); "
                 "remove it to start over"
             )
         if state["stage_index"] >= len(self.stages()):
