@@ -49,10 +49,12 @@ def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 def _describe(evaluation: Evaluation) -> str:
     if evaluation.protocol == "fixed":
-        return f"fixed: {', '.join(evaluation.subsets) if evaluation.subsets else 'the 7 subsets'}"
-    rates = "default rates" if evaluation.rates is None else \
-        f"r = {', '.join(f'{r:g}' for r in evaluation.rates)}"
-    return f"{evaluation.protocol}: {rates}"
+        conditions = ", ".join(evaluation.subsets) if evaluation.subsets else "the 7 subsets"
+    else:
+        conditions = "default rates" if evaluation.rates is None else \
+            f"r = {', '.join(f'{r:g}' for r in evaluation.rates)}"
+    scored_with = f", scored with {' '.join(evaluation.overrides)}" if evaluation.overrides else ""
+    return f"{evaluation.protocol}: {conditions}{scored_with}"
 
 
 def _distinct(evaluations: Sequence[Evaluation]) -> list[Evaluation]:
@@ -222,7 +224,7 @@ def robustness_table(study: Study, models: dict[str, Any], family: str) -> list[
     columns = SIMS_ROBUSTNESS_COLUMNS if family == "sims" else ROBUSTNESS_COLUMNS
     evaluations = _evaluations(study, list(models))
     protocols = list(dict.fromkeys(e.protocol for e in evaluations))
-    described = "; ".join(_describe(e) for e in evaluations)
+    described = "; ".join(dict.fromkeys(_describe(e) for e in evaluations))
     lines = [f"Test split; each protocol cell is the mean over its conditions ({described}), then "
              "mean ± std over seeds.", ""]
     head = ["model", "seeds", f"clean {LABELS['mae']}",
