@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from mmsa_loop import recording_steps, run_do_train, step_differences, without_dropout
+from mmsa_loop import loop_row, recording_steps, run_do_train, run_msakit_loop, without_dropout
 from msakit_parity import (
     full_batch,
     gradient_difference,
@@ -59,7 +59,6 @@ from msakit.models import create_model
 from msakit.training.config import resolve_config
 from msakit.training.precision import MixedPrecision
 from msakit.training.settings import TrainConfig
-from msakit.training.trainer import Trainer, build_optimizer, build_scheduler
 
 REPOSITORY = "thuiar/MMSA"
 COMMIT = "a94e65d07fa1ae0d44e552390074b29b0898edfd"
@@ -255,33 +254,14 @@ def compare_loop(root: Path, dataset: str, label: str, clip: float | None = None
     replay = torch.Generator().manual_seed(3)  # the orders msakit's loop draws below
     epochs = [[official_batch(b.index) for b, _ in training_shards(split, BATCH, replay)]
               for _ in range(LOOP_EPOCHS)]
-    their_steps, my_steps = [], []
+    their_steps = []
     with recording_steps(torch.optim.Adam, official, their_steps):
         run_do_train(trains.MISA(args), official, epochs, LOOP_EPOCHS)
 
     config = TrainConfig(**{**resolved["training"], "batch_size": BATCH, "epochs": LOOP_EPOCHS,
                             "device": "cpu", "grad_clip_value": args.grad_clip})
-    trainer = Trainer(ours, config, "mosi", progress=False)
-    generator = torch.Generator().manual_seed(3)
-    with recording_steps(torch.optim.AdamW, ours, my_steps):
-        optimizer = build_optimizer(ours, config)
-        scheduler = build_scheduler(optimizer, config, LOOP_EPOCHS * (LOOP_SAMPLES // BATCH // 2))
-        for epoch in range(1, LOOP_EPOCHS + 1):
-            trainer.train_epoch(split, optimizer, scheduler, generator, epoch=epoch)
-    if len(their_steps) != len(my_steps):
-        raise RuntimeError(f"MMSA stepped {len(their_steps)} times, msakit {len(my_steps)}")
-    theirs = dict(official.named_parameters())
-    weights = max(max_abs(p, theirs[official_name[n]]) for n, p in ours.named_parameters())
-    clipped = sum(int((g.abs() >= args.grad_clip).sum()) for step in my_steps for g in step.values()
-                  if g is not None)
-    return {
-        "dataset": label,
-        "parameters": {"official": parameter_count(official), "msakit": parameter_count(ours)},
-        "clipped_gradient_elements": f"{clipped} over {len(my_steps)} steps",
-        "max_abs_diff": {"weights after training": weights},
-        "gradients": step_differences(their_steps, my_steps, official_name),
-        "steps": len(my_steps),
-    }
+    my_steps, _ = run_msakit_loop(ours, config, split, LOOP_EPOCHS * (LOOP_SAMPLES // BATCH // 2), seed=3)
+    return loop_row(label, official, ours, official_name, their_steps, my_steps, clip=args.grad_clip)
 
 
 def main() -> None:

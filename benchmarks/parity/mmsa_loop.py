@@ -5,8 +5,9 @@ MMSA's `do_train` trains until early stopping on its validation score and reads 
 `dataloader["train"]` once per epoch. Here it gets, per epoch, the batches msakit's loop draws for
 that epoch (`EpochBatches`), a validation score that improves for the first epochs and then stops
 (so it trains exactly the requested number of epochs), and its own model wrapped as MMSA's AMIO
-wraps it (`model.Model`). The gradients each optimiser step reads are recorded on both sides
-(`recording_steps`).
+wraps it (`model.Model`). msakit's side is its own loop (`run_msakit_loop`). The gradients each
+optimiser step reads are recorded on both sides (`recording_steps`) and compared, with the weights
+after training, in one report row (`loop_row`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from msakit_parity import max_abs, parameter_count
 from torch import nn
+
+from msakit.data.schema import Split
+from msakit.models.base import MSAModel
+from msakit.training.settings import TrainConfig
+from msakit.training.trainer import Trainer, build_optimizer, build_scheduler
 
 
 class AMIO(nn.Module):
@@ -110,3 +117,50 @@ def step_differences(theirs: list[dict], mine: list[dict], official_name: dict[s
         if diff / scale >= worst["relative"]:
             worst = {"max_abs_diff": diff, "largest_gradient": scale, "relative": diff / scale}
     return worst
+
+
+def run_msakit_loop(model: MSAModel, config: TrainConfig, split: Split, total_steps: int, seed: int,
+                    sgd: bool = False) -> tuple[list[dict], torch.optim.Optimizer]:
+    """msakit's loop over `split` for `config.epochs` epochs as `Trainer.fit` runs each one (the
+    model's epoch hooks around `Trainer.train_epoch`), without validation, in the batch orders a
+    generator seeded `seed` draws. The optimiser is `build_optimizer`'s AdamW or, with `sgd`, plain
+    SGD over its groups and rates; the schedule `build_scheduler`'s over `total_steps`. Returns the
+    gradients each step read (`recording_steps`) and the optimiser."""
+    trainer = Trainer(model, config, "mosi", progress=False)
+    generator = torch.Generator().manual_seed(seed)
+    steps: list[dict] = []
+    # recording first: the scheduler binds the optimiser's step as it is when the scheduler is built
+    with recording_steps(torch.optim.SGD if sgd else torch.optim.AdamW, model, steps):
+        optimizer = build_optimizer(model, config)
+        if sgd:
+            optimizer = torch.optim.SGD([{k: g[k] for k in ("params", "lr", "weight_decay")}
+                                         for g in optimizer.param_groups])
+        scheduler = build_scheduler(optimizer, config, total_steps)
+        for epoch in range(1, config.epochs + 1):
+            model.on_train_epoch_start(epoch, lambda: trainer._plain_batches(split))
+            trainer.train_epoch(split, optimizer, scheduler, generator, epoch=epoch)
+            model.on_train_epoch_end(epoch, lambda: trainer._plain_batches(split))
+    return steps, optimizer
+
+
+def loop_row(label: str, official: nn.Module, ours: nn.Module, official_name: dict[str, str],
+             their_steps: list[dict], my_steps: list[dict], clip: float | None = None,
+             differences: dict[str, float] | None = None) -> dict:
+    """The report row of two trained loops: `differences` (measured by the caller) and the largest
+    weight difference after training, the gradients of every step (`step_differences`), and, with
+    `clip`, how many gradient elements msakit's steps read at the clip value. Raises when the two
+    loops stepped different numbers of times."""
+    if len(their_steps) != len(my_steps):
+        raise RuntimeError(f"MMSA stepped {len(their_steps)} times, msakit {len(my_steps)}")
+    theirs = dict(official.named_parameters())
+    row: dict = {"dataset": label,
+                 "parameters": {"official": parameter_count(official), "msakit": parameter_count(ours)}}
+    if clip is not None:
+        clipped = sum(int((g.abs() >= clip).sum()) for step in my_steps for g in step.values()
+                      if g is not None)
+        row["clipped_gradient_elements"] = f"{clipped} over {len(my_steps)} steps"
+    row["max_abs_diff"] = {**(differences or {}), "weights after training": max(
+        max_abs(p, theirs[official_name[n]]) for n, p in ours.named_parameters())}
+    row["gradients"] = step_differences(their_steps, my_steps, official_name)
+    row["steps"] = len(my_steps)
+    return row

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from mmsa_loop import recording_steps, run_do_train, step_differences, without_dropout
+from mmsa_loop import loop_row, recording_steps, run_do_train, run_msakit_loop, without_dropout
 from msakit_parity import (
     full_batch,
     gradient_difference,
@@ -54,7 +54,6 @@ from msakit.models import create_model
 from msakit.models.self_mm import HEADS, UNIMODAL, SelfMM
 from msakit.training.config import resolve_config
 from msakit.training.settings import TrainConfig
-from msakit.training.trainer import Trainer, build_optimizer, build_scheduler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 from tiny_bert import make_tiny_bert  # noqa: E402  (the tests' tiny BERT, on both sides)
@@ -293,35 +292,16 @@ def compare_loop(root: Path, dataset: str, bert: str) -> dict:
     for table in (official_trainer.feature_map, official_trainer.label_map):
         for key in table:  # MMSA's index_put needs its features' dtype
             table[key] = table[key].double()
-    their_steps, my_steps = [], []
+    their_steps = []
     with recording_steps(torch.optim.Adam, official, their_steps):
         run_do_train(official_trainer, official, epochs, EPOCHS)
 
     config = TrainConfig(**{**resolved["training"], "batch_size": BATCH, "epochs": EPOCHS, "device": "cpu"})
-    trainer = Trainer(ours, config, "mosi", progress=False)
-    generator = torch.Generator().manual_seed(3)
-    with recording_steps(torch.optim.AdamW, ours, my_steps):
-        optimizer = build_optimizer(ours, config)
-        scheduler = build_scheduler(optimizer, config, EPOCHS)
-        for epoch in range(1, EPOCHS + 1):
-            ours.on_train_epoch_start(epoch, lambda: trainer._plain_batches(split))
-            trainer.train_epoch(split, optimizer, scheduler, generator, epoch=epoch)
-    if len(their_steps) != len(my_steps):
-        raise RuntimeError(f"MMSA stepped {len(their_steps)} times, msakit {len(my_steps)}")
-    theirs = dict(official.named_parameters())
-    return {
-        "dataset": f"{dataset}, MMSA's training loop (float64)",
-        "parameters": {"official": parameter_count(official), "msakit": parameter_count(ours)},
-        "max_abs_diff": {
-            "generated labels": max(max_abs(official_trainer.label_map[h], ours.memory.labels[h])
-                                    for h in HEADS),
-            "weights after training": max(max_abs(p, theirs[official_name[n]])
-                                          for n, p in ours.named_parameters()),
-        },
-        "gradients": step_differences(their_steps, my_steps, official_name),
-        "steps": len(my_steps),
-        "learning_rates": sorted({g["lr"] for g in optimizer.param_groups}),
-    }
+    my_steps, optimizer = run_msakit_loop(ours, config, split, EPOCHS, seed=3)
+    labels = max(max_abs(official_trainer.label_map[h], ours.memory.labels[h]) for h in HEADS)
+    return {**loop_row(f"{dataset}, MMSA's training loop (float64)", official, ours, official_name,
+                       their_steps, my_steps, differences={"generated labels": labels}),
+            "learning_rates": sorted({g["lr"] for g in optimizer.param_groups})}
 
 
 def main() -> None:
