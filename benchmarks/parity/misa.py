@@ -36,10 +36,9 @@ import tempfile
 import types
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from mmsa_loop import loop_row, recording_steps, run_do_train, run_msakit_loop, without_dropout
+from mmsa_loop import float64_split, loop_row, recording_steps, run_do_train, run_msakit_loop, without_dropout
 from msakit_parity import (
     full_batch,
     gradient_difference,
@@ -54,7 +53,7 @@ from msakit_parity import (
 from torch import nn
 
 from msakit.data.batching import training_shards
-from msakit.data.schema import FeatureDims, Split
+from msakit.data.schema import FeatureDims
 from msakit.models import create_model
 from msakit.training.config import resolve_config
 from msakit.training.precision import MixedPrecision
@@ -235,15 +234,9 @@ def compare_loop(root: Path, dataset: str, label: str, clip: float | None = None
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(1, vocabulary, (LOOP_SAMPLES, TEXT_LEN), generator=generator)
     text_bert = torch.stack([ids, torch.ones_like(ids), torch.zeros_like(ids)], dim=1)
-    split = Split(
-        ids=np.array([f"clip{i}" for i in range(LOOP_SAMPLES)]),
-        labels=(torch.rand(LOOP_SAMPLES, generator=generator) * 6 - 3).numpy(),
-        text=table[ids].numpy(), text_bert=text_bert.numpy(),
-        audio=torch.randn(LOOP_SAMPLES, TEXT_LEN, audio_dim, generator=generator,
-                          dtype=torch.float64).numpy(),
-        vision=torch.randn(LOOP_SAMPLES, TEXT_LEN, vision_dim, generator=generator,
-                           dtype=torch.float64).numpy(),
-        audio_lengths=np.full(LOOP_SAMPLES, TEXT_LEN), vision_lengths=np.full(LOOP_SAMPLES, TEXT_LEN))
+    split = float64_split((torch.rand(LOOP_SAMPLES, generator=generator) * 6 - 3).numpy(),
+                          text_bert.numpy(), (TEXT_LEN, TEXT_LEN), (audio_dim, vision_dim), generator,
+                          text=table[ids].numpy())
 
     def official_batch(index: torch.Tensor) -> dict:
         index = index.numpy()

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from msakit_parity import max_abs, parameter_count
 from torch import nn
@@ -117,6 +118,21 @@ def step_differences(theirs: list[dict], mine: list[dict], official_name: dict[s
         if diff / scale >= worst["relative"]:
             worst = {"max_abs_diff": diff, "largest_gradient": scale, "relative": diff / scale}
     return worst
+
+
+def float64_split(labels: np.ndarray, text_bert: np.ndarray, lengths: tuple[int, int],
+                  widths: tuple[int, int], generator: torch.Generator,
+                  text: np.ndarray | None = None) -> Split:
+    """A loop row's training split of unpadded clips "0", "1", ...: `labels`, the BERT token ids
+    `text_bert` and the text features `text`, audio then vision of `lengths` frames and `widths`
+    features drawn from `generator` in float64."""
+    samples = len(labels)
+    (audio_len, vision_len), (audio_dim, vision_dim) = lengths, widths
+    return Split(
+        ids=np.array([str(i) for i in range(samples)]), labels=labels, text=text, text_bert=text_bert,
+        audio=torch.randn(samples, audio_len, audio_dim, generator=generator, dtype=torch.float64).numpy(),
+        vision=torch.randn(samples, vision_len, vision_dim, generator=generator, dtype=torch.float64).numpy(),
+        audio_lengths=np.full(samples, audio_len), vision_lengths=np.full(samples, vision_len))
 
 
 def run_msakit_loop(model: MSAModel, config: TrainConfig, split: Split, total_steps: int, seed: int,

@@ -32,10 +32,9 @@ import tempfile
 import types
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from mmsa_loop import loop_row, recording_steps, run_do_train, run_msakit_loop, without_dropout
+from mmsa_loop import float64_split, loop_row, recording_steps, run_do_train, run_msakit_loop, without_dropout
 from msakit_parity import (
     full_batch,
     gradient_difference,
@@ -49,7 +48,7 @@ from msakit_parity import (
 )
 
 from msakit.data.batching import training_shards
-from msakit.data.schema import Batch, FeatureDims, Split
+from msakit.data.schema import Batch, FeatureDims
 from msakit.models import create_model
 from msakit.models.self_mm import HEADS, UNIMODAL, SelfMM
 from msakit.training.config import resolve_config
@@ -266,15 +265,8 @@ def compare_loop(root: Path, dataset: str, bert: str) -> dict:
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(1000, 2000, (LOOP_SAMPLES, TEXT_LEN), generator=generator)
     text = torch.stack([ids, torch.ones_like(ids), torch.zeros_like(ids)], dim=1)
-    split = Split(
-        ids=np.array([str(i) for i in range(LOOP_SAMPLES)]),
-        labels=((torch.rand(LOOP_SAMPLES, generator=generator) * 2 - 1) * args.H).numpy(),
-        text_bert=text.numpy(),
-        audio=torch.randn(LOOP_SAMPLES, AUDIO_LEN, audio_dim, generator=generator,
-                          dtype=torch.float64).numpy(),
-        vision=torch.randn(LOOP_SAMPLES, VISION_LEN, vision_dim, generator=generator,
-                           dtype=torch.float64).numpy(),
-        audio_lengths=np.full(LOOP_SAMPLES, AUDIO_LEN), vision_lengths=np.full(LOOP_SAMPLES, VISION_LEN))
+    split = float64_split(((torch.rand(LOOP_SAMPLES, generator=generator) * 2 - 1) * args.H).numpy(),
+                          text.numpy(), (AUDIO_LEN, VISION_LEN), (audio_dim, vision_dim), generator)
 
     def official_batch(index: torch.Tensor) -> dict:
         return {"text": text[index], "audio": torch.as_tensor(split.audio[index.numpy()]),
