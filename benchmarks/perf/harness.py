@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from throughput import SHAPES  # benchmarks/perf/throughput.py: the datasets' shapes, once
 
 from msakit.cues import OfflineBackend, attach_cues, generate_cues
 from msakit.data.schema import MultimodalDataset, Split
@@ -29,6 +28,11 @@ from msakit.training.config import resolve_config, training_config
 from msakit.training.trainer import Trainer, build_optimizer, build_scheduler, seed_everything
 
 __all__ = ["SHAPES", "Step", "first_rows", "machine", "needs_cues", "stand_in_data", "timed", "with_cues"]
+
+SHAPES = {
+    "mosi": {"audio_len": 375, "audio_dim": 5, "vision_len": 500, "vision_dim": 20},
+    "mosei": {"audio_len": 500, "audio_dim": 74, "vision_len": 500, "vision_dim": 35},
+}
 
 
 def stand_in_data(shape: dict[str, int], n_train: int, n_test: int, seed: int = 0) -> MultimodalDataset:
@@ -49,14 +53,15 @@ def with_cues(data: MultimodalDataset, folder: Path | None = None) -> tuple[Mult
 
 
 class Step:
-    """A model's trainer on `device` at `precision`, with its optimizer, schedule and shuffling
-    stream: `train(split)` is one pass of training over `split`, `evaluate(split)` one of
-    prediction."""
+    """A model's trainer on `device` at `precision` (None: its configuration's own), with its
+    optimizer, schedule and shuffling stream: `train(split)` is one pass of training over `split`,
+    `evaluate(split)` one of prediction. `model_settings` is the model's resolved YAML section."""
 
     def __init__(self, model_name: str, family: str, data: MultimodalDataset, device: str,
-                 precision: str, stage: str | None = None, overrides: Sequence[str] = ()) -> None:
+                 precision: str | None, stage: str | None = None, overrides: Sequence[str] = ()) -> None:
+        precision_override = [] if precision is None else [f"training.precision={precision}"]
         config = resolve_config(model_name, family, [
-            f"training.device={device}", f"training.precision={precision}", *overrides])
+            f"training.device={device}", *precision_override, *overrides])
         settings = training_config(config["training"])
         seed_everything(0)
         model = create_model(model_name, config["model"], data.dims)
@@ -65,14 +70,15 @@ class Step:
         # the model's own training noise, so that e.g. LNLN pays for its clean-input targets
         noise = build_noise(settings.noise, settings.noise_rate, 0, **special_token_ids(model.config))
         self.settings = settings
+        self.model_settings = config["model"]
         self.trainer = Trainer(model, settings, data.metric_family, train_transform=noise, progress=False)
         self.optimizer = build_optimizer(self.trainer.model, settings)
         self.scheduler = build_scheduler(self.optimizer, settings, total_steps=10**6)
         self.generator = torch.Generator().manual_seed(0)
         self.parameters = sum(p.numel() for p in model.parameters())
 
-    def train(self, split: Split) -> None:
-        self.trainer.train_epoch(split, self.optimizer, self.scheduler, self.generator, epoch=2)
+    def train(self, split: Split, epoch: int = 2) -> None:
+        self.trainer.train_epoch(split, self.optimizer, self.scheduler, self.generator, epoch=epoch)
 
     def evaluate(self, split: Split) -> None:
         self.trainer.predict(split)

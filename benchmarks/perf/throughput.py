@@ -26,16 +26,10 @@ import resource
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
-
-SHAPES = {
-    "mosi": {"audio_len": 375, "audio_dim": 5, "vision_len": 500, "vision_dim": 20},
-    "mosei": {"audio_len": 500, "audio_dim": 74, "vision_len": 500, "vision_dim": 35},
-}
+from harness import SHAPES, Step, first_rows, needs_cues, stand_in_data, timed, with_cues
 
 
 def stage_names(model_name: str, shape: str) -> list[str | None]:
@@ -46,56 +40,25 @@ def stage_names(model_name: str, shape: str) -> list[str | None]:
 
 
 def measure(model_name: str, shape: str, samples: int, device: str, stage: str | None = None) -> dict:
-    import tempfile
-
-    from msakit.cues import OfflineBackend, attach_cues, generate_cues
-    from msakit.data.synthetic import synthetic_dataset
     from msakit.evaluation.protocols import run_protocol
-    from msakit.missing import build_noise
-    from msakit.models import create_model
-    from msakit.models.layers.text import special_token_ids
-    from msakit.models.registry import build_config
-    from msakit.training.config import resolve_config, training_config
-    from msakit.training.trainer import Trainer, build_optimizer, build_scheduler, seed_everything
 
-    data = synthetic_dataset(n_train=samples, n_valid=8, n_test=samples, seed=0, **SHAPES[shape])
-    overrides = [f"training.device={device}"]
-    if hasattr(build_config(model_name, resolve_config(model_name, shape)["model"]), "cues"):
-        cues = Path(tempfile.mkdtemp()) / "cues.jsonl"
-        generate_cues(data, OfflineBackend(data), cues)
-        overrides.append(f"model.cues={cues}")
-        data, _ = attach_cues(data, cues)  # as a run gives them to the model
-    config = resolve_config(model_name, shape, overrides)
-    settings = training_config(config["training"])
-    seed_everything(0)
-    model = create_model(model_name, config["model"], data.dims)
-    if stage is not None:
-        model.set_stage(stage)
-    # the model's own training noise, so that e.g. LNLN pays for its clean-input targets
-    noise = build_noise(settings.noise, settings.noise_rate, 0, **special_token_ids(model.config))
-    trainer = Trainer(model, settings, data.metric_family, train_transform=noise, progress=False)
-    optimizer = build_optimizer(trainer.model, settings)
-    scheduler = build_scheduler(optimizer, settings, total_steps=10**6)
-    generator = torch.Generator().manual_seed(0)
-    warm = data.train.subset(np.arange(min(samples, 2 * settings.batch_size)))
-    trainer.train_epoch(warm, optimizer, scheduler, generator, epoch=1)  # allocator, kernels warm
-    trainer.predict(warm)
+    data = stand_in_data(SHAPES[shape], n_train=samples, n_test=samples)
+    overrides = []
+    if needs_cues(model_name, shape):
+        data, cues = with_cues(data)  # as a run gives them to the model
+        overrides.append(cues)
+    step = Step(model_name, shape, data, device, None, stage, overrides)
+    trainer = step.trainer
+    warm = first_rows(data.train, 2 * step.settings.batch_size)
+    step.train(warm, epoch=1)  # allocator, kernels warm
+    step.evaluate(warm)
     if trainer.device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    trainer.train_epoch(data.train, optimizer, scheduler, generator, epoch=2)
-    if trainer.device.type == "cuda":
-        torch.cuda.synchronize()
-    train_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    trainer.predict(data.test)
-    if trainer.device.type == "cuda":
-        torch.cuda.synchronize()
-    eval_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    run_protocol(trainer, data, "intra")  # the 10 default rates, batched like a plain evaluation
-    intra_seconds = time.perf_counter() - start
+    train_seconds = timed(lambda: step.train(data.train), trainer.device)
+    eval_seconds = timed(lambda: step.evaluate(data.test), trainer.device)
+    # the 10 default rates, batched like a plain evaluation
+    intra_seconds = timed(lambda: run_protocol(trainer, data, "intra"), trainer.device)
     if trainer.device.type == "cuda":
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -103,9 +66,9 @@ def measure(model_name: str, shape: str, samples: int, device: str, stage: str |
     return {
         "model": model_name if stage is None else f"{model_name} ({stage})", "shape": shape,
         "device": str(trainer.device),
-        "text_source": config["model"].get("text_source", "encoder"),
-        "batch_size": settings.batch_size, "samples": samples,
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "text_source": step.model_settings.get("text_source", "encoder"),
+        "batch_size": step.settings.batch_size, "samples": samples,
+        "parameters": step.parameters,
         "train_samples_per_s": samples / train_seconds,
         "eval_samples_per_s": samples / eval_seconds,
         "intra_10_rates_over_one_eval": intra_seconds / eval_seconds,
