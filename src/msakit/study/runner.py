@@ -68,6 +68,12 @@ def plan_jobs(study: Study, tuned: Mapping[tuple[str, str], tuple[str, ...]] | N
     return jobs
 
 
+def _record(train: dict[str, Any], evaluations: dict[str, Any], start: float) -> dict[str, Any]:
+    """A job's record: what its training reported, its evaluations, where and how long it ran."""
+    return {"train": train, "evaluations": evaluations, "host": platform.node(),
+            "seconds": time.perf_counter() - start}
+
+
 def _dg_job(job: Job, data: Any, run_dir: Path, start: float) -> dict[str, Any]:
     """Train on every group but the job's target, select on their validation data, score in and
     out of domain (`api.dg`)."""
@@ -76,9 +82,8 @@ def _dg_job(job: Job, data: Any, run_dir: Path, start: float) -> dict[str, Any]:
                     command=f"msakit study run (job {job.id})")
     seed = result["seeds"][0]
     kept = ("valid", "in_domain", "out_of_domain", "gap", "per_domain", "best_epoch", "epochs_run")
-    return {"train": {"target": job.target, "group_by": job.group_by, **{key: seed.get(key) for key in kept},
-                      "warnings": result.get("warnings")},
-            "evaluations": {}, "host": platform.node(), "seconds": time.perf_counter() - start}
+    return _record({"target": job.target, "group_by": job.group_by, **{key: seed.get(key) for key in kept},
+                    "warnings": result.get("warnings")}, {}, start)
 
 
 def _reproduce_job(job: Job, data: Any, run_dir: Path, start: float) -> dict[str, Any]:
@@ -89,9 +94,8 @@ def _reproduce_job(job: Job, data: Any, run_dir: Path, start: float) -> dict[str
     seed = result["seeds"][0]
     scored = {"protocol": "reproduce", "spec": job.recipe, "selection": result["selection"],
               "rows": seed["rows"], "mean": seed["mean"], "epochs": seed.get("epochs")}
-    return {"train": {"selection": result["selection"], "warnings": result.get("warnings")},
-            "evaluations": {"reproduce": scored}, "host": platform.node(),
-            "seconds": time.perf_counter() - start}
+    return _record({"selection": result["selection"], "warnings": result.get("warnings")},
+                   {"reproduce": scored}, start)
 
 
 def run_job(job: Job, root: str) -> dict[str, Any]:
@@ -119,11 +123,10 @@ def run_job(job: Job, root: str) -> dict[str, Any]:
         evaluations[evaluation.key] = {"protocol": evaluation.protocol,
                                        "spec": dataclasses.asdict(evaluation),
                                        "rows": result["rows"], "mean": result["mean"]}
-    return {
-        "train": {**{key: seed.get(key) for key in ("valid", "test", "best_epoch", "epochs_run", "warnings")},
-                  **({"stages": seed["stages"]} if seed.get("stages") else {})},  # per stage: its test
-        "evaluations": evaluations, "host": platform.node(), "seconds": time.perf_counter() - start,
-    }
+    train = {key: seed.get(key) for key in ("valid", "test", "best_epoch", "epochs_run", "warnings")}
+    if seed.get("stages"):  # per stage: its test
+        train["stages"] = seed["stages"]
+    return _record(train, evaluations, start)
 
 
 def _merged(jobs: list[Job]) -> list[Job]:
