@@ -4,6 +4,9 @@ in settings entering the job identity by content, and the one-line errors of the
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -177,3 +180,18 @@ def test_a_setting_added_later_keeps_the_identity_at_its_old_behaviour():
     changed = {"model": {"hidden": 8}, "training": {"lr": 1e-3, "accumulate_steps": 2}}
     assert job_identity("tfn", at_old, 1, "data") == job_identity("tfn", before, 1, "data")
     assert job_identity("tfn", changed, 1, "data") != job_identity("tfn", before, 1, "data")
+
+
+PUBLISHED_STUDIES = sorted((Path(__file__).resolve().parents[1] / "studies").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("study_file", PUBLISHED_STUDIES, ids=lambda path: path.stem)
+def test_every_published_study_file_loads(study_file, tmp_path, monkeypatch):
+    """A typo in a study of `studies/` fails here, not hours into its run. The cue files its
+    entries name (made once by the commands its header gives) are stood in for by empty files."""
+    monkeypatch.chdir(tmp_path)
+    for name in set(re.findall(r"model\.cues=([^,\]\s]+)", study_file.read_text())):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).touch()
+    study = load_study(str(study_file))
+    assert study.models and study.seeds
