@@ -26,7 +26,7 @@ from torch import nn
 from msakit.data.schema import Split
 from msakit.models.base import MSAModel
 from msakit.training.settings import TrainConfig
-from msakit.training.trainer import Trainer, build_optimizer, build_scheduler
+from msakit.training.trainer import OPTIMIZER_CLASSES, Trainer, build_optimizer, build_scheduler
 
 
 class AMIO(nn.Module):
@@ -139,14 +139,15 @@ def run_msakit_loop(model: MSAModel, config: TrainConfig, split: Split, total_st
                     sgd: bool = False) -> tuple[list[dict], torch.optim.Optimizer]:
     """msakit's loop over `split` for `config.epochs` epochs as `Trainer.fit` runs each one (the
     model's epoch hooks around `Trainer.train_epoch`), without validation, in the batch orders a
-    generator seeded `seed` draws. The optimiser is `build_optimizer`'s AdamW or, with `sgd`, plain
-    SGD over its groups and rates; the schedule `build_scheduler`'s over `total_steps`. Returns the
-    gradients each step read (`recording_steps`) and the optimiser."""
+    generator seeded `seed` draws. The optimiser is `build_optimizer`'s (AdamW or Adam, the config's
+    `optimizer`) or, with `sgd`, plain SGD over its groups and rates; the schedule
+    `build_scheduler`'s over `total_steps`. Returns the gradients each step read (`recording_steps`)
+    and the optimiser."""
     trainer = Trainer(model, config, "mosi", progress=False)
     generator = torch.Generator().manual_seed(seed)
     steps: list[dict] = []
     # recording first: the scheduler binds the optimiser's step as it is when the scheduler is built
-    with recording_steps(torch.optim.SGD if sgd else torch.optim.AdamW, model, steps):
+    with recording_steps(torch.optim.SGD if sgd else OPTIMIZER_CLASSES[config.optimizer], model, steps):
         optimizer = build_optimizer(model, config)
         if sgd:
             optimizer = torch.optim.SGD([{k: g[k] for k in ("params", "lr", "weight_decay")}

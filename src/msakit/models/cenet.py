@@ -45,12 +45,13 @@ Where this differs from MMSA, and the setting that restores MMSA's behaviour
 - Unused modules are left out: MMSA builds part-of-speech, word-sentiment and polarity embeddings
   (AMIO asks for them) that never receive ids and so add nothing. MMSA's BERT computes its
   pooler, which nothing reads; the Hugging Face encoder here keeps its pooler, unread too.
-- Optimiser (no setting). MMSA: Adam with coupled L2 decay (eps 3e-8 MOSI and SIMSv2, 2e-8 SIMS,
+- Optimiser (`training.optimizer: adam` in the MMSA settings; no setting for eps or the
+  enhancement's biases). MMSA: Adam with coupled L2 decay (eps 3e-8 MOSI and SIMSv2, 2e-8 SIMS,
   1e-8 MOSEI), every parameter at `learning_rate`, decayed except BERT's and the head's biases and
-  LayerNorm gains, the enhancement's biases decayed too. msakit: AdamW (decoupled decay, eps 1e-8)
-  with the same rate and decay for the encoder (`encoder_lr`, `encoder_weight_decay`) and the
-  rest (`lr`, `weight_decay`), no bias or norm decayed. At MMSA's rates the decoupled decay is a
-  change of lr x wd <= 1e-9 per step. The gradient norm is clipped at 2, as in MMSA.
+  LayerNorm gains, the enhancement's biases decayed too. msakit: the same Adam with L2 decay at
+  torch's eps 1e-8, the same rate and decay for the encoder (`encoder_lr`, `encoder_weight_decay`)
+  and the rest (`lr`, `weight_decay`), no bias or norm decayed. The gradient norm is clipped at 2,
+  as in MMSA.
 - Selection (none needed). MMSA keeps the epoch with the best validation loss (KeyEval Loss, the
   mean of per-batch L1 losses) and stops after 8 epochs without improvement; msakit selects on
   validation MAE (the same up to the weight of the last, smaller batch), `patience: 8`. MMSA has

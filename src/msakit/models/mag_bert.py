@@ -35,8 +35,9 @@ Deviations from MMSA:
   mask is built here as the additive mask MMSA's transformers 4 helper builds (transformers 5
   dropped `get_extended_attention_mask`). With `text_adapter: lora` the pooler, like every weight
   but the adapters, stays frozen; MMSA fine-tunes all of BERT.
-- MMSA's Adam trains everything at `learning_rate`; msakit's AdamW with `lr` = `encoder_lr` and no
-  weight decay is the same update. Checkpoints are chosen on the validation MAE, which is MMSA's
+- MMSA's Adam trains everything at `learning_rate` without weight decay: the MMSA settings'
+  `training.optimizer: adam` with `lr` = `encoder_lr` and no decay (at decay 0 AdamW, the
+  synthetic settings', is the same update). Checkpoints are chosen on the validation MAE, which is MMSA's
   KeyEval ("Loss", its validation L1).
 """
 

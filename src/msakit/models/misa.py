@@ -40,7 +40,8 @@ Deviations from MMSA:
   reads attributes it never sets); every published setting uses CMD.
 - Checkpoints are chosen on the validation MAE (msakit's selection), MMSA's on the validation MSE.
 - MMSA's `weight_decay` values are never handed to its optimiser (plain Adam, one parameter
-  group), so the YAML has none; BERT is fine-tuned at the model's learning rate, as MMSA does.
+  group), so the YAML has none, with `training.optimizer: adam` in the MMSA settings (at decay 0
+  the same update as AdamW); BERT is fine-tuned at the model's learning rate, as MMSA does.
   MMSA's gradient clipping by value after every backward (`grad_clip`) and its accumulation of two
   batches per update (`update_epochs: 2`, the odd last batch of an epoch dropped) are the
   training loop's `grad_clip_value` and `accumulate_steps`, set in the YAML.

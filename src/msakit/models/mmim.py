@@ -56,13 +56,18 @@ Where this differs from MMSA, and the setting that restores MMSA's behaviour
   features it stays well inside (the parity check never reaches the bound).
 - Zero vectors in CPC (no setting; MMSA gives NaN). A zero representation (a modality a
   missing-data protocol zeroed) stays zero when scaled to unit norm (`F.normalize`).
-- Optimiser (no setting). MMSA uses Adam with coupled L2 weight decay in two optimisers: the
-  MMILB estimators at `lr_mmilb` / `weight_decay_mmilb`, and BERT (`lr_bert`, `weight_decay_bert`)
-  and the rest (`lr_main`, `weight_decay_main`), every parameter decayed. msakit has AdamW
-  (decoupled decay): the bound phase's own, `training.encoder_lr` / `encoder_weight_decay` for the
-  encoder (its biases and LayerNorm weights not decayed) and `training.lr` / `weight_decay` for the
-  rest (biases decayed too: `decay_norms_and_biases`). MMSA's ReduceLROnPlateau (patience 20 on
-  the validation loss) never acts before early stopping (8 epochs): a constant rate here.
+- Optimiser (`training.optimizer`, `plateau`). MMSA uses Adam with coupled L2 weight decay in two
+  optimisers: the MMILB estimators at `lr_mmilb` / `weight_decay_mmilb`, and BERT (`lr_bert`,
+  `weight_decay_bert`) and the rest (`lr_main`, `weight_decay_main`), every parameter decayed. The
+  MMSA sections set `optimizer: adam` (L2 decay), which the bound phase's optimiser follows: the
+  bound phase at its own rate and decay, `training.encoder_lr` / `encoder_weight_decay` for the
+  encoder (its biases and LayerNorm weights not decayed, no setting) and `training.lr` /
+  `weight_decay` for the rest (biases decayed too: `decay_norms_and_biases`). MMSA's
+  ReduceLROnPlateau on the main optimiser (factor 0.5, patience `when` 20) is `plateau: {factor:
+  0.5, patience: 20}`, stepped on the validation MAE where MMSA steps on its validation L1 loss
+  (the same error, but the mean of per-batch means rounded to 4 decimals); it can act only if the
+  MAE keeps improving, by less than 1e-4 of it, at least every 8 epochs (else early stopping ends
+  the run first).
 - Padding. Audio and vision LSTMs read each modality's own valid frames, as MMSA does on the
   published (unaligned) data; on word-aligned data MMSA reads them up to the text's token count
   ([CLS] and [SEP] included), which `rnn_lengths: text` restores (capped at each modality's

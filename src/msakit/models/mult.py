@@ -17,7 +17,15 @@ The attention dropout of a crossmodal stack is chosen by its SOURCE modality (`a
 text, `attn_dropout_audio`, `attn_dropout_vision`), and `attn_dropout` serves the memory stacks, as
 in MMSA. `causal_mask` is MulT's future mask (MMSA's `attn_mask: true`).
 
+Trained as MMSA's MULT trainer does (the YAML's MMSA sections): Adam without weight decay
+(`training.optimizer: adam`; MMSA lists a weight_decay its trainer never passes on), each gradient
+clipped by value after every backward (`grad_clip_value`), 8 batches summed per step
+(`accumulate_steps`), and ReduceLROnPlateau (factor 0.1, MMSA's `patience`) stepped after each
+validation (`training.plateau`).
+
 Deviations from MMSA:
+- The plateau steps on the validation MAE, MMSA's on its validation L1 loss: the same error, but
+  MMSA's is the mean of per-batch means (its last, smaller batch weighs more) rounded to 4 decimals.
 - Padding is masked: padded frames are zeroed before the convolutions, masked out of every
   attention, and the summary is taken at each sample's last VALID step (MMSA reads the last padded
   step and lets attention see padding).

@@ -34,9 +34,10 @@ AAAI 2021), as the MMSA framework implements and trains it (thuiar/MMSA @a94e65d
 
 Where this differs from MMSA, and the setting that restores MMSA's behaviour
 (benchmarks/parity/self_mm.py checks predictions, losses, generated labels and gradients):
-- Optimiser (no setting). MMSA uses Adam with coupled L2 weight decay, msakit's loop AdamW
-  (decoupled decay). MMSA's five parameter groups are kept: BERT at `training.encoder_lr` /
-  `encoder_weight_decay` (biases and LayerNorm not decayed), the audio and vision subnetworks at
+- Optimiser (`training.optimizer`). MMSA uses Adam with coupled L2 weight decay: the MMSA
+  settings' `optimizer: adam` (the synthetic settings keep AdamW, decoupled decay). MMSA's five
+  parameter groups are kept: BERT at `training.encoder_lr` / `encoder_weight_decay` (biases and
+  LayerNorm not decayed), the audio and vision subnetworks at
   `audio_lr` / `audio_weight_decay` and `vision_lr` / `vision_weight_decay` (`parameter_groups`),
   the rest at `training.lr` / `weight_decay`, biases decayed too (`decay_norms_and_biases: true`).
   MMSA's gradient accumulation (`update_epochs` 4: the gradients of four batch means summed per

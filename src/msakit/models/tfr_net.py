@@ -58,8 +58,10 @@ Deviations from MMSA:
   The MMSA settings say so in the loop's terms: `training.accumulate_steps: 4`,
   `step_every_batch: true`, `grad_clip_value`; the synthetic settings step once per batch on
   that batch's gradient (`accumulate_steps: 1`, `step_every_batch: false`). MMSA's Adam with L2
-  weight decay and ReduceLROnPlateau (factor 0.1, patience 5 on the validation loss; no setting
-  restores these) becomes AdamW with decoupled decay (MMSA's values) at constant rates.
+  weight decay and ReduceLROnPlateau on the main optimiser (factor 0.1, `patience` 5, 10 on SIMS)
+  are the MMSA settings' `training.optimizer: adam` and `plateau`; the synthetic settings keep
+  AdamW at a constant rate. The plateau steps on the validation MAE, MMSA's on its validation L1
+  loss: the same error, but MMSA's is the mean of per-batch means rounded to 4 decimals.
   Checkpoints are chosen on the validation MAE (MMSA: the validation L1 loss, the same number).
 - MMSA's mask keeps position 0 and the last valid token of the text; msakit keeps the
   tokenizer's special tokens ([CLS], [SEP], [PAD]) wherever they are (the same positions on

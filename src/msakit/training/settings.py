@@ -15,11 +15,14 @@ STATE_WRITE_SHARE = 0.05  # at most this share of training time goes to writing 
 STAGE_STARTS = ("restore_best", "continue")
 PRECISIONS = ("fp32", "bf16", "fp16")  # what forward passes compute in (msakit.training.precision)
 LOGS = ("none", "tensorboard")  # where each epoch's scalars go besides the log lines
+OPTIMIZERS = ("adamw", "adam")  # decoupled weight decay | L2 added to the gradient (torch's Adam)
+PLATEAU_KEYS = ("factor", "patience")
 # Settings added after runs and studies had been saved, each with the value that trains exactly as
 # msakit did before it existed. A run saved without one is the same run as one with it at that value:
 # `--resume` continues it, and a study keeps its record (`without_added_settings`).
 ADDED_SETTINGS: dict[str, dict[str, Any]] = {
-    "training": {"accumulate_steps": 1, "grad_clip_value": None, "step_every_batch": False},
+    "training": {"accumulate_steps": 1, "grad_clip_value": None, "step_every_batch": False,
+                 "optimizer": "adamw", "plateau": None},
 }
 
 
@@ -65,8 +68,17 @@ class TrainConfig:
     encoder_lr: float = 5e-5  # for the pretrained text encoder's weights
     weight_decay: float = 0.0
     encoder_weight_decay: float = 0.01
+    # adamw: torch.optim.AdamW (decoupled decay, w <- w - lr wd w beside the Adam step); adam:
+    # torch.optim.Adam, the same groups, rates and decays with the decay as L2 (g <- g + wd w, so
+    # it passes through Adam's moments), as MMSA's trainers mostly use it
+    optimizer: str = "adamw"
     warmup_ratio: float = 0.0  # fraction of all optimiser steps spent warming up linearly
     schedule: str = "constant"  # constant | linear | cosine (after warm-up)
+    # {factor, patience}: torch's ReduceLROnPlateau (mode min, its other defaults) on the main
+    # optimizer, stepped once per epoch after validation on the validation MAE: after more than
+    # `patience` epochs without a relative improvement of 1e-4, every rate is multiplied by
+    # `factor`, on top of the schedule (msakit.training.trainer.step_plateau); null = none
+    plateau: dict[str, float] | None = None
     grad_clip: float | None = None  # max global gradient norm; None = no clipping
     # clip each gradient element to [-value, value] after every backward pass (MMSA's
     # clip_grad_value_ for MISA, TFR-Net, MulT); None = no clipping by value
@@ -135,6 +147,11 @@ class TrainConfig:
         for key in ("decay_norms_and_biases", "tf32", "compile", "step_every_batch"):
             if not isinstance(getattr(self, key), bool):
                 raise MsakitError(f"training.{key} must be true or false, not {getattr(self, key)!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise MsakitError(f"training.optimizer must be one of {', '.join(OPTIMIZERS)}, "
+                              f"not {self.optimizer!r}")
+        if self.plateau is not None:
+            _check_plateau(self.plateau)
         if self.log not in LOGS:
             raise MsakitError(f"training.log must be one of {', '.join(LOGS)}, not {self.log!r}")
         if self.precision not in PRECISIONS:
@@ -174,6 +191,18 @@ def scale_stages(stages: list[Stage], total: int) -> list[Stage]:
         i = max((k for k in range(len(epochs)) if epochs[k] > 1), key=lambda k: epochs[k] - exact[k])
         epochs[i] -= 1
     return [dataclasses.replace(s, epochs=n) for s, n in zip(stages, epochs, strict=True)]
+
+
+def _check_plateau(plateau: object) -> None:
+    """One-line error naming `training.plateau` unless it is a mapping {factor in (0, 1), patience
+    an integer >= 0}."""
+    if not isinstance(plateau, Mapping) or set(plateau) != set(PLATEAU_KEYS):
+        raise MsakitError(f"training.plateau must be null or a mapping with the keys "
+                          f"{', '.join(PLATEAU_KEYS)}, not {plateau!r}")
+    factor = plateau["factor"]
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < 1:
+        raise MsakitError(f"training.plateau.factor must be a number in (0, 1), not {factor!r}")
+    _check_number("plateau.patience", plateau["patience"], integer=True, low=0)
 
 
 def _check_number(

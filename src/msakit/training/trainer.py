@@ -1,13 +1,15 @@
 """The one training loop every model uses.
 
-AdamW (pretrained text-encoder weights, and any part the model names in `parameter_groups`, get their
-own learning rate), linear warm-up then a constant, linear or cosine schedule, optional gradient
-clipping (by value after every backward pass, by norm before every step), optional gradient
-accumulation over several batches per step, early stopping and checkpoint selection on the
-VALIDATION split, best weights restored at the end of each stage. A multi-stage method declares its
-stages as data (`TrainConfig.stages`); each stage is this same loop, after `model.set_stage(name)`,
-and starts either from the previous stage's best weights with a fresh optimizer or, declared
-`start: continue`, from its last weights with its optimizer as it was.
+AdamW, or Adam with L2 weight decay (`training.optimizer`; pretrained text-encoder weights, and any
+part the model names in `parameter_groups`, get their own learning rate), linear warm-up then a
+constant, linear or cosine schedule, optionally times a reduction on a validation plateau
+(`training.plateau`, `step_plateau`), optional gradient clipping (by value after every backward
+pass, by norm before every step), optional gradient accumulation over several batches per step,
+early stopping and checkpoint selection on the VALIDATION split, best weights restored at the end
+of each stage. A multi-stage method declares its stages as data (`TrainConfig.stages`); each stage
+is this same loop, after `model.set_stage(name)`, and starts either from the previous stage's best
+weights with a fresh optimizer or, declared `start: continue`, from its last weights with its
+optimizer as it was.
 A model may declare extra optimisation phases (`MSAModel.extra_phases`: MMIM's estimators): in every
 epoch, before the main pass, the same loop runs a pass per phase on the phase's own loss with an
 optimizer of its own over the phase's parameters, which the main optimizer does not hold.
@@ -57,6 +59,8 @@ log = logging.getLogger(__name__)
 BatchTransform = Callable[[Batch, int], Batch]  # (batch, epoch) -> batch, e.g. training noise
 STATE_FORMAT = "msakit-training-state-v2"  # v2: best weights in a file of their own
 BEST_FORMAT = "msakit-best-weights-v1"
+OPTIMIZER_CLASSES: dict[str, type[torch.optim.Optimizer]] = {  # by `training.optimizer`
+    "adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -116,11 +120,13 @@ def _is_no_decay(name: str, param: nn.Parameter) -> bool:
 
 def build_optimizer(
     model: MSAModel, config: TrainConfig, lr: float | None = None, encoder_lr: float | None = None
-) -> torch.optim.AdamW:
-    """AdamW with groups (pretrained encoder | each of the model's `parameter_groups` | rest) x
-    (decayed | not decayed); `lr` and `encoder_lr` replace the config's rates when given (a stage's
-    own), except for a model's group with a rate of its own. Biases and norms are not decayed,
-    except the model's own with `decay_norms_and_biases`."""
+) -> torch.optim.Optimizer:
+    """AdamW, or Adam (`config.optimizer`), with groups (pretrained encoder | each of the model's
+    `parameter_groups` | rest) x (decayed | not decayed); `lr` and `encoder_lr` replace the
+    config's rates when given (a stage's own), except for a model's group with a rate of its own.
+    Biases and norms are not decayed, except the model's own with `decay_norms_and_biases`.
+    AdamW decays decoupled from the gradient, w <- (1 - lr wd) w before the Adam step; Adam adds
+    wd w to the gradient (L2), so the decay is scaled by Adam's moments as the gradient is."""
     pretrained = {id(p) for p in model.pretrained_parameters()}
     phase_owned = {id(p) for phase in model.extra_phases() for p in phase_parameters(model, phase)}
     base_lr = config.lr if lr is None else lr
@@ -156,7 +162,7 @@ def build_optimizer(
         })
     if not param_groups:
         raise MsakitError("the model has no trainable parameters")
-    return torch.optim.AdamW(param_groups)
+    return OPTIMIZER_CLASSES[config.optimizer](param_groups)
 
 
 def group_parameters(model: MSAModel, group: ParameterGroup, elsewhere: set[int]) -> list[nn.Parameter]:
@@ -179,10 +185,11 @@ def phase_parameters(model: MSAModel, phase: ExtraPhase) -> list[nn.Parameter]:
     return params
 
 
-def build_phase_optimizers(model: MSAModel) -> dict[str, torch.optim.Optimizer]:
-    """One AdamW per extra optimisation phase of `model`, by phase name (`MSAModel.extra_phases`)."""
-    return {phase.name: torch.optim.AdamW(phase_parameters(model, phase), lr=phase.lr,
-                                          weight_decay=phase.weight_decay)
+def build_phase_optimizers(model: MSAModel, optimizer: str = "adamw") -> dict[str, torch.optim.Optimizer]:
+    """One optimizer (`training.optimizer`'s kind: AdamW or Adam) per extra optimisation phase of
+    `model`, by phase name (`MSAModel.extra_phases`)."""
+    return {phase.name: OPTIMIZER_CLASSES[optimizer](phase_parameters(model, phase), lr=phase.lr,
+                                                     weight_decay=phase.weight_decay)
             for phase in model.extra_phases()}
 
 
@@ -217,6 +224,40 @@ def build_scheduler(
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_plateau(
+    optimizer: torch.optim.Optimizer, config: TrainConfig
+) -> torch.optim.lr_scheduler.ReduceLROnPlateau | None:
+    """`training.plateau`'s ReduceLROnPlateau on `optimizer` (mode min, torch's relative threshold
+    1e-4, no cooldown, no floor), or None without one."""
+    if config.plateau is None:
+        return None
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=config.plateau["factor"], patience=config.plateau["patience"])
+
+
+def step_plateau(
+    plateau: torch.optim.lr_scheduler.ReduceLROnPlateau, scheduler: torch.optim.lr_scheduler.LambdaLR,
+    valid_mae: float,
+) -> bool:
+    """Step `plateau` on an epoch's validation MAE; returns whether it lowered the rates.
+
+    ReduceLROnPlateau multiplies a group's current rate by `factor` once more than `patience`
+    epochs in a row have not improved on the best MAE by 1e-4 of it (torch skips a group whose
+    rate would fall by 1e-8 or less). The schedule (`build_scheduler`) sets every rate from its
+    base rate at each step, which would undo that; its base rate of each lowered group is
+    multiplied by `factor` too, so the rate is base x schedule(step) x factor^reductions: the
+    plateau multiplies the warm-up and schedule's factor. With a constant schedule and no warm-up
+    the rates are exactly those of a bare ReduceLROnPlateau (MMSA's MulT, MMIM and TFR-Net)."""
+    before = [group["lr"] for group in plateau.optimizer.param_groups]
+    plateau.step(valid_mae)
+    lowered = False
+    for index, (group, rate) in enumerate(zip(plateau.optimizer.param_groups, before, strict=True)):
+        if group["lr"] != rate:
+            scheduler.base_lrs[index] *= plateau.factor
+            lowered = True
+    return lowered
 
 
 def task_loss(name: str) -> nn.Module:
@@ -272,6 +313,8 @@ class _StageLoop:
     final_state: dict[str, torch.Tensor] | None = None  # the last epoch's weights, for a stage that continues
     # the optimisers of the model's extra phases (`MSAModel.extra_phases`), by phase name
     phase_optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
+    # `training.plateau`'s, on `optimizer`, stepped after each epoch's validation
+    plateau: torch.optim.lr_scheduler.ReduceLROnPlateau | None = None
 
 
 def nonfinite_at_initialisation(batch: Batch, losses: dict[str, torch.Tensor]) -> str:
@@ -431,24 +474,27 @@ class Trainer:
             phase_optimizers = previous.phase_optimizers
         else:
             optimizer = build_optimizer(self.model, self.config, stage.lr, stage.encoder_lr)
-            phase_optimizers = build_phase_optimizers(self.model)
+            phase_optimizers = build_phase_optimizers(self.model, self.config.optimizer)
         # one scheduler step per optimiser step: an epoch's complete groups of accumulated batches
         # (step_every_batch: every batch, and each complete group once more)
         updates_per_epoch = steps_per_epoch // self.config.accumulate_steps
         if self.config.step_every_batch:
             updates_per_epoch += steps_per_epoch
         scheduler = build_scheduler(optimizer, self.config, updates_per_epoch * stage.epochs)
+        plateau = build_plateau(optimizer, self.config)  # one per stage, as the schedule
         if resume is None:
             self.best_by_metric = {}
             best = FitResult(best_valid={}, best_epoch=0, epochs_run=0, stage=stage.name)
             return _StageLoop(best, copy.deepcopy(self.model.state_dict()), optimizer, scheduler,
-                              steps_per_epoch, phase_optimizers=phase_optimizers)
+                              steps_per_epoch, phase_optimizers=phase_optimizers, plateau=plateau)
         self.model.load_state_dict(resume["model"])
         self.model.load_training_state(resume["model_extra"])
         optimizer.load_state_dict(resume["optimizer"])
         for name, phase_optimizer in phase_optimizers.items():
             phase_optimizer.load_state_dict(resume["phase_optimizers"][name])
         scheduler.load_state_dict(resume["scheduler"])
+        if plateau is not None:  # a state written without one was written with other settings
+            plateau.load_state_dict(resume["plateau"])
         if resume.get("scaler"):  # fp16's loss scale; fp32 and bf16 (and states before them) have none
             self.precision.scaler.load_state_dict(resume["scaler"])
         _set_rng_state(resume["rng_by_rank"][distributed.rank()] if "rng_by_rank" in resume
@@ -459,7 +505,8 @@ class Trainer:
         }
         best = FitResult(**resume["best"], stage=stage.name)
         return _StageLoop(best, resume["best_state"], optimizer, scheduler, steps_per_epoch,
-                          resume["epoch"], resume["stale"], phase_optimizers=phase_optimizers)
+                          resume["epoch"], resume["stale"], phase_optimizers=phase_optimizers,
+                          plateau=plateau)
 
     def _fit_stage(
         self, stage: Stage, loop: _StageLoop, train: Split, valid: Split,
@@ -490,6 +537,9 @@ class Trainer:
                 if self.on_epoch is not None:
                     self.on_epoch(history[-1], len(history),
                                   [group["lr"] for group in loop.optimizer.param_groups])
+                if loop.plateau is not None and step_plateau(loop.plateau, loop.scheduler,
+                                                             valid_metrics["mae"]):
+                    log.info("validation MAE on a plateau: learning rates x %g", loop.plateau.factor)
                 log.info(
                     "%s epoch %d/%d  train loss %.4f  valid %s %.4f%s", stage.name, epoch,
                     stage.epochs, train_loss, metric, valid_metrics[metric],
@@ -556,6 +606,7 @@ class Trainer:
             "model_extra": self.model.training_state(),
             "best_by_metric": {m: vars(s) for m, s in self.best_by_metric.items()},
             "optimizer": loop.optimizer.state_dict(), "scheduler": loop.scheduler.state_dict(),
+            "plateau": None if loop.plateau is None else loop.plateau.state_dict(),
             "phase_optimizers": {name: o.state_dict() for name, o in loop.phase_optimizers.items()},
             "scaler": self.precision.scaler.state_dict(), "generator": generator.get_state(),
             "rng": rng_by_rank[0], "history": [asdict(r) for r in history], "reports": reports,
