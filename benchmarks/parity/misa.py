@@ -18,11 +18,12 @@ backward pass of the total and the official clip_grad_value_ (msakit: the traini
 Rows: each dataset with equal text, audio and vision lengths (msakit's default `rnn_lengths: own`
 then reads what MMSA reads); MOSI with longer audio and vision than text under `rnn_lengths: text`;
 MOSI through the random BERT; MOSI with a clip value small enough to clip many gradient elements.
-The loop rows run MMSA's own training loop (trains/singleTask/MISA.py `do_train`: Adam, two
-batches accumulated per step with clip_grad_value_ after each backward, an epoch's odd last batch
-dropped) against msakit's (`Trainer.train_epoch` with the YAML's `accumulate_steps` and
-`grad_clip_value`) for two epochs over the same batches in float64, every dropout off, and compare
-the gradients each optimiser step reads and the weights after training.
+The loop rows run MMSA's own training loop (trains/singleTask/MISA.py `do_train`: Adam without
+weight decay, two batches accumulated per step with clip_grad_value_ after each backward, an
+epoch's odd last batch dropped) against msakit's (`Trainer.train_epoch` with the YAML's
+`optimizer: adam`, weight decay 0, `accumulate_steps` and `grad_clip_value`) for two epochs over
+the same batches in float64, every dropout off, and compare the gradients each optimiser step
+reads and the weights after training.
 Writes benchmarks/results/parity/misa.{json,md}.
 """
 
@@ -253,8 +254,11 @@ def compare_loop(root: Path, dataset: str, label: str, clip: float | None = None
 
     config = TrainConfig(**{**resolved["training"], "batch_size": BATCH, "epochs": LOOP_EPOCHS,
                             "device": "cpu", "grad_clip_value": args.grad_clip})
-    my_steps, _ = run_msakit_loop(ours, config, split, LOOP_EPOCHS * (LOOP_SAMPLES // BATCH // 2), seed=3)
-    return loop_row(label, official, ours, official_name, their_steps, my_steps, clip=args.grad_clip)
+    my_steps, optimizer = run_msakit_loop(ours, config, split, LOOP_EPOCHS * (LOOP_SAMPLES // BATCH // 2),
+                                          seed=3)
+    return {**loop_row(label, official, ours, official_name, their_steps, my_steps, clip=args.grad_clip),
+            "optimizer": type(optimizer).__name__,
+            "weight_decays": sorted({g["weight_decay"] for g in optimizer.param_groups})}
 
 
 def main() -> None:
@@ -288,13 +292,14 @@ def main() -> None:
                "clip_grad_value_ and the clip of msakit's loop (`training.grad_clip_value`). Sequence "
                "lengths: 8 text tokens, 8 audio and vision frames (20 and 15 in the longer row), a "
                f"batch of 6. Loop rows: {LOOP_SAMPLES} samples, {LOOP_EPOCHS} epochs of 5 batches of "
-               f"6, each side's own loop and optimiser (MMSA: do_train with Adam; msakit: AdamW, "
-               "weight decay 0 as in MMSA) over the same batch order; the gradients column is the "
-               "largest over every optimiser step, as the step reads them (summed over two batches, "
-               "clipped after each); the weights column is the largest weight difference after "
-               "training. They agree to about 1e-7, not float64's 1e-15: msakit's loop computes the "
-               "task loss in float32 whatever the model computes in. Gradient elements at the clip "
-               "value (loop rows: summed over the steps' gradients): "
+               f"6, each side's own loop and optimiser (MMSA: do_train with Adam; msakit: Adam, its "
+               "MMSA settings' `optimizer: adam`), weight decay 0 on both (MMSA's trainer never hands "
+               "its weight_decay to Adam; msakit's MMSA settings have none), over the same batch "
+               "order; the gradients column is the largest over every optimiser step, as the step "
+               "reads them (summed over two batches, clipped after each); the weights column is the "
+               "largest weight difference after training. They agree to about 1e-7, not float64's "
+               "1e-15: msakit's loop computes the task loss in float32 whatever the model computes "
+               "in. Gradient elements at the clip value (loop rows: summed over the steps' gradients): "
                + "; ".join(f"{r['dataset']}: {r['clipped_gradient_elements']}" for r in rows) + "."),
     ))
 

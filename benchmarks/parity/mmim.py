@@ -14,11 +14,14 @@ them), msakit with `Trainer.train_epoch` (the bound phase, then the main phase),
 order msakit's loop draws, dropout active with the same draws. At every step: the prediction, every
 loss term (bound phase: -lld; main phase: the task loss, alpha NCE, -beta lld, -beta H from the
 third batch of an epoch on, their total) and every parameter's gradient as the optimiser steps
-it (after clipping the whole model's norm); after the two epochs, every weight. Weight decay is
-0 on both sides (MMSA's Adam couples it to the gradient, msakit's AdamW does not: with 0 they are
-the same optimiser). Rows, in float64: MOSI, MOSEI (the bound phase over half the batches) and SIMS,
-MMSA's three published settings, and MOSI with the vision-audio bound (`add_va` / `va_bound`);
-then MOSI in float32.
+it (after clipping the whole model's norm); after the two epochs, every weight. Both sides step
+Adam with L2 weight decay (MMSA's `optim`, msakit's MMSA settings' `optimizer: adam`, which the
+bound phase's optimiser follows) at each side's configured decays (1e-4 for the bound, the rest
+and BERT on both), except BERT's: MMSA decays all of BERT, msakit not its biases and LayerNorm
+gains, so the rows run BERT undecayed on both sides and the notes report the run with BERT
+decayed. Rows, in float64: MOSI, MOSEI (the bound phase over half the batches) and SIMS, MMSA's
+three published settings, and MOSI with the vision-audio bound (`add_va` / `va_bound`); then MOSI
+in float32.
 Writes benchmarks/results/parity/mmim.{json,md}.
 """
 
@@ -89,14 +92,17 @@ def official_modules(root: Path) -> tuple[types.ModuleType, types.ModuleType]:
             importlib.import_module("MMSA.trains.singleTask.MMIM"))
 
 
-def official_args(root: Path, dataset: str, bert: str, add_va: bool) -> types.SimpleNamespace:
+def official_args(root: Path, dataset: str, bert: str, add_va: bool,
+                  bert_decay: bool) -> types.SimpleNamespace:
+    """MMSA's settings for `dataset`, its decays kept except BERT's without `bert_decay`."""
     config = json.loads((root / "src" / "MMSA" / "config" / "config_regression.json").read_text())
     params = {**config["mmim"]["commonParams"], **config["mmim"]["datasetParams"][dataset],
               **config["datasetCommonParams"][dataset]["unaligned"]}
     params["feature_dims"] = [TEXT_DIM, *params["feature_dims"][1:]]
     params.update(pretrained=bert, train_samples=SAMPLES, device="cpu", train_mode="regression",
-                  dataset_name=dataset, model_name="mmim", add_va=add_va,
-                  weight_decay_mmilb=0.0, weight_decay_main=0.0, weight_decay_bert=0.0)
+                  dataset_name=dataset, model_name="mmim", add_va=add_va)
+    if not bert_decay:
+        params["weight_decay_bert"] = 0.0
     return types.SimpleNamespace(**params)
 
 
@@ -151,9 +157,11 @@ def recording_forward(model: nn.Module, calls: list) -> None:
 
 
 def compare(root: Path, dataset: str, bert: str, add_va: bool = False,
-            dtype: torch.dtype = torch.float64) -> dict:
+            dtype: torch.dtype = torch.float64, bert_decay: bool = False) -> dict:
+    """One row; with `bert_decay`, BERT decayed at each side's configured rate (MMSA's decays its
+    biases and LayerNorm gains too, msakit's does not)."""
     model_module, trainer_module = official_modules(root)
-    args = official_args(root, dataset, bert, add_va)
+    args = official_args(root, dataset, bert, add_va, bert_decay)
     torch.manual_seed(0)
     official = model_module.MMIM(args)
     for name, param in official.named_parameters():  # MMSA's do_train: Xavier-normal outside BERT
@@ -165,14 +173,18 @@ def compare(root: Path, dataset: str, bert: str, add_va: bool = False,
     dims = FeatureDims(text=None, audio=audio_dim, vision=vision_dim, text_len=TEXT_LEN,
                        audio_len=AUDIO_LEN, vision_len=VISION_LEN, has_text_ids=True)
     resolved = resolve_config("mmim", dataset, [f"model.text_encoder={bert}", f"model.va_bound={add_va}",
-                                                "model.bound_weight_decay=0.0"])
+                                                *([] if bert_decay else ["training.encoder_weight_decay=0"])])
+    decays = {"bound": (args.weight_decay_mmilb, resolved["model"]["bound_weight_decay"]),
+              "rest": (args.weight_decay_main, resolved["training"]["weight_decay"]),
+              "BERT": (args.weight_decay_bert, resolved["training"]["encoder_weight_decay"])}
+    if any(theirs != mine for theirs, mine in decays.values()):
+        raise RuntimeError(f"MMSA's and msakit's weight decays differ (MMSA, msakit): {decays}")
     ours: MMIM = create_model("mmim", resolved["model"], dims)
     ours.load_state_dict(rename_state(official.state_dict(), RENAMES, INNER), strict=True)
     official.to(dtype)
     ours.to(dtype)
     official_name = rename_state({k: k for k, _ in official.named_parameters()}, RENAMES, INNER)
-    training = {**resolved["training"], "weight_decay": 0.0, "encoder_weight_decay": 0.0,
-                "batch_size": BATCH, "device": "cpu", "epochs": EPOCHS}
+    training = {**resolved["training"], "batch_size": BATCH, "device": "cpu", "epochs": EPOCHS}
     trainer = Trainer(ours, TrainConfig(**training), "mosi", progress=False)
 
     official.eval()
@@ -191,14 +203,15 @@ def compare(root: Path, dataset: str, bert: str, add_va: bool = False,
     groups = {"bert": [], "mmilb": [], "main": []}
     for name, param in official.named_parameters():
         groups["bert" if "bert" in name else "mmilb" if "mi" in name else "main"].append(param)
-    official_trainer.optimizer_mmilb = torch.optim.Adam(groups["mmilb"], lr=args.lr_mmilb,
-                                                        weight_decay=args.weight_decay_mmilb)
-    official_trainer.optimizer_main = torch.optim.Adam([
+    optim = getattr(torch.optim, args.optim)
+    official_trainer.optimizer_mmilb = optim(groups["mmilb"], lr=args.lr_mmilb,
+                                             weight_decay=args.weight_decay_mmilb)
+    official_trainer.optimizer_main = optim([
         {"params": groups["bert"], "weight_decay": args.weight_decay_bert, "lr": args.lr_bert},
         {"params": groups["main"], "weight_decay": args.weight_decay_main, "lr": args.lr_main}])
     optimizer = build_optimizer(ours, trainer.config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    phase_optimizers = build_phase_optimizers(ours)
+    phase_optimizers = build_phase_optimizers(ours, trainer.config.optimizer)
     their_steps, my_steps, their_calls, my_calls, phases = [], [], [], [], []
     for o in (official_trainer.optimizer_mmilb, official_trainer.optimizer_main):
         recording_steps(o, official, their_steps)
@@ -230,6 +243,8 @@ def compare(root: Path, dataset: str, bert: str, add_va: bool = False,
     weights = max(max_abs(p, theirs_final[official_name[n]]) for n, p in ours.named_parameters())
     return {
         "dataset": dataset + (", add_va / va_bound" if add_va else "") + f", {str(dtype)[6:]}",
+        "optimizers": sorted({type(o).__name__ for o in (optimizer, *phase_optimizers.values())}),
+        "weight_decays (MMSA = msakit)": {k: theirs for k, (theirs, _) in decays.items()},
         "parameters": {"official": parameter_count(official), "msakit": parameter_count(ours)},
         "max_abs_diff": {"prediction (eval)": eval_diff, **terms, "weights after training": weights},
         "gradients": max(gradients, key=lambda g: g["relative"]),
@@ -285,10 +300,11 @@ def main() -> None:
         rows = [compare(args.official, d, bert) for d in ("mosi", "mosei", "sims")]
         rows.append(compare(args.official, "mosi", bert, add_va=True))
         rows.append(compare(args.official, "mosi", bert, dtype=torch.float32))
+        decayed_bert = compare(args.official, "mosi", bert, bert_decay=True)
     print(write_report(
         "mmim", args.output, REPOSITORY, official_commit(args.official, COMMIT), rows,
-        switches={"weight_decay, encoder_weight_decay, bound_weight_decay": "0 on both sides (MMSA's "
-                  "Adam with coupled decay and msakit's AdamW are then one optimiser)"},
+        switches={"training.encoder_weight_decay": "0 on both sides (MMSA's weight_decay_bert 0 too): "
+                  "MMSA decays BERT's biases and LayerNorm gains, msakit does not (see the notes)"},
         notes=(f"Both sides load the same tiny random BERT (tests/tiny_bert.py: 1 layer, width 32) in "
                f"place of bert-base, so MMSA's `d_tout` is 32; parameter counts include it. Inputs "
                f"are unpadded ({TEXT_LEN} tokens, {AUDIO_LEN} audio and {VISION_LEN} vision frames), "
@@ -297,7 +313,15 @@ def main() -> None:
                "train_others against msakit's Trainer.train_epoch (bound phase, main phase), in the "
                "order msakit's loop draws, weights and features in float64 (the last row: float32), "
                "dropout active with the same draws, each side's own Adam "
-               "optimisers and gradient clipping (norm 1.0 over the whole model). Every column is "
+               "optimisers (L2 decay: MMSA's `optim` Adam, msakit's `optimizer: adam`, the bound "
+               "phase's too) at each side's configured decays, equal on both (the bound "
+               "(weight_decay_mmilb / bound_weight_decay) and the rest (weight_decay_main / "
+               "weight_decay) 1e-4, biases included on both sides), BERT's at 0 on both, and "
+               "gradient clipping (norm 1.0 over the whole model). With BERT decayed too (1e-4 on "
+               "both sides, MMSA's BERT biases and LayerNorm gains as well, msakit's not) MOSI in "
+               f"float64 ends {decayed_bert['max_abs_diff']['weights after training']:.1e} apart in "
+               f"the weights, {decayed_bert['gradients']['relative']:.1e} relative in the gradients. "
+               "Every column is "
                "the largest difference over all steps; gradients are compared as each optimiser "
                "step reads them (after clipping); the entropy term enters from the third batch of "
                "each epoch (MMSA's mem_size 1). Batches of 16 (MMSA's are 32): with 8 the entropy estimate's "

@@ -15,9 +15,11 @@ parameter's gradient, and after the step's ULGM update (MMSA's `update_labels`, 
 `update_centers`) the generated labels and the centres of the whole memory. The loop row runs
 MMSA's own training loop (trains/multiTask/SELF_MM.py `do_train`: its five Adam parameter groups,
 four batches' gradients summed per step, an epoch's last incomplete group dropped, the ULGM after
-every batch) against msakit's (`Trainer.train_epoch` with the YAML's `accumulate_steps` and the
-model's `parameter_groups`) over the same batches, in float64 with every dropout off, and compares
-the gradients each optimiser step reads, the generated labels and the weights after training.
+every batch) against msakit's (`Trainer.train_epoch` with the YAML's `accumulate_steps`, the
+model's `parameter_groups` and `optimizer: adam`) over the same batches, each group at its
+configured rate and weight decay (L2 on both sides), in float64 with every dropout off, and
+compares the gradients each optimiser step reads, the generated labels and the weights after
+training.
 Writes benchmarks/results/parity/self_mm.{json,md}.
 """
 
@@ -246,15 +248,18 @@ def compare_loop(root: Path, dataset: str, bert: str) -> dict:
     model_module, trainer_module = official_modules(root)
     torch.manual_seed(0)
     args = official_args(root, dataset, bert, 32, samples=LOOP_SAMPLES)
-    for key in ("weight_decay_bert", "weight_decay_audio", "weight_decay_video", "weight_decay_other"):
-        setattr(args, key, 0.0)  # MMSA's Adam decays by L2, msakit's AdamW decoupled: compared without
     official = model_module.SELF_MM(args)
     audio_dim, vision_dim = args.feature_dims[1:]
     dims = FeatureDims(text=None, audio=audio_dim, vision=vision_dim, text_len=TEXT_LEN,
                        audio_len=AUDIO_LEN, vision_len=VISION_LEN, has_text_ids=True)
-    resolved = resolve_config("self_mm", dataset, [
-        f"model.text_encoder={bert}", "model.audio_weight_decay=0", "model.vision_weight_decay=0",
-        "training.weight_decay=0", "training.encoder_weight_decay=0"])
+    resolved = resolve_config("self_mm", dataset, [f"model.text_encoder={bert}"])
+    our_model, our_training = resolved["model"], resolved["training"]
+    decays = {"BERT": (args.weight_decay_bert, our_training["encoder_weight_decay"]),
+              "audio": (args.weight_decay_audio, our_model["audio_weight_decay"]),
+              "vision": (args.weight_decay_video, our_model["vision_weight_decay"]),
+              "rest": (args.weight_decay_other, our_training["weight_decay"])}
+    if any(theirs != mine for theirs, mine in decays.values()):
+        raise RuntimeError(f"MMSA's and msakit's weight decays differ (MMSA, msakit): {decays}")
     ours: SelfMM = create_model("self_mm", resolved["model"], dims)
     ours.load_state_dict(rename_state(official.state_dict(), RENAMES), strict=True)
     official_name = rename_state({k: k for k, _ in official.named_parameters()}, RENAMES)
@@ -293,7 +298,9 @@ def compare_loop(root: Path, dataset: str, bert: str) -> dict:
     labels = max(max_abs(official_trainer.label_map[h], ours.memory.labels[h]) for h in HEADS)
     return {**loop_row(f"{dataset}, MMSA's training loop (float64)", official, ours, official_name,
                        their_steps, my_steps, differences={"generated labels": labels}),
-            "learning_rates": sorted({g["lr"] for g in optimizer.param_groups})}
+            "optimizer": type(optimizer).__name__,
+            "learning_rates": sorted({g["lr"] for g in optimizer.param_groups}),
+            "weight_decays (MMSA = msakit)": {k: theirs for k, (theirs, _) in decays.items()}}
 
 
 def main() -> None:
@@ -317,12 +324,16 @@ def main() -> None:
                "are generated from epoch 2 on). Loop rows: "
                f"{LOOP_SAMPLES} samples, {EPOCHS} epochs of 5 batches of {BATCH} (one step on the "
                "first four, the fifth dropped), each side's own loop and optimiser (MMSA: do_train, "
-               "Adam over its five groups; msakit: AdamW over the encoder's, the model's audio and "
-               "vision groups and the rest, learning rates from each side's config: "
-               + "; ".join(f"{r['dataset'].split(',')[0]} {', '.join(f'{x:g}' for x in r['learning_rates'])}"
+               "Adam over its five groups; msakit: its MMSA settings' Adam, `optimizer: adam`, over "
+               "the encoder's, the model's audio and vision groups and the rest), learning rates and "
+               "weight decays (L2, biases decayed except BERT's and its LayerNorm gains, on both "
+               "sides) from each side's config, equal on both: "
+               + "; ".join(f"{r['dataset'].split(',')[0]} rates "
+                           f"{', '.join(f'{x:g}' for x in r['learning_rates'])}, decays "
+                           + ", ".join(f"{k} {v:g}" for k, v in r["weight_decays (MMSA = msakit)"].items())
                            for r in rows if "learning_rates" in r)
-               + "), weight decay 0 on both (MMSA's Adam decays by L2, AdamW decoupled), the tiny "
-               "BERT with its dropout at 0, weights and inputs in float64 (MMSA's label memory too; "
+               + "; the tiny BERT with its dropout at 0, weights and inputs in float64 (MMSA's label "
+               "memory too; "
                "msakit's keeps the float32 of the labels its loop reads); the gradients column is the "
                "largest over every step, as the step reads them. The generated labels moved from the given "
                "ones by up to "
