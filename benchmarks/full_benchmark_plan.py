@@ -39,16 +39,19 @@ def epochs(model: str, family: str) -> int:
 
 
 def cpu_seconds_per_sample(store: Path) -> dict[str, float]:
-    """Per model: the median over its recorded jobs of seconds / (epochs run x training samples)."""
+    """Per model: the median over its recorded jobs of seconds / (epochs run x training samples).
+    A job's seconds are its last execution's: a job that an entry of another label shares (CyIN's
+    `cyin-own-fill`) was executed again to add that entry's evaluations, reading its training back,
+    so only jobs recorded under the model's own name count."""
     if not store.is_file():
         return {}
     import sqlite3
 
-    rows = sqlite3.connect(store).execute("select model, seconds, train from msakit_jobs").fetchall()
+    rows = sqlite3.connect(store).execute("select model, label, seconds, train from msakit_jobs").fetchall()
     per: dict[str, list[float]] = {}
-    for model, seconds, train in rows:
+    for model, label, seconds, train in rows:
         ran = json.loads(train).get("epochs_run") or 0
-        if seconds and ran:
+        if seconds and ran and label == model:
             per.setdefault(model, []).append(seconds / (ran * SYNTHETIC_TRAIN))
     return {m: sorted(v)[len(v) // 2] for m, v in per.items()}
 
