@@ -1,5 +1,6 @@
-"""`training.optimizer` (AdamW or Adam with L2 decay) and `training.plateau` (ReduceLROnPlateau on the
-validation MAE): the update against torch and by hand, when the rate drops, exact resume, bad values."""
+"""`training.optimizer` (AdamW or Adam with L2 decay), `adam_eps`, `encoder_decay_norms_and_biases` and
+`training.plateau` (ReduceLROnPlateau on the validation MAE): the update against torch and by hand,
+which parameters are decayed, when the rate drops, exact resume, bad values."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from msakit.errors import MsakitError
 from msakit.metrics import METRIC_KEYS
 from msakit.models import create_model
 from msakit.training.config import resolve_config, training_config
-from msakit.training.settings import ADDED_SETTINGS, TrainConfig, without_added_settings
+from msakit.training.settings import ADDED_SETTINGS, Stage, TrainConfig, without_added_settings
 from msakit.training.trainer import Trainer, build_optimizer, build_scheduler, seed_everything
 from resume_check import assert_same_fit, fit_until_interrupted
 
@@ -29,14 +30,15 @@ def _trainer(dataset, seed: int = 3, dropout: float = 0.0, **settings) -> Traine
     return Trainer(model, config, dataset.metric_family, progress=False)
 
 
-def _hand_adam(weight: torch.Tensor, grads: list[torch.Tensor], lr: float, decay: float) -> torch.Tensor:
-    """Adam's update written out (betas 0.9, 0.999, eps 1e-8) with `decay` as L2: g + decay w."""
+def _hand_adam(weight: torch.Tensor, grads: list[torch.Tensor], lr: float, decay: float,
+               eps: float = 1e-8) -> torch.Tensor:
+    """Adam's update written out (betas 0.9, 0.999) with `decay` as L2: g + decay w."""
     w, m, v = weight.double().clone(), torch.zeros_like(weight.double()), torch.zeros_like(weight.double())
     for t, grad in enumerate(grads, start=1):
         g = grad.double() + decay * w
         m = 0.9 * m + 0.1 * g
         v = 0.999 * v + 0.001 * g * g
-        w = w - lr * (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + 1e-8)
+        w = w - lr * (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + eps)
     return w
 
 
@@ -91,6 +93,67 @@ def test_without_decay_adam_and_adamw_train_the_same_weights(tiny_dataset):
         weights.append(trainer.model.state_dict())
     for key, value in weights[0].items():
         assert torch.equal(value, weights[1][key]), key
+
+
+def _decayed(optimizer: torch.optim.Optimizer) -> dict[int, float]:
+    """The weight decay of each parameter `optimizer` decays, by parameter id."""
+    return {id(p): g["weight_decay"] for g in optimizer.param_groups if g["weight_decay"] > 0
+            for p in g["params"]}
+
+
+@pytest.mark.parametrize(("own", "encoder"), itertools.product((False, True), repeat=2))
+def test_encoder_decay_norms_and_biases_decays_the_encoders_biases_and_norms(tiny_bert, dims, own, encoder):
+    """Each flag moves its side's biases and norms (fewer than two dimensions, `.bias`, `norm`) into
+    its decayed group, at its side's decay; weight matrices are decayed either way; both false
+    (the defaults) is msakit's grouping before the encoder flag existed."""
+    model = create_model("mult", {"text_source": "encoder", "text_encoder": tiny_bert, "embed_dim": 8,
+                                  "num_heads": 2, "layers": 1}, dims)
+    pretrained = {id(p) for p in model.pretrained_parameters()}
+    exempt = {n for n, p in model.named_parameters()
+              if p.ndim < 2 or n.endswith(".bias") or "norm" in n.lower()}
+    assert {n for n in exempt if "LayerNorm" in n} and {n for n in exempt if n.endswith(".bias")}
+    settings = TrainConfig(weight_decay=0.1, encoder_weight_decay=0.2, decay_norms_and_biases=own,
+                           encoder_decay_norms_and_biases=encoder)
+    decayed = _decayed(build_optimizer(model, settings))
+    for name, param in model.named_parameters():
+        is_encoder = id(param) in pretrained
+        expected = name not in exempt or (encoder if is_encoder else own)
+        assert (id(param) in decayed) == expected, name
+        if expected:
+            assert decayed[id(param)] == (0.2 if is_encoder else 0.1), name
+    if not (own or encoder):  # today's groups: (encoder | rest) x (decayed | not), in that order
+        groups = build_optimizer(model, settings).param_groups
+        assert [(g["pretrained"], g["weight_decay"]) for g in groups] == [
+            (True, 0.2), (True, 0.0), (False, 0.1), (False, 0.0)]
+
+
+def test_adam_eps_reaches_every_group_and_extra_phase(tiny_dataset, dims):
+    """`adam_eps` is each optimiser's eps (AdamW's and Adam's, MMIM's bound phase's too), torch's
+    1e-8 by default, and Adam steps with it."""
+    for optimizer in ("adamw", "adam"):
+        for eps in (None, 3e-8):
+            settings = {"optimizer": optimizer} | ({} if eps is None else {"adam_eps": eps})
+            trainer = Trainer(create_model("mmim", {"text_source": "features", "audio_hidden": 3,
+                                                    "vision_hidden": 3, "fusion_hidden": 6}, dims),
+                              TrainConfig(epochs=1, device="cpu", **settings), "mosi", progress=False)
+            loop = trainer._start_stage(Stage("main", 1), 1, None, None)
+            optimizers = [loop.optimizer, *loop.phase_optimizers.values()]
+            assert len(optimizers) == 2
+            for group in (g for o in optimizers for g in o.param_groups):
+                assert group["eps"] == (1e-8 if eps is None else eps), (optimizer, eps)
+    lr, eps = 0.05, 0.5  # an eps large enough to move the step
+    model = create_model("text_only", FEATURES, tiny_dataset.dims)
+    start = copy.deepcopy(model.state_dict())
+    torch.manual_seed(0)
+    grads = {name: [torch.randn_like(p) for _ in range(2)] for name, p in model.named_parameters()}
+    optimizer = build_optimizer(model, TrainConfig(lr=lr, optimizer="adam", adam_eps=eps))
+    for t in range(2):
+        for name, param in model.named_parameters():
+            param.grad = grads[name][t].clone()
+        optimizer.step()
+    for name, param in model.named_parameters():
+        by_hand = _hand_adam(start[name], grads[name], lr, 0.0, eps)
+        torch.testing.assert_close(param.detach().double(), by_hand, rtol=1e-5, atol=1e-6)
 
 
 def _scripted_fit(dataset, maes: list[float], **settings) -> list[float]:
@@ -169,7 +232,10 @@ def test_an_interrupted_fit_with_a_plateau_resumes_exactly(tiny_dataset, tmp_pat
     ("optimizer", "sgd"), ("optimizer", None), ("plateau", 5), ("plateau", {"factor": 0.1}),
     ("plateau", {"factor": 0.1, "patience": 2, "min_lr": 0}), ("plateau.factor", 1.0),
     ("plateau.factor", 0), ("plateau.factor", True), ("plateau.patience", -1),
-    ("plateau.patience", 1.5),
+    ("plateau.patience", 1.5), ("adam_eps", 0), ("adam_eps", -1e-8), ("adam_eps", True),
+    ("adam_eps", None), ("adam_eps", "small"), ("adam_eps", float("inf")), ("adam_eps", float("nan")),
+    ("encoder_decay_norms_and_biases", "yes"), ("encoder_decay_norms_and_biases", 1),
+    ("encoder_decay_norms_and_biases", "all"),
 ])
 def test_bad_optimizer_and_plateau_values_are_one_line_errors_naming_the_key(key, value):
     name, _, inner = key.partition(".")
@@ -181,21 +247,31 @@ def test_bad_optimizer_and_plateau_values_are_one_line_errors_naming_the_key(key
 
 def test_the_settings_are_set_from_yaml_and_left_out_of_identities_at_their_defaults():
     config = resolve_config("text_only", "mosi", ["training.optimizer=adam",
-                                                  "training.plateau={factor: 0.1, patience: 5}"])
+                                                  "training.plateau={factor: 0.1, patience: 5}",
+                                                  "training.adam_eps=3e-8",
+                                                  "training.encoder_decay_norms_and_biases=true"])
     settings = training_config(config["training"])
     assert (settings.optimizer, settings.plateau) == ("adam", {"factor": 0.1, "patience": 5})
+    assert (settings.adam_eps, settings.encoder_decay_norms_and_biases) == (3e-8, True)
     assert (TrainConfig().optimizer, TrainConfig().plateau) == ("adamw", None)
+    assert (TrainConfig().adam_eps, TrainConfig().encoder_decay_norms_and_biases) == (1e-8, False)
     defaults = {"training": dataclasses.asdict(TrainConfig())}
-    assert {"optimizer", "plateau"} <= set(ADDED_SETTINGS["training"])
-    assert not {"optimizer", "plateau"} & set(without_added_settings(defaults)["training"])
-    assert without_added_settings({"training": dataclasses.asdict(settings)})["training"]["plateau"] == {
-        "factor": 0.1, "patience": 5}
+    added = {"optimizer", "plateau", "adam_eps", "encoder_decay_norms_and_biases"}
+    assert added <= set(ADDED_SETTINGS["training"])
+    assert not added & set(without_added_settings(defaults)["training"])
+    assert {key: value for key, value in without_added_settings(
+        {"training": dataclasses.asdict(settings)})["training"].items() if key in added} == {
+        "optimizer": "adam", "plateau": {"factor": 0.1, "patience": 5}, "adam_eps": 3e-8,
+        "encoder_decay_norms_and_biases": True}
 
 
 # MMSA's trainers (trains/singleTask/{MULT,MMIM,CENET,BERT_MAG,MISA}.py, multiTask/SELF_MM.py,
 # missingTask/TFR_NET.py) and config_regression.json: Adam everywhere, ReduceLROnPlateau in three,
 # factor from the trainer, patience from the settings (MMIM's `when`); SIMSv2 repeats SIMS where
-# MMSA publishes none. ALMT's trainer keeps AdamW and its own warm-up and cosine schedule.
+# MMSA publishes none. ALMT's trainer keeps AdamW and its own warm-up and cosine schedule. CENet's
+# Adam has its own eps (adam_epsilon); MMIM's and ALMT's decay every BERT parameter.
+MMSA_EPS = {"cenet": {"mosi": 3e-8, "mosei": 1e-8, "sims": 2e-8, "simsv2": 3e-8}}
+MMSA_DECAY_ALL_OF_BERT = ("mmim", "almt")
 MMSA_PLATEAUS = {
     "mult": {"mosi": (0.1, 5), "mosei": (0.1, 20), "sims": (0.1, 10), "simsv2": (0.1, 10)},
     "mmim": dict.fromkeys(("mosi", "mosei", "sims", "simsv2"), (0.5, 20)),
@@ -211,6 +287,9 @@ def test_the_mmsa_sections_train_with_mmsas_optimizer_and_plateau(model):
         expected = None if plateau is None else dict(zip(("factor", "patience"), plateau, strict=True))
         assert (settings.optimizer, settings.plateau) == ("adamw" if model == "almt" else "adam",
                                                           expected), family
+        assert settings.adam_eps == MMSA_EPS.get(model, {}).get(family, 1e-8), family
+        assert settings.encoder_decay_norms_and_biases == (model in MMSA_DECAY_ALL_OF_BERT), family
     for family in ("synthetic", "tiny"):  # msakit's own sections train as before
         settings = training_config(resolve_config(model, family)["training"])
-        assert (settings.optimizer, settings.plateau) == ("adamw", None), family
+        assert (settings.optimizer, settings.plateau, settings.adam_eps,
+                settings.encoder_decay_norms_and_biases) == ("adamw", None, 1e-8, False), family

@@ -17,9 +17,9 @@ third batch of an epoch on, their total) and every parameter's gradient as the o
 it (after clipping the whole model's norm); after the two epochs, every weight. Both sides step
 Adam with L2 weight decay (MMSA's `optim`, msakit's MMSA settings' `optimizer: adam`, which the
 bound phase's optimiser follows) at each side's configured decays (1e-4 for the bound, the rest
-and BERT on both), except BERT's: MMSA decays all of BERT, msakit not its biases and LayerNorm
-gains, so the rows run BERT undecayed on both sides and the notes report the run with BERT
-decayed. Rows, in float64: MOSI, MOSEI (the bound phase over half the batches) and SIMS, MMSA's
+and BERT on both), every parameter decayed on both sides (msakit's MMSA settings'
+`decay_norms_and_biases` and `encoder_decay_norms_and_biases`), checked parameter by parameter
+before training. Rows, in float64: MOSI, MOSEI (the bound phase over half the batches) and SIMS, MMSA's
 three published settings, and MOSI with the vision-audio bound (`add_va` / `va_bound`); then MOSI
 in float32.
 Writes benchmarks/results/parity/mmim.{json,md}.
@@ -92,17 +92,14 @@ def official_modules(root: Path) -> tuple[types.ModuleType, types.ModuleType]:
             importlib.import_module("MMSA.trains.singleTask.MMIM"))
 
 
-def official_args(root: Path, dataset: str, bert: str, add_va: bool,
-                  bert_decay: bool) -> types.SimpleNamespace:
-    """MMSA's settings for `dataset`, its decays kept except BERT's without `bert_decay`."""
+def official_args(root: Path, dataset: str, bert: str, add_va: bool) -> types.SimpleNamespace:
+    """MMSA's settings for `dataset`."""
     config = json.loads((root / "src" / "MMSA" / "config" / "config_regression.json").read_text())
     params = {**config["mmim"]["commonParams"], **config["mmim"]["datasetParams"][dataset],
               **config["datasetCommonParams"][dataset]["unaligned"]}
     params["feature_dims"] = [TEXT_DIM, *params["feature_dims"][1:]]
     params.update(pretrained=bert, train_samples=SAMPLES, device="cpu", train_mode="regression",
                   dataset_name=dataset, model_name="mmim", add_va=add_va)
-    if not bert_decay:
-        params["weight_decay_bert"] = 0.0
     return types.SimpleNamespace(**params)
 
 
@@ -156,12 +153,18 @@ def recording_forward(model: nn.Module, calls: list) -> None:
     model.forward = record
 
 
+def decay_by_parameter(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> dict[str, float]:
+    """The weight decay each of `optimizers` applies to each parameter of `model`, by name."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)]: group["weight_decay"] for o in optimizers for group in o.param_groups
+            for p in group["params"]}
+
+
 def compare(root: Path, dataset: str, bert: str, add_va: bool = False,
-            dtype: torch.dtype = torch.float64, bert_decay: bool = False) -> dict:
-    """One row; with `bert_decay`, BERT decayed at each side's configured rate (MMSA's decays its
-    biases and LayerNorm gains too, msakit's does not)."""
+            dtype: torch.dtype = torch.float64) -> dict:
+    """One row."""
     model_module, trainer_module = official_modules(root)
-    args = official_args(root, dataset, bert, add_va, bert_decay)
+    args = official_args(root, dataset, bert, add_va)
     torch.manual_seed(0)
     official = model_module.MMIM(args)
     for name, param in official.named_parameters():  # MMSA's do_train: Xavier-normal outside BERT
@@ -172,8 +175,7 @@ def compare(root: Path, dataset: str, bert: str, add_va: bool = False,
     data = MultimodalDataset("parity", "mosi", split, split, split)
     dims = FeatureDims(text=None, audio=audio_dim, vision=vision_dim, text_len=TEXT_LEN,
                        audio_len=AUDIO_LEN, vision_len=VISION_LEN, has_text_ids=True)
-    resolved = resolve_config("mmim", dataset, [f"model.text_encoder={bert}", f"model.va_bound={add_va}",
-                                                *([] if bert_decay else ["training.encoder_weight_decay=0"])])
+    resolved = resolve_config("mmim", dataset, [f"model.text_encoder={bert}", f"model.va_bound={add_va}"])
     decays = {"bound": (args.weight_decay_mmilb, resolved["model"]["bound_weight_decay"]),
               "rest": (args.weight_decay_main, resolved["training"]["weight_decay"]),
               "BERT": (args.weight_decay_bert, resolved["training"]["encoder_weight_decay"])}
@@ -211,7 +213,14 @@ def compare(root: Path, dataset: str, bert: str, add_va: bool = False,
         {"params": groups["main"], "weight_decay": args.weight_decay_main, "lr": args.lr_main}])
     optimizer = build_optimizer(ours, trainer.config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    phase_optimizers = build_phase_optimizers(ours, trainer.config.optimizer)
+    phase_optimizers = build_phase_optimizers(ours, trainer.config.optimizer, trainer.config.adam_eps)
+    theirs_decay = decay_by_parameter(official, [official_trainer.optimizer_mmilb,
+                                                 official_trainer.optimizer_main])
+    mine_decay = decay_by_parameter(ours, [optimizer, *phase_optimizers.values()])
+    # a parameter one side's optimisers leave out counts as unequal too
+    unequal = sorted(n for n in official_name if mine_decay.get(n) != theirs_decay.get(official_name[n]))
+    if unequal:
+        raise RuntimeError(f"MMSA and msakit decay these parameters differently: {unequal}")
     their_steps, my_steps, their_calls, my_calls, phases = [], [], [], [], []
     for o in (official_trainer.optimizer_mmilb, official_trainer.optimizer_main):
         recording_steps(o, official, their_steps)
@@ -300,11 +309,8 @@ def main() -> None:
         rows = [compare(args.official, d, bert) for d in ("mosi", "mosei", "sims")]
         rows.append(compare(args.official, "mosi", bert, add_va=True))
         rows.append(compare(args.official, "mosi", bert, dtype=torch.float32))
-        decayed_bert = compare(args.official, "mosi", bert, bert_decay=True)
     print(write_report(
-        "mmim", args.output, REPOSITORY, official_commit(args.official, COMMIT), rows,
-        switches={"training.encoder_weight_decay": "0 on both sides (MMSA's weight_decay_bert 0 too): "
-                  "MMSA decays BERT's biases and LayerNorm gains, msakit does not (see the notes)"},
+        "mmim", args.output, REPOSITORY, official_commit(args.official, COMMIT), rows, switches={},
         notes=(f"Both sides load the same tiny random BERT (tests/tiny_bert.py: 1 layer, width 32) in "
                f"place of bert-base, so MMSA's `d_tout` is 32; parameter counts include it. Inputs "
                f"are unpadded ({TEXT_LEN} tokens, {AUDIO_LEN} audio and {VISION_LEN} vision frames), "
@@ -316,12 +322,11 @@ def main() -> None:
                "optimisers (L2 decay: MMSA's `optim` Adam, msakit's `optimizer: adam`, the bound "
                "phase's too) at each side's configured decays, equal on both (the bound "
                "(weight_decay_mmilb / bound_weight_decay) and the rest (weight_decay_main / "
-               "weight_decay) 1e-4, biases included on both sides), BERT's at 0 on both, and "
-               "gradient clipping (norm 1.0 over the whole model). With BERT decayed too (1e-4 on "
-               "both sides, MMSA's BERT biases and LayerNorm gains as well, msakit's not) MOSI in "
-               f"float64 ends {decayed_bert['max_abs_diff']['weights after training']:.1e} apart in "
-               f"the weights, {decayed_bert['gradients']['relative']:.1e} relative in the gradients. "
-               "Every column is "
+               "weight_decay) and BERT (weight_decay_bert / encoder_weight_decay) 1e-4, biases and "
+               "LayerNorm gains included on both sides: MMSA's `optim` decays every parameter, "
+               "msakit's MMSA settings set decay_norms_and_biases and "
+               "encoder_decay_norms_and_biases; each parameter's decay checked equal), and "
+               "gradient clipping (norm 1.0 over the whole model). Every column is "
                "the largest difference over all steps; gradients are compared as each optimiser "
                "step reads them (after clipping); the entropy term enters from the third batch of "
                "each epoch (MMSA's mem_size 1). Batches of 16 (MMSA's are 32): with 8 the entropy estimate's "

@@ -53,7 +53,8 @@ Deviations from the official code, each with its reason:
   epochs, starting at a learning rate of 0 for the first epoch, then cosine to 0 over the other
   90%); msakit's steps per batch: the same curve at a finer grain.
 - Weight decay. The official AdamW decays every parameter; here biases and norms of ALMT decay too
-  (`decay_norms_and_biases: true`), those of the text encoder do not.
+  (`decay_norms_and_biases: true`), and in the dataset settings those of the text encoder as well
+  (`encoder_decay_norms_and_biases: true`; the synthetic settings leave them undecayed).
 - Text width and positions. The text width is the encoder's (the official code reads it from its
   config, 768 for BERT-base); the embedding transformers' positions are built for the data's
   padded lengths (audio and vision cut to `max_frames`): the 2025 configs' input lengths, which

@@ -45,13 +45,14 @@ Where this differs from MMSA, and the setting that restores MMSA's behaviour
 - Unused modules are left out: MMSA builds part-of-speech, word-sentiment and polarity embeddings
   (AMIO asks for them) that never receive ids and so add nothing. MMSA's BERT computes its
   pooler, which nothing reads; the Hugging Face encoder here keeps its pooler, unread too.
-- Optimiser (`training.optimizer: adam` in the MMSA settings; no setting for eps or the
+- Optimiser (`training.optimizer: adam` and `adam_eps` in the MMSA settings; no setting for the
   enhancement's biases). MMSA: Adam with coupled L2 decay (eps 3e-8 MOSI and SIMSv2, 2e-8 SIMS,
   1e-8 MOSEI), every parameter at `learning_rate`, decayed except BERT's and the head's biases and
   LayerNorm gains, the enhancement's biases decayed too. msakit: the same Adam with L2 decay at
-  torch's eps 1e-8, the same rate and decay for the encoder (`encoder_lr`, `encoder_weight_decay`)
-  and the rest (`lr`, `weight_decay`), no bias or norm decayed. The gradient norm is clipped at 2,
-  as in MMSA.
+  MMSA's eps (`adam_eps`), the same rate and decay for the encoder (`encoder_lr`,
+  `encoder_weight_decay`) and the rest (`lr`, `weight_decay`), no bias or norm decayed: the
+  enhancement's biases stay undecayed (`decay_norms_and_biases` would decay the head's too). The
+  gradient norm is clipped at 2, as in MMSA.
 - Selection (none needed). MMSA keeps the epoch with the best validation loss (KeyEval Loss, the
   mean of per-batch L1 losses) and stops after 8 epochs without improvement; msakit selects on
   validation MAE (the same up to the weight of the last, smaller batch), `patience: 8`. MMSA has

@@ -56,13 +56,14 @@ Where this differs from MMSA, and the setting that restores MMSA's behaviour
   features it stays well inside (the parity check never reaches the bound).
 - Zero vectors in CPC (no setting; MMSA gives NaN). A zero representation (a modality a
   missing-data protocol zeroed) stays zero when scaled to unit norm (`F.normalize`).
-- Optimiser (`training.optimizer`, `plateau`). MMSA uses Adam with coupled L2 weight decay in two
-  optimisers: the MMILB estimators at `lr_mmilb` / `weight_decay_mmilb`, and BERT (`lr_bert`,
-  `weight_decay_bert`) and the rest (`lr_main`, `weight_decay_main`), every parameter decayed. The
-  MMSA sections set `optimizer: adam` (L2 decay), which the bound phase's optimiser follows: the
-  bound phase at its own rate and decay, `training.encoder_lr` / `encoder_weight_decay` for the
-  encoder (its biases and LayerNorm weights not decayed, no setting) and `training.lr` /
-  `weight_decay` for the rest (biases decayed too: `decay_norms_and_biases`). MMSA's
+- Optimiser (`training.optimizer`, `plateau`, `encoder_decay_norms_and_biases`). MMSA uses Adam
+  with coupled L2 weight decay in two optimisers: the MMILB estimators at `lr_mmilb` /
+  `weight_decay_mmilb`, and BERT (`lr_bert`, `weight_decay_bert`) and the rest (`lr_main`,
+  `weight_decay_main`), every parameter decayed. The MMSA sections set `optimizer: adam` (L2
+  decay), which the bound phase's optimiser follows: the bound phase at its own rate and decay,
+  `training.encoder_lr` / `encoder_weight_decay` for the encoder (its biases and LayerNorm gains
+  decayed too: `encoder_decay_norms_and_biases`; msakit's default exempts them) and
+  `training.lr` / `weight_decay` for the rest (biases decayed too: `decay_norms_and_biases`). MMSA's
   ReduceLROnPlateau on the main optimiser (factor 0.5, patience `when` 20) is `plateau: {factor:
   0.5, patience: 20}`, stepped on the validation MAE where MMSA steps on its validation L1 loss
   (the same error, but the mean of per-batch means rounded to 4 decimals); it can act only if the

@@ -22,7 +22,8 @@ PLATEAU_KEYS = ("factor", "patience")
 # `--resume` continues it, and a study keeps its record (`without_added_settings`).
 ADDED_SETTINGS: dict[str, dict[str, Any]] = {
     "training": {"accumulate_steps": 1, "grad_clip_value": None, "step_every_batch": False,
-                 "optimizer": "adamw", "plateau": None},
+                 "optimizer": "adamw", "plateau": None, "adam_eps": 1e-8,
+                 "encoder_decay_norms_and_biases": False},
 }
 
 
@@ -72,6 +73,9 @@ class TrainConfig:
     # torch.optim.Adam, the same groups, rates and decays with the decay as L2 (g <- g + wd w, so
     # it passes through Adam's moments), as MMSA's trainers mostly use it
     optimizer: str = "adamw"
+    # eps of either (and of a model's extra phases' optimisers), added to the root of the second
+    # moment: w <- w - lr m^ / (sqrt(v^) + eps); torch's default (MMSA's CENet sets its own)
+    adam_eps: float = 1e-8
     warmup_ratio: float = 0.0  # fraction of all optimiser steps spent warming up linearly
     schedule: str = "constant"  # constant | linear | cosine (after warm-up)
     # {factor, patience}: torch's ReduceLROnPlateau (mode min, its other defaults) on the main
@@ -102,8 +106,11 @@ class TrainConfig:
     noise_rate: float = 0.0  # the missing rate of "inter" noise
     stages: list[Stage] = field(default_factory=list)  # empty = one stage of `epochs`
     # weight-decay the model's own biases and normalisation gains too (the pretrained text
-    # encoder's keep the usual exemption); some official codes decay every parameter
+    # encoder's keep the usual exemption, see the next); some official codes decay every parameter
     decay_norms_and_biases: bool = False
+    # weight-decay the pretrained text encoder's biases and normalisation gains too, at
+    # encoder_weight_decay; some official codes decay every parameter of BERT (MMSA's MMIM, ALMT)
+    encoder_decay_norms_and_biases: bool = False
     # how often a resumable run writes its training state: "auto" (whenever the time since the last
     # write is at least STATE_WRITE_SHARE^-1 times what that write took, so writing costs at most
     # about 5% of the training time) or every N epochs
@@ -144,12 +151,16 @@ class TrainConfig:
             self.stages = [s if isinstance(s, Stage) else Stage(**s) for s in self.stages]
         except TypeError as exc:
             raise MsakitError(f"training.stages: each stage needs name and epochs ({exc})") from None
-        for key in ("decay_norms_and_biases", "tf32", "compile", "step_every_batch"):
+        for key in ("decay_norms_and_biases", "encoder_decay_norms_and_biases", "tf32", "compile",
+                    "step_every_batch"):
             if not isinstance(getattr(self, key), bool):
                 raise MsakitError(f"training.{key} must be true or false, not {getattr(self, key)!r}")
         if self.optimizer not in OPTIMIZERS:
             raise MsakitError(f"training.optimizer must be one of {', '.join(OPTIMIZERS)}, "
                               f"not {self.optimizer!r}")
+        if (isinstance(self.adam_eps, bool) or not isinstance(self.adam_eps, (int, float))
+                or not 0 < self.adam_eps < math.inf):
+            raise MsakitError(f"training.adam_eps must be a finite number > 0, not {self.adam_eps!r}")
         if self.plateau is not None:
             _check_plateau(self.plateau)
         if self.log not in LOGS:

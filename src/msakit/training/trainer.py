@@ -124,7 +124,8 @@ def build_optimizer(
     """AdamW, or Adam (`config.optimizer`), with groups (pretrained encoder | each of the model's
     `parameter_groups` | rest) x (decayed | not decayed); `lr` and `encoder_lr` replace the
     config's rates when given (a stage's own), except for a model's group with a rate of its own.
-    Biases and norms are not decayed, except the model's own with `decay_norms_and_biases`.
+    Biases and norms are not decayed, except the model's own with `decay_norms_and_biases` and the
+    pretrained encoder's with `encoder_decay_norms_and_biases`; every group steps with `adam_eps`.
     AdamW decays decoupled from the gradient, w <- (1 - lr wd) w before the Adam step; Adam adds
     wd w to the gradient (L2), so the decay is scaled by Adam's moments as the gradient is."""
     pretrained = {id(p) for p in model.pretrained_parameters()}
@@ -138,7 +139,9 @@ def build_optimizer(
         if param.requires_grad and id(param) not in phase_owned:
             is_pretrained = id(param) in pretrained
             kind = "encoder" if is_pretrained else own_group[id(param)].name if id(param) in own_group else ""
-            no_decay = _is_no_decay(name, param) and (is_pretrained or not config.decay_norms_and_biases)
+            decay_all = (config.encoder_decay_norms_and_biases if is_pretrained
+                         else config.decay_norms_and_biases)
+            no_decay = _is_no_decay(name, param) and not decay_all
             groups.setdefault((kind, no_decay), []).append(param)
     declared = {group.name: group for group in own_group.values()}
     param_groups = []
@@ -162,7 +165,7 @@ def build_optimizer(
         })
     if not param_groups:
         raise MsakitError("the model has no trainable parameters")
-    return OPTIMIZER_CLASSES[config.optimizer](param_groups)
+    return OPTIMIZER_CLASSES[config.optimizer](param_groups, eps=config.adam_eps)
 
 
 def group_parameters(model: MSAModel, group: ParameterGroup, elsewhere: set[int]) -> list[nn.Parameter]:
@@ -185,11 +188,13 @@ def phase_parameters(model: MSAModel, phase: ExtraPhase) -> list[nn.Parameter]:
     return params
 
 
-def build_phase_optimizers(model: MSAModel, optimizer: str = "adamw") -> dict[str, torch.optim.Optimizer]:
-    """One optimizer (`training.optimizer`'s kind: AdamW or Adam) per extra optimisation phase of
-    `model`, by phase name (`MSAModel.extra_phases`)."""
+def build_phase_optimizers(
+    model: MSAModel, optimizer: str = "adamw", eps: float = 1e-8
+) -> dict[str, torch.optim.Optimizer]:
+    """One optimizer (`training.optimizer`'s kind: AdamW or Adam, at `training.adam_eps`) per extra
+    optimisation phase of `model`, by phase name (`MSAModel.extra_phases`)."""
     return {phase.name: OPTIMIZER_CLASSES[optimizer](phase_parameters(model, phase), lr=phase.lr,
-                                                     weight_decay=phase.weight_decay)
+                                                     weight_decay=phase.weight_decay, eps=eps)
             for phase in model.extra_phases()}
 
 
@@ -474,7 +479,8 @@ class Trainer:
             phase_optimizers = previous.phase_optimizers
         else:
             optimizer = build_optimizer(self.model, self.config, stage.lr, stage.encoder_lr)
-            phase_optimizers = build_phase_optimizers(self.model, self.config.optimizer)
+            phase_optimizers = build_phase_optimizers(self.model, self.config.optimizer,
+                                                      self.config.adam_eps)
         # one scheduler step per optimiser step: an epoch's complete groups of accumulated batches
         # (step_every_batch: every batch, and each complete group once more)
         updates_per_epoch = steps_per_epoch // self.config.accumulate_steps
