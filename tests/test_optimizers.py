@@ -293,3 +293,28 @@ def test_the_mmsa_sections_train_with_mmsas_optimizer_and_plateau(model):
         settings = training_config(resolve_config(model, family)["training"])
         assert (settings.optimizer, settings.plateau, settings.adam_eps,
                 settings.encoder_decay_norms_and_biases) == ("adamw", None, 1e-8, False), family
+
+
+# The other official trainers (LNLN train.py, HME HME_MSA/HME_main.py, CyIN @ da04a3d
+# trains/generationBased/CyIN.py, MMSLF train_teacher.py and train_student.py, DashFusion
+# src/train.py): AdamW at eps 1e-8 (HME's is transformers', which msakit cannot match: hme.py), no
+# plateau. LNLN's and MMSLF's decay every parameter, the fine-tuned BERT's biases and LayerNorm
+# parameters too; HME's, CyIN's and DashFusion's spare those, as msakit's default does. The model's
+# own biases and norms: decayed by all but DashFusion's (and HME's, whose biases msakit decays too).
+OFFICIAL_SECTIONS = {"lnln": ("mosi", "mosei", "sims"), "hme": ("mosi", "mosei"),
+                     "cyin": ("mosi", "mosei", "sims"), "mmslf": ("mosi", "mosei", "sims"),
+                     "dashfusion": ("mosi", "mosei", "sims")}
+OFFICIAL_DECAY_ALL_OF_BERT = ("lnln", "mmslf")
+
+
+@pytest.mark.parametrize("model", sorted(OFFICIAL_SECTIONS))
+def test_the_paper_sections_decay_as_the_official_trainers(model):
+    for family in OFFICIAL_SECTIONS[model]:
+        settings = training_config(resolve_config(model, family)["training"])
+        assert (settings.optimizer, settings.plateau, settings.adam_eps) == ("adamw", None, 1e-8), family
+        assert settings.decay_norms_and_biases == (model != "dashfusion"), family
+        assert settings.encoder_decay_norms_and_biases == (model in OFFICIAL_DECAY_ALL_OF_BERT), family
+    for family in ("synthetic", "tiny"):  # msakit's own sections train as before
+        settings = training_config(resolve_config(model, family)["training"])
+        assert (settings.optimizer, settings.plateau, settings.adam_eps,
+                settings.encoder_decay_norms_and_biases) == ("adamw", None, 1e-8, False), family

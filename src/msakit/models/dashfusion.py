@@ -76,11 +76,12 @@ Where this differs from the official code, and the setting that restores the off
   audio read vision and the other way round, and its head reads [B; X_t; X_v; X_a]. msakit names
   each module by what it reads and its head reads [B; X_t; X_a; X_v]: the same function, with
   the head's input columns exchanged (this matters only when porting weights).
-- Weight decay (a training setting; neither value is exact). The official AdamW spares every
-  bias and only BERT's LayerNorm gains (its name filter is "bias" and "LayerNorm.weight"), so the
-  model's own LayerNorm gains are decayed; msakit spares the model's own biases and gains
-  (`training.decay_norms_and_biases: false`, kept here) or decays both (`true`). The gap is a
-  decay of lr x 1e-3 per step on those gains.
+- Weight decay (a training setting; neither value is exact). The official AdamW (torch's, eps
+  1e-8) spares every bias and only BERT's LayerNorm gains (its name filter is "bias" and
+  "LayerNorm.weight"), so the model's own LayerNorm gains are decayed; msakit spares the model's
+  own biases and gains (`training.decay_norms_and_biases: false`, kept here) or decays both
+  (`true`). The gap is a decay of lr x 1e-3 per step on those gains. BERT's biases and LayerNorm
+  parameters are spared on both sides (`encoder_decay_norms_and_biases: false`, the default).
 - Selection (no setting). The official loop saves its best-validation-MAE checkpoint from epoch 2
   on, so epoch 1's weights are never kept; msakit may select any epoch (this matters only when
   epoch 1 has the best validation MAE).

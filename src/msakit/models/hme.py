@@ -89,7 +89,15 @@ Where this differs from the official code, and the switch that restores the offi
   and key projections never receive a gradient. Both are kept.
 - Training loop (not model settings): the official code re-creates AdamW every epoch (resetting
   Adam's moments), clips gradient VALUES at 0.8 and selects on the validation loss; msakit builds
-  AdamW once, clips no gradients for HME and selects on validation MAE (hme.yaml).
+  AdamW once, clips no gradients for HME and selects on validation MAE (hme.yaml). The official
+  AdamW is transformers' (eps 1e-8), w <- (1 - lr wd) (w - lr m^ / (sqrt(v^) + eps / c_t)) with
+  c_t = sqrt(1 - b2^t); torch's, here, decays before the step and adds eps itself, so the
+  official eps is larger by 1 / c_t (about 32x at each epoch's first step and still 4x at its
+  64th, as the moments restart every epoch) and no constant `training.adam_eps` matches it.
+  Weight decay spares every parameter named `bias` or `LayerNorm.weight`: BERT's biases and
+  LayerNorm parameters (as msakit's default) and the model's own biases (norm biases included);
+  `decay_norms_and_biases: true` decays the model's own norm gains, as the official code does,
+  and its biases too.
 """
 
 from __future__ import annotations

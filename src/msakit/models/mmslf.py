@@ -60,9 +60,6 @@ the paper's text, or departs from the code, with the setting that decides it:
   read by the fusion transformer, padded prompt tokens are not read by the prompt transformer. The
   official code (which pads text to 50 and cues to 512 tokens) attends to all of them. No switch;
   on unpadded inputs the two are the same.
-- Weight decay. The official AdamW decays every parameter; mmslf.yaml sets
-  `training.decay_norms_and_biases: true`, which leaves only the pretrained text encoder's biases
-  and norms undecayed.
 - Schedule. Warm-up then cosine as the official scheduler, but stepped per batch (the official
   steps per epoch). No switch.
 """
