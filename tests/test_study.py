@@ -288,3 +288,19 @@ def test_tensorboard_scalars_follow_the_epochs_and_a_resume(tmp_path, tiny_pickl
     assert {"main/lr_group0", "main/valid_corr"} <= set(scalars)
     with pytest.raises(MsakitError, match="training.log must be one of none, tensorboard"):
         api.train("tfn", str(tiny_pickle), seeds=[1], overrides=["training.log=wandb"], progress=False)
+
+
+def test_the_report_names_the_warnings_a_seed_recorded(tmp_path, tiny_pickle):
+    """A seed whose training warned (a constant model) is named under the robustness table, so
+    its row does not read as a result."""
+    path = write_study(tmp_path / "study.yaml", tiny_pickle, models=["tfn"], seeds=[1])
+    folder = tmp_path / "study"
+    run_study(path, study_dir=folder, executor="local")
+    store = ResultStore(folder / "study.db")
+    (job,) = plan_jobs(load_study(path))
+    record = store.records([job.id])[job.id]
+    record["train"]["warnings"] = ["the selected model's validation predictions are (nearly) constant"]
+    store.save(job, record)
+    report_study(path, study_dir=folder)
+    table = (folder / "report" / "robustness.md").read_text()
+    assert "- tfn, seed 1: the selected model's validation predictions are (nearly) constant" in table

@@ -119,7 +119,9 @@ def summarise(study: Study, records: dict[str, dict[str, Any]], jobs: list) -> d
             models[model.label] = {"model": model.model, "overrides": list(cell[0].model.overrides),
                                    "seeds": sorted(j.seed for j in cell), "clean": clean_mean,
                                    "clean_std": clean_std, "stages": _stages(runs), "protocols": protocols,
-                                   "seconds": sum(r.get("seconds") or 0.0 for r in runs)}
+                                   "seconds": sum(r.get("seconds") or 0.0 for r in runs),
+                                   "warnings": {job.seed: records[job.id]["train"]["warnings"] for job in cell
+                                                if records[job.id]["train"].get("warnings")}}
         out[ref.label] = models
     return out
 
@@ -237,7 +239,15 @@ def robustness_table(study: Study, models: dict[str, Any], family: str) -> list[
             row += [_cell(k, found["mean"][k], found["std"][k], len(m["seeds"])) if found else "-"
                     for k in columns]
         rows.append(row)
-    return lines + _table(head, rows)
+    return lines + _table(head, rows) + _warnings(models)
+
+
+def _warnings(models: dict[str, Any]) -> list[str]:
+    """The warnings the seeds' trainings recorded (a constant or no-better-than-median model), one
+    line each under the table, so that a row of a degenerate model does not read as a result."""
+    found = [f"- {label}, seed {seed}: {line}" for label, m in sorted(models.items())
+             for seed, lines in sorted(m.get("warnings", {}).items()) for line in lines]
+    return ["", "Warnings recorded by the seeds' trainings:", "", *found] if found else []
 
 
 def markdown(study: Study, summary: dict[str, Any], families: dict[str, str], command: str,
