@@ -158,9 +158,7 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             raise MsakitError(f"training.optimizer must be one of {', '.join(OPTIMIZERS)}, "
                               f"not {self.optimizer!r}")
-        if (isinstance(self.adam_eps, bool) or not isinstance(self.adam_eps, (int, float))
-                or not 0 < self.adam_eps < math.inf):
-            raise MsakitError(f"training.adam_eps must be a finite number > 0, not {self.adam_eps!r}")
+        _check_number("adam_eps", self.adam_eps, low=0, high=math.inf, open_bounds=True)
         if self.plateau is not None:
             _check_plateau(self.plateau)
         if self.log not in LOGS:
@@ -210,23 +208,25 @@ def _check_plateau(plateau: object) -> None:
     if not isinstance(plateau, Mapping) or set(plateau) != set(PLATEAU_KEYS):
         raise MsakitError(f"training.plateau must be null or a mapping with the keys "
                           f"{', '.join(PLATEAU_KEYS)}, not {plateau!r}")
-    factor = plateau["factor"]
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < 1:
-        raise MsakitError(f"training.plateau.factor must be a number in (0, 1), not {factor!r}")
+    _check_number("plateau.factor", plateau["factor"], low=0, high=1, open_bounds=True)
     _check_number("plateau.patience", plateau["patience"], integer=True, low=0)
 
 
 def _check_number(
-    key: str, value: object, integer: bool = False, low: float | None = None, high: float | None = None
+    key: str, value: object, integer: bool = False, low: float | None = None, high: float | None = None,
+    *, open_bounds: bool = False,
 ) -> None:
-    """One-line error naming `training.<key>` unless value is a number (an int) in [low, high]."""
+    """One-line error naming `training.<key>` unless value is a number (an int) in [low, high], or
+    in (low, high) with `open_bounds`."""
     kinds = (int,) if integer else (int, float)
     ok = isinstance(value, kinds) and not isinstance(value, bool)
     if ok and low is not None:
-        ok = value >= low
+        ok = value > low if open_bounds else value >= low
     if ok and high is not None:
-        ok = value <= high
+        ok = value < high if open_bounds else value <= high
     if not ok:
-        bounds = f" >= {low}" if high is None else f" in [{low}, {high}]"
+        left, right = ("(", ")") if open_bounds else ("[", "]")
+        bounds = (f" {'>' if open_bounds else '>='} {low}" if high is None
+                  else f" in {left}{low}, {high}{right}")
         kind = "an integer" if integer else "a number"
         raise MsakitError(f"training.{key} must be {kind}{bounds}, not {value!r}")
