@@ -246,7 +246,7 @@ def _warnings(models: dict[str, Any]) -> list[str]:
     """The warnings the seeds' trainings recorded (a constant or no-better-than-median model), one
     line each under the table, so that a row of a degenerate model does not read as a result."""
     found = [f"- {label}, seed {seed}: {line}" for label, m in sorted(models.items())
-             for seed, lines in sorted(m.get("warnings", {}).items()) for line in lines]
+             for seed, lines in sorted(m["warnings"].items()) for line in lines]
     return ["", "Warnings recorded by the seeds' trainings:", "", *found] if found else []
 
 
