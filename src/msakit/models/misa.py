@@ -48,6 +48,12 @@ Deviations from MMSA:
 - The text width is the encoder's (MMSA hard-codes BERT-base's 768); with `text_source: features`
   the mean runs over the precomputed text features.
 - MMSA's `rnncell: gru` alternative, unused by every published setting, is not offered.
+
+On raw features far from zero (the `synthetic-raw` test bed: offsets up to 1e3, MOSI's 375 audio
+frames) the audio LSTMs' gates saturate, as MMSA's do: at initialisation shuffling the audio across
+a batch moves the predictions by 1e-6 of their spread (0.67 on normalised features), so the audio
+branch carries nothing; `data.normalize=zscore`, which the raw-scale warning at load suggests,
+keeps it alive (tests/test_real_scale.py marks the case).
 """
 
 from __future__ import annotations
