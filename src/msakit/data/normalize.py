@@ -153,19 +153,31 @@ def scale_warnings(train: Split, config: DataConfig) -> list[str]:
     suggesting `data.normalize`. Judged on up to _SAMPLE clips of the training split."""
     lines = []
     for modality, mode in config.modes().items():
-        x = getattr(train, modality)
-        if mode != "none" or x is None:
-            continue
-        rows = np.linspace(0, len(x) - 1, min(len(x), _SAMPLE)).astype(np.int64)
-        frames = _frames(train, modality, rows)
-        if frames.size == 0:
-            continue
-        largest = float(np.abs(frames).max())
-        std = frames.std(axis=0)
-        spread = std[std > _MIN_STD] if (std > _MIN_STD).any() else np.ones(1)
-        if largest > EXTREME_VALUE or spread.max() / spread.min() > EXTREME_SPREAD:
-            lines.append(
-                f"{modality} features are on a raw scale (max |x| {largest:.3g}; per-dimension std "
-                f"from {spread.min():.2g} to {spread.max():.2g}): consider --set data.normalize=zscore"
-            )
+        scales = _extreme_scales(train, modality) if mode == "none" else None
+        if scales is not None:
+            lines.append(f"{modality} features are on a raw scale ({scales}): consider --set "
+                         "data.normalize=zscore")
     return lines
+
+
+def raw_scale_modalities(train: Split) -> list[str]:
+    """The modalities of `train` whose features span extreme scales (as `scale_warnings` judges)."""
+    return [m for m in MODALITIES if _extreme_scales(train, m) is not None]
+
+
+def _extreme_scales(train: Split, modality: str) -> str | None:
+    """What makes `modality`'s features extreme ("max |x| ...; per-dimension std from ... to ..."),
+    or None when they are not (or absent)."""
+    x = getattr(train, modality)
+    if x is None:
+        return None
+    rows = np.linspace(0, len(x) - 1, min(len(x), _SAMPLE)).astype(np.int64)
+    frames = _frames(train, modality, rows)
+    if frames.size == 0:
+        return None
+    largest = float(np.abs(frames).max())
+    std = frames.std(axis=0)
+    spread = std[std > _MIN_STD] if (std > _MIN_STD).any() else np.ones(1)
+    if largest > EXTREME_VALUE or spread.max() / spread.min() > EXTREME_SPREAD:
+        return f"max |x| {largest:.3g}; per-dimension std from {spread.min():.2g} to {spread.max():.2g}"
+    return None

@@ -31,6 +31,7 @@ from msakit.training import distributed
 from msakit.training.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from msakit.training.checkpoint import check_dims_match, load_checkpoint, read_tagged, save_checkpoint
 from msakit.training.config import data_config, parse_overrides, resolve_config, training_config
+from msakit.training.raw_scale import silence_warnings, silenced_modalities
 from msakit.training.settings import comparable_run, scale_stages
 from msakit.training.tensorboard import TensorBoardLog
 from msakit.training.trainer import (
@@ -239,9 +240,11 @@ def seed_runs(
     """Each seed's results: with `resume`, read back from the checkpoint this same run already
     wrote; otherwise from `train_seed(seed, state)`, which passes `state` (the resumable training
     state) on to `fit_one_seed` and returns the trainer, the seed's results and the metrics its
-    checkpoint keeps. The selected model's validation predictions are checked (a constant model is
-    a warning in the seed's results). The checkpoint, with the input `normalization`, is then
-    written into `out_dir`, when given, which must hold no other run (`_claim_run_folder`).
+    checkpoint keeps. Before training, modalities that their raw scale keeps out of the untrained
+    model are a warning in the seed's results (`msakit.training.raw_scale`); after it, the selected
+    model's validation predictions are checked (a constant model is a warning there too). The
+    checkpoint, with the input `normalization`, is then written into `out_dir`, when given, which
+    must hold no other run (`_claim_run_folder`).
     Under torchrun every rank trains and reads; rank 0 alone changes files, and the others wait
     for it before they read what it may have removed."""
     _claim_run_folder(out_dir, resume, overwrite)
@@ -253,15 +256,22 @@ def seed_runs(
             state = {"state_file": _state_file(out_dir, seed, resume), "state_meta": seed_meta,
                      "log_dir": None if out_dir is None else out_dir / "tensorboard" / f"seed-{seed}"}
             distributed.barrier()
+            silenced = silence_warnings(silenced_modalities(meta["model"], config["model"], data, seed))
+            _log_warnings(seed, silenced)
             trainer, run, metrics = train_seed(seed, state)
             preds, labels = trainer.predict(data.valid)
-            run["warnings"] = prediction_warnings(preds, labels, data.train.labels)
-            for line in run["warnings"]:
-                logger.warning("seed %d: %s", seed, line)
+            degenerate = prediction_warnings(preds, labels, data.train.labels)
+            _log_warnings(seed, degenerate)
+            run["warnings"] = [*silenced, *degenerate]
             if out_dir is not None and distributed.is_main():
                 _save_seed(out_dir, trainer, config, data, metrics, run, seed_meta, normalization)
         runs.append(run)
     return runs
+
+
+def _log_warnings(seed: int, lines: list[str]) -> None:
+    for line in lines:
+        logger.warning("seed %d: %s", seed, line)
 
 
 # what a run leaves in its folder besides the seeds' checkpoints and training states
