@@ -318,3 +318,30 @@ def test_the_paper_sections_decay_as_the_official_trainers(model):
         settings = training_config(resolve_config(model, family)["training"])
         assert (settings.optimizer, settings.plateau, settings.adam_eps,
                 settings.encoder_decay_norms_and_biases) == ("adamw", None, 1e-8, False), family
+
+
+def test_cenets_mmsa_sections_decay_the_enhancements_biases_and_not_the_heads(tiny_dataset):
+    """MMSA's CENET trainer decays every parameter but BERT's and the head's biases and LayerNorm
+    gains: the enhancement's biases are decayed, through CENet's own optimiser group."""
+    for family in ("mosi", "mosei", "sims", "simsv2"):
+        assert resolve_config("cenet", family)["model"]["decay_enhancement_biases"], family
+    for family in ("synthetic", "tiny"):  # msakit's own sections train as before
+        assert not resolve_config("cenet", family)["model"].get("decay_enhancement_biases"), family
+    # at its default, a run's identity is the one it had before the setting existed
+    assert ADDED_SETTINGS["model"]["decay_enhancement_biases"] is False
+
+    def decays(flag: bool) -> dict[str, float]:
+        config = resolve_config("cenet", "tiny", [f"model.decay_enhancement_biases={str(flag).lower()}"])
+        model = create_model("cenet", config["model"], tiny_dataset.dims)
+        optimizer = build_optimizer(model, TrainConfig(weight_decay=0.01, optimizer="adam"))
+        by_param = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+        return {name: by_param[id(p)] for name, p in model.named_parameters() if id(p) in by_param}
+
+    on, off = decays(True), decays(False)
+    enhancement_biases = [n for n in on if n.startswith("enhancement.") and n.endswith(".bias")]
+    head_biases = [n for n in on if n.startswith("head.") and n.endswith(".bias")]
+    assert enhancement_biases and head_biases
+    assert all(on[n] == 0.01 and off[n] == 0.0 for n in enhancement_biases)
+    assert all(on[n] == 0.0 == off[n] for n in head_biases)
+    assert {n: v for n, v in on.items() if n not in enhancement_biases} == {
+        n: v for n, v in off.items() if n not in enhancement_biases}

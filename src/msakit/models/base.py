@@ -138,6 +138,8 @@ class ParameterGroup:
     parameters: tuple[str, ...]
     lr: float | None = None  # None: `training.lr` (or the stage's)
     weight_decay: float | None = None  # None: `training.weight_decay`
+    # whether its biases and normalisation gains are decayed; None: `training.decay_norms_and_biases`
+    decay_norms_and_biases: bool | None = None
 
 
 class PretrainedBlock(nn.Module):
@@ -211,7 +213,8 @@ class MSAModel(nn.Module):
         decay instead of `training.lr` and `training.weight_decay` (Self-MM's audio and vision
         subnetworks, as MMSA's optimiser groups them). A group's rate is the same in every stage,
         and the schedule scales it like the others; its biases and normalisation gains follow
-        `training.decay_norms_and_biases`, like the rest of the model's own. Pretrained weights and
+        `training.decay_norms_and_biases`, like the rest of the model's own, unless the group says
+        otherwise (CENet's enhancement, whose biases MMSA decays). Pretrained weights and
         an extra phase's parameters stay where they are, whatever a prefix names. The default has
         none."""
         return ()

@@ -45,14 +45,15 @@ Where this differs from MMSA, and the setting that restores MMSA's behaviour
 - Unused modules are left out: MMSA builds part-of-speech, word-sentiment and polarity embeddings
   (AMIO asks for them) that never receive ids and so add nothing. MMSA's BERT computes its
   pooler, which nothing reads; the Hugging Face encoder here keeps its pooler, unread too.
-- Optimiser (`training.optimizer: adam` and `adam_eps` in the MMSA settings; no setting for the
-  enhancement's biases). MMSA: Adam with coupled L2 decay (eps 3e-8 MOSI and SIMSv2, 2e-8 SIMS,
+- Optimiser (`training.optimizer: adam`, `adam_eps` and `decay_enhancement_biases` in the MMSA
+  settings). MMSA: Adam with coupled L2 decay (eps 3e-8 MOSI and SIMSv2, 2e-8 SIMS,
   1e-8 MOSEI), every parameter at `learning_rate`, decayed except BERT's and the head's biases and
   LayerNorm gains, the enhancement's biases decayed too. msakit: the same Adam with L2 decay at
   MMSA's eps (`adam_eps`), the same rate and decay for the encoder (`encoder_lr`,
-  `encoder_weight_decay`) and the rest (`lr`, `weight_decay`), no bias or norm decayed: the
-  enhancement's biases stay undecayed (`decay_norms_and_biases` would decay the head's too). The
-  gradient norm is clipped at 2, as in MMSA.
+  `encoder_weight_decay`) and the rest (`lr`, `weight_decay`), no bias or norm decayed by default;
+  `decay_enhancement_biases: true` (the MMSA settings) decays the enhancement's biases as MMSA
+  does, leaving the head's undecayed (`decay_norms_and_biases` would decay both). The gradient
+  norm is clipped at 2, as in MMSA.
 - Selection (none needed). MMSA keeps the epoch with the best validation loss (KeyEval Loss, the
   mean of per-batch L1 losses) and stops after 8 epochs without improvement; msakit selects on
   validation MAE (the same up to the weight of the last, smaller batch), `patience: 8`. MMSA has
@@ -75,7 +76,7 @@ from torch import nn
 
 from msakit.data.schema import Batch, FeatureDims
 from msakit.errors import MsakitError
-from msakit.models.base import COUNT, FLAG, RATE, ModelConfig, MSAModel, Output, setting
+from msakit.models.base import COUNT, FLAG, RATE, ModelConfig, MSAModel, Output, ParameterGroup, setting
 from msakit.models.layers.text import TextEncoder
 from msakit.models.registry import register_model
 
@@ -92,6 +93,8 @@ class CENetConfig(ModelConfig):
     freeze_embeddings: bool = setting(True, FLAG)  # MMSA runs BERT's embeddings under no_grad
     # the text reads only valid audio/vision frames; false: padded frames as zeros (MMSA)
     mask_nonverbal_padding: bool = setting(True, FLAG)
+    # the enhancement's biases weight-decayed, as MMSA's optimiser does (the MMSA settings)
+    decay_enhancement_biases: bool = setting(False, FLAG)
 
 
 def frame_transform(in_dim: int, width: int) -> nn.Sequential:
@@ -189,6 +192,12 @@ class CENet(MSAModel):
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=init_std)
                 nn.init.zeros_(module.bias)
+
+    def parameter_groups(self) -> tuple[ParameterGroup, ...]:
+        """With `decay_enhancement_biases`, the enhancement with its biases weight-decayed (MMSA's)."""
+        if not self.config.decay_enhancement_biases:
+            return ()
+        return (ParameterGroup("enhancement", ("enhancement.",), decay_norms_and_biases=True),)
 
     def _enhance(self, batch: Batch, text: torch.Tensor) -> torch.Tensor:
         return self.enhancement(text, batch.audio, batch.audio_mask, batch.vision, batch.vision_mask)

@@ -124,8 +124,9 @@ def build_optimizer(
     """AdamW, or Adam (`config.optimizer`), with groups (pretrained encoder | each of the model's
     `parameter_groups` | rest) x (decayed | not decayed); `lr` and `encoder_lr` replace the
     config's rates when given (a stage's own), except for a model's group with a rate of its own.
-    Biases and norms are not decayed, except the model's own with `decay_norms_and_biases` and the
-    pretrained encoder's with `encoder_decay_norms_and_biases`; every group steps with `adam_eps`.
+    Biases and norms are not decayed, except the model's own with `decay_norms_and_biases` (or as
+    its group says) and the pretrained encoder's with `encoder_decay_norms_and_biases`; every group
+    steps with `adam_eps`.
     AdamW decays decoupled from the gradient, w <- (1 - lr wd) w before the Adam step; Adam adds
     wd w to the gradient (L2), so the decay is scaled by Adam's moments as the gradient is."""
     pretrained = {id(p) for p in model.pretrained_parameters()}
@@ -138,9 +139,14 @@ def build_optimizer(
     for name, param in model.named_parameters():
         if param.requires_grad and id(param) not in phase_owned:
             is_pretrained = id(param) in pretrained
-            kind = "encoder" if is_pretrained else own_group[id(param)].name if id(param) in own_group else ""
-            decay_all = (config.encoder_decay_norms_and_biases if is_pretrained
-                         else config.decay_norms_and_biases)
+            own = None if is_pretrained else own_group.get(id(param))
+            kind = "encoder" if is_pretrained else "" if own is None else own.name
+            if is_pretrained:
+                decay_all = config.encoder_decay_norms_and_biases
+            elif own is not None and own.decay_norms_and_biases is not None:
+                decay_all = own.decay_norms_and_biases
+            else:
+                decay_all = config.decay_norms_and_biases
             no_decay = _is_no_decay(name, param) and not decay_all
             groups.setdefault((kind, no_decay), []).append(param)
     declared = {group.name: group for group in own_group.values()}
