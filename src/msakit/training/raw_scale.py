@@ -28,7 +28,7 @@ from msakit.models.registry import create_model
 from msakit.training.trainer import seed_everything
 
 # Four orders of magnitude below the z-scored response: far beneath what merely attenuates a
-# branch (MMIM's and Self-MM's audio LSTMs on synthetic-raw, about 1e-3 to 3e-2) and far above
+# branch (MMIM's and Self-MM's audio LSTMs on synthetic-raw, about 1e-3 to 4e-1) and far above
 # float32 rounding, where a saturated branch sits (MISA's audio: about 1e-6).
 SILENCED_RATIO = 1e-4
 CLIPS = 32  # clips scored: a spread needs a few dozen, an untrained BERT-base scores them in seconds
