@@ -9,6 +9,8 @@ A page writes one of these directives on a line of its own:
     <!-- results: PATH -->              a results document, its headings moved below the page's
     <!-- rows: PATH | NAME NAME ... -->  the table of a results document cut to the rows whose first
                                         cell is one of the NAMEs, with the commands that made them
+    <!-- section: PATH | HEADING -->    the part of a results document under its heading HEADING (up
+                                        to the next heading), e.g. one table of a study's leaderboard
 
 PATH is relative to the repository root; directives inside code blocks are left as they are. A
 directive whose file, model or rows are missing fails the build, and so does a page that names a
@@ -38,7 +40,7 @@ MODELS = SRC / "msakit" / "models"
 DOTTED_NAME = re.compile(r"\bmsakit(?:\.\w+)+")
 FROM_IMPORT = re.compile(r"\bfrom (msakit(?:\.\w+)*) import ([\w, ]+)")
 log = logging.getLogger("mkdocs.hooks.msakit")
-DIRECTIVE = re.compile(r"^<!-- (docstring|include|file|results|rows): (.+?) -->$")
+DIRECTIVE = re.compile(r"^<!-- (docstring|include|file|results|rows|section): (.+?) -->$")
 LANGUAGES = {".yaml": "yaml", ".py": "python", ".json": "json", ".md": "markdown"}
 
 
@@ -129,6 +131,20 @@ def results(path: str) -> str:
     return f"{text.rstrip()}\n\n(`{path}`)"
 
 
+def section(argument: str) -> str:
+    path, _, heading = (part.strip() for part in argument.partition("|"))
+    lines = read(path).splitlines()
+    starts = [i for i, line in enumerate(lines) if re.fullmatch(rf"#+ {re.escape(heading)}", line)]
+    if len(starts) != 1:
+        raise ValueError(f"{path} has {len(starts)} headings {heading!r}, not one")
+    body = []
+    for line in lines[starts[0] + 1:]:
+        if line.startswith("#"):
+            break
+        body.append(line)
+    return "\n".join([*body, "", f"(`{path}`, {heading})"]).strip() + "\n"
+
+
 def rows(argument: str) -> str:
     path, _, names = argument.partition("|")
     path, wanted = path.strip(), names.split()
@@ -152,4 +168,5 @@ def rows(argument: str) -> str:
 
 EXPANDERS: dict[str, Callable[[str], str]] = {
     "docstring": model_docstring, "include": read, "file": code_file, "results": results, "rows": rows,
+    "section": section,
 }
