@@ -19,7 +19,6 @@ from msakit.data.normalize import (
     DataConfig,
     fit_normalization,
     normalize_split,
-    raw_scale_modalities,
     scale_warnings,
 )
 from msakit.data.synthetic import generate_synthetic
@@ -27,7 +26,7 @@ from msakit.errors import MsakitError
 from msakit.metrics import prediction_warnings
 from msakit.models import create_model, get_model_class, list_models
 from msakit.training.config import parse_overrides, resolve_config, training_config
-from msakit.training.raw_scale import silence_warnings, silenced_modalities
+from msakit.training.raw_scale import shuffle_probe, silence_warnings, silenced_modalities
 from msakit.training.settings import TrainConfig
 from msakit.training.trainer import Trainer, seed_everything
 
@@ -109,9 +108,10 @@ def raw_mosi_lengths(tmp_path_factory):
 def test_raw_scales_do_not_silence_a_modality_at_initialisation(name, modality, raw_mosi_lengths,
                                                                 tiny_bert):
     data, cues = raw_mosi_lengths
-    assert modality in raw_scale_modalities(data.train) or modality == "text"
-    silenced = silenced_modalities(name, _settings(name, cues, tiny_bert)["model"], data, seed=0)
-    assert modality not in silenced, f"{name}: {silence_warnings(silenced)}"
+    probe = shuffle_probe(data.train)
+    assert modality in probe.standardised or modality == "text"  # every feature modality is raw
+    silenced = silenced_modalities(name, _settings(name, cues, tiny_bert)["model"], data.dims, probe, seed=0)
+    assert modality not in silenced, f"{name}: {silence_warnings(silenced, probe)}"
 
 
 def test_a_run_warns_when_the_raw_scale_silences_a_modality_and_trains_as_without_the_check(

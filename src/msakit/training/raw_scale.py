@@ -3,19 +3,22 @@
 A branch fed features far from zero (offsets in the hundreds, as raw OpenFace or COVAREP values
 have) can saturate before training starts: an LSTM's gates all open or all closed whatever the
 clip, so the branch hands every sample the same vector and no gradient tells the samples apart.
-The run then trains without that modality and says nothing. This check makes it say so: for each
-modality of the training split on an extreme scale (`data.normalize.raw_scale_modalities`), an
-untrained copy of the model (the seed's own initial weights) scores the first clips of the split,
-once as they are and once with that modality shuffled across the clips; the spread of the change,
-relative to the predictions' spread, is the modality's response. The same is measured with the
-modality z-scored. A response below SILENCED_RATIO of the z-scored one means the raw scale, not
-the model, keeps the modality out, and the run warns (`--set data.normalize=zscore` is the remedy).
-The copy is built after its own `seed_everything`, and the training that follows seeds itself
-again, so the check leaves the run's results unchanged.
+The run then trains without that modality and says nothing. This check makes it say so. Once per
+run, `shuffle_probe` takes the first clips of the training split and, for each modality on an
+extreme scale (`data.normalize.raw_scale_modalities`), a copy of them with that modality z-scored
+(training statistics). For each such modality the model reads, an untrained copy of the model (the
+seed's own initial weights) scores the clips once as they are and once with that modality
+shuffled across them; the spread of the change, relative to the predictions' spread, is the
+modality's response, measured on the raw and on the z-scored clips. A raw response below
+SILENCED_RATIO of the z-scored one means the raw scale, not the model, keeps the modality out, and
+the run warns (`--set data.normalize=zscore` is the remedy). The copy is built after its own
+`seed_everything`, and the training that follows seeds itself again, so the check leaves the
+run's results unchanged.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,8 +26,8 @@ import torch
 
 from msakit.data.batching import make_batch
 from msakit.data.normalize import DataConfig, fit_normalization, normalize_split, raw_scale_modalities
-from msakit.data.schema import Batch, MultimodalDataset
-from msakit.models.registry import create_model
+from msakit.data.schema import Batch, FeatureDims, Split
+from msakit.models.registry import create_model, get_model_class
 from msakit.training.trainer import seed_everything
 
 # Four orders of magnitude below the z-scored response: far beneath what merely attenuates a
@@ -49,33 +52,49 @@ def modality_response(model: torch.nn.Module, batch: Batch, modality: str) -> fl
     return moved / spread if spread > 0 else 0.0
 
 
-def silenced_modalities(model_name: str, model_config: dict[str, Any], data: MultimodalDataset,
-                        seed: int) -> dict[str, tuple[float, float]]:
-    """Modality -> (raw response, z-scored response) for each modality of `data`'s training split
-    on an extreme scale that the untrained `model_name` (as `seed` initialises it) reads and that
-    its raw scale silences (raw response below SILENCED_RATIO of the z-scored one)."""
-    train = data.train
+@dataclass
+class ShuffleProbe:
+    """The clips a run's check scores: the first CLIPS of the training split as they are, and, per
+    modality on an extreme scale, the same clips with that modality z-scored (training statistics)."""
+
+    raw: Batch
+    standardised: dict[str, Batch]
+
+
+def shuffle_probe(train: Split) -> ShuffleProbe | None:
+    """The probe for `train`, or None when no modality is on an extreme scale (nothing to check).
+    Built once per run: it depends on the data only, not on a seed."""
     raw = raw_scale_modalities(train)
     if len(train) < 2 or not raw:
+        return None
+    clips = train.subset(np.arange(min(len(train), CLIPS)))
+    rows = np.arange(len(clips))
+    stats = fit_normalization(train, DataConfig(normalize=dict.fromkeys(raw, "zscore")))
+    return ShuffleProbe(make_batch(clips, rows), {
+        m: make_batch(normalize_split(clips, {m: stats[m]}), rows) for m in raw})
+
+
+def silenced_modalities(model_name: str, model_config: dict[str, Any], dims: FeatureDims,
+                        probe: ShuffleProbe | None, seed: int) -> dict[str, tuple[float, float]]:
+    """Modality -> (raw response, z-scored response) for each modality of `probe` that the
+    untrained `model_name` (as `seed` initialises it) reads and that its raw scale silences (raw
+    response below SILENCED_RATIO of the z-scored one)."""
+    read = [] if probe is None else [m for m in probe.standardised
+                                     if m in get_model_class(model_name).modalities]
+    if not read:
         return {}
     seed_everything(seed)
-    model = create_model(model_name, model_config, data.dims).eval()
-    rows = np.arange(min(len(train), CLIPS))
-    batch = make_batch(train, rows)
-    silenced = {}
-    for modality in (m for m in raw if m in model.modalities):
-        stats = fit_normalization(train, DataConfig(normalize={modality: "zscore"}))
-        standard = normalize_split(train, stats)
-        responses = (modality_response(model, batch, modality),
-                     modality_response(model, make_batch(standard, rows), modality))
-        if responses[0] < SILENCED_RATIO * responses[1]:
-            silenced[modality] = responses
-    return silenced
+    model = create_model(model_name, model_config, dims).eval()
+    responses = {m: (modality_response(model, probe.raw, m),
+                     modality_response(model, probe.standardised[m], m)) for m in read}
+    return {m: (raw, standard) for m, (raw, standard) in responses.items()
+            if raw < SILENCED_RATIO * standard}
 
 
-def silence_warnings(silenced: dict[str, tuple[float, float]]) -> list[str]:
+def silence_warnings(silenced: dict[str, tuple[float, float]], probe: ShuffleProbe | None) -> list[str]:
     """One line per silenced modality, for the run's warnings."""
+    clips = 0 if probe is None else len(probe.raw.labels)
     return [f"{modality} features on their raw scale do not reach the untrained model: shuffling them "
-            f"across {CLIPS} training clips moves its predictions by {raw:.1e} of their spread, "
+            f"across {clips} training clips moves its predictions by {raw:.1e} of their spread, "
             f"{standard:.1e} once z-scored (a branch saturated by the scale); consider --set "
             "data.normalize=zscore" for modality, (raw, standard) in silenced.items()]

@@ -31,7 +31,7 @@ from msakit.training import distributed
 from msakit.training.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from msakit.training.checkpoint import check_dims_match, load_checkpoint, read_tagged, save_checkpoint
 from msakit.training.config import data_config, parse_overrides, resolve_config, training_config
-from msakit.training.raw_scale import silence_warnings, silenced_modalities
+from msakit.training.raw_scale import shuffle_probe, silence_warnings, silenced_modalities
 from msakit.training.settings import comparable_run, scale_stages
 from msakit.training.tensorboard import TensorBoardLog
 from msakit.training.trainer import (
@@ -248,6 +248,7 @@ def seed_runs(
     Under torchrun every rank trains and reads; rank 0 alone changes files, and the others wait
     for it before they read what it may have removed."""
     _claim_run_folder(out_dir, resume, overwrite)
+    probe = shuffle_probe(data.train)
     runs = []
     for seed in seeds:
         seed_meta = {**meta, "seed": seed}
@@ -256,7 +257,8 @@ def seed_runs(
             state = {"state_file": _state_file(out_dir, seed, resume), "state_meta": seed_meta,
                      "log_dir": None if out_dir is None else out_dir / "tensorboard" / f"seed-{seed}"}
             distributed.barrier()
-            silenced = silence_warnings(silenced_modalities(meta["model"], config["model"], data, seed))
+            silenced = silence_warnings(
+                silenced_modalities(meta["model"], config["model"], data.dims, probe, seed), probe)
             _log_warnings(seed, silenced)
             trainer, run, metrics = train_seed(seed, state)
             preds, labels = trainer.predict(data.valid)
