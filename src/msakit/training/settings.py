@@ -24,7 +24,7 @@ ADDED_SETTINGS: dict[str, dict[str, Any]] = {
     "training": {"accumulate_steps": 1, "grad_clip_value": None, "step_every_batch": False,
                  "optimizer": "adamw", "plateau": None, "adam_eps": 1e-8,
                  "encoder_decay_norms_and_biases": False},
-    "model": {"decay_enhancement_biases": False},
+    "model": {"decay_enhancement_biases": False, "input_norm": "none"},
 }
 
 
