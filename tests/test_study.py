@@ -21,7 +21,7 @@ import yaml
 from msakit import api
 from msakit.errors import MsakitError
 from msakit.study import load_study, plan_jobs, report_study, run_study
-from msakit.study.store import ResultStore
+from msakit.study.store import CLAIM_STALE_S, ResultStore
 
 pytest.importorskip("ray")
 pytest.importorskip("sqlalchemy")
@@ -111,6 +111,50 @@ def test_a_job_whose_data_changed_fails_alone(tmp_path, tiny_pickle):
 
     with pytest.raises(MsakitError, match="changed since the study was planned"):
         run_job(jobs[0], str(tmp_path / "study"))
+
+
+def test_a_claim_is_held_by_one_driver_until_released_or_stale(tmp_path):
+    store = ResultStore(tmp_path / "study.db")
+    assert store.claim("job-a", "driver-1") is None
+    assert store.claim("job-a", "driver-1") is None  # its own claim again (a retried task)
+    assert store.claim("job-a", "driver-2").startswith("driver-1 (heartbeat 0 s ago")
+    with store.engine.begin() as connection:  # driver-1 died: its heartbeat stopped
+        connection.execute(store.claims.update().values(heartbeat=time.time() - CLAIM_STALE_S - 1))
+    assert store.claim("job-a", "driver-2") is None
+    assert store.claim("job-a", "driver-1") is not None
+    with store.holding("job-b", "driver-1") as holder:
+        assert holder is None
+        with store.holding("job-b", "driver-2") as other:
+            assert other.startswith("driver-1")
+        assert store.claim("job-b", "driver-2") is not None  # the refused driver took nothing
+    assert store.claim("job-b", "driver-2") is None  # released when the block ended
+    store.release("driver-2")
+    assert store.claim("job-a", "driver-3") is None and store.claim("job-b", "driver-3") is None
+
+
+def test_drivers_sharing_a_store_leave_each_others_jobs_alone(tmp_path, tiny_pickle):
+    path = write_study(tmp_path / "study.yaml", tiny_pickle, models=["tfn"], seeds=[1, 2])
+    folder = tmp_path / "study"
+    store = ResultStore(folder / "study.db")
+    held, free = plan_jobs(load_study(path))
+    assert store.claim(held.id, "other-host:123:abc") is None  # another driver is training it
+    first = run_study(path, study_dir=folder, executor="local")
+    assert (first["ran"], [e["job"] for e in first["elsewhere"]]) == (1, [held.id])
+    assert "held by other-host:123:abc" in first["elsewhere"][0]["why"]
+    assert set(store.records([held.id, free.id])) == {free.id}
+
+    with store.engine.begin() as connection:  # that driver died: its claim goes stale and is taken over
+        connection.execute(store.claims.update().values(heartbeat=time.time() - CLAIM_STALE_S - 1))
+    second = run_study(path, study_dir=folder, executor="local")
+    assert (second["ran"], second["elsewhere"]) == (1, [])
+    assert set(store.records([held.id, free.id])) == {held.id, free.id}
+    with store.engine.connect() as connection:  # a recorded job holds no claim
+        assert connection.execute(store.claims.select()).first() is None
+
+    from msakit.study.runner import run_claimed_job  # recorded by another driver since this one planned
+
+    late = run_claimed_job(held, str(folder), store.url, "late-driver")
+    assert late == {"skipped": "recorded by another driver"}
 
 
 def test_a_search_tunes_on_validation_only_prunes_and_keeps_its_optuna_study(tmp_path, tiny_pickle,

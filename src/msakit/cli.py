@@ -602,8 +602,9 @@ def study_run(study_file: str, study_dir: str | None, store: str | None, address
     labels = None if only is None else _names(only, "--only")
     summary = run_study(study_file, study_dir=study_dir, store=store, address=address, executor=executor,
                         only=labels)
+    elsewhere = f", {len(summary['elsewhere'])} left to other drivers" if summary["elsewhere"] else ""
     click.echo(f"study {summary['study']}: {summary['jobs']} jobs, {summary['ran']} run, "
-               f"{summary['skipped']} already done; store {summary['store']}")
+               f"{summary['skipped']} already done{elsewhere}; store {summary['store']}")
     if summary["failures"]:
         click.echo(f"msakit: error: {len(summary['failures'])} job(s) failed: " + "; ".join(
             f"{f['what']} ({f['error']})" for f in summary["failures"]), err=True)

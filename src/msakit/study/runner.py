@@ -6,16 +6,19 @@ cluster (`address`). Each task asks for the study's `resources`; a task whose wo
 by Ray and resumes from the training state its run folder holds (`<study folder>/jobs/<job id>/`; on a
 cluster that folder must be on a shared file system). Each record goes to the store as its job
 finishes, so an interrupted study loses only the jobs in flight, and a rerun executes only what is
-missing. A job that fails (bad settings, data that changed since the study was planned) is reported
-and the others go on.
+missing. A job trains under a claim in the store (`ResultStore.holding`): drivers that share a store
+leave each other's jobs alone, so one study may be run by several drivers at once. A job that fails
+(bad settings, data that changed since the study was planned) is reported and the others go on.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import platform
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -98,6 +101,18 @@ def _reproduce_job(job: Job, data: Any, run_dir: Path, start: float) -> dict[str
                    {"reproduce": scored}, start)
 
 
+def run_claimed_job(job: Job, root: str, store_url: str, owner: str) -> dict[str, Any]:
+    """`run_job` while `owner` holds the job's claim in the store; `{"skipped": why}` when another
+    driver holds it or recorded it after this driver planned it."""
+    store = ResultStore(store_url)
+    with store.holding(job.id, owner) as holder:
+        if holder is not None:
+            return {"skipped": f"held by {holder}"}
+        if not _todo([job], store):
+            return {"skipped": "recorded by another driver"}
+        return run_job(job, root)
+
+
 def run_job(job: Job, root: str) -> dict[str, Any]:
     """Train the job's seed (or read it back from its run folder) and run its evaluations."""
     start = time.perf_counter()
@@ -160,9 +175,10 @@ def run_study(
     address: str | None = None, executor: str = "ray", only: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Runs the study at `path`: its search first (if it has one; see `msakit.study.search`), then
-    every job the store has no record of. Returns a summary (jobs, ran, skipped, failures, store,
-    study_dir). `study_dir` holds the jobs' run folders and the default store (default:
-    runs/studies/<name>); `only` names the model labels to run."""
+    every job the store has no record of. Returns a summary (jobs, ran, skipped, failures,
+    elsewhere: the jobs another driver held or recorded meanwhile, store, study_dir). `study_dir`
+    holds the jobs' run folders and the default store (default: runs/studies/<name>); `only` names
+    the model labels to run."""
     study = load_study(path)
     if only is not None:
         labels = [m.label for m in study.models]
@@ -176,6 +192,8 @@ def run_study(
     search = load_search(study)
     runner = make_executor(executor, address, study.cpus, study.gpus)
     failures: list[dict[str, str]] = []
+    elsewhere: list[dict[str, str]] = []
+    owner = f"{platform.node()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     try:
         tuned = tune(study, search, results.url, runner) if search is not None else {}
         jobs = plan_jobs(study, tuned)
@@ -184,7 +202,7 @@ def run_study(
         logger.info("study %s: %d jobs, %d to run, store %s", study.name, count, len(todo), results.url)
         root_text = str(root.resolve())
         for job in todo:
-            runner.submit(job.id, run_job, job, root_text)
+            runner.submit(job.id, run_claimed_job, job, root_text, results.url, owner)
         by_id = {job.id: job for job in todo}
         while runner.pending:
             key, record, error = runner.next_done()
@@ -195,10 +213,15 @@ def run_study(
                 failures.append({"job": job.id, "what": name, "error": error or ""})
                 logger.warning("job %s (%s) failed: %s", job.id, name, error)
                 continue
+            if "skipped" in record:
+                elsewhere.append({"job": job.id, "what": name, "why": record["skipped"]})
+                logger.info("job %s (%s) left alone: %s", job.id, name, record["skipped"])
+                continue
             results.save(job, record)
             logger.info("job %s (%s) done in %.0f s", job.id, name, record["seconds"])
     finally:
         runner.close()
-    return {"study": study.name, "jobs": count, "ran": len(todo) - len(failures),
-            "skipped": count - len(todo), "failures": failures, "store": results.url,
-            "study_dir": str(root)}
+        results.release(owner)  # the claims of jobs cancelled with their workers
+    return {"study": study.name, "jobs": count, "ran": len(todo) - len(failures) - len(elsewhere),
+            "skipped": count - len(todo), "failures": failures, "elsewhere": elsewhere,
+            "store": results.url, "study_dir": str(root)}

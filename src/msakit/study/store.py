@@ -4,19 +4,30 @@ An embedded SQLite file by default (`<study output>/study.db`); any SQLAlchemy U
 `postgresql://user@host/msakit`) when several machines write to one store. Rows are keyed by job
 identity (`msakit.study.spec.job_identity`), so studies that share cells share their records. Each
 record is written in one transaction as its job finishes.
+
+A job being trained holds a claim (its id, the driver that runs it, a heartbeat renewed every
+HEARTBEAT_S while it trains), so drivers sharing a store (several `msakit study run` on one study,
+or studies that share cells) never train one job twice at once: a job another driver holds is left
+to it. A claim whose heartbeat is older than CLAIM_STALE_S belongs to a driver or worker that died
+and is taken over; the training resumes from its run folder.
 """
 
 from __future__ import annotations
 
 import json
 import platform
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from msakit.errors import MsakitError
 from msakit.study.spec import Job
+
+HEARTBEAT_S = 60.0
+CLAIM_STALE_S = 600.0  # ten missed heartbeats: the holder is gone, not slow
 
 
 def _sqlalchemy() -> Any:
@@ -60,6 +71,11 @@ class ResultStore:
             sa.Column("key", sa.String(32), primary_key=True),
             sa.Column("protocol", sa.Text), sa.Column("spec", sa.Text), sa.Column("result", sa.Text),
         )
+        self.claims = sa.Table(
+            "msakit_claims", metadata,
+            sa.Column("job_id", sa.String(32), primary_key=True),
+            sa.Column("owner", sa.Text), sa.Column("heartbeat", sa.Float),
+        )
         try:
             metadata.create_all(self.engine)
         except sa.exc.OperationalError as exc:
@@ -87,6 +103,7 @@ class ResultStore:
         """The job's record (its training, and the evaluations it ran) in one transaction."""
         with self.engine.begin() as connection:
             connection.execute(self.jobs.delete().where(self.jobs.c.id == job.id))
+            connection.execute(self.claims.delete().where(self.claims.c.job_id == job.id))
             connection.execute(self.jobs.insert().values(
                 id=job.id, dataset=job.dataset.label, model=job.model.model, label=job.model.label,
                 seed=job.seed, fingerprint=job.fingerprint, config=json.dumps(job.config, sort_keys=True),
@@ -99,3 +116,66 @@ class ResultStore:
                 connection.execute(self.evaluations.insert().values(
                     job_id=job.id, key=key, protocol=result["protocol"],
                     spec=json.dumps(result["spec"], sort_keys=True), result=json.dumps(result)))
+
+    def claim(self, job_id: str, owner: str) -> str | None:
+        """Claims `job_id` for `owner`: None when `owner` now holds it (a new claim, its own, or one
+        gone stale), else who holds it and when its heartbeat was last renewed."""
+        sa = _sqlalchemy()
+        now = time.time()
+        claims = self.claims
+        with self.engine.begin() as connection:
+            taken = connection.execute(claims.update().where(
+                (claims.c.job_id == job_id)
+                & ((claims.c.owner == owner) | (claims.c.heartbeat < now - CLAIM_STALE_S))
+            ).values(owner=owner, heartbeat=now)).rowcount
+        if taken:
+            return None
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(claims.insert().values(job_id=job_id, owner=owner, heartbeat=now))
+        except sa.exc.IntegrityError:  # another driver claimed it first
+            with self.engine.connect() as connection:
+                held = connection.execute(sa.select(claims.c.owner, claims.c.heartbeat)
+                                          .where(claims.c.job_id == job_id)).first()
+            if held is None:  # released meanwhile: its record is in the store
+                return "another driver"
+            return (f"{held.owner} (heartbeat {now - held.heartbeat:.0f} s ago; taken over "
+                    f"{CLAIM_STALE_S:.0f} s after it)")
+        return None
+
+    def renew(self, job_id: str, owner: str) -> None:
+        """The claim's heartbeat, now (only while `owner` holds it)."""
+        held = (self.claims.c.job_id == job_id) & (self.claims.c.owner == owner)
+        with self.engine.begin() as connection:
+            connection.execute(self.claims.update().where(held).values(heartbeat=time.time()))
+
+    def release(self, owner: str, job_id: str | None = None) -> None:
+        """`owner`'s claim on `job_id`, or all its claims (a driver that stops)."""
+        held = self.claims.c.owner == owner
+        if job_id is not None:
+            held = held & (self.claims.c.job_id == job_id)
+        with self.engine.begin() as connection:
+            connection.execute(self.claims.delete().where(held))
+
+    @contextmanager
+    def holding(self, job_id: str, owner: str) -> Iterator[str | None]:
+        """Holds the claim on `job_id` while the block runs, renewing its heartbeat; yields None, or
+        the other owner that holds it (the block should then leave the job alone)."""
+        holder = self.claim(job_id, owner)
+        if holder is not None:
+            yield holder
+            return
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(HEARTBEAT_S):
+                self.renew(job_id, owner)
+
+        thread = threading.Thread(target=beat, name=f"claim-{job_id}", daemon=True)
+        thread.start()
+        try:
+            yield None
+        finally:
+            stop.set()
+            thread.join()
+            self.release(owner, job_id)
