@@ -132,6 +132,30 @@ def test_a_claim_is_held_by_one_driver_until_released_or_stale(tmp_path):
     assert store.claim("job-a", "driver-3") is None and store.claim("job-b", "driver-3") is None
 
 
+def test_a_held_claim_keeps_its_heartbeat_through_a_busy_store(tmp_path, monkeypatch):
+    import sqlalchemy
+
+    store = ResultStore(tmp_path / "study.db")
+    monkeypatch.setattr("msakit.study.store.HEARTBEAT_S", 0.02)
+    renew, calls = store.renew, []
+
+    def busy_once(job_id: str, owner: str) -> None:
+        calls.append(job_id)
+        if len(calls) == 1:
+            raise sqlalchemy.exc.OperationalError("UPDATE", {}, Exception("database is locked"))
+        renew(job_id, owner)
+
+    monkeypatch.setattr(store, "renew", busy_once)
+    with store.holding("job", "driver-1"):
+        with store.engine.begin() as connection:  # as if the claim were ten minutes old
+            connection.execute(store.claims.update().values(heartbeat=0.0))
+        deadline = time.monotonic() + 10
+        while len(calls) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert store.claim("job", "driver-2") is not None  # renewed after the failed beat, not stale
+    assert len(calls) >= 3
+
+
 def test_drivers_sharing_a_store_leave_each_others_jobs_alone(tmp_path, tiny_pickle):
     path = write_study(tmp_path / "study.yaml", tiny_pickle, models=["tfn"], seeds=[1, 2])
     folder = tmp_path / "study"

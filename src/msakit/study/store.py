@@ -15,6 +15,7 @@ and is taken over; the training resumes from its run folder.
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import threading
 import time
@@ -25,6 +26,8 @@ from typing import Any
 
 from msakit.errors import MsakitError
 from msakit.study.spec import Job
+
+logger = logging.getLogger(__name__)
 
 HEARTBEAT_S = 60.0
 CLAIM_STALE_S = 600.0  # ten missed heartbeats: the holder is gone, not slow
@@ -169,7 +172,10 @@ class ResultStore:
 
         def beat() -> None:
             while not stop.wait(HEARTBEAT_S):
-                self.renew(job_id, owner)
+                try:
+                    self.renew(job_id, owner)
+                except _sqlalchemy().exc.SQLAlchemyError as exc:  # a busy or unreachable store: next beat
+                    logger.warning("job %s: its claim's heartbeat was not renewed (%s)", job_id, exc)
 
         thread = threading.Thread(target=beat, name=f"claim-{job_id}", daemon=True)
         thread.start()
