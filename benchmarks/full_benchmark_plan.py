@@ -40,9 +40,9 @@ def epochs(model: str, family: str) -> int:
 
 def cpu_seconds_per_sample(store: Path) -> dict[str, float]:
     """Per model: the median over its recorded jobs of seconds / (epochs run x training samples).
-    A job's seconds are its last execution's: a job that an entry of another label shares (CyIN's
-    `cyin-own-fill`) was executed again to add that entry's evaluations, reading its training back,
-    so only jobs recorded under the model's own name count."""
+    Only jobs recorded under the model's own name count: a store written before a job's row kept
+    its training's seconds holds, for a job that an entry of another label shares (CyIN's
+    `cyin-own-fill`), the seconds of the execution that only added that entry's evaluations."""
     if not store.is_file():
         return {}
     import sqlite3

@@ -82,12 +82,16 @@ def test_a_study_runs_once_reuses_its_records_and_reports(tmp_path, tiny_pickle)
 
     # a new protocol scores the checkpoints there are, without training them again
     checkpoints = {p: p.stat().st_mtime_ns for p in folder.glob("jobs/*/seed-*.pt")}
+    store, ids = ResultStore(folder / "study.db"), [job.id for job in plan_jobs(load_study(changed))]
+    trained = {key: (r["label"], r["seconds"]) for key, r in store.records(ids).items()}
     widened = write_study(tmp_path / "study.yaml", tiny_pickle,
                           models=["tfn", {"model": "lmf", "set": ["model.rank=3"]}],
                           evaluate={"intra": {"rates": [0.0, 0.5]}, "fixed": {"subsets": ["t", "tav"]},
                                     "inter": {"rates": [0.3, 0.6]}})
     assert run_study(widened, study_dir=folder, executor="local")["ran"] == 4
     assert {p: p.stat().st_mtime_ns for p in folder.glob("jobs/*/seed-*.pt")} == checkpoints
+    # each job keeps the label and seconds of the execution that trained it
+    assert {key: (r["label"], r["seconds"]) for key, r in store.records(ids).items()} == trained
 
     report = report_study(widened, study_dir=folder)
     text = (folder / "report" / "leaderboard.md").read_text()

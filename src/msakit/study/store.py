@@ -103,16 +103,21 @@ class ResultStore:
         return out
 
     def save(self, job: Job, record: dict[str, Any]) -> None:
-        """The job's record (its training, and the evaluations it ran) in one transaction."""
+        """The job's record (its training, and the evaluations it ran) in one transaction. A job
+        recorded before keeps the label, host and seconds of the execution that trained it: a later
+        one (new evaluations for a checkpoint read back) adds its evaluations and its training's
+        summary as read back."""
+        train = json.dumps(record["train"])
         with self.engine.begin() as connection:
-            connection.execute(self.jobs.delete().where(self.jobs.c.id == job.id))
             connection.execute(self.claims.delete().where(self.claims.c.job_id == job.id))
-            connection.execute(self.jobs.insert().values(
-                id=job.id, dataset=job.dataset.label, model=job.model.model, label=job.model.label,
-                seed=job.seed, fingerprint=job.fingerprint, config=json.dumps(job.config, sort_keys=True),
-                train=json.dumps(record["train"]), host=record.get("host", platform.node()),
-                seconds=record.get("seconds"), finished=time.time(),
-            ))
+            known = connection.execute(self.jobs.update().where(self.jobs.c.id == job.id).values(train=train))
+            if not known.rowcount:
+                connection.execute(self.jobs.insert().values(
+                    id=job.id, dataset=job.dataset.label, model=job.model.model, label=job.model.label,
+                    seed=job.seed, fingerprint=job.fingerprint, config=json.dumps(job.config, sort_keys=True),
+                    train=train, host=record.get("host", platform.node()), seconds=record.get("seconds"),
+                    finished=time.time(),
+                ))
             for key, result in record["evaluations"].items():
                 connection.execute(self.evaluations.delete().where(
                     (self.evaluations.c.job_id == job.id) & (self.evaluations.c.key == key)))
