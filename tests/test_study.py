@@ -131,9 +131,15 @@ def test_a_claim_is_held_by_one_driver_until_released_or_stale(tmp_path):
         with store.holding("job-b", "driver-2") as other:
             assert other.startswith("driver-1")
         assert store.claim("job-b", "driver-2") is not None  # the refused driver took nothing
-    assert store.claim("job-b", "driver-2") is None  # released when the block ended
+    # a finished job stays claimed until it is recorded or its driver stops
+    assert store.claim("job-b", "driver-2") is not None
+    store.release("driver-1")
+    assert store.claim("job-b", "driver-2") is None
+    with pytest.raises(RuntimeError), store.holding("job-c", "driver-1"):
+        raise RuntimeError("the training failed")
+    assert store.claim("job-c", "driver-2") is None  # a failed job is free at once
     store.release("driver-2")
-    assert store.claim("job-a", "driver-3") is None and store.claim("job-b", "driver-3") is None
+    assert all(store.claim(job, "driver-3") is None for job in ("job-a", "job-b", "job-c"))
 
 
 def test_a_held_claim_keeps_its_heartbeat_through_a_busy_store(tmp_path, monkeypatch):

@@ -168,7 +168,9 @@ class ResultStore:
     @contextmanager
     def holding(self, job_id: str, owner: str) -> Iterator[str | None]:
         """Holds the claim on `job_id` while the block runs, renewing its heartbeat; yields None, or
-        the other owner that holds it (the block should then leave the job alone)."""
+        the other owner that holds it (the block should then leave the job alone). A block that
+        fails releases the claim; one that ends keeps it (no longer renewed) until `save` records
+        the job or the driver releases its claims, so no other driver starts the job in between."""
         holder = self.claim(job_id, owner)
         if holder is not None:
             yield holder
@@ -186,7 +188,9 @@ class ResultStore:
         thread.start()
         try:
             yield None
+        except BaseException:
+            self.release(owner, job_id)
+            raise
         finally:
             stop.set()
             thread.join()
-            self.release(owner, job_id)
