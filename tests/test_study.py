@@ -327,6 +327,19 @@ def test_a_study_on_a_ray_cluster_survives_a_killed_worker(tmp_path, tiny_pickle
     assert "2 jobs, 0 run, 2 already done" in again.stdout, again.stderr
 
 
+def test_the_docs_ray_cluster_file_is_one_ray_up_accepts():
+    """The cluster file docs/cluster.md shows passes the checks `ray up` runs on it (its defaults
+    filled in, then Ray's schema), and a misspelt key does not."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "docs" / "ray-cluster.yaml").read_text())
+    prepared = prepare_config(dict(config))
+    validate_config(prepared)
+    assert prepared["max_workers"] == len(config["provider"]["worker_ips"])
+    with pytest.raises(Exception, match="setup_comands"):
+        validate_config(prepare_config({**config, "setup_comands": config["setup_commands"]}))
+
+
 def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar of the TensorBoard event files in `folder` (TFRecord frames of Event protos), as
     TensorBoard shows them: a session START at step P hides what earlier files logged at P or later."""
