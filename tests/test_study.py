@@ -17,10 +17,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from click.testing import CliRunner
 
 from msakit import api
+from msakit.cli import cli as main_cli
 from msakit.errors import MsakitError
-from msakit.study import load_study, plan_jobs, report_study, run_study
+from msakit.study import load_study, plan_jobs, report_study, run_study, study_status
 from msakit.study.store import CLAIM_STALE_S, ResultStore
 
 pytest.importorskip("ray")
@@ -176,9 +178,16 @@ def test_drivers_sharing_a_store_leave_each_others_jobs_alone(tmp_path, tiny_pic
     assert (first["ran"], [e["job"] for e in first["elsewhere"]]) == (1, [held.id])
     assert "held by other-host:123:abc" in first["elsewhere"][0]["why"]
     assert set(store.records([held.id, free.id])) == {free.id}
+    (row,) = study_status(path, study_dir=folder)["models"]
+    assert (row["jobs"], row["recorded"], row["to_run"]) == (2, 1, 0)
+    assert [(job["job"], job["owner"]) for job in row["running"]] == [(held.id, "other-host:123:abc")]
+    shown = CliRunner().invoke(main_cli, ["study", "status", str(path), "--dir", str(folder)])
+    assert shown.exit_code == 0 and f"seed 1 (job {held.id}): other-host:123:abc" in shown.output
 
     with store.engine.begin() as connection:  # that driver died: its claim goes stale and is taken over
         connection.execute(store.claims.update().values(heartbeat=time.time() - CLAIM_STALE_S - 1))
+    (row,) = study_status(path, study_dir=folder)["models"]
+    assert (row["recorded"], row["running"], row["to_run"]) == (1, [], 1)
     second = run_study(path, study_dir=folder, executor="local")
     assert (second["ran"], second["elsewhere"]) == (1, [])
     assert set(store.records([held.id, free.id])) == {held.id, free.id}

@@ -611,6 +611,31 @@ def study_run(study_file: str, study_dir: str | None, store: str | None, address
         sys.exit(2)
 
 
+@study.command("status")
+@click.argument("study_file")
+@click.option("--dir", "study_dir", default=None, help=STUDY_DIR_HELP)
+@click.option("--store", default=None, help=STORE_HELP)
+@_user_errors
+def study_status(study_file: str, study_dir: str | None, store: str | None) -> None:
+    """What the store holds of STUDY_FILE: per model, jobs recorded, in training (by which driver),
+    left to run. Runs nothing."""
+    from msakit.study import study_status as status_of
+
+    status = status_of(study_file, study_dir=study_dir, store=store)
+    console.print(f"study {status['study']}, store {status['store']}")
+    table = Table("model", "jobs", "recorded", "training now", "to run")
+    for row in status["models"]:
+        table.add_row(row["model"], str(row["jobs"]), str(row["recorded"]), str(len(row["running"])),
+                      str(row["to_run"]))
+    console.print(table)
+    for row in status["models"]:
+        for job in row["running"]:
+            console.print(f"{row['model']} on {job['dataset']}, seed {job['seed']} (job {job['job']}): "
+                          f"{job['owner']}, heartbeat {job['heartbeat_s']:.0f} s ago")
+    if status["unsearched"]:
+        console.print(f"not planned until their search finishes: {', '.join(status['unsearched'])}")
+
+
 @study.command("report")
 @click.argument("study_file")
 @click.option("--dir", "study_dir", default=None, help=STUDY_DIR_HELP)

@@ -26,9 +26,9 @@ from typing import Any
 from msakit import api
 from msakit.errors import MsakitError
 from msakit.study.executors import make_executor
-from msakit.study.search import load_search, tune
+from msakit.study.search import best_settings, load_search, tune
 from msakit.study.spec import Job, Study, job_identity, load_data, load_study, study_recipe
-from msakit.study.store import ResultStore
+from msakit.study.store import CLAIM_STALE_S, ResultStore
 from msakit.training.runs import aligned_input, resolved_config
 
 logger = logging.getLogger(__name__)
@@ -225,3 +225,35 @@ def run_study(
     return {"study": study.name, "jobs": count, "ran": len(todo) - len(failures) - len(elsewhere),
             "skipped": count - len(todo), "failures": failures, "elsewhere": elsewhere,
             "store": results.url, "study_dir": str(root)}
+
+
+def study_status(path: str | Path, *, study_dir: str | Path | None = None,
+                 store: str | None = None) -> dict[str, Any]:
+    """Where the study at `path` stands in its store, without running anything: per model entry its
+    jobs, how many are recorded, which are being trained now (the driver holding each and the
+    seconds since its heartbeat) and how many are left to run (a stale claim counts as left).
+    Entries whose search has not finished are listed apart (their jobs are not known yet)."""
+    study = load_study(path)
+    root = Path(study_dir).expanduser() if study_dir is not None else default_folder(study)
+    results = ResultStore(store if store is not None else root / "study.db")
+    search, tuned, unsearched = load_search(study), None, []
+    if search is not None:
+        try:
+            tuned = best_settings(study, search, results.url)
+        except MsakitError:
+            unsearched = [m.label for m in study.models if m.label in search.models]
+            study = dataclasses.replace(study, models=tuple(m for m in study.models
+                                                            if m.label not in search.models))
+    jobs = plan_jobs(study, tuned)
+    todo = {job.id for job in _todo(jobs, results)}
+    held = {key: value for key, value in results.holders(job.id for job in jobs).items()
+            if key in todo and value[1] < CLAIM_STALE_S}
+    rows = []
+    for model in study.models:
+        mine = [job for job in jobs if job.model.label == model.label]
+        running = [{"job": job.id, "dataset": job.dataset.label, "seed": job.seed, "owner": held[job.id][0],
+                    "heartbeat_s": held[job.id][1]} for job in mine if job.id in held]
+        rows.append({"model": model.label, "jobs": len(mine),
+                     "recorded": sum(job.id not in todo for job in mine), "running": running,
+                     "to_run": sum(job.id in todo and job.id not in held for job in mine)})
+    return {"study": study.name, "store": results.url, "models": rows, "unsearched": unsearched}

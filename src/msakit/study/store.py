@@ -151,6 +151,14 @@ class ResultStore:
                     f"{CLAIM_STALE_S:.0f} s after it)")
         return None
 
+    def holders(self, ids: Iterable[str]) -> dict[str, tuple[str, float]]:
+        """Job id -> (owner, seconds since its heartbeat) for the jobs of `ids` that are claimed."""
+        sa = _sqlalchemy()
+        now = time.time()
+        query = sa.select(self.claims).where(self.claims.c.job_id.in_(list(ids)))
+        with self.engine.connect() as connection:
+            return {row.job_id: (row.owner, now - row.heartbeat) for row in connection.execute(query)}
+
     def renew(self, job_id: str, owner: str) -> None:
         """The claim's heartbeat, now (only while `owner` holds it)."""
         held = (self.claims.c.job_id == job_id) & (self.claims.c.owner == owner)
