@@ -11,6 +11,8 @@ A page writes one of these directives on a line of its own:
                                         cell is one of the NAMEs, with the commands that made them
     <!-- section: PATH | HEADING -->    the part of a results document under its heading HEADING (up
                                         to the next heading), e.g. one table of a study's leaderboard
+    <!-- section: PATH | HEADING | NAME NAME ... -->  the same, its table cut to the rows whose
+                                        first cell is one of the NAMEs
 
 PATH is relative to the repository root; directives inside code blocks are left as they are. A
 directive whose file, model or rows are missing fails the build, and so does a page that names a
@@ -132,7 +134,8 @@ def results(path: str) -> str:
 
 
 def section(argument: str) -> str:
-    path, _, heading = (part.strip() for part in argument.partition("|"))
+    path, heading, *names = (part.strip() for part in argument.split("|"))
+    wanted = names[0].split() if names else None
     lines = read(path).splitlines()
     starts = [i for i, line in enumerate(lines) if re.fullmatch(rf"#+ {re.escape(heading)}", line)]
     if len(starts) != 1:
@@ -142,6 +145,13 @@ def section(argument: str) -> str:
         if line.startswith("#"):
             break
         body.append(line)
+    if wanted is not None:
+        table = [i for i, line in enumerate(body) if line.startswith("|")]
+        kept = [i for i in table[2:] if body[i].split("|")[1].strip() in wanted]
+        if len(kept) != len(wanted):
+            raise ValueError(f"{path}, {heading}: rows for {', '.join(wanted)} expected, "
+                             f"{len(kept)} found")
+        body = [line for i, line in enumerate(body) if i not in table[2:] or i in kept]
     return "\n".join([*body, "", f"(`{path}`, {heading})"]).strip() + "\n"
 
 
@@ -157,11 +167,13 @@ def rows(argument: str) -> str:
         raise ValueError(f"{path} has no row for {', '.join(wanted)}")
     commands = [
         command
-        for line in lines if re.search(r"Commands?: `", line)
+        for line in lines if re.search(r"(?:Commands?|Regenerate): `", line)
         for command in re.findall(r"`([^`]+)`", line)
     ]
     names = re.compile("|".join(rf"(?<![\w-]){re.escape(n)}(?![\w-])" for n in wanted))
     commands = [c for c in commands if names.search(c)] or commands
+    if not commands:
+        raise ValueError(f"{path} names no command that made it (a `Command:` or `Regenerate:` line)")
     made_by = "; ".join(f"`{c}`" for c in commands)
     return "\n".join([*table[:2], *kept, "", f"Made by {made_by} (`{path}`)."])
 
