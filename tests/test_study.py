@@ -144,6 +144,19 @@ def test_a_claim_is_held_by_one_driver_until_released_or_stale(tmp_path):
     assert all(store.claim(job, "driver-3") is None for job in ("job-a", "job-b", "job-c"))
 
 
+def test_a_driver_stopping_on_a_store_error_keeps_that_error(tmp_path, monkeypatch, caplog):
+    import sqlalchemy
+
+    store = ResultStore(tmp_path / "study.db")
+
+    def unreachable(owner: str, job_id: str | None = None) -> None:
+        raise sqlalchemy.exc.OperationalError("DELETE", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(store, "release", unreachable)
+    store.release_quietly("driver-1")  # logged, not raised over the error that stopped the driver
+    assert "stay until they go stale" in caplog.text
+
+
 def test_a_held_claim_keeps_its_heartbeat_through_a_busy_store(tmp_path, monkeypatch):
     import sqlalchemy
 

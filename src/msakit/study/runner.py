@@ -221,7 +221,7 @@ def run_study(
             logger.info("job %s (%s) done in %.0f s", job.id, name, record["seconds"])
     finally:
         runner.close()
-        results.release(owner)  # the claims of jobs cancelled with their workers
+        results.release_quietly(owner)  # the claims of jobs cancelled with their workers
     return {"study": study.name, "jobs": count, "ran": len(todo) - len(failures) - len(elsewhere),
             "skipped": count - len(todo), "failures": failures, "elsewhere": elsewhere,
             "store": results.url, "study_dir": str(root)}

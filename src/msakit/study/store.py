@@ -173,6 +173,14 @@ class ResultStore:
         with self.engine.begin() as connection:
             connection.execute(self.claims.delete().where(held))
 
+    def release_quietly(self, owner: str) -> None:
+        """All of `owner`'s claims, for a driver that stops, perhaps on an error of the store itself:
+        a store that cannot be reached now is logged (the claims go stale) and the error kept."""
+        try:
+            self.release(owner)
+        except _sqlalchemy().exc.SQLAlchemyError as exc:
+            logger.warning("the claims of %s stay until they go stale: %s", owner, exc)
+
     @contextmanager
     def holding(self, job_id: str, owner: str) -> Iterator[str | None]:
         """Holds the claim on `job_id` while the block runs, renewing its heartbeat; yields None, or
