@@ -238,6 +238,8 @@ def test_a_search_tunes_on_validation_only_prunes_and_keeps_its_optuna_study(tmp
 
     study = load_study(path)
     store = f"sqlite:///{tmp_path / 'study.db'}"
+    before = study_status(path, study_dir=tmp_path, store=store)  # the searched entry's jobs are unknown
+    assert (before["models"], before["unsearched"]) == ([], ["tfn"])
     chosen = tune(study, load_search(study), store, LocalExecutor())
     assert scored and not any(ids & test_ids for ids in scored)  # no trial ever saw a test clip
 
@@ -255,6 +257,8 @@ def test_a_search_tunes_on_validation_only_prunes_and_keeps_its_optuna_study(tmp
     assert summary["ran"] == 1 and len(optuna.load_study(study_name=name, storage=store).trials) == 4
     record = next(iter(ResultStore(store).records([j.id for j in plan_jobs(study, chosen)]).values()))
     assert record["config"]["training"]["lr"] == 0.003  # the grid trained the setting the search chose
+    (row,) = study_status(path, study_dir=tmp_path, store=store)["models"]
+    assert (row["model"], row["recorded"], row["to_run"]) == ("tfn", 1, 0)
     assert any(ids == test_ids for ids in scored)  # the final model is scored on test, once
 
 
