@@ -11,6 +11,7 @@ for scoring. What a run's results say is built in `msakit.evaluation.report`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import shutil
 from collections.abc import Callable, Sequence
@@ -248,7 +249,7 @@ def seed_runs(
     Under torchrun every rank trains and reads; rank 0 alone changes files, and the others wait
     for it before they read what it may have removed."""
     _claim_run_folder(out_dir, resume, overwrite)
-    probe = shuffle_probe(data.train)
+    probe = functools.cache(lambda: shuffle_probe(data.train))  # built once, when a seed first trains
     runs = []
     for seed in seeds:
         seed_meta = {**meta, "seed": seed}
@@ -258,7 +259,7 @@ def seed_runs(
                      "log_dir": None if out_dir is None else out_dir / "tensorboard" / f"seed-{seed}"}
             distributed.barrier()
             silenced = silence_warnings(
-                silenced_modalities(meta["model"], config["model"], data.dims, probe, seed), probe)
+                silenced_modalities(meta["model"], config["model"], data.dims, probe(), seed), probe())
             _log_warnings(seed, silenced)
             trainer, run, metrics = train_seed(seed, state)
             preds, labels = trainer.predict(data.valid)
