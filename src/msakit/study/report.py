@@ -27,10 +27,9 @@ from msakit.errors import MsakitError
 from msakit.evaluation.report import LABELS, format_value, mean_std
 from msakit.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from msakit.metrics import METRIC_KEYS, UNDEFINED_REASONS
-from msakit.study.runner import default_folder, plan_jobs
+from msakit.study.runner import plan_jobs, study_store
 from msakit.study.search import best_settings, load_search
 from msakit.study.spec import Evaluation, Study, load_study
-from msakit.study.store import ResultStore
 
 ROBUSTNESS_COLUMNS = ("mae", "acc2_non0", "corr")
 SIMS_ROBUSTNESS_COLUMNS = ("mae", "acc2", "corr")
@@ -385,8 +384,7 @@ def report_study(path: str | Path, *, output: str | Path | None = None, store: s
     """Writes leaderboard.md / .html / .json and the curves into `output` (default:
     `<study_dir>/report`); returns the summary."""
     study = load_study(path)
-    root = Path(study_dir).expanduser() if study_dir is not None else default_folder(study)
-    results = ResultStore(store if store is not None else root / "study.db")
+    root, results = study_store(study, study_dir, store)
     search = load_search(study)
     jobs = plan_jobs(study, best_settings(study, search, results.url) if search is not None else None)
     records = results.records(j.id for j in jobs)

@@ -38,6 +38,13 @@ def default_folder(study: Study) -> Path:
     return Path("runs") / "studies" / study.name
 
 
+def study_store(study: Study, study_dir: str | Path | None, store: str | None) -> tuple[Path, ResultStore]:
+    """The study's folder (`study_dir`, default runs/studies/<name>) and its results store (`store`,
+    default the folder's study.db)."""
+    root = Path(study_dir).expanduser() if study_dir is not None else default_folder(study)
+    return root, ResultStore(store if store is not None else root / "study.db")
+
+
 def plan_jobs(study: Study, tuned: Mapping[tuple[str, str], tuple[str, ...]] | None = None) -> list[Job]:
     """Every cell of the study, its identity computed from the resolved settings and the data;
     `tuned` adds the settings a search chose, per (dataset label, model label)."""
@@ -187,8 +194,7 @@ def run_study(
             raise MsakitError(f"--only {unknown[0]!r}: not a model of {path}; its models: "
                               f"{', '.join(labels)}")
         study = dataclasses.replace(study, models=tuple(m for m in study.models if m.label in only))
-    root = Path(study_dir).expanduser() if study_dir is not None else default_folder(study)
-    results = ResultStore(store if store is not None else root / "study.db")
+    root, results = study_store(study, study_dir, store)
     search = load_search(study)
     runner = make_executor(executor, address, study.cpus, study.gpus)
     failures: list[dict[str, str]] = []
@@ -234,8 +240,7 @@ def study_status(path: str | Path, *, study_dir: str | Path | None = None,
     seconds since its heartbeat) and how many are left to run (a stale claim counts as left).
     Entries whose search has not finished are listed apart (their jobs are not known yet)."""
     study = load_study(path)
-    root = Path(study_dir).expanduser() if study_dir is not None else default_folder(study)
-    results = ResultStore(store if store is not None else root / "study.db")
+    _, results = study_store(study, study_dir, store)
     search, tuned, unsearched = load_search(study), None, []
     if search is not None:
         try:
