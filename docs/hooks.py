@@ -133,6 +133,11 @@ def results(path: str) -> str:
     return f"{text.rstrip()}\n\n(`{path}`)"
 
 
+def first_cell(row: str) -> str:
+    """A Markdown table row's first cell (a results table's row name)."""
+    return row.split("|")[1].strip()
+
+
 def section(argument: str) -> str:
     path, heading, *names = (part.strip() for part in argument.split("|"))
     wanted = names[0].split() if names else None
@@ -147,7 +152,7 @@ def section(argument: str) -> str:
         body.append(line)
     if wanted is not None:
         table = [i for i, line in enumerate(body) if line.startswith("|")]
-        kept = [i for i in table[2:] if body[i].split("|")[1].strip() in wanted]
+        kept = [i for i in table[2:] if first_cell(body[i]) in wanted]
         if len(kept) != len(wanted):
             raise ValueError(f"{path}, {heading}: rows for {', '.join(wanted)} expected, "
                              f"{len(kept)} found")
@@ -162,7 +167,7 @@ def rows(argument: str) -> str:
     table = [line for line in lines if line.startswith("|")]
     if len(table) < 3:
         raise ValueError(f"{path} holds no table")
-    kept = [line for line in table[2:] if line.split("|")[1].strip() in wanted]
+    kept = [line for line in table[2:] if first_cell(line) in wanted]
     if not kept:
         raise ValueError(f"{path} has no row for {', '.join(wanted)}")
     commands = [
