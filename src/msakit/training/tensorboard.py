@@ -34,7 +34,10 @@ class TensorBoardLog:
         if not distributed.is_main():
             return
         if self.writer is None:  # opened at the first epoch this process trains
-            self.writer = self.writer_class(str(self.folder), purge_step=step)
+            # tensorboardX names a file by the second and the host only: a run resumed within the
+            # second its killed run opened would overwrite that run's file without the suffix
+            self.writer = self.writer_class(str(self.folder), purge_step=step,
+                                            filename_suffix=f".from-epoch-{step:06d}")
         self.writer.add_scalar(f"{record.stage}/train_loss", record.train_loss, step)
         for metric, value in record.valid.items():
             self.writer.add_scalar(f"{record.stage}/valid_{metric}", value, step)
