@@ -1,7 +1,7 @@
 """The size of the full benchmark: every registered model x MOSI, MOSEI, SIMS, SIMSv2 x 5 seeds, each
 job trained with its published settings and scored under the three missing-data protocols.
 
-    python benchmarks/full_benchmark_plan.py [--store runs/studies/robustness-synthetic/study.db]
+    python benchmarks/full_benchmark_plan.py [--store STORE ...]
 
 Counts the jobs, reads each model's epochs per dataset family from its YAML (an upper bound: early
 stopping ends most runs sooner) and the training-set sizes of the four benchmarks, and turns them
@@ -9,8 +9,9 @@ into hours with measured speeds:
 - GPU: `benchmarks/results/perf/gpu.json` (train samples/s per model at MOSI and MOSEI shapes,
   made by `benchmarks/perf/gpu.py` on a GPU), when it exists;
 - CPU: seconds per training sample measured by study jobs on the MOSI-sized synthetic data (the
-  job records of `--store`: the job's seconds over the epochs it ran times the training samples;
-  evaluation included, so an upper bound), for the models it has.
+  job records of the `--store` files, the first that has the model: the job's seconds over the
+  epochs it ran times the training samples; evaluation included, so an upper bound), for the models
+  they have.
 Writes benchmarks/results/full_benchmark_plan.{json,md}.
 """
 
@@ -69,11 +70,14 @@ def gpu_samples_per_second(path: Path) -> dict[tuple[str, str], float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--store", default="runs/studies/robustness-synthetic/study.db")
+    parser.add_argument("--store", nargs="+", default=["runs/studies/robustness-synthetic/study.db",
+                                                       "runs/studies/robustness-synthetic-raw/study.db"])
     parser.add_argument("--gpu", default="benchmarks/results/perf/gpu.json")
     parser.add_argument("--output", default="benchmarks/results/full_benchmark_plan")
     args = parser.parse_args()
-    cpu = cpu_seconds_per_sample(Path(args.store))
+    cpu: dict[str, float] = {}
+    for store in args.store:
+        cpu = cpu_seconds_per_sample(Path(store)) | cpu
     gpu = gpu_samples_per_second(Path(args.gpu))
     rows = []
     for model in list_models():
@@ -96,7 +100,8 @@ def main() -> None:
         "YAMLs' maxima (early stopping ends most runs sooner), so the hours are upper bounds. CPU hours: one "
         "thread, per training sample as measured by study jobs on the MOSI-sized synthetic data with the "
         "models' CPU-sized `synthetic` settings (the published settings are larger: read them as a lower "
-        "bound of the per-sample cost). GPU hours need `benchmarks/perf/gpu.py` run on a GPU"
+        "bound of the per-sample cost; a dash where no study store read here has trained the model). "
+        "GPU hours need `benchmarks/perf/gpu.py` run on a GPU"
         + (" (found)." if gpu else " (not run yet: no column)."),
         "",
         "| model | jobs | epochs MOSI / MOSEI / SIMS / SIMSv2 | training samples | CPU hours |"
