@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import yaml
+from almt import INNER, Identity  # LNLN's transformers and hyper layers are ALMT's, names too
 from msakit_parity import (
     full_batch,
     gradient_difference,
@@ -63,32 +64,6 @@ RENAMES = [
     (r"^dmml\.2\.extra_token$", "fusion.token"),
     (r"^dmml\.3\.", "head."),
 ]
-INNER = [  # inside a transformer / hyper layer
-    (r"encoder\.layers\.", "blocks."),
-    (r"pos_embedding$", "positions"), (r"extra_token$", "tokens"),
-    (r"blocks\.(\d+)\.0\.norm_([qkv])\.", r"blocks.\1.norm_\2."),
-    (r"blocks\.(\d+)\.0\.fn\.to_out\.0\.", r"blocks.\1.attn.to_out."),
-    (r"blocks\.(\d+)\.0\.fn\.", r"blocks.\1.attn."),
-    (r"blocks\.(\d+)\.1\.norm\.", r"blocks.\1.norm_ff."),
-    (r"blocks\.(\d+)\.1\.fn\.net\.0\.", r"blocks.\1.ff.0."),
-    (r"blocks\.(\d+)\.1\.fn\.net\.3\.", r"blocks.\1.ff.2."),
-    (r"(hyper\.\d+\.)norm1\.", r"\1norm_language."), (r"(hyper\.\d+\.)norm2\.", r"\1norm_audio."),
-    (r"(hyper\.\d+\.)norm3\.", r"\1norm_vision."), (r"(hyper\.\d+\.)norm4\.", r"\1norm_hyper."),
-    (r"(hyper\.\d+\.)fn\.to_out\.0\.", r"\1to_out."),
-    (r"(hyper\.\d+\.)fn\.to_k_ta\.", r"\1to_k_audio."), (r"(hyper\.\d+\.)fn\.to_k_tv\.", r"\1to_k_vision."),
-    (r"(hyper\.\d+\.)fn\.to_v_ta\.", r"\1to_v_audio."), (r"(hyper\.\d+\.)fn\.to_v_tv\.", r"\1to_v_vision."),
-    (r"(hyper\.\d+\.)fn\.to_q\.", r"\1to_q."),
-]
-
-
-class Identity(torch.nn.Module):
-    """The official BERT wrapper, minus BERT: it hands the text states on unchanged."""
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
 
 
 def official_model(root: Path, dataset: str) -> tuple[torch.nn.Module, dict]:
