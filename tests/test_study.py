@@ -100,10 +100,14 @@ def test_a_study_runs_once_reuses_its_records_and_reports(tmp_path, tiny_pickle)
     assert text == report["markdown"]
     assert "| lmf | 1 2 |" in text and "| tfn | 1 2 |" in text and "inter MAE" in text
     assert f"msakit study run {widened}" in text  # the table names the command that regenerates it
-    for name in ("leaderboard.html", "leaderboard.json", "curves-tiny-intra.png", "curves-tiny-inter.svg",
-                 "curves-tiny-fixed.svg"):
-        assert (folder / "report" / name).stat().st_size > 0
+    files = [folder / "report" / name for name in ("leaderboard.md", "leaderboard.html", "leaderboard.json",
+                                                   "curves-tiny-intra.png", "curves-tiny-inter.svg",
+                                                   "curves-tiny-fixed.svg")]
+    made = {path: path.read_bytes() for path in files}
+    assert all(made.values())
     assert "<table>" in (folder / "report" / "leaderboard.html").read_text()
+    report_study(widened, study_dir=folder)  # the same records make the same bytes, figures included
+    assert {path: path.read_bytes() for path in files} == made
 
 
 def test_a_job_whose_data_changed_fails_alone(tmp_path, tiny_pickle):

@@ -13,6 +13,7 @@ import yaml
 from msakit import api
 from msakit.errors import MsakitError
 from msakit.study import load_study, plan_jobs, report_study, run_study
+from msakit.study.report import _as_written
 from msakit.study.search import load_search
 from msakit.study.spec import job_identity
 from msakit.study.store import ResultStore
@@ -141,6 +142,15 @@ def test_a_changed_file_named_in_the_settings_is_a_new_job(tmp_path):
     assert plan_jobs(load_study(relocated))[0].id == before  # the content counts, not the path
     cues.write_text('{"backend": "offline", "id": "a", "cue": "two"}\n')
     assert plan_jobs(load_study(path))[0].id != before
+
+
+def test_the_report_names_a_settings_file_as_the_study_file_does(tmp_path, monkeypatch):
+    """The loaded study holds a cue file's absolute path; the report shows it from the working
+    directory, so a committed leaderboard does not name the machine it was made on."""
+    monkeypatch.chdir(tmp_path)
+    assert _as_written(f"model.cues={tmp_path / 'runs' / 'cues.jsonl'}") == "model.cues=runs/cues.jsonl"
+    assert _as_written("model.cues=/elsewhere/cues.jsonl") == "model.cues=/elsewhere/cues.jsonl"
+    assert _as_written(f"model.name={tmp_path / 'x'}") == f"model.name={tmp_path / 'x'}"  # not a file setting
 
 
 @pytest.mark.parametrize(("change", "message"), [

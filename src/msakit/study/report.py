@@ -29,12 +29,23 @@ from msakit.fileio import atomic_write_bytes, atomic_write_json, atomic_write_te
 from msakit.metrics import METRIC_KEYS, UNDEFINED_REASONS
 from msakit.study.runner import plan_jobs, study_store
 from msakit.study.search import best_settings, load_search
-from msakit.study.spec import Evaluation, Study, load_study
+from msakit.study.spec import FILE_SETTINGS, Evaluation, Study, load_study
 
 ROBUSTNESS_COLUMNS = ("mae", "acc2_non0", "corr")
 SIMS_ROBUSTNESS_COLUMNS = ("mae", "acc2", "corr")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
 LINESTYLES = ("-", "--", "-.", ":")
+
+
+def _as_written(override: str) -> str:
+    """A file setting as the study file names it: the loaded study holds the file's absolute path
+    (its identity is the file's content), which names the machine the report was made on."""
+    setting, _, value = override.partition("=")
+    section, _, key = setting.strip().partition(".")
+    path = Path(value.strip())
+    if key in FILE_SETTINGS.get(section, ()) and path.is_absolute() and path.is_relative_to(Path.cwd()):
+        return f"{setting}={path.relative_to(Path.cwd())}"
+    return override
 
 
 def _cell(key: str, mean: float, std: float, seeds: int) -> str:
@@ -285,8 +296,9 @@ def markdown(study: Study, summary: dict[str, Any], families: dict[str, str], co
         if tuned:
             lines += ["", "Settings over each model's defaults (the study's, then those its search chose on "
                       "validation):", ""]
-            lines += _table(["model", "settings"], [[label, " ".join(f"`{o}`" for o in overrides)]
-                                                    for label, overrides in tuned.items()])
+            lines += _table(["model", "settings"],
+                            [[label, " ".join(f"`{_as_written(o)}`" for o in overrides)]
+                             for label, overrides in tuned.items()])
         evaluations = _evaluations(study, list(models))
         stems = _curve_stems(dataset, evaluations)
         if evaluations:
@@ -340,9 +352,12 @@ def plot_protocol(path_stem: Path, title: str, models: dict[str, Any], protocol:
     axes[0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    for suffix in ("png", "svg"):
-        atomic_write_bytes(path_stem.with_name(f"{path_stem.name}.{suffix}"),
-                           lambda handle, suffix=suffix: fig.savefig(handle, format=suffix, dpi=150))
+    # a fixed salt and no date make the SVG the same bytes each time the same records are reported
+    with plt.rc_context({"svg.hashsalt": "msakit"}):
+        for suffix, metadata in (("png", {}), ("svg", {"Date": None})):
+            atomic_write_bytes(path_stem.with_name(f"{path_stem.name}.{suffix}"),
+                               lambda handle, suffix=suffix, metadata=metadata: fig.savefig(
+                                   handle, format=suffix, dpi=150, metadata=metadata))
     plt.close(fig)
 
 
