@@ -151,10 +151,10 @@ def prompt_variation(checkpoint: Path, cues: Path, data: MultimodalDataset) -> d
     }
 
 
-def table(records: list[dict], command: str) -> tuple[dict, str]:
+def table(records: list[dict], command: str, source: str) -> tuple[dict, str]:
     summary = {}
     lines = [
-        "MMSLF teachers of the mmslf-distillation study (synthetic default, offline cues), "
+        f"MMSLF teachers of {source} (synthetic default, offline cues), "
         "scored with changed cue texts: MAE, Corr, and how far the predictions moved from those with "
         "its own cues (mean absolute change, in label units); mean ± std over seeds.",
         "",
@@ -217,7 +217,8 @@ def main() -> None:
     out = Path(args.output)
     if args.table:
         saved = json.loads(Path(f"{out}.json").read_text())
-        write_table(out, saved["records"], saved["command"])
+        source = saved.get("source", f"{args.label} in {args.study}")
+        write_table(out, saved["records"], saved["command"], source)
         return
     study_dir, checkpoints = distilled_checkpoints(args.study, args.study_dir, args.label, args.seeds)
     missing = [str(p) for p in checkpoints.values() if not p.is_file()]
@@ -243,12 +244,14 @@ def main() -> None:
                         "seconds": round(time.perf_counter() - start, 1), "machine": machine_name()})
         print(f"seed {seed}: test MAE own {scores['own']['test']['mae']:.3f}, "
               f"permuted {scores['permuted']['test']['mae']:.3f}", flush=True)
-    write_table(out, results, shlex.join(["python", *sys.argv]))
+    write_table(out, results, shlex.join(["python", *sys.argv]), f"{args.label} in {args.study}")
 
 
-def write_table(out: Path, records: list[dict], command: str) -> None:
-    summary, text = table(records, command)
-    atomic_write_json(Path(f"{out}.json"), {"rows": summary, "records": records, "command": command})
+def write_table(out: Path, records: list[dict], command: str, source: str) -> None:
+    """`source`: the study model whose teachers were scored (`mmslf in studies/...yaml`)."""
+    summary, text = table(records, command, source)
+    atomic_write_json(Path(f"{out}.json"),
+                      {"rows": summary, "records": records, "command": command, "source": source})
     atomic_write_text(Path(f"{out}.md"), text + "\n")
     print(text)
 
