@@ -17,6 +17,7 @@ from msakit.errors import MsakitError
 from msakit.models import create_model
 from msakit.models.registry import build_config
 from msakit.models.self_mm import HEADS, UNIMODAL, SelfMM
+from msakit.training import distributed
 from msakit.training.config import resolve_config
 from msakit.training.settings import TrainConfig
 from msakit.training.trainer import Trainer, build_optimizer, seed_everything
@@ -171,7 +172,7 @@ def _memory_of_rank(rank: int, world: int, init_file: str, out_file: str) -> Non
         model.train()(make_batch(split, np.array_split(np.arange(N), world)[rank]))
     if rank == 0:
         torch.save(model.training_state(), out_file)
-    torch.distributed.destroy_process_group()
+    distributed.close()
 
 
 @pytest.mark.slow  # two spawned processes, each importing torch and msakit
