@@ -217,8 +217,7 @@ def main() -> None:
     out = Path(args.output)
     if args.table:
         saved = json.loads(Path(f"{out}.json").read_text())
-        source = saved.get("source", f"{args.label} in {args.study}")
-        write_table(out, saved["records"], saved["command"], source)
+        write_table(out, saved["records"], saved["command"], saved["source"])
         return
     study_dir, checkpoints = distilled_checkpoints(args.study, args.study_dir, args.label, args.seeds)
     missing = [str(p) for p in checkpoints.values() if not p.is_file()]
