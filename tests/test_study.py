@@ -99,6 +99,9 @@ def test_a_study_runs_once_reuses_its_records_and_reports(tmp_path, tiny_pickle)
     text = (folder / "report" / "leaderboard.md").read_text()
     assert text == report["markdown"]
     assert "| lmf | 1 2 |" in text and "| tfn | 1 2 |" in text and "inter MAE" in text
+    per_seed = text.split("### Per seed")[1].split("###")[0]  # a row per seed, each protocol's mean
+    assert all(f"| {model} | {seed} |" in per_seed for model in ("lmf", "tfn") for seed in (1, 2))
+    assert "inter MAE" in per_seed and "fixed MAE" in per_seed
     assert f"msakit study run {widened}" in text  # the table names the command that regenerates it
     files = [folder / "report" / name for name in ("leaderboard.md", "leaderboard.html", "leaderboard.json",
                                                    "curves-tiny-intra.png", "curves-tiny-inter.svg",

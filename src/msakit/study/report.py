@@ -126,8 +126,14 @@ def summarise(study: Study, records: dict[str, dict[str, Any]], jobs: list) -> d
                     "condition_mean": [m for m, _ in per_condition],
                     "condition_std": [s for _, s in per_condition],
                 }
+            per_seed = [{"seed": job.seed, "best_epoch": run["train"].get("best_epoch"),
+                         "clean": run["train"]["test"],
+                         "protocols": {p: run["evaluations"][found["key"]]["mean"]
+                                       for p, found in protocols.items()}}
+                        for job, run in sorted(zip(cell, runs, strict=True), key=lambda pair: pair[0].seed)]
             models[model.label] = {"model": model.model, "overrides": list(cell[0].model.overrides),
-                                   "seeds": sorted(j.seed for j in cell), "clean": clean_mean,
+                                   "seeds": sorted(j.seed for j in cell), "per_seed": per_seed,
+                                   "clean": clean_mean,
                                    "clean_std": clean_std, "stages": _stages(runs), "protocols": protocols,
                                    "seconds": sum(r.get("seconds") or 0.0 for r in runs),
                                    "warnings": {job.seed: records[job.id]["train"]["warnings"] for job in cell
@@ -231,11 +237,30 @@ def dg_table(targets: dict[str, Any], family: str) -> list[str]:
     return lines + _table(head, rows)
 
 
+def _protocols(study: Study, models: dict[str, Any]) -> list[str]:
+    return list(dict.fromkeys(e.protocol for e in _evaluations(study, list(models))))
+
+
+def per_seed_table(study: Study, models: dict[str, Any], family: str) -> list[str]:
+    """Each seed's selected epoch, clean MAE and Corr, and each protocol's mean over its conditions."""
+    columns = SIMS_ROBUSTNESS_COLUMNS if family == "sims" else ROBUSTNESS_COLUMNS
+    protocols = _protocols(study, models)
+    head = ["model", "seed", "best epoch", f"clean {LABELS['mae']}", f"clean {LABELS['corr']}",
+            *(f"{p} {LABELS[k]}" for p in protocols for k in columns)]
+    rows = [[label, str(run["seed"]), str(run["best_epoch"]), format_value("mae", run["clean"]["mae"]),
+             format_value("corr", run["clean"]["corr"]),
+             *(format_value(k, run["protocols"][p][k]) if p in run["protocols"] else "-"
+               for p in protocols for k in columns)]
+            for label, m in sorted(models.items()) for run in m["per_seed"]]
+    return ["Each seed's selected epoch and test metrics (protocols: the mean over their conditions).",
+            "", *_table(head, rows)]
+
+
 def robustness_table(study: Study, models: dict[str, Any], family: str) -> list[str]:
     """Clean MAE, then each protocol's mean over its conditions (MAE, Acc-2, Corr), per model."""
     columns = SIMS_ROBUSTNESS_COLUMNS if family == "sims" else ROBUSTNESS_COLUMNS
     evaluations = _evaluations(study, list(models))
-    protocols = list(dict.fromkeys(e.protocol for e in evaluations))
+    protocols = _protocols(study, models)
     described = "; ".join(dict.fromkeys(_describe(e) for e in evaluations))
     lines = [f"Test split; each protocol cell is the mean over its conditions ({described}), then "
              "mean ± std over seeds.", ""]
@@ -299,6 +324,7 @@ def markdown(study: Study, summary: dict[str, Any], families: dict[str, str], co
             lines += _table(["model", "settings"],
                             [[label, " ".join(f"`{_as_written(o)}`" for o in overrides)]
                              for label, overrides in tuned.items()])
+        lines += ["", "### Per seed", "", *per_seed_table(study, models, family)]
         evaluations = _evaluations(study, list(models))
         stems = _curve_stems(dataset, evaluations)
         if evaluations:
