@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -22,7 +23,15 @@ from click.testing import CliRunner
 from msakit import api
 from msakit.cli import cli as main_cli
 from msakit.errors import MsakitError
-from msakit.study import load_study, plan_jobs, report_study, run_study, study_status
+from msakit.study import (
+    export_records,
+    import_records,
+    load_study,
+    plan_jobs,
+    report_study,
+    run_study,
+    study_status,
+)
 from msakit.study.store import CLAIM_STALE_S, ResultStore
 
 pytest.importorskip("ray")
@@ -111,6 +120,55 @@ def test_a_study_runs_once_reuses_its_records_and_reports(tmp_path, tiny_pickle)
     assert "<table>" in (folder / "report" / "leaderboard.html").read_text()
     report_study(widened, study_dir=folder)  # the same records make the same bytes, figures included
     assert {path: path.read_bytes() for path in files} == made
+
+
+def test_records_travel_to_another_store_and_report_the_same(tmp_path, tiny_pickle):
+    path = write_study(tmp_path / "study.yaml", tiny_pickle, evaluate={"intra": {"rates": [0.0, 0.5]}})
+    run_study(path, study_dir=tmp_path / "a", executor="local")
+    records, a, b = tmp_path / "records.jsonl", str(tmp_path / "a"), str(tmp_path / "b")
+    cli = CliRunner()
+    exported = cli.invoke(main_cli, ["study", "export", str(path), "--dir", a, "-o", str(records)])
+    assert exported.exit_code == 0 and "the records of 4 of 4 jobs" in exported.output
+    first = records.read_bytes()
+    cli.invoke(main_cli, ["study", "export", str(path), "--dir", a, "-o", str(records)])
+    assert records.read_bytes() == first  # the same records make the same bytes
+
+    imported = cli.invoke(main_cli, ["study", "import", str(path), str(records), "--dir", b])
+    assert imported.exit_code == 0 and "4 imported, 0 already in the store" in imported.output
+    assert run_study(path, study_dir=tmp_path / "b", executor="local")["ran"] == 0  # nothing left to train
+    reports = [json.loads(Path(report_study(path, study_dir=tmp_path / where)["output"], "leaderboard.json")
+                          .read_text()) for where in ("a", "b")]
+    assert reports[0]["datasets"] == reports[1]["datasets"] and reports[1]["records"] == 4
+    again = cli.invoke(main_cli, ["study", "import", str(path), str(records), "--dir", b])
+    assert "0 imported, 4 already in the store" in again.output
+
+    # a changed setting makes other jobs: lmf's records are not this study's any more, tfn's are
+    changed = write_study(tmp_path / "changed.yaml", tiny_pickle, evaluate={"intra": {"rates": [0.0, 0.5]}},
+                          models=["tfn", {"model": "lmf", "set": ["model.rank=3"]}])
+    assert import_records(changed, records, study_dir=tmp_path / "c") | {"store": None} == {
+        "study": "tiny", "store": None, "imported": 2, "already": 0, "foreign": 2, "unsearched": []}
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda lines: [lines[0], "{not json", *lines[1:]], "line 2: not a JSON record"),
+    (lambda lines: [lines[0], "[1, 2]"], "line 2: expected a JSON object, got list"),
+    (lambda lines: [lines[0], json.dumps({"job": "x", "train": {}})], "line 2: key 'evaluations' missing"),
+    (lambda lines: [lines[0], json.dumps({**json.loads(lines[1]), "seed": 7})],
+     "line 2: record [0-9a-f]+ does not hold the settings and seed"),
+])
+def test_a_damaged_records_file_is_one_line_and_imports_nothing(tmp_path, tiny_pickle, damage, message):
+    path = write_study(tmp_path / "study.yaml", tiny_pickle, models=["tfn"], evaluate={})
+    run_study(path, study_dir=tmp_path / "a", executor="local")
+    records = tmp_path / "records.jsonl"
+    export_records(path, records, study_dir=tmp_path / "a")
+    records.write_text("\n".join(damage(records.read_text().splitlines())) + "\n")
+    into = ["--dir", str(tmp_path / "b")]
+    result = CliRunner().invoke(main_cli, ["study", "import", str(path), str(records), *into])
+    assert result.exit_code == 2
+    assert re.search(f"{re.escape(str(records))} {message}", result.output), result.output
+    assert ResultStore(tmp_path / "b" / "study.db").records(j.id for j in plan_jobs(load_study(path))) == {}
+    missing = CliRunner().invoke(main_cli, ["study", "import", str(path), str(tmp_path / "none.jsonl")])
+    assert missing.exit_code == 2 and "none.jsonl: no such records file" in missing.output
 
 
 def test_a_job_whose_data_changed_fails_alone(tmp_path, tiny_pickle):

@@ -653,6 +653,39 @@ def study_report(study_file: str, study_dir: str | None, store: str | None, outp
                f"{result['jobs']} jobs recorded)", err=True)
 
 
+@study.command("export")
+@click.argument("study_file")
+@click.option("--dir", "study_dir", default=None, help=STUDY_DIR_HELP)
+@click.option("--store", default=None, help=STORE_HELP)
+@click.option("--output", "-o", required=True, help="the records file to write (JSON lines)")
+@_user_errors
+def study_export(study_file: str, study_dir: str | None, store: str | None, output: str) -> None:
+    """Write the store's records of STUDY_FILE to a text file, for another store or to publish."""
+    from msakit.study import export_records
+
+    done = export_records(study_file, output, study_dir=study_dir, store=store)
+    click.echo(f"study {done['study']}: the records of {done['records']} of {done['jobs']} jobs to "
+               f"{done['output']}")
+
+
+@study.command("import")
+@click.argument("study_file")
+@click.argument("records_file")
+@click.option("--dir", "study_dir", default=None, help=STUDY_DIR_HELP)
+@click.option("--store", default=None, help=STORE_HELP)
+@_user_errors
+def study_import(study_file: str, records_file: str, study_dir: str | None, store: str | None) -> None:
+    """Add the records in RECORDS_FILE (from `msakit study export`) to the store of STUDY_FILE; records
+    of jobs the study does not plan now are skipped, those the store holds are kept as they are."""
+    from msakit.study import import_records
+
+    done = import_records(study_file, records_file, study_dir=study_dir, store=store)
+    unsearched = (f"; not planned until their search is in the store: {', '.join(done['unsearched'])}"
+                  if done["unsearched"] else "")
+    click.echo(f"study {done['study']}: {done['imported']} imported, {done['already']} already in the store, "
+               f"{done['foreign']} not jobs of this study as planned now{unsearched}; store {done['store']}")
+
+
 def main() -> None:
     """The `msakit` command. An error that is not bad input (a bug) is one line on stderr, exit 1,
     with the full traceback written to a file the line names: never a bare traceback."""

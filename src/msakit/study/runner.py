@@ -233,6 +233,22 @@ def run_study(
             "store": results.url, "study_dir": str(root)}
 
 
+def planned_jobs(study: Study, results: ResultStore) -> tuple[list[Job], list[str]]:
+    """The study's jobs as far as `results` knows them, without running anything: a searched entry
+    has its jobs once its search has finished in that store; the labels of those that have not are
+    returned apart."""
+    search = load_search(study)
+    if search is None:
+        return plan_jobs(study), []
+    try:
+        tuned = best_settings(study, search, results.url)
+    except MsakitError:
+        unsearched = [m.label for m in study.models if m.label in search.models]
+        known = dataclasses.replace(study, models=tuple(m for m in study.models if m.label not in unsearched))
+        return plan_jobs(known), unsearched
+    return plan_jobs(study, tuned), []
+
+
 def study_status(path: str | Path, *, study_dir: str | Path | None = None,
                  store: str | None = None) -> dict[str, Any]:
     """Where the study at `path` stands in its store, without running anything: per model entry its
@@ -241,15 +257,8 @@ def study_status(path: str | Path, *, study_dir: str | Path | None = None,
     Entries whose search has not finished are listed apart (their jobs are not known yet)."""
     study = load_study(path)
     _, results = study_store(study, study_dir, store)
-    search, tuned, unsearched = load_search(study), None, []
-    if search is not None:
-        try:
-            tuned = best_settings(study, search, results.url)
-        except MsakitError:
-            unsearched = [m.label for m in study.models if m.label in search.models]
-            study = dataclasses.replace(study, models=tuple(m for m in study.models
-                                                            if m.label not in search.models))
-    jobs = plan_jobs(study, tuned)
+    jobs, unsearched = planned_jobs(study, results)
+    study = dataclasses.replace(study, models=tuple(m for m in study.models if m.label not in unsearched))
     todo = {job.id for job in _todo(jobs, results)}
     held = {key: value for key, value in results.holders(job.id for job in jobs).items()
             if key in todo and value[1] < CLAIM_STALE_S}
