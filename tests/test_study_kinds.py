@@ -4,6 +4,7 @@ in settings entering the job identity by content, and the one-line errors of the
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import yaml
 
 from msakit import api
 from msakit.errors import MsakitError
-from msakit.study import load_study, plan_jobs, report_study, run_study
+from msakit.study import import_records, load_study, plan_jobs, report_study, run_study
 from msakit.study.report import _as_written
 from msakit.study.search import load_search
 from msakit.study.spec import job_identity
@@ -205,3 +206,23 @@ def test_every_published_study_file_loads(study_file, tmp_path, monkeypatch):
         (tmp_path / name).touch()
     study = load_study(str(study_file))
     assert study.models and study.seeds
+
+
+PUBLISHED_RECORDS = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "studies")
+                           .glob("*/records.jsonl"))
+
+
+@pytest.mark.parametrize("records", PUBLISHED_RECORDS, ids=lambda path: path.parent.name)
+def test_a_published_leaderboard_regenerates_from_its_records(records, tmp_path):
+    """The records published beside a leaderboard are still the jobs its study plans with today's
+    code and data, and the report of them is the published one. A failure here means a published
+    number no longer regenerates: rerun the study (its header has the commands) and publish again."""
+    study_file = records.parents[4] / "studies" / f"{records.parent.name}.yaml"
+    store = str(tmp_path / "study.db")
+    done = import_records(study_file, records, store=store)
+    assert (done["foreign"], done["unsearched"]) == (0, [])
+    made = json.loads(Path(report_study(study_file, store=store, output=tmp_path / "report")["output"],
+                           "leaderboard.json").read_text())
+    published = json.loads((records.parent / "leaderboard.json").read_text())
+    compared = ("jobs", "records", "datasets", "domain_generalization", "reproduce")
+    assert {key: made.get(key) for key in compared} == {key: published.get(key) for key in compared}
