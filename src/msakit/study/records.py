@@ -78,7 +78,8 @@ def _read(source: Path) -> list[tuple[int, dict[str, Any]]]:
 
 def _check(source: Path, number: int, record: dict[str, Any], job: Job) -> None:
     """A record on a known job id must be that job's: its settings and seed as the study plans them."""
-    if record.get("config") != job.config or record.get("seed") != job.seed:
+    as_stored = json.dumps(job.config, sort_keys=True)  # as the store writes it: tuples become lists
+    if json.dumps(record.get("config"), sort_keys=True) != as_stored or record.get("seed") != job.seed:
         raise MsakitError(f"{source} line {number}: record {record['job']} does not hold the settings and "
                           f"seed of the job with that identity (an edited or damaged record)")
 
