@@ -142,6 +142,13 @@ def test_records_travel_to_another_store_and_report_the_same(tmp_path, tiny_pick
     again = cli.invoke(main_cli, ["study", "import", str(path), str(records), "--dir", b])
     assert "0 imported, 4 already in the store" in again.output
 
+    # a setting outside the identity (where TensorBoard logs went) may differ: still the same jobs
+    logged = tmp_path / "logged.jsonl"
+    logged.write_text("".join(json.dumps({**r, "config": {**r["config"], "training": {
+        **r["config"]["training"], "log": "tensorboard"}}}) + "\n"
+        for r in map(json.loads, records.read_text().splitlines())))
+    assert import_records(path, logged, study_dir=tmp_path / "d")["imported"] == 4
+
     # a changed setting makes other jobs: lmf's records are not this study's any more, tfn's are
     changed = write_study(tmp_path / "changed.yaml", tiny_pickle, evaluate={"intra": {"rates": [0.0, 0.5]}},
                           models=["tfn", {"model": "lmf", "set": ["model.rank=3"]}])

@@ -27,7 +27,7 @@ from typing import Any
 from msakit.errors import MsakitError
 from msakit.fileio import atomic_write_text
 from msakit.study.runner import planned_jobs, study_store
-from msakit.study.spec import Job, load_study
+from msakit.study.spec import Job, identity_settings, load_study
 
 RECORD_KEYS = ("job", "train", "evaluations")
 
@@ -76,10 +76,18 @@ def _read(source: Path) -> list[tuple[int, dict[str, Any]]]:
     return records
 
 
+def _settings(config: Any) -> str:
+    """The settings that make a job, as JSON (tuples read as the lists a record holds); a file
+    setting by its presence only, since another machine's path to the same content differs (the job
+    id holds the content)."""
+    if not isinstance(config, dict) or not all(isinstance(v, dict) for v in config.values()):
+        return ""
+    return json.dumps(identity_settings(config, files=lambda path: "a file"), sort_keys=True)
+
+
 def _check(source: Path, number: int, record: dict[str, Any], job: Job) -> None:
     """A record on a known job id must be that job's: its settings and seed as the study plans them."""
-    as_stored = json.dumps(job.config, sort_keys=True)  # as the store writes it: tuples become lists
-    if json.dumps(record.get("config"), sort_keys=True) != as_stored or record.get("seed") != job.seed:
+    if _settings(record.get("config")) != _settings(job.config) or record.get("seed") != job.seed:
         raise MsakitError(f"{source} line {number}: record {record['job']} does not hold the settings and "
                           f"seed of the job with that identity (an edited or damaged record)")
 

@@ -59,7 +59,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -386,6 +386,16 @@ def file_identity(path: str | Path) -> dict[str, str]:
     return {"file sha256": digest.hexdigest()}
 
 
+def identity_settings(config: dict[str, Any],
+                      files: Callable[[str], Any] = file_identity) -> dict[str, dict[str, Any]]:
+    """The settings of `config` that enter a job identity (see `job_identity`), each file setting
+    replaced by `files(path)`: its content's hash by default."""
+    return {section: {key: files(value) if value is not None and key in FILE_SETTINGS.get(section, ())
+                      else value
+                      for key, value in values.items() if key not in NEUTRAL_SETTINGS.get(section, ())}
+            for section, values in without_added_settings(config).items()}
+
+
 def job_identity(model: str, config: dict[str, Any], seed: int, fingerprint: str,
                  target: str | None = None, group_by: str | None = None,
                  recipe: dict[str, Any] | None = None) -> str:
@@ -393,11 +403,7 @@ def job_identity(model: str, config: dict[str, Any], seed: int, fingerprint: str
     and those of `msakit.training.settings.ADDED_SETTINGS` at their listed value; the files of
     `FILE_SETTINGS` by content), the seed, the data, a DG job's target and grouping, a reproduce
     job's recipe."""
-    kept = {section: {key: file_identity(value) if value is not None and key in FILE_SETTINGS.get(section, ())
-                      else value
-                      for key, value in values.items() if key not in NEUTRAL_SETTINGS.get(section, ())}
-            for section, values in without_added_settings(config).items()}
-    cell = {"model": model, "config": kept, "seed": seed, "data": fingerprint}
+    cell = {"model": model, "config": identity_settings(config), "seed": seed, "data": fingerprint}
     if target is not None:
         cell["dg"] = {"target": target, "group_by": group_by}
     if recipe is not None:
