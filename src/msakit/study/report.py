@@ -237,14 +237,14 @@ def dg_table(targets: dict[str, Any], family: str) -> list[str]:
     return lines + _table(head, rows)
 
 
-def _protocols(study: Study, models: dict[str, Any]) -> list[str]:
-    return list(dict.fromkeys(e.protocol for e in _evaluations(study, list(models))))
+def _protocols(evaluations: Sequence[Evaluation]) -> list[str]:
+    return list(dict.fromkeys(e.protocol for e in evaluations))
 
 
 def per_seed_table(study: Study, models: dict[str, Any], family: str) -> list[str]:
     """Each seed's selected epoch, clean MAE and Corr, and each protocol's mean over its conditions."""
     columns = SIMS_ROBUSTNESS_COLUMNS if family == "sims" else ROBUSTNESS_COLUMNS
-    protocols = _protocols(study, models)
+    protocols = _protocols(_evaluations(study, list(models)))
     head = ["model", "seed", "best epoch", f"clean {LABELS['mae']}", f"clean {LABELS['corr']}",
             *(f"{p} {LABELS[k]}" for p in protocols for k in columns)]
     rows = [[label, str(run["seed"]), str(run["best_epoch"]), format_value("mae", run["clean"]["mae"]),
@@ -260,7 +260,7 @@ def robustness_table(study: Study, models: dict[str, Any], family: str) -> list[
     """Clean MAE, then each protocol's mean over its conditions (MAE, Acc-2, Corr), per model."""
     columns = SIMS_ROBUSTNESS_COLUMNS if family == "sims" else ROBUSTNESS_COLUMNS
     evaluations = _evaluations(study, list(models))
-    protocols = _protocols(study, models)
+    protocols = _protocols(evaluations)
     described = "; ".join(dict.fromkeys(_describe(e) for e in evaluations))
     lines = [f"Test split; each protocol cell is the mean over its conditions ({described}), then "
              "mean ± std over seeds.", ""]
