@@ -156,6 +156,16 @@ def test_records_travel_to_another_store_and_report_the_same(tmp_path, tiny_pick
         "study": "tiny", "store": None, "imported": 2, "already": 0, "foreign": 2, "unsearched": []}
 
 
+@pytest.fixture(scope="module")
+def exported_tfn(tmp_path_factory, tiny_pickle) -> tuple[Path, Path]:
+    """A one-model study trained once, and its records exported."""
+    folder = tmp_path_factory.mktemp("exported")
+    path = write_study(folder / "study.yaml", tiny_pickle, models=["tfn"], evaluate={})
+    run_study(path, study_dir=folder / "a", executor="local")
+    export_records(path, folder / "records.jsonl", study_dir=folder / "a")
+    return path, folder / "records.jsonl"
+
+
 @pytest.mark.parametrize(("damage", "message"), [
     (lambda lines: [lines[0], "{not json", *lines[1:]], "line 2: not a JSON record"),
     (lambda lines: [lines[0], "[1, 2]"], "line 2: expected a JSON object, got list"),
@@ -163,12 +173,10 @@ def test_records_travel_to_another_store_and_report_the_same(tmp_path, tiny_pick
     (lambda lines: [lines[0], json.dumps({**json.loads(lines[1]), "seed": 7})],
      "line 2: record [0-9a-f]+ does not hold the settings and seed"),
 ])
-def test_a_damaged_records_file_is_one_line_and_imports_nothing(tmp_path, tiny_pickle, damage, message):
-    path = write_study(tmp_path / "study.yaml", tiny_pickle, models=["tfn"], evaluate={})
-    run_study(path, study_dir=tmp_path / "a", executor="local")
+def test_a_damaged_records_file_is_one_line_and_imports_nothing(tmp_path, exported_tfn, damage, message):
+    path, exported = exported_tfn
     records = tmp_path / "records.jsonl"
-    export_records(path, records, study_dir=tmp_path / "a")
-    records.write_text("\n".join(damage(records.read_text().splitlines())) + "\n")
+    records.write_text("\n".join(damage(exported.read_text().splitlines())) + "\n")
     into = ["--dir", str(tmp_path / "b")]
     result = CliRunner().invoke(main_cli, ["study", "import", str(path), str(records), *into])
     assert result.exit_code == 2
