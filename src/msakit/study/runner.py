@@ -258,12 +258,11 @@ def study_status(path: str | Path, *, study_dir: str | Path | None = None,
     study = load_study(path)
     _, results = study_store(study, study_dir, store)
     jobs, unsearched = planned_jobs(study, results)
-    study = dataclasses.replace(study, models=tuple(m for m in study.models if m.label not in unsearched))
     todo = {job.id for job in _todo(jobs, results)}
     held = {key: value for key, value in results.holders(job.id for job in jobs).items()
             if key in todo and value[1] < CLAIM_STALE_S}
     rows = []
-    for model in study.models:
+    for model in (m for m in study.models if m.label not in unsearched):
         mine = [job for job in jobs if job.model.label == model.label]
         running = [{"job": job.id, "dataset": job.dataset.label, "seed": job.seed, "owner": held[job.id][0],
                     "heartbeat_s": held[job.id][1]} for job in mine if job.id in held]
