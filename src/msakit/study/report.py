@@ -131,7 +131,8 @@ def summarise(study: Study, records: dict[str, dict[str, Any]], jobs: list) -> d
                          "protocols": {p: run["evaluations"][found["key"]]["mean"]
                                        for p, found in protocols.items()}}
                         for job, run in sorted(zip(cell, runs, strict=True), key=lambda pair: pair[0].seed)]
-            models[model.label] = {"model": model.model, "overrides": list(cell[0].model.overrides),
+            models[model.label] = {"model": model.model,
+                                   "overrides": [_as_written(o) for o in cell[0].model.overrides],
                                    "seeds": sorted(j.seed for j in cell), "per_seed": per_seed,
                                    "clean": clean_mean,
                                    "clean_std": clean_std, "stages": _stages(runs), "protocols": protocols,
@@ -322,7 +323,7 @@ def markdown(study: Study, summary: dict[str, Any], families: dict[str, str], co
             lines += ["", "Settings over each model's defaults (the study's, then those its search chose on "
                       "validation):", ""]
             lines += _table(["model", "settings"],
-                            [[label, " ".join(f"`{_as_written(o)}`" for o in overrides)]
+                            [[label, " ".join(f"`{o}`" for o in overrides)]
                              for label, overrides in tuned.items()])
         lines += ["", "### Per seed", "", *per_seed_table(study, models, family)]
         evaluations = _evaluations(study, list(models))
