@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from click.testing import CliRunner
 
 from msakit import api
+from msakit.cli import cli
 from msakit.errors import MsakitError
 from msakit.study import import_records, load_study, plan_jobs, report_study, run_study
 from msakit.study.report import _as_written
@@ -193,7 +197,12 @@ def test_a_setting_added_later_keeps_the_identity_at_its_old_behaviour():
     assert job_identity("tfn", changed, 1, "data") != job_identity("tfn", before, 1, "data")
 
 
-PUBLISHED_STUDIES = sorted((Path(__file__).resolve().parents[1] / "studies").glob("*.yaml"))
+REPO = Path(__file__).resolve().parents[1]
+PUBLISHED_STUDIES = sorted((REPO / "studies").glob("*.yaml"))
+
+
+def _named_cue_files(study_file: Path) -> set[str]:
+    return set(re.findall(r"model\.cues=([^,\]\s]+)", study_file.read_text()))
 
 
 @pytest.mark.parametrize("study_file", PUBLISHED_STUDIES, ids=lambda path: path.stem)
@@ -201,23 +210,45 @@ def test_every_published_study_file_loads(study_file, tmp_path, monkeypatch):
     """A typo in a study of `studies/` fails here, not hours into its run. The cue files its
     entries name (made once by the commands its header gives) are stood in for by empty files."""
     monkeypatch.chdir(tmp_path)
-    for name in set(re.findall(r"model\.cues=([^,\]\s]+)", study_file.read_text())):
+    for name in _named_cue_files(study_file):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).touch()
     study = load_study(str(study_file))
     assert study.models and study.seeds
 
 
-PUBLISHED_RECORDS = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "studies")
-                           .glob("*/records.jsonl"))
+PUBLISHED_RECORDS = sorted((REPO / "benchmarks" / "results" / "studies").glob("*/records.jsonl"))
+
+
+# How each cue file a published study names is made (its header gives the same commands). The files
+# enter the jobs' identities by content, so they are made here, not stood in for.
+CUE_FILE_COMMANDS = {
+    "runs/synthetic_cues.jsonl": ["msakit", "cues", "synthetic", "--output", "runs/synthetic_cues.jsonl"],
+    "runs/mmslf_oracle_cues/oracle.jsonl": ["python", "benchmarks/mmslf_oracle_cues.py", "--cues-only",
+                                            "--runs-dir", "runs/mmslf_oracle_cues"],
+}
+
+
+def _make_cue_files(study_file: Path) -> None:
+    """The cue files `study_file`'s entries name, made in the working directory."""
+    for name in sorted(_named_cue_files(study_file)):
+        assert name in CUE_FILE_COMMANDS, f"{study_file.name} names {name}: say how it is made"
+        program, *args = CUE_FILE_COMMANDS[name]
+        if program == "msakit":
+            result = CliRunner().invoke(cli, args)
+            assert result.exit_code == 0, result.output
+        else:
+            subprocess.run([sys.executable, str(REPO / args[0]), *args[1:]], check=True, capture_output=True)
 
 
 @pytest.mark.parametrize("records", PUBLISHED_RECORDS, ids=lambda path: path.parent.name)
-def test_a_published_leaderboard_regenerates_from_its_records(records, tmp_path):
+def test_a_published_leaderboard_regenerates_from_its_records(records, tmp_path, monkeypatch):
     """The records published beside a leaderboard are still the jobs its study plans with today's
     code and data, and the report of them is the published one. A failure here means a published
     number no longer regenerates: rerun the study (its header has the commands) and publish again."""
-    study_file = records.parents[4] / "studies" / f"{records.parent.name}.yaml"
+    study_file = REPO / "studies" / f"{records.parent.name}.yaml"
+    monkeypatch.chdir(tmp_path)
+    _make_cue_files(study_file)
     store = str(tmp_path / "study.db")
     done = import_records(study_file, records, store=store)
     assert (done["foreign"], done["unsearched"]) == (0, [])
