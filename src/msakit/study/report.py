@@ -242,10 +242,10 @@ def _protocols(evaluations: Sequence[Evaluation]) -> list[str]:
     return list(dict.fromkeys(e.protocol for e in evaluations))
 
 
-def per_seed_table(study: Study, models: dict[str, Any], family: str) -> list[str]:
+def per_seed_table(models: dict[str, Any], evaluations: Sequence[Evaluation], family: str) -> list[str]:
     """Each seed's selected epoch, clean MAE and Corr, and each protocol's mean over its conditions."""
     columns = SIMS_ROBUSTNESS_COLUMNS if family == "sims" else ROBUSTNESS_COLUMNS
-    protocols = _protocols(_evaluations(study, list(models)))
+    protocols = _protocols(evaluations)
     head = ["model", "seed", "best epoch", f"clean {LABELS['mae']}", f"clean {LABELS['corr']}",
             *(f"{p} {LABELS[k]}" for p in protocols for k in columns)]
     rows = [[label, str(run["seed"]), str(run["best_epoch"]), format_value("mae", run["clean"]["mae"]),
@@ -257,10 +257,9 @@ def per_seed_table(study: Study, models: dict[str, Any], family: str) -> list[st
             "", *_table(head, rows)]
 
 
-def robustness_table(study: Study, models: dict[str, Any], family: str) -> list[str]:
+def robustness_table(models: dict[str, Any], evaluations: Sequence[Evaluation], family: str) -> list[str]:
     """Clean MAE, then each protocol's mean over its conditions (MAE, Acc-2, Corr), per model."""
     columns = SIMS_ROBUSTNESS_COLUMNS if family == "sims" else ROBUSTNESS_COLUMNS
-    evaluations = _evaluations(study, list(models))
     protocols = _protocols(evaluations)
     described = "; ".join(dict.fromkeys(_describe(e) for e in evaluations))
     lines = [f"Test split; each protocol cell is the mean over its conditions ({described}), then "
@@ -325,11 +324,11 @@ def markdown(study: Study, summary: dict[str, Any], families: dict[str, str], co
             lines += _table(["model", "settings"],
                             [[label, " ".join(f"`{o}`" for o in overrides)]
                              for label, overrides in tuned.items()])
-        lines += ["", "### Per seed", "", *per_seed_table(study, models, family)]
         evaluations = _evaluations(study, list(models))
+        lines += ["", "### Per seed", "", *per_seed_table(models, evaluations, family)]
         stems = _curve_stems(dataset, evaluations)
         if evaluations:
-            lines += ["", "### Robustness", "", *robustness_table(study, models, family)]
+            lines += ["", "### Robustness", "", *robustness_table(models, evaluations, family)]
             for evaluation in evaluations:
                 p = evaluation.protocol
                 with_p = {label: m["protocols"][p] for label, m in sorted(models.items())
@@ -444,8 +443,11 @@ def report_study(path: str | Path, *, output: str | Path | None = None, store: s
         ["msakit", "study", "report", str(path), *store_part, "--output", str(out)])
     distinct = len({j.id for j in jobs})  # model entries that train alike share one job
     text = markdown(study, summary, families, command, distinct - len(records), dg, reproduced)
+    compact = []  # the robustness (or domain-generalization) tables alone, for pages that show only them
     for dataset, models in summary.items():
         evaluations = _evaluations(study, list(models))
+        if evaluations:
+            compact += [f"**{dataset}**", "", *robustness_table(models, evaluations, families[dataset]), ""]
         for evaluation, stem in zip(evaluations, _curve_stems(dataset, evaluations).values(), strict=True):
             with_p = {label: m for label, m in models.items()
                       if m["protocols"].get(evaluation.protocol, {}).get("key") == evaluation.key}
@@ -453,11 +455,6 @@ def report_study(path: str | Path, *, output: str | Path | None = None, store: s
                 title = f"{study.name}: {dataset}, {_describe(evaluation)}"
                 plot_protocol(out / stem, title, with_p, evaluation.protocol)
     atomic_write_text(out / "leaderboard.md", text)
-    # the robustness (or domain-generalization) tables alone, for pages that show only them
-    compact = []
-    for dataset, models in summary.items():
-        if _evaluations(study, list(models)):
-            compact += [f"**{dataset}**", "", *robustness_table(study, models, families[dataset]), ""]
     for dataset, targets in dg.items():
         compact += [f"**{dataset}**", "", *dg_table(targets, families[dataset]), ""]
     if compact:
