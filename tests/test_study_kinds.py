@@ -220,12 +220,21 @@ def test_every_published_study_file_loads(study_file, tmp_path, monkeypatch):
 PUBLISHED_RECORDS = sorted((REPO / "benchmarks" / "results" / "studies").glob("*/records.jsonl"))
 
 
+def _msakit(*args: str) -> None:
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+
+
+def _python(script: str, *args: str) -> None:
+    subprocess.run([sys.executable, str(REPO / script), *args], check=True)
+
+
 # How each cue file a published study names is made (its header gives the same commands). The files
 # enter the jobs' identities by content, so they are made here, not stood in for.
 CUE_FILE_COMMANDS = {
-    "runs/synthetic_cues.jsonl": ["msakit", "cues", "synthetic", "--output", "runs/synthetic_cues.jsonl"],
-    "runs/mmslf_oracle_cues/oracle.jsonl": ["python", "benchmarks/mmslf_oracle_cues.py", "--cues-only",
-                                            "--runs-dir", "runs/mmslf_oracle_cues"],
+    "runs/synthetic_cues.jsonl": (_msakit, "cues", "synthetic", "--output", "runs/synthetic_cues.jsonl"),
+    "runs/mmslf_oracle_cues/oracle.jsonl": (_python, "benchmarks/mmslf_oracle_cues.py", "--cues-only",
+                                            "--runs-dir", "runs/mmslf_oracle_cues"),
 }
 
 
@@ -233,12 +242,8 @@ def _make_cue_files(study_file: Path) -> None:
     """The cue files `study_file`'s entries name, made in the working directory."""
     for name in sorted(_named_cue_files(study_file)):
         assert name in CUE_FILE_COMMANDS, f"{study_file.name} names {name}: say how it is made"
-        program, *args = CUE_FILE_COMMANDS[name]
-        if program == "msakit":
-            result = CliRunner().invoke(cli, args)
-            assert result.exit_code == 0, result.output
-        else:
-            subprocess.run([sys.executable, str(REPO / args[0]), *args[1:]], check=True, capture_output=True)
+        run, *args = CUE_FILE_COMMANDS[name]
+        run(*args)
 
 
 @pytest.mark.parametrize("records", PUBLISHED_RECORDS, ids=lambda path: path.parent.name)
