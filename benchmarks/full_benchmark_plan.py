@@ -1,7 +1,7 @@
 """The size of the full benchmark: every registered model x MOSI, MOSEI, SIMS, SIMSv2 x 5 seeds, each
 job trained with its published settings and scored under the three missing-data protocols.
 
-    python benchmarks/full_benchmark_plan.py [--store STORE ...]
+    python benchmarks/full_benchmark_plan.py [--records RECORDS.jsonl ...]
 
 Counts the jobs, reads each model's epochs per dataset family from its YAML (an upper bound: early
 stopping ends most runs sooner) and the training-set sizes of the four benchmarks, and turns them
@@ -9,9 +9,10 @@ into hours with measured speeds:
 - GPU: `benchmarks/results/perf/gpu.json` (train samples/s per model at MOSI and MOSEI shapes,
   made by `benchmarks/perf/gpu.py` on a GPU), when it exists;
 - CPU: seconds per training sample measured by study jobs on the MOSI-sized synthetic data (the
-  job records of the `--store` files, the first that has the model: the job's seconds over the
-  epochs it ran times the training samples; evaluation included, so an upper bound), for the models
-  they have.
+  job records of the `--records` files, as `msakit study export` writes them, the first that has the
+  model: the job's seconds over the epochs it ran times the training samples; evaluation included,
+  so an upper bound), for the models they have. The default is the published records of the
+  real-scale robustness study, so the table regenerates from a clean clone.
 Writes benchmarks/results/full_benchmark_plan.{json,md}.
 """
 
@@ -39,21 +40,19 @@ def epochs(model: str, family: str) -> int:
     return sum(s["epochs"] for s in stages) if stages else training["epochs"]
 
 
-def cpu_seconds_per_sample(store: Path) -> dict[str, float]:
+def cpu_seconds_per_sample(records: Path) -> dict[str, float]:
     """Per model: the median over its recorded jobs of seconds / (epochs run x training samples).
-    Only jobs recorded under the model's own name count: a store written before a job's row kept
-    its training's seconds holds, for a job that an entry of another label shares (CyIN's
-    `cyin-own-fill`), the seconds of the execution that only added that entry's evaluations."""
-    if not store.is_file():
+    Only jobs recorded under the model's own name count: an entry of another label may share a job
+    whose record holds the seconds of the execution that only added that entry's evaluations (CyIN's
+    `cyin-own-fill`)."""
+    if not records.is_file():
         return {}
-    import sqlite3
-
-    rows = sqlite3.connect(store).execute("select model, label, seconds, train from msakit_jobs").fetchall()
     per: dict[str, list[float]] = {}
-    for model, label, seconds, train in rows:
-        ran = json.loads(train).get("epochs_run") or 0
-        if seconds and ran and label == model:
-            per.setdefault(model, []).append(seconds / (ran * SYNTHETIC_TRAIN))
+    for line in records.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        ran = record["train"].get("epochs_run") or 0
+        if record.get("seconds") and ran and record["label"] == record["model"]:
+            per.setdefault(record["model"], []).append(record["seconds"] / (ran * SYNTHETIC_TRAIN))
     return {m: sorted(v)[len(v) // 2] for m, v in per.items()}
 
 
@@ -70,14 +69,14 @@ def gpu_samples_per_second(path: Path) -> dict[tuple[str, str], float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--store", nargs="+", default=["runs/studies/robustness-synthetic/study.db",
-                                                       "runs/studies/robustness-synthetic-raw/study.db"])
+    parser.add_argument("--records", nargs="+",
+                        default=["benchmarks/results/studies/robustness-synthetic-raw/records.jsonl"])
     parser.add_argument("--gpu", default="benchmarks/results/perf/gpu.json")
     parser.add_argument("--output", default="benchmarks/results/full_benchmark_plan")
     args = parser.parse_args()
     cpu: dict[str, float] = {}
-    for store in args.store:
-        cpu = cpu_seconds_per_sample(Path(store)) | cpu
+    for records in args.records:
+        cpu = cpu_seconds_per_sample(Path(records)) | cpu
     gpu = gpu_samples_per_second(Path(args.gpu))
     rows = []
     for model in list_models():
@@ -100,7 +99,7 @@ def main() -> None:
         "YAMLs' maxima (early stopping ends most runs sooner), so the hours are upper bounds. CPU hours: one "
         "thread, per training sample as measured by study jobs on the MOSI-sized synthetic data with the "
         "models' CPU-sized `synthetic` settings (the published settings are larger: read them as a lower "
-        "bound of the per-sample cost; a dash where no study store read here has trained the model). "
+        "bound of the per-sample cost; a dash where no records read here hold the model). "
         "GPU hours need `benchmarks/perf/gpu.py` run on a GPU"
         + (" (found)." if gpu else " (not run yet: no column)."),
         "",
