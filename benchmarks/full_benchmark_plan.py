@@ -12,7 +12,9 @@ into hours with measured speeds:
   job records of the `--records` files, as `msakit study export` writes them, the first that has the
   model: the job's seconds over the epochs it ran times the training samples; evaluation included,
   so an upper bound), for the models they have. The default is the published records of the
-  real-scale robustness study, so the table regenerates from a clean clone.
+  real-scale robustness study, so the table regenerates from a clean clone. A job that resumed from
+  its training state records the seconds of the execution that finished it only, so it counts as
+  faster than it was.
 Writes benchmarks/results/full_benchmark_plan.{json,md}.
 """
 
