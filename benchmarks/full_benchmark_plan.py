@@ -28,6 +28,7 @@ from pathlib import Path
 
 from msakit.fileio import atomic_write_json, atomic_write_text
 from msakit.models.registry import list_models
+from msakit.study.records import read_records
 from msakit.training.config import resolve_config
 
 TRAIN_SIZES = {"mosi": 1284, "mosei": 16326, "sims": 1368, "simsv2": 2722}  # REFERENCES.md §1
@@ -50,8 +51,7 @@ def cpu_seconds_per_sample(records: Path) -> dict[str, float]:
     if not records.is_file():
         return {}
     per: dict[str, list[float]] = {}
-    for line in records.read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
+    for _, record in read_records(records):
         ran = record["train"].get("epochs_run") or 0
         if record.get("seconds") and ran and record["label"] == record["model"]:
             per.setdefault(record["model"], []).append(record["seconds"] / (ran * SYNTHETIC_TRAIN))

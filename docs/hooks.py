@@ -153,7 +153,8 @@ def section(argument: str) -> str:
     if wanted is not None:
         table = [i for i, line in enumerate(body) if line.startswith("|")]
         kept = [i for i in table[2:] if first_cell(body[i]) in wanted]
-        missing = [name for name in wanted if name not in {first_cell(body[i]) for i in kept}]
+        found = {first_cell(body[i]) for i in kept}
+        missing = [name for name in wanted if name not in found]
         if missing:  # a name may have several rows (a per-seed table), but at least one
             raise ValueError(f"{path}, {heading}: no row for {', '.join(missing)}")
         body = [line for i, line in enumerate(body) if i not in table[2:] or i in kept]

@@ -49,7 +49,9 @@ def export_records(path: str | Path, output: str | Path, *, study_dir: str | Pat
             "output": str(out)}
 
 
-def _read(source: Path) -> list[tuple[int, dict[str, Any]]]:
+def read_records(source: Path) -> list[tuple[int, dict[str, Any]]]:
+    """The records of a file `export_records` wrote, each with its line number; a line that is not a
+    record is one error naming the file and the line."""
     try:
         lines = source.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
@@ -100,7 +102,7 @@ def import_records(path: str | Path, source: str | Path, *, study_dir: str | Pat
     source = Path(source).expanduser()
     if not source.is_file():
         raise MsakitError(f"{source}: no such records file")
-    records = _read(source)
+    records = read_records(source)
     _, results = study_store(study, study_dir, store)
     jobs, unsearched = planned_jobs(study, results)
     by_id = {job.id: job for job in jobs}
