@@ -13,8 +13,8 @@ into hours with measured speeds:
   model: the job's seconds over the epochs it ran times the training samples; evaluation included,
   so an upper bound), for the models they have. The default is the published records of the
   real-scale robustness study, so the table regenerates from a clean clone. A job that resumed from
-  its training state records the seconds of the execution that finished it only, so it counts as
-  faster than it was.
+  its training state counts the seconds its state carries (`msakit.training.trainer.state_seconds`);
+  one recorded before states carried them counts only the execution that finished it.
 Writes benchmarks/results/full_benchmark_plan.{json,md}.
 """
 

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 
@@ -33,6 +34,7 @@ from msakit.study import (
     study_status,
 )
 from msakit.study.store import CLAIM_STALE_S, ResultStore
+from msakit.training.trainer import state_seconds
 
 pytest.importorskip("ray")
 pytest.importorskip("sqlalchemy")
@@ -197,6 +199,27 @@ def test_a_job_whose_data_changed_fails_alone(tmp_path, tiny_pickle):
 
     with pytest.raises(MsakitError, match="changed since the study was planned"):
         run_job(jobs[0], str(tmp_path / "study"))
+
+
+def test_a_resumed_job_records_the_seconds_of_every_execution(tmp_path, tiny_pickle, monkeypatch):
+    """The record of a job killed and resumed counts the training its state file carries, so a
+    resumed job does not read as faster than it was."""
+    from msakit.study.runner import run_job
+    from resume_check import Interrupted, interrupt_training
+
+    path = write_study(tmp_path / "study.yaml", tiny_pickle, models=["tfn"], seeds=[1],
+                       set=["training.epochs=4", "training.patience=4", "model.text_source=features"])
+    (job,) = plan_jobs(load_study(path))
+    interrupt_training(monkeypatch, after=2)
+    with pytest.raises(Interrupted):
+        run_job(job, str(tmp_path / "study"))
+    state_file = tmp_path / "study" / "jobs" / job.id / "seed-1.state.pt"
+    assert 0 < state_seconds(state_file) < 600
+    state = torch.load(state_file, weights_only=True)
+    torch.save({**state, "seconds": 5000.0}, state_file)  # as if the killed execution had trained long
+    record = run_job(job, str(tmp_path / "study"))
+    assert record["train"]["epochs_run"] == 4
+    assert 5000 < record["seconds"] < 5600
 
 
 def test_a_claim_is_held_by_one_driver_until_released_or_stale(tmp_path):

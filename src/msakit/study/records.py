@@ -2,7 +2,8 @@
 them into another store.
 
 One JSON object per line, a job's whole record as the store holds it (its training's summary and
-its evaluations, with the label, host and seconds of the execution that trained it), sorted by model
+its evaluations, with the label and host of the execution that trained it and the seconds it took,
+those of the earlier executions it resumed included), sorted by model
 label, dataset, seed and job id, so the same records make the same bytes. What it is for: records
 that travel without a shared database (a study trained partly on a laptop and partly on a cluster,
 each with its own SQLite store), and records published beside a leaderboard, so that `msakit study

@@ -30,6 +30,7 @@ from msakit.study.search import best_settings, load_search, tune
 from msakit.study.spec import Job, Study, job_identity, load_data, load_study, study_recipe
 from msakit.study.store import CLAIM_STALE_S, ResultStore
 from msakit.training.runs import aligned_input, resolved_config
+from msakit.training.trainer import state_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -121,13 +122,16 @@ def run_claimed_job(job: Job, root: str, store_url: str, owner: str) -> dict[str
 
 
 def run_job(job: Job, root: str) -> dict[str, Any]:
-    """Train the job's seed (or read it back from its run folder) and run its evaluations."""
-    start = time.perf_counter()
+    """Train the job's seed (or read it back from its run folder) and run its evaluations. The
+    record's seconds are this execution's and, for a training it resumes, the earlier executions'
+    that its state files carry."""
+    run_dir = Path(root) / "jobs" / job.id
+    earlier = sum(state_seconds(path) for path in run_dir.rglob("*.state.pt")) if run_dir.is_dir() else 0.0
+    start = time.perf_counter() - earlier
     data = load_data(job.dataset, job.model.model)
     if data.fingerprint != job.fingerprint:
         raise MsakitError(f"{job.dataset.dataset} changed since the study was planned (content fingerprint "
                           f"{data.fingerprint[:12]}, planned {job.fingerprint[:12]}): run the study again")
-    run_dir = Path(root) / "jobs" / job.id
     if job.target is not None:
         return _dg_job(job, data, run_dir, start)
     if job.recipe is not None:

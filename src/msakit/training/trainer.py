@@ -20,7 +20,8 @@ scored under a transform (a missing-data protocol) and each of several metrics k
 epoch (`best_by_metric`, for per-metric checkpoints).
 With a state file, everything the loop carries between epochs is saved after each epoch, and a fit
 handed an existing state file continues from it: an interrupted run resumes where it stopped and ends
-with the same weights as an uninterrupted one. Under torchrun the same loop runs on every process,
+with the same weights as an uninterrupted one, and the state counts the seconds every execution
+trained (`state_seconds`). Under torchrun the same loop runs on every process,
 the model in DistributedDataParallel (`msakit.training.distributed`).
 """
 
@@ -357,6 +358,13 @@ def best_weight_files(state_file: Path) -> list[Path]:
     return sorted(state_file.parent.glob(f"{state_file.stem}.best-*.pt"))
 
 
+def state_seconds(state_file: Path) -> float:
+    """The seconds of training a state file carries: every execution's, up to its last write (those
+    a killed execution trained after it are trained again and counted then). 0 for a state file
+    written before states carried them."""
+    return float(read_tagged(state_file, STATE_FORMAT, "training state").get("seconds", 0.0))
+
+
 class Trainer:
     """Trains one model on one dataset; `fit` then `evaluate` or `predict` any split."""
 
@@ -434,6 +442,7 @@ class Trainer:
         """
         generator = torch.Generator().manual_seed(seed)
         self._last_write = None  # (when, seconds) of this fit's last state write
+        self._clock = (time.perf_counter(), 0.0)  # (when this fit began, training seconds before it)
         history: list[EpochRecord] = []  # its length also numbers epochs across stages for noise
         reports: list[Any] = []
         saved = None
@@ -442,6 +451,7 @@ class Trainer:
             history = [EpochRecord(**r) for r in saved["history"]]
             reports = list(saved["reports"])
             generator.set_state(saved["generator"])
+            self._clock = (self._clock[0], saved.get("seconds", 0.0))
             log.info("resuming from %s: stage %s, %d epoch(s) done", state_file,
                      self.stages()[saved["stage_index"]].name, saved["epoch"])
         result = FitResult(best_valid={}, best_epoch=0, epochs_run=0)
@@ -612,7 +622,7 @@ class Trainer:
                     {"format": BEST_FORMAT, "state": loop.best_state}, handle))
         payload = {
             "format": STATE_FORMAT, "meta": meta, "stage_index": stage_index,
-            "epoch": loop.epoch, "stale": loop.stale,
+            "epoch": loop.epoch, "stale": loop.stale, "seconds": self._training_seconds(),
             "best": {k: getattr(loop.best, k) for k in ("best_valid", "best_epoch", "epochs_run")},
             "best_file": None if best_file is None else best_file.name, "model": self.model.state_dict(),
             "model_extra": self.model.training_state(),
@@ -628,6 +638,11 @@ class Trainer:
         for stale in best_weight_files(path):
             if stale != best_file:
                 stale.unlink(missing_ok=True)
+
+    def _training_seconds(self) -> float:
+        """The seconds this fit has trained so far, with those of the executions it resumed."""
+        began, before = self._clock
+        return before + time.perf_counter() - began
 
     def _read_state(self, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
         state = read_tagged(path, STATE_FORMAT, "training state")
