@@ -101,7 +101,9 @@ def main() -> None:
         "YAMLs' maxima (early stopping ends most runs sooner), so the hours are upper bounds. CPU hours: one "
         "thread, per training sample as measured by study jobs on the MOSI-sized synthetic data with the "
         "models' CPU-sized `synthetic` settings (the published settings are larger: read them as a lower "
-        "bound of the per-sample cost; a dash where no records read here hold the model). "
+        "bound of the per-sample cost), from the seconds each job recorded, whatever else its machine ran "
+        f"meanwhile (records: {', '.join(f'`{r}`' for r in args.records)}; a dash where they lack the "
+        "model). "
         "GPU hours need `benchmarks/perf/gpu.py` run on a GPU"
         + (" (found)." if gpu else " (not run yet: no column)."),
         "",

@@ -233,6 +233,8 @@ def _python(script: str, *args: str) -> None:
 # enter the jobs' identities by content, so they are made here, not stood in for.
 CUE_FILE_COMMANDS = {
     "runs/synthetic_cues.jsonl": (_msakit, "cues", "synthetic", "--output", "runs/synthetic_cues.jsonl"),
+    "runs/synthetic-raw_cues.jsonl": (_msakit, "cues", "synthetic-raw", "--output",
+                                      "runs/synthetic-raw_cues.jsonl"),
     "runs/mmslf_oracle_cues/oracle.jsonl": (_python, "benchmarks/mmslf_oracle_cues.py", "--cues-only",
                                             "--runs-dir", "runs/mmslf_oracle_cues"),
 }
