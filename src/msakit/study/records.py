@@ -1,13 +1,13 @@
 """A study's records as a text file: `msakit study export` writes them, `msakit study import` reads
 them into another store.
 
-One JSON object per line, a job's whole record as the store holds it (its training's summary and
-its evaluations, with the label and host of the execution that trained it and the seconds it took,
-those of the earlier executions it resumed included), sorted by model
-label, dataset, seed and job id, so the same records make the same bytes. What it is for: records
-that travel without a shared database (a study trained partly on a laptop and partly on a cluster,
-each with its own SQLite store), and records published beside a leaderboard, so that `msakit study
-report` regenerates it without training anything.
+One JSON object per line, a job's whole record as the store holds it (its training's summary and its
+evaluations, with the label and host of the execution that trained it and the seconds it took, those
+of the earlier executions it resumed included), sorted by model label, dataset, seed and job id, so
+the same records make the same bytes. What it is for: records that travel without a shared database
+(a study trained partly on a laptop and partly on a cluster, each with its own SQLite store), and
+records published beside a leaderboard, so that `msakit study report` regenerates it without
+training anything.
 
 An import checks the whole file before it writes anything: a line that is not a record is one error
 naming the file and the line, and the store is left as it was. A record whose job is not one of the

@@ -19,10 +19,10 @@ compare noisy and clean input get the clean batch as `batch.clean`. Optionally, 
 scored under a transform (a missing-data protocol) and each of several metrics keeps its own best
 epoch (`best_by_metric`, for per-metric checkpoints).
 With a state file, everything the loop carries between epochs is saved after each epoch, and a fit
-handed an existing state file continues from it: an interrupted run resumes where it stopped and ends
-with the same weights as an uninterrupted one, and the state counts the seconds every execution
-trained (`state_seconds`). Under torchrun the same loop runs on every process,
-the model in DistributedDataParallel (`msakit.training.distributed`).
+handed an existing state file continues from it: an interrupted run resumes where it stopped and
+ends with the same weights as an uninterrupted one, and the state counts the seconds every execution
+trained (`state_seconds`). Under torchrun the same loop runs on every process, the model in
+DistributedDataParallel (`msakit.training.distributed`).
 """
 
 from __future__ import annotations
