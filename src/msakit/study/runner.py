@@ -126,8 +126,7 @@ def run_job(job: Job, root: str) -> dict[str, Any]:
     record's seconds are this execution's and, for a training it resumes, the earlier executions'
     that its state files carry."""
     run_dir = Path(root) / "jobs" / job.id
-    earlier = sum(state_seconds(path) for path in run_dir.rglob("*.state.pt")) if run_dir.is_dir() else 0.0
-    start = time.perf_counter() - earlier
+    start = time.perf_counter() - sum(state_seconds(path) for path in run_dir.rglob("*.state.pt"))
     data = load_data(job.dataset, job.model.model)
     if data.fingerprint != job.fingerprint:
         raise MsakitError(f"{job.dataset.dataset} changed since the study was planned (content fingerprint "

@@ -442,7 +442,8 @@ class Trainer:
         """
         generator = torch.Generator().manual_seed(seed)
         self._last_write = None  # (when, seconds) of this fit's last state write
-        self._clock = (time.perf_counter(), 0.0)  # (when this fit began, training seconds before it)
+        # the clock's reading when this training would have begun had it run in one execution
+        self._began = time.perf_counter()
         history: list[EpochRecord] = []  # its length also numbers epochs across stages for noise
         reports: list[Any] = []
         saved = None
@@ -451,7 +452,7 @@ class Trainer:
             history = [EpochRecord(**r) for r in saved["history"]]
             reports = list(saved["reports"])
             generator.set_state(saved["generator"])
-            self._clock = (self._clock[0], saved.get("seconds", 0.0))
+            self._began -= saved.get("seconds", 0.0)
             log.info("resuming from %s: stage %s, %d epoch(s) done", state_file,
                      self.stages()[saved["stage_index"]].name, saved["epoch"])
         result = FitResult(best_valid={}, best_epoch=0, epochs_run=0)
@@ -622,7 +623,7 @@ class Trainer:
                     {"format": BEST_FORMAT, "state": loop.best_state}, handle))
         payload = {
             "format": STATE_FORMAT, "meta": meta, "stage_index": stage_index,
-            "epoch": loop.epoch, "stale": loop.stale, "seconds": self._training_seconds(),
+            "epoch": loop.epoch, "stale": loop.stale, "seconds": time.perf_counter() - self._began,
             "best": {k: getattr(loop.best, k) for k in ("best_valid", "best_epoch", "epochs_run")},
             "best_file": None if best_file is None else best_file.name, "model": self.model.state_dict(),
             "model_extra": self.model.training_state(),
@@ -638,11 +639,6 @@ class Trainer:
         for stale in best_weight_files(path):
             if stale != best_file:
                 stale.unlink(missing_ok=True)
-
-    def _training_seconds(self) -> float:
-        """The seconds this fit has trained so far, with those of the executions it resumed."""
-        began, before = self._clock
-        return before + time.perf_counter() - began
 
     def _read_state(self, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
         state = read_tagged(path, STATE_FORMAT, "training state")
